@@ -1,0 +1,237 @@
+"""Load a YAML config into frozen dataclasses, refusing unknown or bad keys.
+
+Every error names the offending key, so a typo in a config is a clear message
+at start-up, not a surprise later.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
+IMPLEMENTED_MODES = ("ar", "sd")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4")
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # a Hugging Face model directory, a .gguf file, or "embedded:smollm2-135m-instruct"
+    path: str
+    dtype: str = "bfloat16"
+    quantization: str = "none"
+
+
+@dataclass(frozen=True)
+class DevicePlacement:
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    cores: tuple[int, ...] = ()  # CPU cores to pin to; () = no pinning
+    threads: int = 0  # torch threads; 0 = one per pinned core (or torch's default)
+
+
+@dataclass(frozen=True)
+class RolePlacement:
+    target: DevicePlacement = DevicePlacement()
+    draft: DevicePlacement = DevicePlacement()
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    mode: str = "sd"
+    num_draft_tokens: int = 4
+    # a draft that does not answer in time is skipped: the round runs target-only
+    draft_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048  # prompt + generated tokens, per request
+    max_running_requests: int = 4  # KV cache slots per worker
+    max_waiting_requests: int = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # seconds to wait for the workers' ready handshake (first start converts the model)
+    startup_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class AddressConfig:
+    # empty = an ipc:// socket in a fresh temporary directory
+    server: str = ""
+    verify: str = ""
+    draft: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    model_name: str
+    target: ModelConfig
+    draft: ModelConfig
+    speculation: SpeculationConfig = SpeculationConfig()
+    # per mode; "default" applies to modes without their own entry
+    placement: Mapping[str, RolePlacement] = field(default_factory=lambda: {"default": RolePlacement()})
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    addresses: AddressConfig = AddressConfig()
+
+    def placement_for(self, mode: str) -> RolePlacement:
+        return self.placement.get(mode) or self.placement.get("default") or RolePlacement()
+
+    def with_addresses(self) -> "Config":
+        """Fill empty addresses with ipc:// sockets in a private temp directory."""
+        if all((self.addresses.server, self.addresses.verify, self.addresses.draft)):
+            return self
+        root = tempfile.mkdtemp(prefix="tandem-")
+        filled = AddressConfig(
+            server=self.addresses.server or f"ipc://{root}/server.sock",
+            verify=self.addresses.verify or f"ipc://{root}/verify.sock",
+            draft=self.addresses.draft or f"ipc://{root}/draft.sock",
+        )
+        return dataclasses.replace(self, addresses=filled)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Read `path` (default: configs/default.yaml) and apply dotted overrides.
+
+    Overrides use double underscores for nesting: load_config(speculation__mode="ar").
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain data for passing a config to a worker process."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], raw[f.name], key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (collections.abc.Mapping, dict):
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping")
+        return {k: _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _validate(config: Config) -> None:
+    spec = config.speculation
+    if spec.mode not in MODES:
+        raise ConfigError(f"speculation.mode: {spec.mode!r} is not one of {', '.join(MODES)}")
+    if spec.mode not in IMPLEMENTED_MODES:
+        raise ConfigError(f"speculation.mode: {spec.mode!r} is not implemented yet (have: {', '.join(IMPLEMENTED_MODES)})")
+    if not 1 <= spec.num_draft_tokens <= 64:
+        raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {spec.num_draft_tokens}")
+    if spec.draft_timeout_s <= 0:
+        raise ConfigError("speculation.draft_timeout_s: must be positive")
+    for role in ("target", "draft"):
+        model: ModelConfig = getattr(config, role)
+        if model.dtype not in DTYPES:
+            raise ConfigError(f"{role}.dtype: {model.dtype!r} is not one of {', '.join(DTYPES)}")
+        if model.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"{role}.quantization: {model.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    for mode, roles in config.placement.items():
+        if mode != "default" and mode not in MODES:
+            raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODES)})")
+        for role in ("target", "draft"):
+            placement: DevicePlacement = getattr(roles, role)
+            where = f"placement.{mode}.{role}"
+            if placement.device != "cpu" and not placement.device.startswith("cuda"):
+                raise ConfigError(f"{where}.device: expected 'cpu' or 'cuda:N', got {placement.device!r}")
+            if placement.threads < 0:
+                raise ConfigError(f"{where}.threads: must be >= 0")
+            available = os.cpu_count() or 1
+            bad = [c for c in placement.cores if not 0 <= c < available]
+            if bad:
+                raise ConfigError(f"{where}.cores: {bad} not on this machine (it has cores 0..{available - 1})")
+    engine = config.engine
+    if engine.max_model_len < 16:
+        raise ConfigError("engine.max_model_len: must be at least 16")
+    if engine.max_running_requests < 1:
+        raise ConfigError("engine.max_running_requests: must be at least 1")
+    if engine.max_waiting_requests < 0:
+        raise ConfigError("engine.max_waiting_requests: must be >= 0")
+    if not 0 < config.server.port < 65536:
+        raise ConfigError(f"server.port: {config.server.port} is not a TCP port")
