@@ -3,7 +3,7 @@
 Flows (each process binds one PULL inbox; peers PUSH into it):
 
     server  -> verify : GenerateRequest, AbortRequest
-    verify  -> server : TokenOutput, RequestFailed
+    verify  -> server : TokenOutput, RequestFailed, EngineStatus
     verify  -> draft  : DraftRequest, ReleaseRequest
     draft   -> verify : DraftProposal   (+ one float32 tensor frame of q when sampling)
     worker  -> server : WorkerReady     (the start-up handshake)
@@ -52,11 +52,19 @@ class TokenOutput(msgspec.Struct, tag=True):
     num_accepted_tokens: int = 0  # of which accepted (a prefix)
     logprobs: list[float] | None = None  # per token, target's raw log-softmax
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    queue_time_s: float | None = None  # on a request's first output: time spent waiting
 
 
 class RequestFailed(msgspec.Struct, tag=True):
     request_id: str
     message: str
+
+
+class EngineStatus(msgspec.Struct, tag=True):
+    """Sent by the verify worker whenever its queue changes."""
+
+    num_running: int
+    num_waiting: int
 
 
 class WorkerReady(msgspec.Struct, tag=True):
@@ -101,6 +109,7 @@ Message = (
     | AbortRequest
     | TokenOutput
     | RequestFailed
+    | EngineStatus
     | WorkerReady
     | DraftRequest
     | DraftProposal
