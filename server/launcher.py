@@ -1,0 +1,205 @@
+"""Start the workers, wait for their handshake, serve HTTP, stop everything.
+
+The launcher is the server process: it owns the worker processes, marks the
+engine unhealthy the moment one dies, and stops them all on exit (and the
+workers die with it in any case: see workers.shell.become_worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from configs.loader import Config, config_to_dict
+from protocol.messages import Message, WorkerReady
+from server.engine_client import EngineClient
+
+log = logging.getLogger("tandem.launcher")
+
+
+class LaunchError(RuntimeError):
+    """The server could not start (a worker failed, a bad model pair...)."""
+
+
+def roles_for(mode: str) -> list[str]:
+    return ["verify"] if mode == "ar" else ["verify", "draft"]
+
+
+class WorkerProcess:
+    def __init__(self, role: str, config: Config):
+        self.role = role
+        self.command = [sys.executable, "-m", f"workers.{role}", "--config-json", json.dumps(config_to_dict(config))]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class LaunchedEngineClient(EngineClient):
+    """The engine client, plus the workers' ready handshakes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ready: dict[str, WorkerReady] = {}
+
+    def on_other_message(self, message: Message) -> None:
+        if isinstance(message, WorkerReady):
+            self.ready[message.role] = message
+            log.info("%s worker ready (pid %d)", message.role, message.pid)
+        else:
+            super().on_other_message(message)
+
+
+@dataclass(frozen=True)
+class PreparedModels:
+    target_path: Path
+    draft_path: Path | None
+    tokenizer: object
+    eos_token_ids: tuple[int, ...]
+
+
+def prepare_models(config: Config, announce: Callable[[str], None]) -> PreparedModels:
+    """Convert checkpoints once (with progress) and refuse a mismatched pair."""
+    from workers.model import check_same_tokenizer, load_tokenizer, resolve_checkpoint
+
+    target_path = resolve_checkpoint(config.target.path, progress=announce)
+    tokenizer = load_tokenizer(target_path)
+    draft_path = None
+    if "draft" in roles_for(config.speculation.mode):
+        draft_path = resolve_checkpoint(config.draft.path, progress=announce)
+        if draft_path != target_path:
+            try:
+                check_same_tokenizer(tokenizer, load_tokenizer(draft_path))
+            except ValueError as exc:
+                raise LaunchError(f"the draft and target models cannot be paired: {exc}") from None
+    return PreparedModels(target_path, draft_path, tokenizer, eos_token_ids(target_path, tokenizer))
+
+
+def eos_token_ids(model_path: Path, tokenizer) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for name in ("config.json", "generation_config.json"):
+        file = model_path / name
+        if file.exists():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return tuple(sorted(ids))
+
+
+async def _wait_ready(engine: LaunchedEngineClient, workers: list[WorkerProcess], timeout_s: float, announce) -> None:
+    deadline = time.monotonic() + timeout_s
+    announce(f"starting workers: {', '.join(f'{w.role} (pid {w.pid})' for w in workers)}")
+    while len(engine.ready) < len(workers):
+        for worker in workers:
+            if worker.exit_code is not None:
+                raise LaunchError(f"{worker.role} worker exited with code {worker.exit_code} during start-up")
+        if time.monotonic() > deadline:
+            missing = [w.role for w in workers if w.role not in engine.ready]
+            raise LaunchError(f"workers not ready after {timeout_s:.0f} s: {', '.join(missing)}")
+        await asyncio.sleep(0.05)
+    target, draft = engine.ready.get("verify"), engine.ready.get("draft")
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise LaunchError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+
+
+async def _supervise(engine: EngineClient, workers: list[WorkerProcess]) -> None:
+    while True:
+        for worker in workers:
+            code = worker.exit_code
+            if code is not None and engine.healthy:
+                reason = f"{worker.role} worker (pid {worker.pid}) exited with code {code}"
+                log.error(reason)
+                engine.set_unhealthy(reason)
+        await asyncio.sleep(0.2)
+
+
+async def serve(config: Config, announce: Callable[[str], None] = print) -> None:
+    """Run the whole server until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from server.app import AppSettings, create_app
+
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn takes these over once it serves
+        loop.add_signal_handler(signum, main_task.cancel)
+
+    config = config.with_addresses()
+    mode = config.speculation.mode
+    models = await asyncio.to_thread(prepare_models, config, announce)
+    engine = LaunchedEngineClient(
+        config.addresses.server,
+        config.addresses.verify,
+        max_pending=config.engine.max_running_requests + config.engine.max_waiting_requests,
+    )
+    await engine.start()
+    workers = [WorkerProcess(role, config) for role in roles_for(mode)]
+    supervisor = None
+    try:
+        for worker in workers:
+            worker.start()
+        await _wait_ready(engine, workers, config.server.startup_timeout_s, announce)
+        engine.set_healthy()
+        supervisor = asyncio.create_task(_supervise(engine, workers))
+        settings = AppSettings(
+            model_name=config.model_name,
+            max_model_len=config.engine.max_model_len,
+            mode=mode,
+            eos_token_ids=models.eos_token_ids,
+        )
+        app = create_app(engine, models.tokenizer, settings)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        # uvicorn re-raises the signal that stopped it once it is done: make
+        # SIGTERM an exception then, so the `finally` below still stops the workers
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="warning"))
+        announcer = asyncio.create_task(_announce_when_started(server, config, mode, announce))
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
+    finally:
+        if supervisor is not None:
+            supervisor.cancel()
+        for worker in workers:
+            worker.stop()
+        await engine.close()
+        announce("stopped")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+async def _announce_when_started(server, config: Config, mode: str, announce) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    announce(f"Tandem ready ({mode}): http://{config.server.host}:{config.server.port}/v1")

@@ -1,0 +1,191 @@
+"""The verify engine: owns the verified tokens and runs speculative rounds.
+
+One round for one request: ask the DraftSource for up to k tokens, run ONE
+target pass over [unprocessed verified tokens..., x1..xk], apply the acceptance
+rule, crop the target cache to the accepted length, emit 1..k+1 tokens.
+Mode `ar` is the same round with k = 0. Requests are interleaved round-robin.
+
+Invariant between rounds: req.cache.length == req.num_tokens - 1 (the newest
+verified token has not been fed yet: it opens the next round's pass). Before a
+request's first round the cache is empty and the pass is the prompt's prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from protocol.messages import GenerateRequest, TokenOutput
+from workers.engine.draft_source import DraftSource, Proposal
+from workers.engine.request import Request
+from workers.spec import accept_greedy, accept_sampled, logprobs_of, warp
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot run (answered with RequestFailed)."""
+
+
+class CachePool:
+    """Reuses KV caches: one per running request, at most `size`."""
+
+    def __init__(self, model, max_model_len: int, size: int):
+        self._model = model
+        self._max_model_len = max_model_len
+        self._free: list = []
+        self._created = 0
+        self.size = size
+
+    @property
+    def available(self) -> bool:
+        return bool(self._free) or self._created < self.size
+
+    def acquire(self):
+        if self._free:
+            return self._free.pop()
+        if self._created >= self.size:
+            raise RuntimeError("no KV cache free")
+        self._created += 1
+        return self._model.new_cache(self._max_model_len)
+
+    def release(self, cache) -> None:
+        cache.crop(0)
+        self._free.append(cache)
+
+
+class VerifyEngine:
+    def __init__(self, model, draft: DraftSource, *, max_model_len: int, max_running: int, device="cpu"):
+        self.model = model
+        self.draft = draft
+        self.max_model_len = max_model_len
+        self.device = torch.device(device)
+        self.vocab_size = model.args.vocab_size
+        self._caches = CachePool(model, max_model_len, max_running)
+        self._waiting: deque[Request] = deque()
+        self._running: deque[Request] = deque()
+
+    # -- queue -------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def add(self, message: GenerateRequest) -> None:
+        """Queue a request; raises RequestRejected for one that cannot run."""
+        prompt = message.prompt_ids
+        if not prompt:
+            raise RequestRejected("empty prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestRejected(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_model_len}")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestRejected(f"token ids must be in [0, {self.vocab_size})")
+        if message.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if any(r.request_id == message.request_id for r in (*self._running, *self._waiting)):
+            raise RequestRejected(f"duplicate request id {message.request_id}")
+        self._waiting.append(Request.from_message(message, self.device))
+
+    def abort(self, request_id: str) -> bool:
+        for queue in (self._waiting, self._running):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    self._free(request)
+                    return True
+        return False
+
+    def abort_all(self) -> list[str]:
+        ids = [r.request_id for r in (*self._running, *self._waiting)]
+        for request_id in ids:
+            self.abort(request_id)
+        return ids
+
+    def _admit(self) -> None:
+        while self._waiting and self._caches.available:
+            request = self._waiting.popleft()
+            request.cache = self._caches.acquire()
+            request.queue_time_s = time.monotonic() - request.arrival_time
+            self._running.append(request)
+
+    def _free(self, request: Request) -> None:
+        if request.cache is not None:
+            self._caches.release(request.cache)
+            request.cache = None
+            self.draft.release(request.request_id)
+
+    # -- rounds ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        """Run one round for the next running request."""
+        self._admit()
+        if not self._running:
+            return []
+        request = self._running.popleft()
+        output = self._round(request)
+        if output.finish_reason is None:
+            self._running.append(request)
+        else:
+            self._free(request)
+        return [output]
+
+    def _round(self, request: Request) -> TokenOutput:
+        num_tokens = request.num_tokens
+        remaining = request.max_tokens - len(request.output_ids)
+        # drafts + the correction/bonus token must fit both the budget and the cache
+        k = max(0, min(self.draft.num_draft_tokens, remaining - 1, self.max_model_len - num_tokens))
+        proposal = self.draft.propose(request, k) if k else Proposal.empty()
+        drafts = proposal.token_ids[:k]
+
+        pending = request.tokens[request.cache.length:]
+        inputs = torch.tensor(pending + drafts, dtype=torch.long, device=self.device)
+        logits = self.model.forward(inputs, request.cache, num_logits=len(drafts) + 1)  # [k+1, V]
+
+        draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
+        sampling = request.sampling
+        if sampling.greedy:
+            acceptance = accept_greedy(draft_ids, logits)
+        else:
+            target_probs = warp(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            draft_probs = None if proposal.probs is None else proposal.probs[: len(drafts)].to(self.device)
+            acceptance = accept_sampled(draft_ids, draft_probs, target_probs, request.generator)
+        request.cache.crop(num_tokens + acceptance.num_accepted)
+
+        emitted, finish_reason = self._emit(request, acceptance.token_ids)
+        output = TokenOutput(
+            request_id=request.request_id,
+            token_ids=emitted,
+            finish_reason=finish_reason,
+            num_draft_tokens=len(drafts),
+            num_accepted_tokens=acceptance.num_accepted,
+        )
+        if request.num_logprobs is not None:
+            chosen, top_ids, top_lps = logprobs_of(
+                logits[: len(emitted)], torch.tensor(emitted, device=logits.device), request.num_logprobs
+            )
+            output.logprobs = chosen.tolist()
+            output.top_logprobs = [list(zip(ids, lps)) for ids, lps in zip(top_ids.tolist(), top_lps.tolist())]
+        if request.queue_time_s is not None and len(request.output_ids) == len(emitted):
+            output.queue_time_s = request.queue_time_s
+        return output
+
+    def _emit(self, request: Request, token_ids: list[int]) -> tuple[list[int], str | None]:
+        """Append tokens up to the first stop condition."""
+        emitted = []
+        for token in token_ids:
+            request.output_ids.append(token)
+            emitted.append(token)
+            if token in request.stop_token_ids:
+                return emitted, "stop"
+            if len(request.output_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
+                return emitted, "length"
+        return emitted, None

@@ -1,0 +1,64 @@
+"""What every worker process shares: placement, naming, lifetime, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+
+import torch
+
+from configs.loader import Config, DevicePlacement, ModelConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_args(role: str, argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog=f"tandem-{role}", description=f"Tandem {role} worker")
+    parser.add_argument("--config-json", required=True, help="the launcher's resolved config, as JSON")
+    args = parser.parse_args(argv)
+    return config_from_dict(json.loads(args.config_json))
+
+
+def become_worker(role: str) -> None:
+    """Name the process, and die with the launcher so nothing is orphaned."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_NAME, f"tandem-{role}".encode()[:15], 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:  # not Linux: the launcher still stops us on exit
+        pass
+    if os.getppid() == 1:  # the launcher died before PDEATHSIG was set
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def apply_placement(placement: DevicePlacement) -> torch.device:
+    """Pin to the configured cores/threads (CPU) or select the GPU."""
+    if placement.device.startswith("cuda"):
+        device = torch.device(placement.device)
+        torch.cuda.set_device(device)
+        if placement.threads:
+            torch.set_num_threads(placement.threads)
+        return device
+    if placement.cores:
+        os.sched_setaffinity(0, placement.cores)
+    threads = placement.threads or len(placement.cores) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def load_worker_model(model_config: ModelConfig, device: torch.device):
+    from workers.model import load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(model_config.path, progress=log.info)
+    dtype = getattr(torch, model_config.dtype)
+    return load_model(path, dtype=dtype, quantization=model_config.quantization, device=device), path
