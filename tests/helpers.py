@@ -1,0 +1,112 @@
+"""Test helpers: write configs, launch a real server, read its metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, **sections) -> Path:
+    """A config for tests: one thread per worker, small context, given sections on top."""
+    config = {
+        "model_name": "tiny",
+        "speculation": {"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 10},
+        "placement": {
+            "default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1}}
+        },
+        "engine": {"max_model_len": 512, "max_running_requests": 4, "max_waiting_requests": 32},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample as {(name, sorted labels): value}."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+
+def wait_healthy(server: RunningServer, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with code {server.process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+@contextlib.contextmanager
+def launch_server(config: Path, *extra_args: str, mode: str | None = None):
+    """Run `tandem serve` as a real subprocess; stop it (SIGTERM) afterwards."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port)]
+    if mode:
+        command += ["--mode", mode]
+    process = subprocess.Popen([*command, *extra_args], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = RunningServer(process, port)
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def stop_server(server: RunningServer, timeout_s: float = 20) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
