@@ -1,0 +1,172 @@
+"""Real processes on loopback: launcher, verify and draft workers over ZeroMQ,
+uvicorn, and the OpenAI SDK as the client. Tiny random model, float32."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import launch_server, write_config
+
+PROMPTS = [
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "List three colors:",
+    "Once upon a time, in a land far away,",
+    "1 + 1 =",
+    "Summarize: the cat sat on the mat.",
+]
+
+
+@pytest.fixture(scope="module")
+def ar_server(tiny_config):
+    with launch_server(tiny_config, mode="ar") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sd_server(tiny_config):
+    with launch_server(tiny_config, mode="sd") as server:
+        yield server
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def complete(server, prompt, max_tokens=32, **kwargs):
+    return client(server).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def test_sd_output_equals_ar_output(ar_server, sd_server):
+    for prompt in PROMPTS:
+        ar, sd = complete(ar_server, prompt), complete(sd_server, prompt)
+        assert sd.choices[0].text == ar.choices[0].text, prompt
+        assert sd.usage.completion_tokens == ar.usage.completion_tokens
+    stats = sd.model_extra["speculation"]
+    assert stats["num_draft_tokens"] > 0
+    assert 0 < stats["num_target_passes"] <= sd.usage.completion_tokens
+
+
+def test_sd_with_a_disagreeing_draft_equals_ar(tmp_path, ar_server, tiny_target_dir, tiny_stranger_dir):
+    config = write_config(
+        tmp_path / "stranger.yaml",
+        target={"path": str(tiny_target_dir), "dtype": "float32"},
+        draft={"path": str(tiny_stranger_dir), "dtype": "float32"},
+    )
+    with launch_server(config, mode="sd") as server:
+        for prompt in PROMPTS[:3]:
+            assert complete(server, prompt).choices[0].text == complete(ar_server, prompt).choices[0].text
+        assert server.metric("tandem:spec_decode_num_draft_tokens_total") > 0
+
+
+def test_chat_and_streaming_equal_non_streaming(sd_server):
+    sdk = client(sd_server)
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    whole = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    parts = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+    assert streamed == whole.choices[0].message.content
+    text = "".join(
+        c.choices[0].text for c in client(sd_server).completions.create(
+            model="tiny", prompt=PROMPTS[1], max_tokens=32, temperature=0, stream=True
+        )
+    )
+    assert text == complete(sd_server, PROMPTS[1]).choices[0].text
+
+
+def test_concurrent_requests_do_not_mix(sd_server):
+    solo = {p: complete(sd_server, p, max_tokens=24).choices[0].text for p in PROMPTS}
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: complete(sd_server, p, max_tokens=24).choices[0].text, PROMPTS * 2))
+    assert together == [solo[p] for p in PROMPTS * 2]
+
+
+def test_seeded_sampling_is_reproducible_through_the_server(sd_server):
+    def sample(seed):
+        return client(sd_server).completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=24, temperature=1.0, top_p=0.9, seed=seed
+        ).choices[0].text
+
+    assert sample(7) == sample(7)
+
+
+def test_spec_decode_metrics_move(sd_server):
+    before = sd_server.metric("tandem:spec_decode_num_draft_tokens_total")
+    complete(sd_server, PROMPTS[3])
+    after = sd_server.metrics()
+    assert after[("tandem:spec_decode_num_draft_tokens_total", ())] > before
+    assert after[("tandem:spec_decode_num_accepted_tokens_total", ())] > 0
+    assert after[("tandem:spec_decode_num_accepted_tokens_per_pos_total", (("position", "0"),))] > 0
+
+
+def test_disconnected_stream_is_aborted(sd_server):
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{sd_server.base_url}/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 10
+    while sd_server.metric("tandem:num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sd_server.metric("tandem:num_requests_running") == 0
+    # the server is still fine
+    assert complete(sd_server, PROMPTS[4], max_tokens=4).choices[0].text is not None
+
+
+def test_dead_worker_makes_health_fail_and_requests_end(tiny_config):
+    with launch_server(tiny_config, mode="sd") as server:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            rest = list(lines)  # must end, not hang
+        assert any('"error"' in line for line in rest)
+        assert rest[-1] == "" or "[DONE]" in "".join(rest)
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503
+        assert "exited" in health.json()["error"]["message"]
+        response = httpx.post(f"{server.base_url}/completions", json={**body, "stream": False}, timeout=10)
+        assert response.status_code == 503
+
+
+def test_sigterm_stops_every_process(tiny_config):
+    with launch_server(tiny_config, mode="sd") as server:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        commands = [open(f"/proc/{pid}/cmdline").read() for pid in pids]
+        assert any("workers.verify" in c for c in commands) and any("workers.draft" in c for c in commands)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) is not None
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def test_mismatched_tokenizers_are_refused(tmp_path, tiny_target_dir):
+    from workers.model import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "no-tokenizer", vocab_size=300)
+    config = write_config(
+        tmp_path / "bad.yaml",
+        target={"path": str(tiny_target_dir), "dtype": "float32"},
+        draft={"path": str(other), "dtype": "float32"},
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "cannot be paired" in result.stderr or "tokenizer" in result.stderr.lower()
