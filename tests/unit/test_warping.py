@@ -1,0 +1,154 @@
+"""workers/spec/warping.py against hand-computed small examples."""
+
+import math
+
+import pytest
+import torch
+
+from workers.spec import logprobs_of, sample, warp
+
+
+def _logits(probs):
+    return torch.tensor([probs], dtype=torch.float64).log().float()
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[0.0, math.log(2.0), math.log(4.0)]])
+    # T = 2 halves the logits: exp -> [1, sqrt 2, 2]
+    z = 1 + math.sqrt(2) + 2
+    expected = torch.tensor([[1 / z, math.sqrt(2) / z, 2 / z]])
+    torch.testing.assert_close(warp(logits, temperature=2.0), expected)
+    # T = 0.5 doubles them: exp -> [1, 4, 16]
+    torch.testing.assert_close(warp(logits, temperature=0.5), torch.tensor([[1 / 21, 4 / 21, 16 / 21]]))
+
+
+def test_temperature_one_is_softmax_in_float32():
+    logits = torch.randn(3, 11, dtype=torch.bfloat16)
+    out = warp(logits, 1.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.softmax(logits.float(), -1))
+
+
+def test_top_k_keeps_k_largest():
+    out = warp(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 1.0, top_k=2)
+    e = math.e
+    torch.testing.assert_close(out, torch.tensor([[0.0, e / (e + 1), 1 / (e + 1), 0.0]]))
+    assert out[0, 0] == 0 and out[0, 3] == 0  # exactly removed
+
+
+def test_top_k_keeps_ties_with_kth():
+    out = warp(torch.tensor([[2.0, 2.0, 0.0]]), 1.0, top_k=1)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("top_k", [0, 4, 5, 100])
+def test_top_k_zero_or_at_least_vocab_keeps_all(top_k):
+    logits = torch.randn(2, 4)
+    torch.testing.assert_close(warp(logits, 0.7, top_k=top_k), torch.softmax(logits / 0.7, -1))
+
+
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [
+        (0.7, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # 0.5 < 0.7 <= 0.8
+        (0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # 0.8 < 0.9 <= 0.95
+        (0.45, [1.0, 0.0, 0.0, 0.0]),  # the top token alone already has 0.5
+        (0.01, [1.0, 0.0, 0.0, 0.0]),
+        (1.0, [0.5, 0.3, 0.15, 0.05]),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_mass(top_p, expected):
+    out = warp(_logits([0.5, 0.3, 0.15, 0.05]), 1.0, top_p=top_p)
+    torch.testing.assert_close(out, torch.tensor([expected]))
+
+
+def test_top_p_unsorted_vocabulary_order():
+    # same distribution, permuted: the kept set follows the tokens, not positions
+    out = warp(_logits([0.15, 0.05, 0.5, 0.3]), 1.0, top_p=0.7)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 0.625, 0.375]]))
+
+
+def test_top_p_always_keeps_the_top_token():
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    out = warp(logits, 1.0, top_p=1e-6)
+    assert (out > 0).sum(-1).tolist() == [1, 1]
+    assert out[0, 0] == 1.0
+    assert out[1, 0] == 1.0  # ties: the lower token id comes first
+
+
+def test_top_k_then_top_p():
+    # top_k=3 -> [.4, .3, .2]/.9 = [.444, .333, .222]; top_p=0.7 keeps the first two
+    out = warp(_logits([0.4, 0.3, 0.2, 0.1]), 1.0, top_k=3, top_p=0.7)
+    torch.testing.assert_close(out, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_sum_to_one(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 1000, generator=g) * 3).to(dtype)
+    logits[:, :10] = float("-inf")  # already-masked entries stay at zero
+    for kw in [{}, {"top_k": 50}, {"top_p": 0.9}, {"top_k": 7, "top_p": 0.5}]:
+        out = warp(logits, 0.8, **kw)
+        assert out.dtype == torch.float32 and out.shape == logits.shape
+        torch.testing.assert_close(out.sum(-1), torch.ones(16))
+        assert (out[:, :10] == 0).all()
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0.0}, {"temperature": -1.0}, {"temperature": 1.0, "top_p": 0.0},
+                                {"temperature": 1.0, "top_k": -1}])
+def test_invalid_arguments_raise(kw):
+    with pytest.raises(ValueError):
+        warp(torch.zeros(1, 3), **kw)
+
+
+def test_sample_shape_support_and_reproducibility():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    a = sample(probs, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.int64 and a.shape == (2,)
+    draws = torch.stack([sample(probs, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2}  # never a zero-probability token; both seen
+    assert (draws[:, 1] == 0).all()
+    torch.testing.assert_close(sample(probs, torch.Generator().manual_seed(3)), a)
+
+
+def test_logprobs_of_is_raw_log_softmax():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]], dtype=torch.bfloat16)
+    chosen, top_ids, top_lps = logprobs_of(logits, torch.tensor([0, 2]), num_top=2)
+    ref = torch.log_softmax(logits.float(), -1)
+    torch.testing.assert_close(chosen, torch.stack([ref[0, 0], ref[1, 2]]))
+    assert top_ids.tolist() == [[1, 2], [2, 3]]
+    torch.testing.assert_close(top_lps, torch.stack([ref[0, [1, 2]], ref[1, [2, 3]]]))
+    assert chosen.dtype == top_lps.dtype == torch.float32
+    _, ids0, lps0 = logprobs_of(logits, torch.tensor([0, 2]), num_top=0)
+    assert ids0.shape == (2, 0) and lps0.shape == (2, 0)
+
+
+def test_sample_follows_the_distribution_chi_square():
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.3, 0.0])
+    n = 60_000
+    draws = sample(probs.expand(n, -1), torch.Generator().manual_seed(11))
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    keep = probs > 0
+
+    def pvalue(expected_probs):
+        e = expected_probs[keep].double()
+        return chisquare(counts[keep].numpy(), (e / e.sum() * n).numpy()).pvalue
+
+    assert pvalue(probs) > 1e-3
+    assert pvalue(torch.tensor([0.1, 0.0, 0.35, 0.25, 0.3, 0.0])) < 1e-6  # the same check rejects a wrong p
+
+
+def test_sample_from_uniform_edges_never_return_zero_probability_tokens():
+    from workers.spec import sample_from_uniform
+
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 4)
+    u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 1e-16])
+    assert sample_from_uniform(probs, u).tolist() == [1, 1, 2, 2]
+    # rounding that lands exactly on the total (u == 1) still yields the last positive token
+    assert sample_from_uniform(probs[:1], torch.tensor([1.0])).tolist() == [2]
+    # unnormalised rows
+    assert sample_from_uniform(torch.tensor([[0.0, 2.0, 6.0]]), torch.tensor([0.3])).tolist() == [2]

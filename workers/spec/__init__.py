@@ -1,0 +1,10 @@
+"""Pure tensor functions of speculative decoding: warping, sampling, the acceptance rule.
+
+No model code, no processes: tensors in, tensors out, randomness only from a
+passed ``torch.Generator``. Every decoding mode uses these.
+"""
+
+from workers.spec.acceptance import Acceptance, accept_greedy, accept_sampled
+from workers.spec.warping import logprobs_of, sample, sample_from_uniform, warp
+
+__all__ = ["Acceptance", "accept_greedy", "accept_sampled", "logprobs_of", "sample", "sample_from_uniform", "warp"]
