@@ -1,0 +1,129 @@
+"""``python -m bench``: every mode through the real server, side by side.
+
+    python -m bench --modes ar,sd --prompts bench/prompts.jsonl --max-tokens 128 \\
+        [--config configs/default.yaml] [--dtype float32] [--port 8090] [--temperature 0] \\
+        [--limit N] [--out bench/results]
+
+Writes ``bench-<timestamp>.{md,json}`` and ``latest.{md,json}`` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Settings, load_prompts, run_mode
+from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
+
+MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark Tandem's modes through the real server.")
+    p.add_argument("--modes", default="ar,sd", help="comma-separated, run in this order (default: %(default)s)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompts file (default: the shipped one)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--config", help="server YAML config (default: the server's default)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of both models")
+    p.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (server default if unset)")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, help="per-request seed (for temperature > 0)")
+    p.add_argument("--no-logprobs", action="store_true", help="do not request top-2 logprobs (no divergence margins)")
+    p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    p.add_argument("--request-timeout", type=float, default=900.0)
+    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
+    return p
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        sys.exit(f"bench: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    if args.temperature > 0 and BASELINE in modes and args.seed is None:
+        print("bench: note: temperature > 0 without --seed; outputs are not expected to match ar's")
+
+    try:
+        prompts = load_prompts(args.prompts, args.limit)
+    except (OSError, BenchError) as exc:
+        sys.exit(f"bench: {exc}")
+    config = str(Path(args.config).resolve()) if args.config else None
+    settings = Settings(
+        config=config,
+        dtype=args.dtype,
+        port=args.port,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_draft_tokens=args.num_draft_tokens,
+        logprobs=not args.no_logprobs,
+        startup_timeout_s=args.startup_timeout,
+        request_timeout_s=args.request_timeout,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _git_commit(),
+        "config": args.config or "(server default)",
+        "dtype": args.dtype or "(config)",
+        "num_draft_tokens": args.num_draft_tokens if args.num_draft_tokens is not None else "(config)",
+        "prompts": f"{Path(args.prompts).name} ({len(prompts)})",
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "host": f"{platform.machine()}, {os.cpu_count()} cpus",
+    }
+    print(f"bench: {len(prompts)} prompts, modes {', '.join(modes)}, max_tokens {args.max_tokens}")
+
+    results: list[ModeResult] = []
+    failure = None
+    for mode in modes:
+        try:
+            results.append(run_mode(mode, prompts, settings, out / "logs"))
+        except BenchError as exc:
+            failure = str(exc)
+            print(f"bench: {exc}", file=sys.stderr)
+            break
+        except KeyboardInterrupt:
+            failure = "interrupted"
+            print("bench: interrupted", file=sys.stderr)
+            break
+    if not results:
+        return 1
+
+    summaries = summarize(results)
+    if failure:
+        meta["incomplete"] = failure.splitlines()[0]
+    markdown = to_markdown(summaries, meta)
+    data = to_json(summaries, results, meta)
+    for name in (f"bench-{stamp}", "latest"):
+        (out / f"{name}.md").write_text(markdown)
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    print()
+    print(markdown)
+    print(f"bench: wrote {out / f'bench-{stamp}.md'} (+ .json, latest.md, latest.json)")
+    return 1 if failure else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The benchmark report: a pure function from per-mode results to tables.
+
+Nothing here talks to a server, so the numbers can be unit-tested on synthetic
+data (tests/unit/test_bench_report.py). Definitions (as ALGORITHMS.md):
+
+* tokens/s = generated tokens / summed client-side request wall time
+* ratio = a mode's tokens/s over ``ar``'s (when ``ar`` ran)
+* acceptance rate = accepted draft tokens / proposed draft tokens
+* mean acceptance length = generated tokens / target passes (counts the
+  correction/bonus token, as vLLM and SGLang do)
+* identical = outputs whose text equals ``ar``'s for the same prompt; for each
+  one that differs, the first differing token index and the target's top-2
+  log-probability margin there (from ``ar``'s logprobs), so a divergence can be
+  told apart as a near-tie (tiny margin: floating point) or a bug (large margin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BASELINE = "ar"
+
+
+@dataclass
+class RequestResult:
+    """One measured request (warm-up excluded)."""
+
+    prompt_id: str
+    kind: str  # "chat" | "completion"
+    prompt: str
+    text: str
+    completion_tokens: int
+    wall_s: float
+    finish_reason: str | None = None
+    # per generated position: the token string and the top log-probabilities there (descending)
+    tokens: list[str] | None = None
+    top_logprobs: list[list[float]] | None = None
+    # the server's extra "speculation" field (None if it sent none)
+    num_draft_tokens: int | None = None
+    num_accepted_tokens: int | None = None
+    num_target_passes: int | None = None
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    requests: list[RequestResult]
+    startup_s: float | None = None
+
+
+@dataclass
+class Divergence:
+    prompt_id: str
+    prompt: str
+    index: int | None  # first differing token position (None: token lists unavailable)
+    baseline_token: str | None
+    mode_token: str | None
+    margin: float | None  # ar's top1 - top2 logprob at `index` (None: not available)
+
+
+@dataclass
+class ModeSummary:
+    mode: str
+    num_requests: int
+    generated_tokens: int
+    wall_s: float
+    tokens_per_s: float | None
+    ratio_to_ar: float | None
+    num_draft_tokens: int | None
+    num_accepted_tokens: int | None
+    num_target_passes: int | None
+    acceptance_rate: float | None
+    mean_acceptance_length: float | None
+    identical_to_ar: int | None  # count of outputs equal to ar's, over compared prompts
+    compared_to_ar: int | None
+    divergences: list[Divergence] = field(default_factory=list)
+    startup_s: float | None = None
+
+
+def _sum_optional(values: list[int | None]) -> int | None:
+    """Sum if every request reported the field, else None."""
+    if not values or any(v is None for v in values):
+        return None
+    return int(sum(values))
+
+
+def first_difference(a: list[str], b: list[str]) -> int | None:
+    """First index where two token lists differ (a strict prefix differs at its end); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_margin(top_logprobs: list[list[float]] | None, index: int | None) -> float | None:
+    """top1 - top2 log-probability at a position, or None if not available."""
+    if top_logprobs is None or index is None or index >= len(top_logprobs):
+        return None
+    lps = sorted(top_logprobs[index], reverse=True)
+    if len(lps) < 2:
+        return None
+    return lps[0] - lps[1]
+
+
+def divergence(baseline: RequestResult, other: RequestResult) -> Divergence | None:
+    """How `other`'s output departs from the baseline's for the same prompt (None: identical text)."""
+    if baseline.text == other.text:
+        return None
+    index = None
+    if baseline.tokens is not None and other.tokens is not None:
+        index = first_difference(baseline.tokens, other.tokens)
+
+    def token_at(tokens: list[str] | None) -> str | None:
+        return tokens[index] if tokens is not None and index is not None and index < len(tokens) else None
+
+    return Divergence(
+        prompt_id=baseline.prompt_id,
+        prompt=baseline.prompt,
+        index=index,
+        baseline_token=token_at(baseline.tokens),
+        mode_token=token_at(other.tokens),
+        margin=top2_margin(baseline.top_logprobs, index),
+    )
+
+
+def summarize(results: list[ModeResult]) -> list[ModeSummary]:
+    """Per-mode summary rows, in the order the modes ran."""
+    baseline = next((r for r in results if r.mode == BASELINE), None)
+    base_tps = None
+    summaries = []
+    for result in results:
+        reqs = result.requests
+        tokens = sum(r.completion_tokens for r in reqs)
+        wall = sum(r.wall_s for r in reqs)
+        tps = tokens / wall if wall > 0 else None
+        if result is baseline:
+            base_tps = tps
+        drafted = _sum_optional([r.num_draft_tokens for r in reqs])
+        accepted = _sum_optional([r.num_accepted_tokens for r in reqs])
+        passes = _sum_optional([r.num_target_passes for r in reqs])
+
+        identical = compared = None
+        divergences: list[Divergence] = []
+        if baseline is not None and result is not baseline:
+            by_id = {r.prompt_id: r for r in baseline.requests}
+            pairs = [(by_id[r.prompt_id], r) for r in reqs if r.prompt_id in by_id]
+            compared = len(pairs)
+            for base_req, req in pairs:
+                d = divergence(base_req, req)
+                if d is not None:
+                    divergences.append(d)
+            identical = compared - len(divergences)
+
+        summaries.append(
+            ModeSummary(
+                mode=result.mode,
+                num_requests=len(reqs),
+                generated_tokens=tokens,
+                wall_s=wall,
+                tokens_per_s=tps,
+                ratio_to_ar=None,
+                num_draft_tokens=drafted,
+                num_accepted_tokens=accepted,
+                num_target_passes=passes,
+                acceptance_rate=accepted / drafted if drafted and accepted is not None else None,
+                mean_acceptance_length=tokens / passes if passes else None,
+                identical_to_ar=identical,
+                compared_to_ar=compared,
+                divergences=divergences,
+                startup_s=result.startup_s,
+            )
+        )
+    if base_tps:
+        for s in summaries:
+            s.ratio_to_ar = s.tokens_per_s / base_tps if s.tokens_per_s is not None else None
+    return summaries
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt(value: Any, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _cell(text: str, limit: int = 60) -> str:
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None) -> str:
+    """The report as Markdown: a settings line, the mode table, then every divergence from ar."""
+    lines = ["# Tandem benchmark", ""]
+    if meta:
+        lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
+    lines += [
+        "| mode | requests | tokens | wall s | tokens/s | vs ar | acceptance rate | mean acc. length | identical to ar |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        identical = "-" if s.identical_to_ar is None else f"{s.identical_to_ar}/{s.compared_to_ar}"
+        lines.append(
+            f"| {s.mode} | {s.num_requests} | {s.generated_tokens} | {_fmt(s.wall_s)} | {_fmt(s.tokens_per_s)} "
+            f"| {_fmt(s.ratio_to_ar, '.2f', 'x')} | {_fmt(s.acceptance_rate, '.1%')} "
+            f"| {_fmt(s.mean_acceptance_length)} | {identical} |"
+        )
+    lines += [
+        "",
+        "tokens/s = generated tokens / summed request wall time (client side, sequential requests); "
+        "acceptance rate = accepted / drafted; mean acceptance length = tokens per target pass.",
+    ]
+    divs = [(s.mode, d) for s in summaries for d in s.divergences]
+    if divs:
+        lines += [
+            "",
+            "## Outputs that differ from ar",
+            "",
+            "| mode | prompt | first differing token | ar token | mode token | ar top-2 logprob margin |",
+            "| --- | --- | ---: | --- | --- | ---: |",
+        ]
+        for mode, d in divs:
+            lines.append(
+                f"| {mode} | {_cell(d.prompt_id + ': ' + d.prompt)} | {_fmt(d.index, 'd')} "
+                f"| {_cell(repr(d.baseline_token)) if d.baseline_token is not None else '-'} "
+                f"| {_cell(repr(d.mode_token)) if d.mode_token is not None else '-'} | {_fmt(d.margin, '.4f')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def to_json(summaries: list[ModeSummary], results: list[ModeResult], meta: dict[str, Any] | None = None) -> dict:
+    """Everything, machine-readable: settings, the summaries, and every request."""
+    return {
+        "meta": meta or {},
+        "summary": [asdict(s) for s in summaries],
+        "results": [asdict(r) for r in results],
+    }

@@ -1,0 +1,197 @@
+"""bench/report.py (and the harness's response parsing) on synthetic data, no server."""
+
+import json
+
+import pytest
+
+from bench.harness import DEFAULT_PROMPTS, BenchError, Prompt, load_prompts, parse_response
+from bench.report import (
+    ModeResult,
+    RequestResult,
+    first_difference,
+    summarize,
+    to_json,
+    to_markdown,
+    top2_margin,
+)
+
+
+def req(pid, tokens, wall, drafted=None, accepted=None, passes=None, top=None):
+    return RequestResult(
+        prompt_id=pid,
+        kind="completion",
+        prompt=f"prompt {pid}",
+        text="".join(tokens),
+        completion_tokens=len(tokens),
+        wall_s=wall,
+        tokens=list(tokens),
+        top_logprobs=top,
+        num_draft_tokens=drafted,
+        num_accepted_tokens=accepted,
+        num_target_passes=passes,
+    )
+
+
+@pytest.fixture
+def results():
+    ar = ModeResult(
+        "ar",
+        [
+            req("a", ["x", "y", "z", "w"], 2.0, 0, 0, 4, top=[[-0.1, -3.0], [-0.2, -2.0], [-0.5, -0.51], [-0.1, -4.0]]),
+            req("b", ["p", "q"], 2.0, 0, 0, 2, top=[[-0.1, -3.0], [-0.3, -1.0]]),
+        ],
+    )
+    sd = ModeResult(
+        "sd",
+        [
+            req("a", ["x", "y", "Z", "w"], 1.0, drafted=8, accepted=6, passes=2),  # differs at index 2
+            req("b", ["p", "q"], 1.0, drafted=4, accepted=1, passes=1),
+        ],
+    )
+    return [ar, sd]
+
+
+def test_tokens_per_s_and_ratio_to_ar(results):
+    ar, sd = summarize(results)
+    assert ar.tokens_per_s == pytest.approx(6 / 4.0)
+    assert sd.tokens_per_s == pytest.approx(6 / 2.0)
+    assert ar.ratio_to_ar == pytest.approx(1.0)
+    assert sd.ratio_to_ar == pytest.approx(2.0)
+
+
+def test_acceptance_columns(results):
+    ar, sd = summarize(results)
+    assert ar.acceptance_rate is None  # nothing drafted
+    assert ar.mean_acceptance_length == pytest.approx(1.0)
+    assert (sd.num_draft_tokens, sd.num_accepted_tokens, sd.num_target_passes) == (12, 7, 3)
+    assert sd.acceptance_rate == pytest.approx(7 / 12)
+    assert sd.mean_acceptance_length == pytest.approx(6 / 3)
+
+
+def test_identical_outputs_and_first_divergence_margin(results):
+    ar, sd = summarize(results)
+    assert ar.identical_to_ar is None and ar.divergences == []
+    assert (sd.identical_to_ar, sd.compared_to_ar) == (1, 2)
+    (d,) = sd.divergences
+    assert (d.prompt_id, d.index, d.baseline_token, d.mode_token) == ("a", 2, "z", "Z")
+    assert d.margin == pytest.approx(0.01)  # -0.5 - (-0.51): a near-tie
+
+
+def test_no_ar_means_no_ratio_and_no_comparison(results):
+    (sd,) = summarize(results[1:])
+    assert sd.ratio_to_ar is None and sd.identical_to_ar is None
+    assert sd.tokens_per_s == pytest.approx(3.0)
+
+
+def test_missing_speculation_stats_give_dashes():
+    s = summarize([ModeResult("sd", [req("a", ["x"], 1.0), req("b", ["y"], 1.0, 4, 2, 1)])])[0]
+    assert s.acceptance_rate is None and s.mean_acceptance_length is None
+    md = to_markdown([s])
+    assert "| sd | 2 | 2 | 2.00 | 1.00 | - | - | - | - |" in md
+
+
+def test_first_difference_cases():
+    assert first_difference(["a", "b"], ["a", "b"]) is None
+    assert first_difference(["a", "b"], ["a", "c"]) == 1
+    assert first_difference(["a", "b", "c"], ["a", "b"]) == 2  # one stopped early (e.g. EOS)
+    assert first_difference([], ["a"]) == 0
+
+
+def test_top2_margin_cases():
+    assert top2_margin([[-0.2, -1.7]], 0) == pytest.approx(1.5)
+    assert top2_margin([[-1.7, -0.2]], 0) == pytest.approx(1.5)  # order-insensitive
+    assert top2_margin([[-0.2]], 0) is None
+    assert top2_margin(None, 0) is None
+    assert top2_margin([[-0.2, -1.0]], 3) is None
+
+
+def test_divergence_when_one_output_is_a_prefix():
+    ar = ModeResult("ar", [req("a", ["x", "y", "z"], 1.0, top=[[-0.1, -2.0]] * 3)])
+    sd = ModeResult("sd", [req("a", ["x", "y"], 1.0)])
+    (d,) = summarize([ar, sd])[1].divergences
+    assert d.index == 2 and d.baseline_token == "z" and d.mode_token is None
+    assert d.margin == pytest.approx(1.9)
+
+
+def test_markdown_and_json_render(results):
+    summaries = summarize(results)
+    md = to_markdown(summaries, {"max_tokens": 4})
+    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - |" in md
+    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | 1/2 |" in md
+    assert "Outputs that differ from ar" in md and "0.0100" in md and "'z'" in md
+    data = json.loads(json.dumps(to_json(summaries, results, {"max_tokens": 4})))
+    assert data["summary"][1]["identical_to_ar"] == 1
+    assert data["results"][0]["requests"][0]["tokens"] == ["x", "y", "z", "w"]
+
+
+def test_parse_chat_response_with_logprobs_and_speculation():
+    response = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi there"},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [
+                        {"token": "Hi", "logprob": -0.1, "top_logprobs": [{"token": "Hi", "logprob": -0.1}, {"token": "Hello", "logprob": -2.5}]},
+                        {"token": " there", "logprob": -0.3, "top_logprobs": [{"token": " there", "logprob": -0.3}, {"token": "!", "logprob": -1.3}]},
+                    ]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        "speculation": {"num_draft_tokens": 4, "num_accepted_tokens": 1, "num_target_passes": 1},
+    }
+    r = parse_response(Prompt("c", "chat", "hello"), response, 0.5)
+    _check_chat(r)
+    # the same through the SDK's own type (unknown fields are kept as extras)
+    from openai.types.chat import ChatCompletion
+
+    sdk = ChatCompletion.model_validate({"id": "x", "object": "chat.completion", "created": 0, "model": "m", **response})
+    _check_chat(parse_response(Prompt("c", "chat", "hello"), sdk, 0.5))
+
+
+def _check_chat(r):
+    assert r.text == "Hi there" and r.tokens == ["Hi", " there"]
+    assert r.top_logprobs == [[-0.1, -2.5], [-0.3, -1.3]]
+    assert (r.num_draft_tokens, r.num_accepted_tokens, r.num_target_passes) == (4, 1, 1)
+    assert r.completion_tokens == 2 and r.finish_reason == "stop" and r.wall_s == 0.5
+
+
+def test_parse_completion_response_with_logprobs():
+    response = {
+        "choices": [
+            {
+                "text": " 8, 10",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": [" 8", ",", " 10"],
+                    "token_logprobs": [-0.1, -0.01, -0.2],
+                    "top_logprobs": [{" 8": -0.1, " 9": -3.0}, {",": -0.01, ".": -5.0}, {" 10": -0.2, " 12": -2.2}],
+                },
+            }
+        ],
+        "usage": {"completion_tokens": 3},
+    }
+    r = parse_response(Prompt("m", "completion", "2, 4, 6,"), response, 1.0)
+    assert r.tokens == [" 8", ",", " 10"]
+    assert top2_margin(r.top_logprobs, 2) == pytest.approx(2.0)
+    assert r.num_target_passes is None  # no speculation field: ar on a server that sends none
+
+
+def test_shipped_prompts_file_is_valid():
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    assert 12 <= len(prompts) <= 16
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert {p.kind for p in prompts} == {"chat", "completion"}
+    assert len(load_prompts(DEFAULT_PROMPTS, limit=3)) == 3
+
+
+def test_bad_prompts_file_is_an_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x", "kind": "poem", "prompt": "hi"}\n')
+    with pytest.raises(BenchError):
+        load_prompts(path)
+    path.write_text("not json\n")
+    with pytest.raises(BenchError):
+        load_prompts(path)
