@@ -52,6 +52,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "host": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "load avg at start": _loadavg(),
     }
     print(f"bench: {len(prompts)} prompts, modes {', '.join(modes)}, max_tokens {args.max_tokens}")
 
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return 1
 
+    meta["load avg at end"] = _loadavg()  # other work on the machine skews every timing: look here first
     summaries = summarize(results)
     if failure:
         meta["incomplete"] = failure.splitlines()[0]
