@@ -1,0 +1,60 @@
+"""Static, preallocated KV cache for one sequence (batch 1).
+
+Rollback is a length change: entries past `length` are simply overwritten by
+the next forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """k, v: [n_layers, n_kv_heads, max_seq_len, head_dim]; positions [0, length) are valid."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        shape = (n_layers, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (k, v) of layer i, each [KV, S, D]; writes go into the cache."""
+        return self.k[i], self.v[i]
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first `length` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
+        self.length = length
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions valid (after every layer wrote them)."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache overflow: {self.length} + {n} > capacity {self.capacity}")
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def __repr__(self) -> str:
+        L, KV, S, D = self.k.shape
+        return f"KVCache(layers={L}, kv_heads={KV}, length={self.length}/{S}, head_dim={D}, dtype={self.k.dtype})"

@@ -1,0 +1,203 @@
+"""The linear layers of the runtime: dense (prepacked on CPU) and weight-only quantized.
+
+Measured on this CPU (1 thread, bf16, 3072x576 weight, 1 row):
+- plain F.linear: 0.25 ms (~15 GB/s); oneDNN prepacked (`mkldnn._reorder_linear_weight`
+  + `mkldnn._linear_pointwise`, what inductor's freezing uses): 0.12 ms (~28 GB/s),
+  bit-identical results. So every dense CPU linear is prepacked.
+- int8 weight-only `torch._weight_int8pack_mm`: 0.12 ms at 1 row, but its cost grows
+  linearly with rows (0.2 ms at 8, 5 ms at 200), so long passes (prefill)
+  dequantize on the fly instead.
+- fbgemm dynamic int8 (`quantized.linear_dynamic`, int8 activations too): 0.075 ms,
+  but activation quantization is fragile with outlier channels (5-10% error).
+
+int8: symmetric per-output-channel, w ~= q[N, K] * scale[N].
+int4: asymmetric grouped (gpt-fast layout), w ~= (q - 8) * scale + zero per group of
+      `group_size` input columns, via torch._weight_int4pack_mm_for_cpu on CPU in bf16
+      (for every row count: its packed layout is opaque; a 200-row pass costs ~2.6x a
+      dense one, acceptable for a prefill).
+Elsewhere (CUDA, or dtypes without a fast kernel) quantized linears dequantize on the fly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("none", "int8", "int4")
+
+# Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
+INT8_KERNEL_MAX_ROWS = 12
+
+
+def _has_op(namespace, name: str) -> bool:
+    try:
+        getattr(namespace, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def mkldnn_packing_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not (_has_op(torch.ops.mkldnn, "_reorder_linear_weight") and _has_op(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def int4_available() -> bool:
+    return _has_op(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and _has_op(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def _param(t: torch.Tensor | None, device, dtype) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+
+class PackedLinear(nn.Module):
+    """Dense linear with the weight prepacked for oneDNN (CPU, float32/bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.to(dtype=dtype).contiguous()
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w, 1), requires_grad=False)  # opaque
+        self.bias = _param(bias, "cpu", dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, onednn-packed"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] float -> (q int8 [N, K], scale float32 [N]), symmetric per row."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: y = (x @ q.T) * scale + bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device):
+        super().__init__()
+        device = torch.device(device)
+        q, scale = quantize_int8(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q.to(device))  # [N, K] int8
+        self.register_buffer("scales", scale.to(device=device, dtype=dtype))  # [N]
+        self.bias = _param(bias, device, dtype)
+        self.use_kernel = device.type == "cpu" and dtype == torch.bfloat16 and _has_op(torch.ops.aten, "_weight_int8pack_mm")
+
+    def dequantized(self) -> torch.Tensor:  # [N, K] in the compute dtype
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        if self.use_kernel and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            out = torch._weight_int8pack_mm(x, self.weight, self.scales)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel={self.use_kernel}"
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w: [N, K] -> (q int32 in [0, 15] [N, K], scales [N, K/g], zeros [N, K/g]) float32.
+
+    Dequantized: (q - 8) * scale + zero (the layout of torch's int4pack kernels).
+    """
+    N, K = w.shape
+    groups = w.float().reshape(N * K // group_size, group_size)
+    w_max = groups.amax(dim=1, keepdim=True)
+    w_min = groups.amin(dim=1, keepdim=True)
+    scales = (w_max - w_min).clamp(min=1e-6) / 15
+    zeros = w_min + scales * 8
+    q = ((groups - w_min) / scales).round().clamp_(0, 15).to(torch.int32).reshape(N, K)
+    return q, scales.reshape(N, -1), zeros.reshape(N, -1)
+
+
+def int4_group_size(in_features: int, preferred: int = 32) -> int:
+    for g in (preferred, 128, 64, 32):
+        if g <= preferred and in_features % g == 0:
+            return g
+    raise ValueError(f"int4 quantization needs in_features divisible by 32, got {in_features}")
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, grouped along the input dimension."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device, group_size=32):
+        super().__init__()
+        device = torch.device(device)
+        N, K = weight.shape
+        self.out_features, self.in_features = N, K
+        self.group_size = g = int4_group_size(K, group_size)
+        self.dtype = dtype
+        q, scales, zeros = quantize_int4(weight, g)
+        sz = torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
+        self.use_kernel = device.type == "cpu" and dtype == torch.bfloat16 and int4_available()
+        if self.use_kernel:
+            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))  # [N, K/2] uint8, opaque
+        else:
+            self.register_buffer("weight", q.to(device=device, dtype=torch.uint8))  # [N, K] values 0..15
+        self.bias = _param(bias, device, dtype)
+
+    def dequantized(self) -> torch.Tensor:  # [N, K] in the compute dtype
+        if self.use_kernel:  # the packed layout is opaque: unpack through the kernel
+            eye = torch.eye(self.in_features, dtype=self.dtype, device=self.weight.device)
+            return torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros).t()
+        sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
+        scales = sz[..., 0].repeat_interleave(self.group_size, dim=1)
+        zeros = sz[..., 1].repeat_interleave(self.group_size, dim=1)
+        return (self.weight.to(self.dtype) - 8) * scales + zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        if self.use_kernel:
+            out = torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            out = F.linear(x, self.dequantized())
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, kernel={self.use_kernel}"
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str, dtype, device) -> nn.Module:
+    """A linear layer for weight [N, K] (float, any dtype), inputs [M, K], in the requested quantization."""
+    device = torch.device(device)
+    if quantization == "int8":
+        return Int8Linear(weight, bias, dtype, device)
+    if quantization == "int4":
+        if device.type == "cpu" and not int4_available():
+            raise ValueError("int4 quantization is not available on this torch build (no _weight_int4pack_mm_for_cpu)")
+        return Int4Linear(weight, bias, dtype, device)
+    if quantization != "none":
+        raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
+    if mkldnn_packing_ok(device, dtype):
+        try:
+            return PackedLinear(weight, bias, dtype)
+        except RuntimeError as e:  # an unusual build: fall back to the plain matmul
+            warnings.warn(f"oneDNN weight prepacking failed, using plain linear: {e}")
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = _param(weight, device, dtype)
+    if bias is not None:
+        lin.bias = _param(bias, device, dtype)
+    return lin

@@ -1,0 +1,229 @@
+"""A compact Llama-family transformer (Llama, Mistral, Qwen2, SmolLM2), gpt-fast style.
+
+Batch 1, token ids in, logits out, over a static KV cache. Shapes in comments:
+T = new tokens in this pass, L = attended length (cache.length + T),
+H = query heads, KV = key/value heads, G = H // KV, D = head_dim.
+
+Weights are fused at load time: q/k/v into one `wqkv`, gate/up into one `w13`.
+Layers expose `attention_block` and `mlp_block` (residual contributions) so a
+caller can run chosen layers on chosen inputs (EasySpec); `forward` is built
+from `embed`, those blocks and `head`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .cache import KVCache
+
+
+class Positions(NamedTuple):
+    """Where a pass of T new tokens sits: built once per pass by LlamaModel.positions."""
+
+    start: int  # position of the first new token (= cache length before the pass)
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D], first half negated (see rope_tables)
+    mask: torch.Tensor | None  # [G*T, start+T] bool, True = attend; None when T == 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim]
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_tables(args: ModelArgs, n_positions: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [n_positions, D] in the half-split ("rotate_half") layout transformers uses.
+
+    sin is returned with the first half negated, so that
+    rope(x) = x * cos + swap_halves(x) * sin_signed  ==  x * cos + rotate_half(x) * sin.
+    """
+    inv_freq = args.inv_freq()  # [D/2] float32
+    t = torch.arange(n_positions, dtype=torch.int64).float()
+    freqs = t[:, None] * inv_freq[None, :]  # [P, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+    cos, sin = emb.cos(), emb.sin()
+    half = args.head_dim // 2
+    sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, n, D]; cos, sin: [T, 1, D] (sin with its first half negated)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [T, n, D]
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.group = args.n_heads // args.n_kv_heads
+        self.q_size = args.n_heads * args.head_dim
+        self.kv_size = args.n_kv_heads * args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(self.q_size, args.dim, bias=args.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, dim], already normalized
+        cache: tuple[torch.Tensor, torch.Tensor],  # k, v of this layer: [KV, S, D]
+        pos: Positions,
+    ) -> torch.Tensor:  # [T, dim]
+        T = x.shape[0]
+        H, KV, G, D = self.n_heads, self.n_kv_heads, self.group, self.head_dim
+        qkv = self.wqkv(x)  # [T, (H + 2 KV) D]
+        # RoPE on q and k together: [T, H + KV, D]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), pos.cos, pos.sin)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
+        k_cache, v_cache = cache
+        start = pos.start
+        end = start + T
+        k_cache[:, start:end] = qk[:, H:].transpose(0, 1)  # [KV, T, D]
+        v_cache[:, start:end] = v.transpose(0, 1)
+        keys, values = k_cache[:, :end], v_cache[:, :end]  # [KV, L, D]
+        # GQA without repeating k/v: the G query heads of a kv head form the rows of one
+        # [G*T, D] matrix. 4-D inputs take SDPA's fused CPU kernel (3-D ones the slow math path).
+        q = qk[:, :H]  # [T, H, D] with H = KV * G
+        if T == 1:
+            q = q.view(1, KV, G, D)  # free view
+            out = F.scaled_dot_product_attention(q, keys[None], values[None], scale=self.scale)  # [1, KV, G, D]
+            return self.wo(out.view(1, H * D))
+        q = q.reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * T, D)  # rows ordered (g, t)
+        out = F.scaled_dot_product_attention(
+            q, keys[None], values[None], attn_mask=pos.mask, scale=self.scale
+        )  # [1, KV, G*T, D]
+        out = out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.hidden = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim] normalized
+        gate_up = self.w13(x)  # [T, 2 I]
+        gate, up = gate_up[:, : self.hidden], gate_up[:, self.hidden :]
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def attention_block(self, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], pos: Positions):
+        """Residual contribution of attention, [T, dim], for h: [T, dim].
+
+        cache: this layer's (k, v) views [KV, S, D] (KVCache.layer(i)); writes
+        KV at [pos.start, pos.start + T) and attends to [0, pos.start + T).
+        """
+        return self.attention(self.attention_norm(h), cache, pos)
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual contribution of the MLP: [T, dim]."""
+        return self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], pos: Positions) -> torch.Tensor:
+        h = h + self.attention_block(h, cache, pos)
+        return h + self.mlp_block(h)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.args = args
+        self.dtype = dtype
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # With tied embeddings, load_model points output.weight at tok_embeddings.weight
+        # (or at a quantized copy of it).
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope_cos = torch.empty(0)
+        self.rope_sin = torch.empty(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    # -- setup -----------------------------------------------------------------
+
+    def ensure_rope(self, n_positions: int) -> None:
+        """Precompute RoPE tables for positions [0, n_positions)."""
+        if self.rope_cos.shape[0] >= n_positions and self.rope_cos.device == self.device:
+            return
+        cos, sin = rope_tables(self.args, n_positions, self.dtype, self.device)
+        self.rope_cos, self.rope_sin = cos[:, None, :], sin[:, None, :]  # [P, 1, D]
+
+    def new_cache(self, max_seq_len: int) -> KVCache:
+        """A fresh static KV cache for one sequence of up to max_seq_len positions."""
+        a = self.args
+        if a.sliding_window is not None and max_seq_len > a.sliding_window:
+            raise ValueError(
+                f"sliding-window attention is not implemented: max_seq_len {max_seq_len} "
+                f"must be <= the model's sliding_window {a.sliding_window}"
+            )
+        self.ensure_rope(max_seq_len)
+        return KVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
+
+    # -- pieces ----------------------------------------------------------------
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> h: [T, dim]
+        return self.tok_embeddings(tokens)
+
+    def head(self, h: torch.Tensor, num_logits: int = 1) -> torch.Tensor:  # h: [T, dim] -> [num_logits, vocab] f32
+        return self.output(self.norm(h[-num_logits:])).float()
+
+    def positions(self, start: int, T: int) -> Positions:
+        """RoPE rows and causal mask for T new tokens at positions [start, start+T)."""
+        if start + T > self.rope_cos.shape[0]:
+            self.ensure_rope(max(start + T, 2 * self.rope_cos.shape[0]))
+        mask = None
+        if T > 1:
+            q_pos = torch.arange(start, start + T, device=self.device)  # [T]
+            k_pos = torch.arange(start + T, device=self.device)  # [L]
+            mask = k_pos[None, :] <= q_pos[:, None]  # [T, L]: query t sees keys [0, start+t]
+            mask = mask.repeat(self.args.n_heads // self.args.n_kv_heads, 1)  # [G*T, L], rows (g, t)
+        return Positions(start, self.rope_cos[start : start + T], self.rope_sin[start : start + T], mask)
+
+    # -- the default path ------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
+        """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32.
+
+        Writes T KV entries and advances cache.length by T.
+        """
+        T = tokens.shape[0]
+        start = cache.length
+        if T < 1:
+            raise ValueError("forward needs at least one token")
+        if start + T > cache.capacity:
+            raise ValueError(f"KV cache overflow: {start} + {T} tokens > capacity {cache.capacity}")
+        if not 1 <= num_logits <= T:
+            raise ValueError(f"num_logits must be in [1, {T}], got {num_logits}")
+        pos = self.positions(start, T)
+        h = self.embed(tokens)
+        k, v = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+            h = layer(h, (k[i], v[i]), pos)
+        cache.length = start + T
+        return self.head(h, num_logits)
