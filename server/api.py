@@ -1,0 +1,354 @@
+"""OpenAI-shaped request and response schemas (pydantic).
+
+Requests are strict (no "1" for 1) and closed (an unknown field is an error),
+`null` means "the default" as in OpenAI's API, and a parameter we do not
+implement is refused unless it holds its neutral value. Limits that depend on
+the deployment (max_n, stop count, context length, vocabulary) are checked in
+serving, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _only(*allowed: Any, hint: str = ""):
+    """A parameter we accept only at its neutral value(s); anything else is a 400 naming it."""
+    shown = " or ".join(repr(a) if a is not None else "null" for a in allowed)
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        raise PydanticCustomError(
+            "unsupported_parameter",
+            "Unsupported parameter '{name}': this server does not implement it "
+            "(only " + shown + " is accepted)" + hint,
+            {"name": info.field_name},
+        )
+
+    return AfterValidator(check)
+
+
+def _invalid(message: str, param: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_parameter", message, {"param": param})
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _prompt(value: Any) -> PromptInput:
+    """str | list[str] | list[int] | list[list[int]], with a message that says so."""
+    if isinstance(value, str) or _is_token_list(value):
+        return value
+    if isinstance(value, list) and value and (
+        all(isinstance(p, str) for p in value) or all(_is_token_list(p) for p in value)
+    ):
+        return value
+    raise PydanticCustomError(
+        "invalid_parameter",
+        "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        {"param": "prompt"},
+    )
+
+
+def _stop(value: Any) -> list[str]:
+    """str | list[str] -> list[str]; empty strings are refused (they would match at once)."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _invalid("'stop' must be a string or a list of strings", "stop")
+    if any(s == "" for s in stops):
+        raise _invalid("'stop' strings must not be empty", "stop")
+    return stops
+
+
+def _message_content(value: Any) -> str:
+    """A message's content: a string, or a list of text parts (joined by newlines)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict):
+                raise PydanticCustomError("invalid_parameter", "content parts must be objects")
+            if part.get("type") != "text":
+                raise PydanticCustomError(
+                    "unsupported_parameter",
+                    "only text content parts are supported (got type '{kind}')",
+                    {"kind": str(part.get("type"))},
+                )
+            if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
+                raise PydanticCustomError(
+                    "invalid_parameter", 'a text content part is {"type": "text", "text": str}'
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise PydanticCustomError("invalid_parameter", "content must be a string or a list of text parts")
+
+
+# -- requests ----------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    include_obfuscation: Annotated[bool, _only(False, hint="; no obfuscation padding is sent")] = False
+
+
+class BaseGenerationRequest(_Request):
+    """The sampling and streaming parameters shared by both endpoints."""
+
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="0 or -1: off (extension)")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Annotated[list[str], PlainValidator(_stop, json_schema_input_type=Union[str, list[str]])] = []
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, not used
+    presence_penalty: Annotated[float, _only(0.0)] = 0.0
+    frequency_penalty: Annotated[float, _only(0.0)] = 0.0
+    logit_bias: Annotated[dict[str, float] | None, _only(None, {})] = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(BaseGenerationRequest):
+    prompt: Annotated[PromptInput, PlainValidator(_prompt, json_schema_input_type=PromptInput)]
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1)
+    suffix: Annotated[str, _only("")] = ""
+
+    @model_validator(mode="after")
+    def _check_combinations(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise _invalid(
+                f"Unsupported parameter 'best_of': only best_of == n ({self.n}) is supported", "best_of"
+            )
+        if self.echo and self.logprobs is not None:
+            raise _invalid(
+                "'echo' together with 'logprobs' is not supported: prompt logprobs are not computed",
+                "echo",
+            )
+        return self
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[
+        str, PlainValidator(_message_content, json_schema_input_type=Union[str, list[dict[str, str]]])
+    ]
+    name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The dict a chat template sees ('developer' is OpenAI's newer name for 'system')."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(BaseGenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Any] | None, _only(None, [])] = None
+    tool_choice: Annotated[Any, _only(None, "none")] = None
+    functions: Annotated[list[Any] | None, _only(None, [])] = None
+    function_call: Annotated[Any, _only(None, "none")] = None
+    response_format: Annotated[dict[str, Any] | None, _only(None, {"type": "text"})] = None
+    parallel_tool_calls: bool | None = None  # no effect: tools are refused
+    store: Annotated[bool, _only(False)] = False
+
+    @model_validator(mode="after")
+    def _check_combinations(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise _invalid(
+                "'max_tokens' and 'max_completion_tokens' disagree; give only one", "max_completion_tokens"
+            )
+        return self
+
+    @property
+    def completion_limit(self) -> int | None:
+        """The requested maximum of generated tokens; None: the rest of the context."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SpeculationInfo(BaseModel):
+    """Tandem's extra field on non-streaming responses (sums over choices)."""
+
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_target_passes: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    speculation: SpeculationInfo
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    speculation: SpeculationInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tandem"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,144 @@
+"""The HTTP app: routes, error handlers and the body-size limit.
+
+`create_app` is pure: everything an app uses (engine, tokenizer, settings, its
+own Prometheus registry) hangs off the app it returns, so tests can build
+several side by side. The launcher runs the result with uvicorn and owns the
+engine's lifecycle and health.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.engine_client import EngineError, EngineUnavailable
+from server.errors import APIError, RequestTooLarge, error_reply
+from server.metrics import Metrics
+from server.serving import ServerContext
+from server.serving_chat import ChatServing
+from server.serving_completions import CompletionServing
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model_name: str
+    max_model_len: int
+    mode: str
+    eos_token_ids: tuple[int, ...]
+    max_n: int = 8
+    max_stop_sequences: int = 4
+    max_body_bytes: int = 1_000_000
+
+
+def create_app(engine: Any, tokenizer: Any, settings: AppSettings) -> FastAPI:
+    """engine: an EngineClient (or the same interface); tokenizer: a transformers tokenizer."""
+    metrics = Metrics(CollectorRegistry(), engine)
+    ctx = ServerContext(engine=engine, tokenizer=tokenizer, settings=settings, metrics=metrics,
+                        vocab_size=len(tokenizer), created=int(time.time()))
+    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+
+    app = FastAPI(title="Tandem", summary="OpenAI-compatible speculative decoding server")
+    app.state.tandem = ctx
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await completions.create(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat.create(body, request)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.model_name, created=ctx.created,
+                                         max_model_len=settings.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return error_reply(EngineUnavailable(f"engine unavailable: {engine.unhealthy_reason}")).response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _install_error_handlers(app, metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.record_failure)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def counted(request: Request, exc: Exception) -> Response:
+        reply = error_reply(exc)
+        metrics.record_failure(reply.reason)
+        return reply.response()
+
+    async def routing(request: Request, exc: Exception) -> Response:  # 404 path, 405 method
+        return error_reply(exc).response()
+
+    for exc_type in (APIError, RequestValidationError, EngineError):
+        app.add_exception_handler(exc_type, counted)
+    app.add_exception_handler(HTTPException, routing)
+    app.add_exception_handler(Exception, counted)  # last resort: a 500 in the envelope
+
+
+class BodySizeLimit:
+    """413 for a request body over `max_bytes`, by Content-Length or by the
+    bytes actually received (chunked bodies). The body is read here and
+    replayed to the app; an oversized one is drained (up to a bound) before
+    answering, so the client gets the 413 rather than a reset connection."""
+
+    DRAIN_LIMIT = 64 * 1024 * 1024
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str], None] = lambda reason: None):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            too_large = too_large or size > self.max_bytes
+            if not too_large:
+                chunks.append(body)
+            if not message.get("more_body", False) or size > self.DRAIN_LIMIT:
+                break
+        if too_large:
+            shown = int(declared) if declared is not None and declared.isdigit() else size
+            error = RequestTooLarge(f"request body of {shown} bytes exceeds the limit of {self.max_bytes} bytes")
+            reply = error_reply(error)
+            self.on_reject(reply.reason)
+            await reply.response()(scope, receive, send)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

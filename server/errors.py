@@ -1,0 +1,144 @@
+"""Every failure the HTTP API reports, and the one function that maps an
+exception to OpenAI's error envelope:
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+`error_reply` is the only place that decides a status code; the exception
+handlers, the SSE error event and the body-size middleware all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from server.engine_client import EngineError, EngineOverloaded, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error we raise on purpose; subclasses fix the status and type."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    code: str | None = None
+    reason = "invalid_request"  # the `reason` label of tandem:request_failure
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(APIError):
+    """400: the request cannot be served as given."""
+
+
+class ModelNotFound(APIError):
+    status_code = 404
+    code = "model_not_found"
+    reason = "model_not_found"
+
+
+class RequestTooLarge(APIError):
+    status_code = 413
+    code = "request_too_large"
+    reason = "request_too_large"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready (nothing to answer)."""
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    status_code: int
+    body: dict[str, Any]
+    reason: str  # for tandem:request_failure
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status_code)
+
+    def sse_event(self) -> str:
+        return f"data: {json.dumps(self.body)}\n\n"
+
+
+def _reply(status: int, message: str, type_: str, reason: str, param: str | None = None,
+           code: str | None = None) -> ErrorReply:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorReply(status, body, reason)
+
+
+def error_reply(exc: BaseException) -> ErrorReply:
+    """Map any exception to its status code and envelope (the single mapping)."""
+    if isinstance(exc, APIError):
+        return _reply(exc.status_code, exc.message, exc.type, exc.reason, exc.param, exc.code)
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        return error_reply(validation_error(exc.errors()))
+    # EngineOverloaded / EngineUnavailable subclass EngineError: test them first.
+    if isinstance(exc, EngineOverloaded):
+        return _reply(429, str(exc), "rate_limit_error", "overloaded", code="rate_limit_exceeded")
+    if isinstance(exc, EngineUnavailable):
+        return _reply(503, str(exc), "service_unavailable_error", "unavailable", code="service_unavailable")
+    if isinstance(exc, EngineError):
+        return _reply(500, str(exc), "server_error", "engine_error", code="engine_error")
+    if isinstance(exc, HTTPException):  # routing: unknown path, wrong method
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _reply(exc.status_code, str(exc.detail), type_, "http_error")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return _reply(500, f"internal server error ({type(exc).__name__})", "server_error", "internal_error",
+                  code="internal_error")
+
+
+# -- pydantic / FastAPI validation errors -> one clear 400 ---------------------
+
+
+def _param_path(loc: Sequence[Any]) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def validation_error(errors: Sequence[dict[str, Any]]) -> InvalidRequest:
+    """The first validation error of a request body, worded for a client."""
+    if not errors:
+        return InvalidRequest("invalid request")
+    err = errors[0]
+    kind, loc, msg = err.get("type"), tuple(err.get("loc", ())), err.get("msg", "invalid value")
+    ctx = err.get("ctx") or {}
+    param = ctx.get("param") or _param_path(loc)
+    if kind == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return InvalidRequest(f"Malformed JSON body{where}: {ctx.get('error', msg)}")
+    if kind in ("model_attributes_type", "model_type", "dict_type") and param is None:
+        if isinstance(err.get("input"), (bytes, str)):
+            return InvalidRequest(
+                "The request body must be a JSON object sent with 'Content-Type: application/json'"
+            )
+        return InvalidRequest("The request body must be a JSON object")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'", param=param)
+    if kind in ("unsupported_parameter", "invalid_parameter"):
+        return InvalidRequest(msg, param=param)
+    if param is None:
+        return InvalidRequest(f"Invalid request: {msg}")
+    return InvalidRequest(f"Invalid value for '{param}': {msg}", param=param)

@@ -1,0 +1,410 @@
+"""What both generation endpoints share: request checks against the
+deployment's limits, one engine request per choice (ChoiceState turns its
+TokenOutputs into text deltas), a GenerationRun that drives the choices
+concurrently and merges them, and the two ways to answer (one JSON body, or
+an SSE stream). The endpoint modules only build requests and format output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from protocol.messages import GenerateRequest, SamplingParams, TokenOutput
+from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
+from server.engine_client import EngineError
+from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, error_reply
+from server.metrics import Metrics, RequestTracker
+from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
+
+if TYPE_CHECKING:
+    from server.app import AppSettings
+
+SEED_MODULUS = 2**63
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What the handlers of one app share (built once by create_app)."""
+
+    engine: Any  # EngineClient or anything with the same interface
+    tokenizer: Any
+    settings: "AppSettings"
+    metrics: Metrics
+    vocab_size: int
+    created: int  # unix seconds; the model card's `created`
+
+
+# -- checks against the deployment's limits ----------------------------------------
+
+
+def check_model(ctx: ServerContext, model: str) -> None:
+    if model != ctx.settings.model_name:
+        raise ModelNotFound(
+            f"The model '{model}' does not exist. Available: '{ctx.settings.model_name}'", param="model"
+        )
+
+
+def check_generation_limits(ctx: ServerContext, req: BaseGenerationRequest) -> None:
+    s = ctx.settings
+    if req.n > s.max_n:
+        raise InvalidRequest(f"'n' is {req.n}; this server allows at most {s.max_n}", param="n")
+    if len(req.stop) > s.max_stop_sequences:
+        raise InvalidRequest(
+            f"{len(req.stop)} stop sequences given; at most {s.max_stop_sequences} are allowed", param="stop"
+        )
+
+
+def check_token_ids(ctx: ServerContext, ids: Sequence[int], param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < ctx.vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"token id {bad[0]} is outside the vocabulary (valid ids: 0..{ctx.vocab_size - 1})", param=param
+        )
+
+
+def resolve_max_tokens(ctx: ServerContext, num_prompt: int, max_tokens: int | None, param: str) -> int:
+    """Check that prompt and completion fit the context; None: the rest of it."""
+    limit = ctx.settings.max_model_len
+    if num_prompt == 0:
+        raise InvalidRequest("the prompt is empty", param=param)
+    if num_prompt >= limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens; the prompt has {num_prompt} tokens, "
+            f"which leaves no room for a completion",
+            param=param,
+        )
+    if max_tokens is None:
+        return limit - num_prompt
+    if num_prompt + max_tokens > limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens; you requested {num_prompt + max_tokens} "
+            f"tokens ({num_prompt} in the prompt, {max_tokens} for the completion). "
+            f"Reduce the prompt or max_tokens",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+def sampling_params(req: BaseGenerationRequest, choice_index: int, base_seed: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(req.temperature),
+        top_p=float(req.top_p),
+        top_k=max(req.top_k, 0),  # -1 means off, like vLLM
+        seed=(base_seed + choice_index) % SEED_MODULUS,
+    )
+
+
+def base_seed(req: BaseGenerationRequest) -> int:
+    return req.seed if req.seed is not None else secrets.randbits(63)
+
+
+# -- one choice = one engine request ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token for logprobs: its text, raw bytes, logprob and (for a generated
+    token) the top alternatives."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple["TokenInfo", ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    tokens: list[TokenInfo] | None  # None: logprobs not requested
+    finish_reason: str | None
+
+
+class ChoiceState:
+    """Turns one engine request's TokenOutputs into text deltas: incremental
+    detokenization, stop strings, logprobs, usage and speculation counts."""
+
+    def __init__(self, index: int, request: GenerateRequest, tokenizer: Any, stops: Sequence[str],
+                 tracker: RequestTracker):
+        self.index = index
+        self.request = request
+        self._tokenizer = tokenizer
+        self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
+        self._stops = StopStringMatcher(stops)
+        self._tracker = tracker
+        self.text = ""
+        self.tokens: list[TokenInfo] = []
+        self.num_tokens = 0
+        self.num_passes = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.request.num_logprobs is not None
+
+    def process(self, output: TokenOutput) -> ChoiceDelta:
+        if output.finish_reason not in (None, "stop", "length"):
+            raise EngineError(f"the engine ended the request ({output.finish_reason})")
+        if self.wants_logprobs and len(output.logprobs or ()) < len(output.token_ids):
+            raise EngineError("the engine sent no logprobs for a request that asked for them")
+        self.num_passes += 1
+        self.num_draft_tokens += output.num_draft_tokens
+        self.num_accepted_tokens += output.num_accepted_tokens
+        pieces: list[str] = []
+        tokens: list[TokenInfo] = []
+        finish: str | None = None
+        counted = 0
+        for i, token_id in enumerate(output.token_ids):
+            counted += 1
+            if self.wants_logprobs:
+                tokens.append(self._token_info(output, i, token_id))
+            text, hit = self._stops.feed(self._detokenizer.push(token_id))
+            pieces.append(text)
+            if hit:  # the tokens after the one completing a stop string are dropped
+                finish = "stop"
+                break
+        if finish is None and output.finish_reason is not None:
+            text, hit = self._stops.feed(self._detokenizer.flush())
+            pieces.append(text)
+            if not hit:
+                pieces.append(self._stops.flush())
+            finish = "stop" if hit else output.finish_reason
+        self.num_tokens += counted
+        self._tracker.on_output(output, counted)
+        if finish is not None:
+            self.finish_reason = finish
+            self._tracker.on_finish(finish)
+        text = "".join(pieces)
+        self.text += text
+        self.tokens.extend(tokens)
+        return ChoiceDelta(self.index, text, tokens if self.wants_logprobs else None, finish)
+
+    def _token_info(self, output: TokenOutput, i: int, token_id: int) -> TokenInfo:
+        top = output.top_logprobs[i] if output.top_logprobs and i < len(output.top_logprobs) else []
+        return TokenInfo(
+            token=token_text(self._tokenizer, token_id),
+            bytes=token_bytes(self._tokenizer, token_id),
+            logprob=float(output.logprobs[i]),
+            top=tuple(
+                TokenInfo(token_text(self._tokenizer, t), token_bytes(self._tokenizer, t), float(lp))
+                for t, lp in top
+            ),
+        )
+
+
+def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
+               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None) -> ChoiceState:
+    request = GenerateRequest(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop_token_ids=list(ctx.settings.eos_token_ids),
+        num_logprobs=num_logprobs,
+    )
+    return ChoiceState(index, request, ctx.tokenizer, stops, ctx.metrics.track(len(prompt_ids)))
+
+
+def usage(prompt_lengths: Sequence[int], choices: Sequence[ChoiceState]) -> UsageInfo:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI does."""
+    prompt = sum(prompt_lengths)
+    completion = sum(c.num_tokens for c in choices)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def speculation(choices: Sequence[ChoiceState]) -> SpeculationInfo:
+    return SpeculationInfo(
+        num_draft_tokens=sum(c.num_draft_tokens for c in choices),
+        num_accepted_tokens=sum(c.num_accepted_tokens for c in choices),
+        num_target_passes=sum(c.num_passes for c in choices),
+    )
+
+
+# -- driving the choices --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failed:
+    index: int
+    error: BaseException
+
+
+class GenerationRun:
+    """One task per choice iterates its engine request; deltas meet in one queue.
+
+    Leaving a task's loop early (stop string, failure, cancel) closes the engine
+    generator, which aborts the request in the workers. `cancel()` is safe to
+    call at any time and more than once.
+    """
+
+    def __init__(self, engine: Any, choices: Sequence[ChoiceState]):
+        self.choices = list(choices)
+        self._engine = engine
+        self._queue: asyncio.Queue[ChoiceDelta | _Failed] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._drive(c), name=c.request.request_id) for c in self.choices]
+
+    async def _drive(self, choice: ChoiceState) -> None:
+        try:
+            async with aclosing(self._engine.generate(choice.request)) as outputs:
+                async for output in outputs:
+                    delta = choice.process(output)
+                    self._queue.put_nowait(delta)
+                    if delta.finish_reason is not None:
+                        return
+            raise EngineError("the engine's output stream ended without a finish reason")
+        except Exception as exc:
+            self._queue.put_nowait(_Failed(choice.index, exc))
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Every delta of every choice, as they come; raises the first failure."""
+        remaining = len(self.choices)
+        while remaining:
+            item = await self._queue.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+    async def wait(self) -> None:
+        async for _ in self.deltas():
+            pass
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(awaitable: Awaitable[Any], request: Request) -> Any:
+    """Await `awaitable`, or raise ClientDisconnected if the client goes first."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise ClientDisconnected()
+
+
+# -- answering -----------------------------------------------------------------------------
+
+
+class StreamFormatter(Protocol):
+    include_usage: bool
+
+    def opening(self) -> list[BaseModel]:
+        """Chunks before any output (chat: the role; completions: echoed prompts)."""
+
+    def chunk(self, delta: ChoiceDelta) -> BaseModel | None:
+        """The chunk for one delta, or None when there is nothing to send."""
+
+    def usage_chunk(self) -> BaseModel:
+        """The last chunk when stream_options.include_usage: no choices, the usage."""
+
+
+def sse(chunk: BaseModel, include_usage: bool) -> str:
+    body = chunk.model_dump_json(exclude=None if include_usage else {"usage"})
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Starlette stops iterating a body on disconnect but does not close it;
+    closing it here runs the generator's cleanup (aborting the engine) at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def answer(run: GenerationRun, request: Request, metrics: Metrics, *, stream: bool,
+                 build_response: Callable[[], BaseModel], formatter: StreamFormatter | None) -> Response:
+    """Wait for the run and answer with one JSON body, or stream it as SSE.
+
+    A stream's headers go out once every choice has produced its first output,
+    so that refusals by the engine (overloaded, unavailable) keep their status
+    codes; later failures become an SSE error event.
+    """
+    deltas = run.deltas() if stream else None
+    try:
+        if deltas is None:
+            await unless_disconnected(run.wait(), request)
+            return Response(build_response().model_dump_json(), media_type="application/json")
+        first = await unless_disconnected(_first_of_each(deltas, len(run.choices)), request)
+    except ClientDisconnected:
+        run.cancel()
+        metrics.record_failure("client_disconnected")
+        return Response(status_code=499)
+    except BaseException:
+        run.cancel()
+        raise
+    return _ClosingStreamingResponse(
+        _event_stream(run, deltas, first, formatter, metrics),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _first_of_each(deltas: AsyncIterator[ChoiceDelta], num_choices: int) -> list[ChoiceDelta]:
+    seen: set[int] = set()
+    buffered: list[ChoiceDelta] = []
+    while len(seen) < num_choices:
+        delta = await anext(deltas)
+        buffered.append(delta)
+        seen.add(delta.index)
+    return buffered
+
+
+async def _event_stream(run: GenerationRun, deltas: AsyncIterator[ChoiceDelta], first: list[ChoiceDelta],
+                        formatter: StreamFormatter, metrics: Metrics) -> AsyncIterator[str]:
+    ended = False
+    include_usage = formatter.include_usage
+    try:
+        for chunk in formatter.opening():
+            yield sse(chunk, include_usage)
+        for delta in first:
+            if (chunk := formatter.chunk(delta)) is not None:
+                yield sse(chunk, include_usage)
+        async for delta in deltas:
+            if (chunk := formatter.chunk(delta)) is not None:
+                yield sse(chunk, include_usage)
+        if include_usage:
+            yield sse(formatter.usage_chunk(), include_usage)
+        ended = True
+    except Exception as exc:  # the engine failed after the stream began
+        ended = True
+        reply = error_reply(exc)
+        metrics.record_failure(reply.reason)
+        yield reply.sse_event()
+    finally:
+        run.cancel()
+        if not ended:  # cancelled or closed: the client went away
+            metrics.record_failure("client_disconnected")
+    yield SSE_DONE

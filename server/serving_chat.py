@@ -1,0 +1,122 @@
+"""POST /v1/chat/completions: messages through the chat template, n choices."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Sequence
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from server.api import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+)
+from server.serving import (
+    ChoiceDelta,
+    ChoiceState,
+    GenerationRun,
+    ServerContext,
+    TokenInfo,
+    answer,
+    base_seed,
+    check_generation_limits,
+    check_model,
+    new_choice,
+    resolve_max_tokens,
+    sampling_params,
+    speculation,
+    usage,
+)
+from server.tokenization import render_chat
+
+
+def chat_logprobs(tokens: Sequence[TokenInfo]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        TokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=list(t.bytes),
+            top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes)) for a in t.top],
+        )
+        for t in tokens
+    ])
+
+
+class ChatServing:
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        ctx = self.ctx
+        check_model(ctx, req.model)
+        check_generation_limits(ctx, req)
+        prompt_ids = render_chat(ctx.tokenizer, [m.for_template() for m in req.messages])
+        max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        seed = base_seed(req)
+        choices = [
+            new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens, sampling_params(req, i, seed),
+                       req.stop, req.num_logprobs)
+            for i in range(req.n)
+        ]
+        view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,
+                         len(prompt_ids), choices)
+        run = GenerationRun(ctx.engine, choices)
+        return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
+                            formatter=view)
+
+
+class _ChatView:
+    """Formats one request's choices: the JSON response or the SSE chunks."""
+
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool, num_prompt: int,
+                 choices: list[ChoiceState]):
+        self._id, self._created, self._model = request_id, created, model
+        self._num_prompt = num_prompt
+        self._choices = choices
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self._id, created=self._created, model=self._model, choices=choices)
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [self._chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+                for c in self._choices]
+
+    def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
+        if not delta.text and not delta.tokens and delta.finish_reason is None:
+            return None
+        logprobs = chat_logprobs(delta.tokens) if delta.tokens is not None else None
+        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
+                                            logprobs=logprobs, finish_reason=delta.finish_reason)])
+
+    def usage_chunk(self) -> ChatCompletionChunk:
+        chunk = self._chunk([])
+        chunk.usage = self._usage()
+        return chunk
+
+    def _usage(self):
+        return usage([self._num_prompt], self._choices)
+
+    def response(self) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=chat_logprobs(c.tokens) if c.wants_logprobs else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in self._choices
+        ]
+        return ChatCompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
+                                      usage=self._usage(), speculation=speculation(self._choices))

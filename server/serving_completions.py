@@ -1,0 +1,153 @@
+"""POST /v1/completions: prompts (text or token ids) x n choices."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from server.api import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.errors import InvalidRequest
+from server.serving import (
+    ChoiceDelta,
+    ChoiceState,
+    GenerationRun,
+    ServerContext,
+    TokenInfo,
+    answer,
+    base_seed,
+    check_generation_limits,
+    check_model,
+    check_token_ids,
+    new_choice,
+    resolve_max_tokens,
+    sampling_params,
+    speculation,
+    usage,
+)
+from server.tokenization import decode_prompt, encode_prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str  # what echo returns
+
+
+def completion_logprobs(tokens: Sequence[TokenInfo], start_offset: int) -> CompletionLogprobs:
+    """OpenAI's legacy format; top_logprobs always holds the chosen token too."""
+    offsets, offset = [], start_offset
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    tops = []
+    for t in tokens:
+        top = {a.token: a.logprob for a in t.top}
+        top[t.token] = t.logprob  # the chosen token is always there, with its own logprob
+        tops.append(top)
+    return CompletionLogprobs(
+        tokens=[t.token for t in tokens],
+        token_logprobs=[t.logprob for t in tokens],
+        top_logprobs=tops,
+        text_offset=offsets,
+    )
+
+
+class CompletionServing:
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+
+    async def create(self, req: CompletionRequest, request: Request) -> Response:
+        ctx = self.ctx
+        check_model(ctx, req.model)
+        check_generation_limits(ctx, req)
+        prompts = self._prompts(req)
+        max_tokens = [resolve_max_tokens(ctx, len(p.ids), req.max_tokens, "prompt") for p in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        seed = base_seed(req)
+        choices = []
+        for p, prompt in enumerate(prompts):
+            for j in range(req.n):
+                index = p * req.n + j
+                choices.append(new_choice(
+                    ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
+                    sampling_params(req, index, seed), req.stop, req.logprobs,
+                ))
+        view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
+        run = GenerationRun(ctx.engine, choices)
+        return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
+                            formatter=view)
+
+    def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
+            raw = [raw]
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                if item == "":
+                    raise InvalidRequest("the prompt is empty", param="prompt")
+                prompts.append(Prompt(encode_prompt(self.ctx.tokenizer, item), item))
+            else:
+                check_token_ids(self.ctx, item, "prompt")
+                text = decode_prompt(self.ctx.tokenizer, item) if req.echo else ""
+                prompts.append(Prompt(list(item), text))
+        return prompts
+
+
+class _CompletionView:
+    """Formats one request's choices: the JSON response or the SSE chunks."""
+
+    def __init__(self, request_id: str, created: int, model: str, req: CompletionRequest,
+                 prompts: list[Prompt], choices: list[ChoiceState]):
+        self._id, self._created, self._model = request_id, created, model
+        self._n = req.n
+        self._echo = req.echo
+        self._prompts = prompts
+        self._choices = choices
+        self._offsets = {c.index: 0 for c in choices}  # text_offset of the next streamed token
+        self.include_usage = req.include_usage
+
+    def _prompt_of(self, index: int) -> Prompt:
+        return self._prompts[index // self._n]
+
+    def _chunk(self, choices: list[CompletionChoice]) -> CompletionChunk:
+        return CompletionChunk(id=self._id, created=self._created, model=self._model, choices=choices)
+
+    def opening(self) -> list[CompletionChunk]:
+        if not self._echo:
+            return []
+        return [self._chunk([CompletionChoice(index=c.index, text=self._prompt_of(c.index).text)])
+                for c in self._choices]
+
+    def chunk(self, delta: ChoiceDelta) -> CompletionChunk | None:
+        if not delta.text and not delta.tokens and delta.finish_reason is None:
+            return None
+        logprobs = None
+        if delta.tokens is not None:
+            logprobs = completion_logprobs(delta.tokens, self._offsets[delta.index])
+            self._offsets[delta.index] += sum(len(t.token) for t in delta.tokens)
+        return self._chunk([CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                             finish_reason=delta.finish_reason)])
+
+    def usage_chunk(self) -> CompletionChunk:
+        chunk = self._chunk([])
+        chunk.usage = self._usage()
+        return chunk
+
+    def _usage(self):
+        return usage([len(p.ids) for p in self._prompts], self._choices)
+
+    def response(self) -> CompletionResponse:
+        choices = []
+        for c in self._choices:
+            prefix = self._prompt_of(c.index).text if self._echo else ""
+            logprobs = completion_logprobs(c.tokens, 0) if c.wants_logprobs else None
+            choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason))
+        return CompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
+                                  usage=self._usage(), speculation=speculation(self._choices))

