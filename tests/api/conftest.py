@@ -1,10 +1,10 @@
-"""Fixtures for the API tests: the app from `create_app`, served by a real
-uvicorn server on a free loopback port, on top of the in-test FakeEngine.
+"""Fixtures for the API tests.
 
-Engine-agnostic tests use only `server_url`, `model_name`, `client` and `http`,
-so they can run against a launched server with real workers by overriding
-`server_url`. Tests that steer the fake (`app_engine`) live in
-test_fake_engine_controls.py.
+Engine-agnostic tests use only `server_url`, `model_name`, `client` and `http`
+and run twice: against the app from `create_app` in a real uvicorn on top of
+the in-test FakeEngine, and against a real launched `tandem serve` (verify and
+draft worker processes, tiny random model). Tests that steer the fake
+(`app_engine`) live in test_fake_engine_controls.py and use the fake only.
 """
 
 from __future__ import annotations
@@ -90,9 +90,23 @@ class UvicornThread:
 
 
 @pytest.fixture(scope="session")
-def server_url(app_engine, smollm_tokenizer, app_settings):
+def fake_server_url(app_engine, smollm_tokenizer, app_settings):
     with UvicornThread(create_app(app_engine, smollm_tokenizer, app_settings)) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def launched_server_url(tiny_config):
+    from tests.helpers import launch_server
+
+    with launch_server(tiny_config, mode="sd") as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session", params=["fake-engine", "real-workers"])
+def server_url(request):
+    name = "fake_server_url" if request.param == "fake-engine" else "launched_server_url"
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,19 @@ from tests.api.fake_engine import MARK_FAIL, MARK_OVERLOADED, MARK_SLOW
 from tests.api.helpers import assert_error, chunks, metric, post_stream, scrape
 
 
+@pytest.fixture(scope="session")
+def server_url(fake_server_url):
+    """These tests steer the fake engine: only its server."""
+    return fake_server_url
+
+
+@pytest.fixture(scope="session")
+def model_name():
+    from tests.api.conftest import TEST_MODEL_NAME
+
+    return TEST_MODEL_NAME
+
+
 def wait_for(condition, timeout=3.0):
     deadline = time.monotonic() + timeout
     while not condition():
