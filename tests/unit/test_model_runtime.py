@@ -124,6 +124,9 @@ def test_num_logits_returns_last_positions(tiny):
     torch.testing.assert_close(last1, full[-1:])
     with pytest.raises(ValueError):
         model.forward(tokens, model.new_cache(16), num_logits=9)
+    cache = model.new_cache(16)  # num_logits=0: a prefill that only fills the cache
+    assert model.forward(tokens[:7], cache, num_logits=0).shape == (0, model.args.vocab_size)
+    torch.testing.assert_close(model.forward(tokens[7:], cache), full[-1:])
 
 
 def test_works_with_and_without_inference_mode(tiny):
@@ -137,6 +140,16 @@ def test_works_with_and_without_inference_mode(tiny):
     assert not plain.requires_grad
     torch.testing.assert_close(plain, inf)
     torch.testing.assert_close(plain, ng)
+    # a cache made under inference_mode can still be written outside it, and vice versa
+    with torch.inference_mode():
+        cache = model.new_cache(8)
+        model.forward(tokens[:3], cache)
+    model.forward(tokens[3:], cache)
+    outside = model.new_cache(8)
+    with torch.inference_mode():
+        last = model.forward(tokens, outside)
+    torch.testing.assert_close(last, plain)
+    assert model.forward(tokens[0], model.new_cache(2)).shape == (1, model.args.vocab_size)  # a 0-d token id
 
 
 def test_bf16_close_to_float32(tiny):

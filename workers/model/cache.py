@@ -24,9 +24,12 @@ class KVCache:
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         shape = (n_layers, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
+        # Ordinary tensors even when made under inference_mode, so a cache can be written both inside and outside it.
+        with torch.inference_mode(False):
+            self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
+            self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, KV, S, D]
         self.length = 0
+        self.layers = [(self.k[i], self.v[i]) for i in range(n_layers)]  # per-layer views [KV, S, D]
 
     @property
     def capacity(self) -> int:
@@ -38,7 +41,7 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (k, v) of layer i, each [KV, S, D]; writes go into the cache."""
-        return self.k[i], self.v[i]
+        return self.layers[i]
 
     def crop(self, length: int) -> None:
         """Roll back to the first `length` positions."""

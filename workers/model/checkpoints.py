@@ -90,6 +90,7 @@ def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             tmp.rename(target)
         except OSError:

@@ -89,10 +89,9 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
         k_cache, v_cache = cache
         start = pos.start
-        end = start + T
-        k_cache[:, start:end] = qk[:, H:].transpose(0, 1)  # [KV, T, D]
-        v_cache[:, start:end] = v.transpose(0, 1)
-        keys, values = k_cache[:, :end], v_cache[:, :end]  # [KV, L, D]
+        k_cache.narrow(1, start, T).copy_(qk[:, H:].transpose(0, 1))  # [KV, T, D]
+        v_cache.narrow(1, start, T).copy_(v.transpose(0, 1))
+        keys, values = k_cache.narrow(1, 0, start + T), v_cache.narrow(1, 0, start + T)  # [KV, L, D]
         # GQA without repeating k/v: the G query heads of a kv head form the rows of one
         # [G*T, D] matrix. 4-D inputs take SDPA's fused CPU kernel (3-D ones the slow math path).
         q = qk[:, :H]  # [T, H, D] with H = KV * G
@@ -191,6 +190,8 @@ class LlamaModel(nn.Module):
         return self.tok_embeddings(tokens)
 
     def head(self, h: torch.Tensor, num_logits: int = 1) -> torch.Tensor:  # h: [T, dim] -> [num_logits, vocab] f32
+        if num_logits == 0:  # a prefill that only fills the cache
+            return torch.empty(0, self.args.vocab_size, device=h.device)
         return self.output(self.norm(h[-num_logits:])).float()
 
     def positions(self, start: int, T: int) -> Positions:
@@ -210,20 +211,22 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
         """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32.
 
-        Writes T KV entries and advances cache.length by T.
+        Writes T KV entries and advances cache.length by T. num_logits=0 only fills the cache.
         """
+        tokens = tokens.reshape(-1)  # accept a 0-d token id too
+        if tokens.device != self.device:
+            tokens = tokens.to(self.device)
         T = tokens.shape[0]
         start = cache.length
         if T < 1:
             raise ValueError("forward needs at least one token")
         if start + T > cache.capacity:
             raise ValueError(f"KV cache overflow: {start} + {T} tokens > capacity {cache.capacity}")
-        if not 1 <= num_logits <= T:
-            raise ValueError(f"num_logits must be in [1, {T}], got {num_logits}")
+        if not 0 <= num_logits <= T:
+            raise ValueError(f"num_logits must be in [0, {T}], got {num_logits}")
         pos = self.positions(start, T)
         h = self.embed(tokens)
-        k, v = cache.k, cache.v
-        for i, layer in enumerate(self.layers):
-            h = layer(h, (k[i], v[i]), pos)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, layer_cache, pos)
         cache.length = start + T
         return self.head(h, num_logits)
