@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
-IMPLEMENTED_MODES = ("ar", "sd")
+IMPLEMENTED_MODES = ("ar", "sd", "amusd")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -53,7 +53,8 @@ class RolePlacement:
 @dataclass(frozen=True)
 class SpeculationConfig:
     mode: str = "sd"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 4  # sd: drafts per round; amusd: the most one verification takes
+    max_run_ahead: int = 8  # amusd: the most drafts the draft holds past the verified prefix
     # a draft that does not answer in time is skipped: the round runs target-only
     draft_timeout_s: float = 30.0
 
@@ -204,6 +205,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"speculation.mode: {spec.mode!r} is not implemented yet (have: {', '.join(IMPLEMENTED_MODES)})")
     if not 1 <= spec.num_draft_tokens <= 64:
         raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {spec.num_draft_tokens}")
+    if not 1 <= spec.max_run_ahead <= 256:
+        raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {spec.max_run_ahead}")
     if spec.draft_timeout_s <= 0:
         raise ConfigError("speculation.draft_timeout_s: must be positive")
     for role in ("target", "draft"):

@@ -4,9 +4,14 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
 
     server  -> verify : GenerateRequest, AbortRequest
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
-    verify  -> draft  : DraftRequest, ReleaseRequest
-    draft   -> verify : DraftProposal   (+ one float32 tensor frame of q when sampling)
-    worker  -> server : WorkerReady     (the start-up handshake)
+    verify  -> draft  : VerifiedPrefix, ReleaseRequest
+    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling)
+    worker  -> server : WorkerReady (the start-up handshake), WorkerStats
+
+Drafting is a stream in every speculative mode: the verifier publishes each
+new verified prefix (a new epoch); the draft drafts ahead of the latest one it
+has seen, up to the run-ahead limit it was given, and publishes every token.
+`sd` waits for k drafts before verifying; `amusd` verifies whatever arrived.
 
 The engine knows no text: token ids in, token ids out.
 """
@@ -53,11 +58,23 @@ class TokenOutput(msgspec.Struct, tag=True):
     logprobs: list[float] | None = None  # per token, target's raw log-softmax
     top_logprobs: list[list[tuple[int, float]]] | None = None
     queue_time_s: float | None = None  # on a request's first output: time spent waiting
+    run_ahead: int = 0  # drafts that had arrived when this verification started
 
 
 class RequestFailed(msgspec.Struct, tag=True):
     request_id: str
     message: str
+
+
+class WorkerStats(msgspec.Struct, tag=True):
+    """Cumulative counters a worker reports every ~0.5 s (for /metrics)."""
+
+    role: str
+    busy_s: float  # time spent computing
+    wall_s: float  # time since the worker became ready
+    rollbacks: int = 0  # draft: cache crops because the verifier parted from it
+    draft_tokens: int = 0  # draft: tokens drafted
+    stale_drafts: int = 0  # verify: draft tokens dropped for an old epoch
 
 
 class EngineStatus(msgspec.Struct, tag=True):
@@ -75,23 +92,28 @@ class WorkerReady(msgspec.Struct, tag=True):
     max_model_len: int
 
 
-class DraftRequest(msgspec.Struct, tag=True):
-    """Draft `num_tokens` tokens after `tokens` (the full verified sequence).
+class VerifiedPrefix(msgspec.Struct, tag=True):
+    """The verified tokens of a request, version `epoch` (one per verification).
 
-    The draft worker keeps its own cache per request and crops it to the common
-    prefix of what it holds and `tokens` before drafting (rollback).
+    The draft crops its cache to the common prefix of what it holds and
+    `tokens` (a rollback when they part), adopts `epoch` for everything it
+    publishes from now on, and drafts at most `max_run_ahead` tokens past it.
     """
 
     request_id: str
-    round_id: int  # echoed in the proposal; a mismatching reply is stale
+    epoch: int
     tokens: list[int]
-    num_tokens: int
+    max_run_ahead: int
     sampling: SamplingParams
 
 
-class DraftProposal(msgspec.Struct, tag=True):
+class DraftTokens(msgspec.Struct, tag=True):
+    """Draft tokens for positions start, start+1, ... drafted from (an extension of)
+    the verified prefix of `epoch`. The verifier drops other epochs as stale."""
+
     request_id: str
-    round_id: int
+    epoch: int
+    start: int
     token_ids: list[int]
     # True when a [len(token_ids), vocab] float32 frame of the draft's warped
     # distributions q follows; False for greedy drafts (q is one-hot).
@@ -111,7 +133,8 @@ Message = (
     | RequestFailed
     | EngineStatus
     | WorkerReady
-    | DraftRequest
-    | DraftProposal
+    | WorkerStats
+    | VerifiedPrefix
+    | DraftTokens
     | ReleaseRequest
 )

@@ -23,6 +23,7 @@ from protocol.messages import (
     Message,
     RequestFailed,
     TokenOutput,
+    WorkerStats,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class EngineClient:
         self._push = None
         self._pull = None
         self.stats = EngineStats()
+        self.worker_stats: dict[str, WorkerStats] = {}  # latest report per role
         self.on_status: Callable[[EngineStats], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -119,6 +121,11 @@ class EngineClient:
     def num_pending(self) -> int:
         return len(self._requests)
 
+    @property
+    def max_pending(self) -> int:
+        """The bound on requests queued or running (engine.max_running_requests + max_waiting_requests)."""
+        return self._max_pending
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """Yield the request's outputs until one carries a finish_reason.
 
@@ -156,6 +163,7 @@ class EngineClient:
         await self._push.send_multipart(encode(message), copy=False)
 
     async def _read_loop(self) -> None:
+        """Every output of every request passes here: nothing a peer sends may end it."""
         while True:
             frames = await self._pull.recv_multipart(copy=False)
             try:
@@ -163,13 +171,21 @@ class EngineClient:
             except DecodeError as exc:
                 log.warning("dropped a malformed message from a worker: %s", exc)
                 continue
-            self._dispatch(message)
+            except Exception:  # a codec bug: still not a reason to stop reading
+                log.exception("dropped a message that could not be decoded")
+                continue
+            try:
+                self._dispatch(message)
+            except Exception:
+                log.exception("dropped a %s that could not be handled", type(message).__name__)
 
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, (TokenOutput, RequestFailed)):
             state = self._requests.get(message.request_id)
             if state is not None:  # else: the request was aborted; late outputs are dropped
                 state.queue.put_nowait(message)
+        elif isinstance(message, WorkerStats):
+            self.worker_stats[message.role] = message
         elif isinstance(message, EngineStatus):
             self.stats = EngineStats(message.num_running, message.num_waiting)
             if self.on_status is not None:

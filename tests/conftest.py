@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers import write_config
+
+# Tiny models: one thread is fastest, and on a 2-core box shared with worker
+# processes, more threads only fight over the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

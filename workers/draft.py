@@ -1,20 +1,28 @@
-"""The draft worker process: the draft model and its per-request caches.
+"""The draft worker process: the draft model, drafting continuously.
 
     python -m workers.draft --config-json '{...}'   (started by the launcher)
+
+It drafts one token at a time for whichever request has room to run ahead and
+publishes each at once; between tokens it takes in new verified prefixes
+(rollback or re-tag) and releases. With nothing to draft it blocks on its inbox.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from configs.loader import Config
-from protocol.messages import DraftProposal, DraftRequest, ReleaseRequest, WorkerReady
+from protocol.messages import ReleaseRequest, VerifiedPrefix, WorkerReady, WorkerStats
 from protocol.sockets import Inbox, Outbox
 from workers.engine import DraftEngine
+from workers.engine.draft_engine import Drafted
 from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
 
 log = logging.getLogger("tandem.draft")
+
+STATS_INTERVAL_S = 0.5
 
 
 class DraftWorker:
@@ -31,16 +39,16 @@ class DraftWorker:
         self.inbox = Inbox(config.addresses.draft)
         self.to_verify = Outbox(config.addresses.verify)
         self.to_server = Outbox(config.addresses.server)
+        self.busy_s = 0.0
+
+    def _publish(self, drafted: Drafted | None) -> None:
+        if drafted is not None:
+            arrays = [] if drafted.probs is None else [drafted.probs.float().cpu().numpy()]
+            self.to_verify.send(drafted.message, arrays)
 
     def _handle(self, message) -> None:
-        if isinstance(message, DraftRequest):
-            try:
-                token_ids, probs = self.engine.draft(message)
-            except Exception:  # answer anyway: the verifier then runs the round target-only
-                log.exception("drafting failed for %s", message.request_id)
-                token_ids, probs = [], None
-            arrays = [] if probs is None else [probs.float().cpu().numpy()]
-            self.to_verify.send(DraftProposal(message.request_id, message.round_id, token_ids, bool(arrays)), arrays)
+        if isinstance(message, VerifiedPrefix):
+            self._publish(self.engine.update(message))
         elif isinstance(message, ReleaseRequest):
             self.engine.release(message.request_id)
         else:
@@ -51,8 +59,34 @@ class DraftWorker:
         self.to_server.send(
             WorkerReady("draft", os.getpid(), self.config.draft.path, args.vocab_size, self.config.engine.max_model_len)
         )
+        started = last_stats = time.monotonic()
         while True:
-            self._handle(self.inbox.recv().message)
+            # take in everything that arrived; block (up to the stats interval) only when idle
+            decoded = self.inbox.recv(timeout_ms=0 if self.engine.has_work else int(STATS_INTERVAL_S * 1000))
+            while decoded is not None:
+                self._handle(decoded.message)
+                decoded = self.inbox.recv(timeout_ms=0)
+            if self.engine.has_work:
+                step_started = time.monotonic()
+                try:
+                    drafted = self.engine.step()
+                except Exception:  # the verifier times out on this request and goes on target-only
+                    log.exception("drafting failed")
+                    drafted = None
+                self.busy_s += time.monotonic() - step_started
+                self._publish(drafted)
+            now = time.monotonic()
+            if now - last_stats >= STATS_INTERVAL_S:
+                last_stats = now
+                self.to_server.send(
+                    WorkerStats(
+                        "draft",
+                        self.busy_s,
+                        now - started,
+                        rollbacks=self.engine.num_rollbacks,
+                        draft_tokens=self.engine.num_drafted,
+                    )
+                )
 
 
 def main(argv: list[str] | None = None) -> None:

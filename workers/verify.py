@@ -2,8 +2,8 @@
 
     python -m workers.verify --config-json '{...}'   (started by the launcher)
 
-A reader thread owns the inbox socket: draft proposals go to the RemoteDraft,
-everything else to the engine loop on the main thread.
+A reader thread owns the inbox socket: draft tokens go to the draft stream's
+queue, everything else to the engine loop on the main thread.
 """
 
 from __future__ import annotations
@@ -17,85 +17,71 @@ import time
 import torch
 
 from configs.loader import Config
-from protocol.codec import Decoded
 from protocol.messages import (
     AbortRequest,
-    DraftProposal,
-    DraftRequest,
+    DraftTokens,
     EngineStatus,
     GenerateRequest,
-    ReleaseRequest,
     RequestFailed,
     WorkerReady,
+    WorkerStats,
 )
 from protocol.sockets import Inbox, Outbox
-from workers.engine import NoDraft, Proposal, VerifyEngine
-from workers.engine.request import Request
-from workers.engine.verify_engine import RequestRejected
+from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
 from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
 
 log = logging.getLogger("tandem.verify")
 
+STATS_INTERVAL_S = 0.5
 
-class RemoteDraft:
-    """A DraftSource backed by the draft worker process (mode `sd`).
 
-    Synchronous: send a DraftRequest, wait for the proposal of that round. A
-    draft that does not answer in time is skipped (the round runs target-only,
-    still lossless); its late reply is recognised by round id and dropped.
-    """
+class SocketTransport:
+    """The draft stream's link to the draft worker process."""
 
-    def __init__(self, outbox: Outbox, num_draft_tokens: int, timeout_s: float):
+    def __init__(self, outbox: Outbox):
         self.outbox = outbox
-        self.num_draft_tokens = num_draft_tokens
-        self.timeout_s = timeout_s
-        self.replies: queue.Queue[Decoded] = queue.Queue()
-        self.num_stale = 0
-        self.num_timeouts = 0
+        self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) from the reader thread
 
-    def deliver(self, decoded: Decoded) -> None:
-        self.replies.put(decoded)
+    def send(self, message) -> None:
+        self.outbox.send(message)
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
-        request.round_id += 1
-        self.outbox.send(DraftRequest(request.request_id, request.round_id, request.tokens, num_tokens, request.sampling))
-        deadline = time.monotonic() + self.timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
+    def receive(self, timeout_s: float):
+        try:
+            first = self.arrived.get(timeout=timeout_s) if timeout_s > 0 else self.arrived.get_nowait()
+        except queue.Empty:
+            return []
+        out = [first]
+        while True:
             try:
-                decoded = self.replies.get(timeout=remaining)
+                out.append(self.arrived.get_nowait())
             except queue.Empty:
-                break
-            reply: DraftProposal = decoded.message
-            if reply.request_id != request.request_id or reply.round_id != request.round_id:
-                self.num_stale += 1
-                continue
-            probs = None
-            if reply.has_probs and decoded.arrays:
-                probs = torch.from_numpy(decoded.arrays[0].copy())
-            return Proposal(list(reply.token_ids), probs)
-        self.num_timeouts += 1
-        log.warning("draft did not answer within %.1f s: round runs target-only", self.timeout_s)
-        return Proposal.empty()
+                return out
 
-    def release(self, request_id: str) -> None:
-        self.outbox.send(ReleaseRequest(request_id))
+
+def make_draft_source(config: Config, outbox_factory):
+    spec = config.speculation
+    if spec.mode == "ar":
+        return NoDraft(), None
+    transport = SocketTransport(outbox_factory(config.addresses.draft))
+    stream = DraftStream(
+        transport,
+        num_draft_tokens=spec.num_draft_tokens,
+        # sd: the draft drafts exactly the next round's k; amusd: it runs ahead
+        max_run_ahead=spec.num_draft_tokens if spec.mode == "sd" else spec.max_run_ahead,
+        wait_for_all=spec.mode == "sd",
+        timeout_s=spec.draft_timeout_s,
+    )
+    return stream, transport
 
 
 class VerifyWorker:
     def __init__(self, config: Config):
         self.config = config
-        mode = config.speculation.mode
-        device = apply_placement(config.placement_for(mode).target)
+        device = apply_placement(config.placement_for(config.speculation.mode).target)
         self.model, _ = load_worker_model(config.target, device)
-        addresses = config.addresses
-        self.inbox = Inbox(addresses.verify)
-        self.to_server = Outbox(addresses.server)
-        if mode == "ar":
-            self.draft = NoDraft()
-        else:
-            self.draft = RemoteDraft(
-                Outbox(addresses.draft), config.speculation.num_draft_tokens, config.speculation.draft_timeout_s
-            )
+        self.inbox = Inbox(config.addresses.verify)
+        self.to_server = Outbox(config.addresses.server)
+        self.draft, self.transport = make_draft_source(config, Outbox)
         self.engine = VerifyEngine(
             self.model,
             self.draft,
@@ -105,14 +91,18 @@ class VerifyWorker:
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
+        self._started = time.monotonic()
+        self._last_stats = 0.0
 
     def _read_inbox(self) -> None:
         while True:
             decoded = self.inbox.recv()
-            if isinstance(decoded.message, DraftProposal) and isinstance(self.draft, RemoteDraft):
-                self.draft.deliver(decoded)
+            message = decoded.message
+            if isinstance(message, DraftTokens) and self.transport is not None:
+                probs = torch.from_numpy(decoded.arrays[0].copy()) if message.has_probs and decoded.arrays else None
+                self.transport.arrived.put((message, probs))
             else:
-                self.control.put(decoded.message)
+                self.control.put(message)
 
     def _handle(self, message) -> None:
         if isinstance(message, GenerateRequest):
@@ -125,11 +115,16 @@ class VerifyWorker:
         else:
             log.warning("verify worker ignores unexpected %s", type(message).__name__)
 
-    def _send_status(self) -> None:
+    def _report(self) -> None:
         status = (self.engine.num_running, self.engine.num_waiting)
         if status != self._last_status:
             self._last_status = status
             self.to_server.send(EngineStatus(*status))
+        now = time.monotonic()
+        if now - self._last_stats >= STATS_INTERVAL_S:
+            self._last_stats = now
+            stale = getattr(self.draft, "num_stale", 0)
+            self.to_server.send(WorkerStats("verify", self.engine.busy_s, now - self._started, stale_drafts=stale))
 
     def run(self) -> None:
         threading.Thread(target=self._read_inbox, name="verify-inbox", daemon=True).start()
@@ -137,16 +132,17 @@ class VerifyWorker:
         self.to_server.send(
             WorkerReady("verify", os.getpid(), self.config.target.path, args.vocab_size, self.config.engine.max_model_len)
         )
+        self._started = time.monotonic()
         while True:
             try:
-                # block only when idle; otherwise take what has arrived and go on
-                message = self.control.get(timeout=None if not self.engine.has_work else 0)
-                self._handle(message)
+                # block only when idle (waking for stats); otherwise take what has arrived and go on
+                timeout = STATS_INTERVAL_S if not self.engine.has_work else 0
+                self._handle(self.control.get(timeout=timeout) if timeout else self.control.get_nowait())
                 while True:
                     self._handle(self.control.get_nowait())
             except queue.Empty:
                 pass
-            self._send_status()
+            self._report()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug in one round must not take the server down
@@ -156,7 +152,6 @@ class VerifyWorker:
                 continue
             for output in outputs:
                 self.to_server.send(output)
-            self._send_status()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,18 @@ def sd_server(tiny_config):
         yield server
 
 
+@pytest.fixture(scope="module")
+def amusd_server(tiny_config):
+    with launch_server(tiny_config, mode="amusd") as server:
+        yield server
+
+
+@pytest.fixture(params=["sd", "amusd"])
+def spec_server(request):
+    """Each speculative mode's server in turn."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
@@ -44,9 +56,9 @@ def complete(server, prompt, max_tokens=32, **kwargs):
     return client(server).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
 
 
-def test_sd_output_equals_ar_output(ar_server, sd_server):
+def test_speculative_output_equals_ar_output(ar_server, spec_server):
     for prompt in PROMPTS:
-        ar, sd = complete(ar_server, prompt), complete(sd_server, prompt)
+        ar, sd = complete(ar_server, prompt), complete(spec_server, prompt)
         assert sd.choices[0].text == ar.choices[0].text, prompt
         assert sd.usage.completion_tokens == ar.usage.completion_tokens
     stats = sd.model_extra["speculation"]
@@ -54,19 +66,21 @@ def test_sd_output_equals_ar_output(ar_server, sd_server):
     assert 0 < stats["num_target_passes"] <= sd.usage.completion_tokens
 
 
-def test_sd_with_a_disagreeing_draft_equals_ar(tmp_path, ar_server, tiny_target_dir, tiny_stranger_dir):
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_a_disagreeing_draft_still_equals_ar(tmp_path, ar_server, tiny_target_dir, tiny_stranger_dir, mode):
     config = write_config(
         tmp_path / "stranger.yaml",
         target={"path": str(tiny_target_dir), "dtype": "float32"},
         draft={"path": str(tiny_stranger_dir), "dtype": "float32"},
     )
-    with launch_server(config, mode="sd") as server:
+    with launch_server(config, mode=mode) as server:
         for prompt in PROMPTS[:3]:
             assert complete(server, prompt).choices[0].text == complete(ar_server, prompt).choices[0].text
         assert server.metric("tandem:spec_decode_num_draft_tokens_total") > 0
 
 
-def test_chat_and_streaming_equal_non_streaming(sd_server):
+def test_chat_and_streaming_equal_non_streaming(spec_server):
+    sd_server = spec_server
     sdk = client(sd_server)
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     whole = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
@@ -81,16 +95,17 @@ def test_chat_and_streaming_equal_non_streaming(sd_server):
     assert text == complete(sd_server, PROMPTS[1]).choices[0].text
 
 
-def test_concurrent_requests_do_not_mix(sd_server):
+def test_concurrent_requests_do_not_mix(spec_server):
+    sd_server = spec_server
     solo = {p: complete(sd_server, p, max_tokens=24).choices[0].text for p in PROMPTS}
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda p: complete(sd_server, p, max_tokens=24).choices[0].text, PROMPTS * 2))
     assert together == [solo[p] for p in PROMPTS * 2]
 
 
-def test_seeded_sampling_is_reproducible_through_the_server(sd_server):
+def test_seeded_sampling_is_reproducible_through_the_server(spec_server):
     def sample(seed):
-        return client(sd_server).completions.create(
+        return client(spec_server).completions.create(
             model="tiny", prompt=PROMPTS[0], max_tokens=24, temperature=1.0, top_p=0.9, seed=seed
         ).choices[0].text
 
@@ -106,7 +121,8 @@ def test_spec_decode_metrics_move(sd_server):
     assert after[("tandem:spec_decode_num_accepted_tokens_per_pos_total", (("position", "0"),))] > 0
 
 
-def test_disconnected_stream_is_aborted(sd_server):
+def test_disconnected_stream_is_aborted(spec_server):
+    sd_server = spec_server
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{sd_server.base_url}/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():

@@ -54,12 +54,19 @@ def test_greedy_rejects_wrong_shapes():
         accept_greedy(torch.tensor([1, 2]), _one_hot_logits([1, 2]))
 
 
+def draws(generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k coins and k+1 picks from a generator (the engine keys them by position instead)."""
+    return (
+        torch.rand(k, generator=generator, dtype=torch.float64),
+        torch.rand(k + 1, generator=generator, dtype=torch.float64),
+    )
+
 # ---------------------------------------------------------------- sampled, simple cases
 
 
 def test_sampled_k_zero_is_plain_sampling_and_consumes_one_draw():
     p = torch.tensor([[0.1, 0.2, 0.7]])
-    res = accept_sampled(torch.zeros(0, dtype=torch.int64), None, p, torch.Generator().manual_seed(5))
+    res = accept_sampled(torch.zeros(0, dtype=torch.int64), None, p, *draws(torch.Generator().manual_seed(5), 0))
     assert res.num_accepted == 0
     assert res.token_ids == [sample(p, torch.Generator().manual_seed(5)).item()]
 
@@ -68,7 +75,7 @@ def test_sampled_token_with_zero_target_probability_is_always_rejected():
     p = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
     q = torch.tensor([[1.0, 0.0, 0.0]])
     for s in range(50):
-        res = accept_sampled(torch.tensor([0]), q, p, torch.Generator().manual_seed(s))
+        res = accept_sampled(torch.tensor([0]), q, p, *draws(torch.Generator().manual_seed(s), 1))
         assert res.num_accepted == 0 and res.token_ids[0] in (1, 2)
 
 
@@ -77,7 +84,7 @@ def test_sampled_identical_distributions_always_accept():
     g = torch.Generator().manual_seed(2)
     for _ in range(50):
         drafts = sample(p[:3], g)
-        res = accept_sampled(drafts, p[:3], p, g)
+        res = accept_sampled(drafts, p[:3], p, *draws(g, 3))
         assert res.num_accepted == 3 and res.token_ids[:3] == drafts.tolist()
 
 
@@ -88,7 +95,7 @@ def test_sampled_empty_residual_falls_back_to_p():
     q = p[:1] * 2
     rejected = []
     for s in range(400):
-        res = accept_sampled(torch.tensor([2]), q, p, torch.Generator().manual_seed(s))
+        res = accept_sampled(torch.tensor([2]), q, p, *draws(torch.Generator().manual_seed(s), 1))
         if res.num_accepted == 0:
             rejected.append(res.token_ids[0])
     assert 100 < len(rejected) < 300
@@ -98,9 +105,11 @@ def test_sampled_empty_residual_falls_back_to_p():
 def test_sampled_rejects_wrong_shapes():
     g = torch.Generator()
     with pytest.raises(ValueError):
-        accept_sampled(torch.tensor([1]), None, torch.ones(1, 4) / 4, g)
+        accept_sampled(torch.tensor([1]), None, torch.ones(1, 4) / 4, *draws(g, 1))
     with pytest.raises(ValueError):
-        accept_sampled(torch.tensor([1]), torch.ones(2, 4) / 4, torch.ones(2, 4) / 4, g)
+        accept_sampled(torch.tensor([1]), torch.ones(2, 4) / 4, torch.ones(2, 4) / 4, *draws(g, 1))
+    with pytest.raises(ValueError):
+        accept_sampled(torch.tensor([1]), None, torch.ones(2, 4) / 4, *draws(g, 2))
 
 
 def test_seeded_runs_are_reproducible_and_seeds_differ():
@@ -112,7 +121,7 @@ def test_seeded_runs_are_reproducible_and_seeds_differ():
 
     def run(seed, draft_probs):
         g = torch.Generator().manual_seed(seed)
-        return [accept_sampled(drafts, draft_probs, p, g) for _ in range(5)]
+        return [accept_sampled(drafts, draft_probs, p, *draws(g, k)) for _ in range(5)]
 
     for draft_probs in (q, None):
         assert run(7, draft_probs) == run(7, draft_probs)
@@ -151,7 +160,7 @@ class ToyLM:
 
 
 def rule_correct(draft_ids, draft_probs, target_probs, g):
-    return accept_sampled(draft_ids, draft_probs, target_probs, g)
+    return accept_sampled(draft_ids, draft_probs, target_probs, *draws(g, draft_ids.shape[0]))
 
 
 def rule_accept_always(draft_ids, draft_probs, target_probs, g):
@@ -163,7 +172,7 @@ def rule_accept_always(draft_ids, draft_probs, target_probs, g):
 
 def rule_resample_from_p(draft_ids, draft_probs, target_probs, g):
     """Broken, subtly: right acceptance test, but the recovered token comes from p_i, not the residual."""
-    res = accept_sampled(draft_ids, draft_probs, target_probs, g)
+    res = accept_sampled(draft_ids, draft_probs, target_probs, *draws(g, draft_ids.shape[0]))
     if res.num_accepted < draft_ids.shape[0]:
         fixed = sample(target_probs[res.num_accepted : res.num_accepted + 1], g).item()
         return Acceptance(res.num_accepted, res.token_ids[:-1] + [fixed])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from protocol.messages import DraftRequest, GenerateRequest, SamplingParams
-from workers.engine import DraftEngine, LocalDraft, NoDraft, VerifyEngine
+from protocol.messages import GenerateRequest, SamplingParams, VerifiedPrefix
+from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine, random_steps
 from workers.model import load_model, make_tiny_checkpoint
 from workers.spec import warp
 
@@ -27,9 +27,20 @@ def models(tmp_path_factory):
     }
 
 
-def make_engine(target, draft_model=None, k=4, max_running=3):
-    source = NoDraft() if draft_model is None else LocalDraft(
-        DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running), k
+def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None):
+    """mode sd: each round waits for k drafts. mode amusd: the draft advances by a
+    random number of tokens between verifications (its timing on another device)."""
+    if draft_model is None:
+        return VerifyEngine(target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running)
+    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running)
+    if mode == "amusd" and steps is None:
+        steps = random_steps(seed=k)
+    source = DraftStream(
+        LocalTransport(draft, steps),
+        num_draft_tokens=k,
+        max_run_ahead=run_ahead or k,
+        wait_for_all=mode == "sd",
+        timeout_s=60,
     )
     return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running)
 
@@ -55,24 +66,37 @@ def run(engine, requests):
 PROMPTS = [[5, 17, 42], [200, 3, 3, 3, 9, 1, 77], [11], [8, 6, 4, 2, 0, 1, 3, 5, 7, 9, 250, 251]]
 
 
-@pytest.mark.parametrize("draft,k", [("quantized", 4), ("quantized", 1), ("stranger", 4), ("quantized", 8)])
-def test_sd_equals_ar_greedy(models, draft, k):
+@pytest.mark.parametrize(
+    "mode,draft,k",
+    [
+        ("sd", "quantized", 4),
+        ("sd", "quantized", 1),
+        ("sd", "stranger", 4),
+        ("sd", "quantized", 8),
+        ("amusd", "quantized", 4),
+        ("amusd", "stranger", 4),
+        ("amusd", "quantized", 8),
+    ],
+)
+def test_speculative_equals_ar_greedy(models, mode, draft, k):
     requests = [request(i, p) for i, p in enumerate(PROMPTS)]
     ar = run(make_engine(models["target"]), requests)
-    sd_engine = make_engine(models["target"], models[draft], k=k)
-    sd = run(sd_engine, requests)
+    engine = make_engine(models["target"], models[draft], k=k, mode=mode, run_ahead=2 * k)
+    spec = run(engine, requests)
     for r in requests:
-        assert sd[r.request_id][0] == ar[r.request_id][0], r.request_id
-        assert sd[r.request_id][1] == ar[r.request_id][1] == "length"
-    outputs = [o for _, _, outs in sd.values() for o in outs]
+        assert spec[r.request_id][0] == ar[r.request_id][0], r.request_id
+        assert spec[r.request_id][1] == ar[r.request_id][1] == "length"
+    outputs = [o for _, _, outs in spec.values() for o in outs]
     drafted = sum(o.num_draft_tokens for o in outputs)
     accepted = sum(o.num_accepted_tokens for o in outputs)
     assert drafted > 0
-    assert len(outputs) < sum(len(t) for t, _, _ in sd.values()) or draft == "stranger"
     if draft == "stranger":
-        assert sd_engine.draft.engine.num_rollbacks > 0
+        assert engine.draft.transport.engine.num_rollbacks > 0
     else:
         assert accepted / drafted > 0.5  # int8 of the same weights mostly agrees
+        assert len(outputs) < sum(len(t) for t, _, _ in spec.values())
+    if mode == "amusd":
+        assert len({o.num_draft_tokens for o in outputs}) > 1  # rounds of varying size
 
 
 def test_stop_token_ends_request(models):
@@ -112,7 +136,7 @@ def test_abort_frees_the_slot_and_draft_cache(models):
     engine.step()
     assert engine.abort("r0")
     assert not engine.abort("r0")
-    assert "r0" not in engine.draft.engine._states
+    assert "r0" not in engine.draft.transport.engine._states
     results = run(engine, [])
     assert engine.num_running == 0 and not engine.has_work
     assert set(results) == {"r1"} and len(results["r1"][0]) == 5
@@ -127,28 +151,96 @@ def test_bad_requests_are_rejected(models):
             engine.add(bad)
 
 
-def test_seeded_sampling_is_reproducible(models):
-    def sampled(seed):
-        sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
-        engine = make_engine(models["target"], models["stranger"])
-        return run(engine, [request(0, PROMPTS[1], max_tokens=30, sampling=sampling)])["r0"][0]
+def sampled_tokens(models, seed, mode="sd", steps_seed=0):
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+    steps = random_steps(steps_seed) if mode == "amusd" else None
+    engine = make_engine(models["target"], models["quantized"], mode=mode, run_ahead=8, steps=steps)
+    return run(engine, [request(0, PROMPTS[1], max_tokens=30, sampling=sampling)])["r0"][0]
 
-    assert sampled(1) == sampled(1)
-    assert sampled(1) != sampled(2)
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_seeded_sampling_is_reproducible(models, mode):
+    assert sampled_tokens(models, 1, mode) == sampled_tokens(models, 1, mode)
+    assert sampled_tokens(models, 1, mode) != sampled_tokens(models, 2, mode)
+
+
+def test_amusd_sampling_does_not_depend_on_timing(models):
+    """Keyed randomness: how many drafts each verification saw does not change the text."""
+    runs = {tuple(sampled_tokens(models, 5, "amusd", steps_seed)) for steps_seed in range(4)}
+    assert len(runs) == 1
+
+
+def prefix(tokens, epoch, run_ahead=6, request_id="a"):
+    return VerifiedPrefix(request_id, epoch, list(tokens), run_ahead, SamplingParams())
+
+
+def draft_all(engine):
+    drafted = []
+    while (d := engine.step()) is not None:
+        drafted.append(d.message)
+    return drafted
 
 
 def test_draft_rollback_equals_fresh_draft(models):
     """After a rejection the draft's cache is cropped; its next drafts equal a fresh draft's."""
-    greedy = SamplingParams()
     used = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
-    drafted, _ = used.draft(DraftRequest("a", 1, PROMPTS[1], 6, greedy))
+    used.update(prefix(PROMPTS[1], 0))
+    drafted = [m.token_ids[0] for m in draft_all(used)]
+    assert len(drafted) == 6
     wrong = (drafted[2] + 1) % 256
     verified = PROMPTS[1] + drafted[:2] + [wrong]  # the verifier rejected the third draft
-    after_rollback, _ = used.draft(DraftRequest("a", 2, verified, 6, greedy))
+    assert used.update(prefix(verified, 1)) is None
     assert used.num_rollbacks == 1
+    after_rollback = [m.token_ids[0] for m in draft_all(used)]
     fresh = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
-    expected, _ = fresh.draft(DraftRequest("b", 1, verified, 6, greedy))
-    assert after_rollback == expected
+    fresh.update(prefix(verified, 0))
+    assert after_rollback == [m.token_ids[0] for m in draft_all(fresh)]
+
+
+def test_draft_adopts_the_epoch_on_every_update(models):
+    """Also when the verified prefix agrees with its drafts: those are re-sent under the new epoch."""
+    engine = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
+    engine.update(prefix(PROMPTS[0], 0, run_ahead=4))
+    drafted = draft_all(engine)
+    assert [m.epoch for m in drafted] == [0, 0, 0, 0]
+    tokens = [m.token_ids[0] for m in drafted]
+    again = engine.update(prefix(PROMPTS[0] + tokens[:2], 1, run_ahead=4))  # two accepted, agrees
+    assert engine.num_rollbacks == 0
+    assert again.message.epoch == 1 and again.message.token_ids == tokens[2:]
+    assert again.message.start == len(PROMPTS[0]) + 2
+    assert {m.epoch for m in draft_all(engine)} == {1}
+
+
+def test_stale_drafts_are_never_verified(models):
+    from protocol.messages import DraftTokens
+
+    class Silent:
+        def __init__(self):
+            self.sent, self.inbox = [], []
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def receive(self, timeout_s):
+            out, self.inbox = self.inbox, []
+            return out
+
+    transport = Silent()
+    stream = DraftStream(transport, num_draft_tokens=4, max_run_ahead=4, wait_for_all=False, timeout_s=0.01)
+    engine = VerifyEngine(models["target"], stream, max_model_len=MAX_LEN, max_running=2)
+    engine.add(request(0, PROMPTS[0], max_tokens=20))
+    engine.step()  # admit + prefill: publishes epoch 0
+    assert transport.sent[-1].epoch == 0
+    n = len(PROMPTS[0])
+    transport.inbox = [(DraftTokens("r0", 0, n, [7, 8]), None)]
+    out = engine.step()[0]
+    assert out.num_draft_tokens == 2
+    assert transport.sent[-1].epoch == 1
+    stale_start = transport.sent[-1].tokens.__len__()
+    transport.inbox = [(DraftTokens("r0", 0, stale_start, [9, 9, 9]), None)]  # drafted from epoch 0: stale
+    out = engine.step()[0]
+    assert out.num_draft_tokens == 0  # timed out waiting; nothing stale was verified
+    assert stream.num_stale == 3
 
 
 def _joint_counts(tokens_by_seed, vocab):
@@ -168,15 +260,16 @@ def _chi2_pvalue(observed, expected_probs):
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-def test_sd_sampling_matches_target_distribution(tmp_path_factory):
-    """The first two emitted tokens of sd (one 2-draft round) follow the target's joint law."""
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_sampling_matches_target_distribution(tmp_path_factory, mode):
+    """The first two emitted tokens follow the target's joint law, whatever the draft."""
     vocab = 8
     target = load_model(make_tiny_checkpoint(tmp_path_factory.mktemp("v8t"), vocab_size=vocab, seed=3), dtype=torch.float32)
     draft = load_model(make_tiny_checkpoint(tmp_path_factory.mktemp("v8d"), vocab_size=vocab, seed=4), dtype=torch.float32)
     params = dict(temperature=0.9, top_k=6, top_p=0.95)
     prompt = [1, 2, 3]
     trials = 2500
-    engine = make_engine(target, draft, k=2, max_running=4)
+    engine = make_engine(target, draft, k=2, max_running=4, mode=mode, run_ahead=3)
     requests = [request(i, prompt, max_tokens=3, sampling=SamplingParams(seed=i, **params)) for i in range(trials)]
     results = run(engine, requests)
     observed = _joint_counts([tokens for tokens, _, _ in results.values()], vocab)

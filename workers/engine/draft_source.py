@@ -1,17 +1,30 @@
 """Where a round's draft tokens come from: the seam between modes.
 
-A mode is a choice of DraftSource: `NoDraft` (mode `ar`), `LocalDraft` (a
-DraftEngine in this process: tests), or a remote draft worker (workers/verify.py).
+A mode is a choice of DraftSource:
+- `NoDraft`: mode `ar`, the target alone.
+- `DraftStream` with `wait_for_all=True`: mode `sd`. The draft may run k tokens
+  past each verified prefix; a round waits for those k.
+- `DraftStream` with `wait_for_all=False`: mode `amusd`. The draft runs ahead up
+  to its limit while the target verifies; a round takes whatever has arrived
+  (at least one token, unless the draft is silent past the timeout).
+
+The stream keeps, per request, the epoch (version) of the verified prefix and
+a buffer of draft tokens for the positions right after it. Draft messages of
+another epoch are stale and dropped. The transport carries messages to and
+from the draft: sockets in production (workers/verify.py), a DraftEngine in
+the same process in tests (`LocalTransport`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from protocol.messages import DraftRequest
+from protocol.messages import DraftTokens, ReleaseRequest, VerifiedPrefix
 from workers.engine.request import Request
 
 
@@ -19,6 +32,7 @@ from workers.engine.request import Request
 class Proposal:
     token_ids: list[int]
     probs: torch.Tensor | None = None  # [k, V] warped q; None for greedy drafts
+    available: int = 0  # drafts that had arrived (before the cap): the run-ahead
 
     @staticmethod
     def empty() -> "Proposal":
@@ -26,9 +40,18 @@ class Proposal:
 
 
 class DraftSource(Protocol):
-    num_draft_tokens: int
+    num_draft_tokens: int  # most drafts one round verifies
+    max_run_ahead: int  # most drafts the draft may hold past a verified prefix
+    # False: in sampling, a round whose drafts were all accepted emits no bonus
+    # token, so each position's token depends only on that position's draw
+    # (reproducible when the number of drafts per round depends on timing)
+    sampled_bonus: bool
+
+    def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
     def propose(self, request: Request, num_tokens: int) -> Proposal: ...
+
+    def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None: ...
 
     def release(self, request_id: str) -> None: ...
 
@@ -37,26 +60,153 @@ class NoDraft:
     """Mode `ar`: the target alone."""
 
     num_draft_tokens = 0
+    max_run_ahead = 0
+    sampled_bonus = True
+
+    def on_admit(self, request: Request, max_run_ahead: int) -> None:
+        pass
 
     def propose(self, request: Request, num_tokens: int) -> Proposal:
         return Proposal.empty()
+
+    def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
+        pass
 
     def release(self, request_id: str) -> None:
         pass
 
 
-class LocalDraft:
-    """A DraftEngine driven directly (same process)."""
+class Transport(Protocol):
+    def send(self, message) -> None: ...
 
-    def __init__(self, engine, num_draft_tokens: int):
-        self.engine = engine
+    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
+        """Draft messages that arrived, waiting up to timeout_s for at least one."""
+        ...
+
+
+@dataclass
+class _Buffer:
+    epoch: int
+    start: int  # sequence position of token_ids[0]: the number of verified tokens
+    token_ids: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)  # rows of q, when sampling
+
+
+class DraftStream:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        num_draft_tokens: int,
+        max_run_ahead: int,
+        wait_for_all: bool,
+        timeout_s: float,
+    ):
+        self.transport = transport
         self.num_draft_tokens = num_draft_tokens
+        self.max_run_ahead = max_run_ahead
+        self.wait_for_all = wait_for_all
+        self.sampled_bonus = wait_for_all
+        self.timeout_s = timeout_s
+        self._buffers: dict[str, _Buffer] = {}
+        self.num_stale = 0
+        self.num_timeouts = 0
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
-        request.round_id += 1
-        message = DraftRequest(request.request_id, request.round_id, request.tokens, num_tokens, request.sampling)
-        token_ids, probs = self.engine.draft(message)
-        return Proposal(token_ids, probs)
+    # -- publishing --------------------------------------------------------
+
+    def _publish(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
+        self.transport.send(
+            VerifiedPrefix(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling)
+        )
+
+    def on_admit(self, request: Request, max_run_ahead: int) -> None:
+        buffer = _Buffer(epoch=0, start=request.num_tokens)
+        self._buffers[request.request_id] = buffer
+        self._publish(request, buffer, max_run_ahead)
+
+    def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
+        """A new verified prefix: new epoch; keep buffered drafts that still agree."""
+        buffer = self._buffers[request.request_id]
+        agree = buffer.token_ids[: len(emitted)] == emitted
+        keep = len(emitted) if agree else len(buffer.token_ids)
+        del buffer.token_ids[:keep]
+        del buffer.probs[:keep]
+        buffer.start = request.num_tokens
+        buffer.epoch += 1
+        self._publish(request, buffer, max_run_ahead)
 
     def release(self, request_id: str) -> None:
-        self.engine.release(request_id)
+        if self._buffers.pop(request_id, None) is not None:
+            self.transport.send(ReleaseRequest(request_id))
+
+    # -- receiving ---------------------------------------------------------
+
+    def _deliver(self, message: DraftTokens, probs: torch.Tensor | None) -> None:
+        buffer = self._buffers.get(message.request_id)
+        if buffer is None or message.epoch != buffer.epoch:
+            self.num_stale += len(message.token_ids)
+            return
+        offset = message.start - buffer.start
+        if offset < 0 or offset > len(buffer.token_ids):  # not adjacent to what we hold
+            self.num_stale += len(message.token_ids)
+            return
+        del buffer.token_ids[offset:]
+        del buffer.probs[offset:]
+        buffer.token_ids.extend(message.token_ids)
+        if probs is not None:
+            buffer.probs.extend(probs.unbind(0))
+
+    def _receive(self, timeout_s: float) -> None:
+        for message, probs in self.transport.receive(timeout_s):
+            self._deliver(message, probs)
+
+    def propose(self, request: Request, num_tokens: int) -> Proposal:
+        buffer = self._buffers[request.request_id]
+        need = num_tokens if self.wait_for_all else 1
+        self._receive(0.0)
+        deadline = time.monotonic() + self.timeout_s
+        while len(buffer.token_ids) < need:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.num_timeouts += 1
+                break
+            self._receive(remaining)
+        available = len(buffer.token_ids)
+        token_ids = buffer.token_ids[:num_tokens]
+        probs = torch.stack(buffer.probs[: len(token_ids)]) if buffer.probs and token_ids else None
+        return Proposal(token_ids, probs, available)
+
+
+class LocalTransport:
+    """A DraftEngine driven in this process (tests, and a one-process server).
+
+    Each `receive` advances the draft by `steps()` tokens (default 1): a
+    random `steps` stands in for the timing of a draft running on another device.
+    """
+
+    def __init__(self, engine, steps=None):
+        self.engine = engine
+        self.steps = steps or (lambda: 1)
+        self._outbox: list[tuple[DraftTokens, torch.Tensor | None]] = []
+
+    def send(self, message) -> None:
+        if isinstance(message, VerifiedPrefix):
+            drafted = self.engine.update(message)
+            if drafted is not None:
+                self._outbox.append((drafted.message, drafted.probs))
+        elif isinstance(message, ReleaseRequest):
+            self.engine.release(message.request_id)
+
+    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
+        for _ in range(self.steps()):
+            drafted = self.engine.step()
+            if drafted is not None:
+                self._outbox.append((drafted.message, drafted.probs))
+        out, self._outbox = self._outbox, []
+        return out
+
+
+def random_steps(seed: int, low: int = 0, high: int = 4):
+    """A `steps` function for LocalTransport: how far the draft got, at random."""
+    rng = random.Random(seed)
+    return lambda: rng.randint(low, high)

@@ -1,13 +1,15 @@
-"""The verify engine: owns the verified tokens and runs speculative rounds.
+"""The verify engine: owns the truth (the verified tokens) and runs rounds.
 
-One round for one request: ask the DraftSource for up to k tokens, run ONE
-target pass over [unprocessed verified tokens..., x1..xk], apply the acceptance
-rule, crop the target cache to the accepted length, emit 1..k+1 tokens.
-Mode `ar` is the same round with k = 0. Requests are interleaved round-robin.
+A request first gets a prefill pass (its prompt, all but the last token, into
+the target's cache), so that the draft can prefill at the same time. Then each
+round: take up to k draft tokens from the DraftSource, run ONE target pass over
+[last verified token, x1..xk], apply the acceptance rule, crop the target cache
+to the accepted length, emit 1..k+1 tokens, tell the DraftSource the new
+verified prefix. Mode `ar` is the same round with k = 0. Requests are
+interleaved round-robin.
 
 Invariant between rounds: req.cache.length == req.num_tokens - 1 (the newest
-verified token has not been fed yet: it opens the next round's pass). Before a
-request's first round the cache is empty and the pass is the prompt's prefill.
+verified token has not been fed yet: it opens the next round's pass).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from protocol.messages import GenerateRequest, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
-from workers.spec import accept_greedy, accept_sampled, logprobs_of, warp
+from workers.spec import COIN, PICK, accept_greedy, accept_sampled, keyed_uniforms, logprobs_of, warp
 
 
 class RequestRejected(ValueError):
@@ -55,7 +57,15 @@ class CachePool:
 
 
 class VerifyEngine:
-    def __init__(self, model, draft: DraftSource, *, max_model_len: int, max_running: int, device="cpu"):
+    def __init__(
+        self,
+        model,
+        draft: DraftSource,
+        *,
+        max_model_len: int,
+        max_running: int,
+        device="cpu",
+    ):
         self.model = model
         self.draft = draft
         self.max_model_len = max_model_len
@@ -64,6 +74,7 @@ class VerifyEngine:
         self._caches = CachePool(model, max_model_len, max_running)
         self._waiting: deque[Request] = deque()
         self._running: deque[Request] = deque()
+        self.busy_s = 0.0  # time inside target passes
 
     # -- queue -------------------------------------------------------------
 
@@ -92,7 +103,7 @@ class VerifyEngine:
             raise RequestRejected("max_tokens must be at least 1")
         if any(r.request_id == message.request_id for r in (*self._running, *self._waiting)):
             raise RequestRejected(f"duplicate request id {message.request_id}")
-        self._waiting.append(Request.from_message(message, self.device))
+        self._waiting.append(Request.from_message(message))
 
     def abort(self, request_id: str) -> bool:
         for queue in (self._waiting, self._running):
@@ -115,6 +126,7 @@ class VerifyEngine:
             request.cache = self._caches.acquire()
             request.queue_time_s = time.monotonic() - request.arrival_time
             self._running.append(request)
+            self.draft.on_admit(request, self._run_ahead(request))
 
     def _free(self, request: Request) -> None:
         if request.cache is not None:
@@ -122,15 +134,28 @@ class VerifyEngine:
             request.cache = None
             self.draft.release(request.request_id)
 
+    def _num_drafts(self, request: Request, limit: int) -> int:
+        """Drafts the next round can verify: they and the correction/bonus token
+        must fit both the token budget and the context."""
+        remaining = request.max_tokens - len(request.output_ids)
+        return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
+
+    def _run_ahead(self, request: Request) -> int:
+        return self._num_drafts(request, self.draft.max_run_ahead)
+
     # -- rounds ------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
-        """Run one round for the next running request."""
+        """Run one pass (a prefill or a round) for the next running request."""
         self._admit()
         if not self._running:
             return []
         request = self._running.popleft()
+        if request.cache.length < request.num_tokens - 1:
+            self._prefill(request)
+            self._running.appendleft(request)  # its first round comes next
+            return []
         output = self._round(request)
         if output.finish_reason is None:
             self._running.append(request)
@@ -138,35 +163,53 @@ class VerifyEngine:
             self._free(request)
         return [output]
 
+    def _forward(self, tokens: list[int], cache, num_logits: int) -> torch.Tensor:
+        started = time.monotonic()
+        logits = self.model.forward(torch.tensor(tokens, dtype=torch.long, device=self.device), cache, num_logits)
+        self.busy_s += time.monotonic() - started
+        return logits
+
+    def _prefill(self, request: Request) -> None:
+        self._forward(request.tokens[request.cache.length : -1], request.cache, num_logits=0)
+
     def _round(self, request: Request) -> TokenOutput:
         num_tokens = request.num_tokens
-        remaining = request.max_tokens - len(request.output_ids)
-        # drafts + the correction/bonus token must fit both the budget and the cache
-        k = max(0, min(self.draft.num_draft_tokens, remaining - 1, self.max_model_len - num_tokens))
+        k = self._num_drafts(request, self.draft.num_draft_tokens)
         proposal = self.draft.propose(request, k) if k else Proposal.empty()
         drafts = proposal.token_ids[:k]
 
-        pending = request.tokens[request.cache.length:]
-        inputs = torch.tensor(pending + drafts, dtype=torch.long, device=self.device)
-        logits = self.model.forward(inputs, request.cache, num_logits=len(drafts) + 1)  # [k+1, V]
+        pending = request.tokens[request.cache.length :]
+        logits = self._forward(pending + drafts, request.cache, num_logits=len(drafts) + 1)  # [k+1, V]
 
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
         if sampling.greedy:
             acceptance = accept_greedy(draft_ids, logits)
         else:
+            positions = range(num_tokens, num_tokens + len(drafts) + 1)  # of x1..xk and the bonus
             target_probs = warp(logits, sampling.temperature, sampling.top_k, sampling.top_p)
             draft_probs = None if proposal.probs is None else proposal.probs[: len(drafts)].to(self.device)
-            acceptance = accept_sampled(draft_ids, draft_probs, target_probs, request.generator)
-        request.cache.crop(num_tokens + acceptance.num_accepted)
-
-        emitted, finish_reason = self._emit(request, acceptance.token_ids)
+            acceptance = accept_sampled(
+                draft_ids,
+                draft_probs,
+                target_probs,
+                keyed_uniforms(sampling.seed, COIN, positions[:-1]),
+                keyed_uniforms(sampling.seed, PICK, positions),
+            )
+        new_tokens = acceptance.token_ids
+        if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self.draft.sampled_bonus:
+            new_tokens = new_tokens[:-1]
+        emitted, finish_reason = self._emit(request, new_tokens)
+        request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
+        if finish_reason is None:
+            self.draft.on_verified(request, emitted, self._run_ahead(request))
         output = TokenOutput(
             request_id=request.request_id,
             token_ids=emitted,
             finish_reason=finish_reason,
             num_draft_tokens=len(drafts),
             num_accepted_tokens=acceptance.num_accepted,
+            run_ahead=proposal.available,
         )
         if request.num_logprobs is not None:
             chosen, top_ids, top_lps = logprobs_of(

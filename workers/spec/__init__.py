@@ -1,10 +1,24 @@
 """Pure tensor functions of speculative decoding: warping, sampling, the acceptance rule.
 
-No model code, no processes: tensors in, tensors out, randomness only from a
-passed ``torch.Generator``. Every decoding mode uses these.
+No model code, no processes: tensors in, tensors out, randomness passed in
+(uniforms keyed by position, see randomness.py). Every decoding mode uses these.
 """
 
 from workers.spec.acceptance import Acceptance, accept_greedy, accept_sampled
+from workers.spec.randomness import COIN, DRAFT, PICK, keyed_uniform, keyed_uniforms
 from workers.spec.warping import logprobs_of, sample, sample_from_uniform, warp
 
-__all__ = ["Acceptance", "accept_greedy", "accept_sampled", "logprobs_of", "sample", "sample_from_uniform", "warp"]
+__all__ = [
+    "Acceptance",
+    "accept_greedy",
+    "accept_sampled",
+    "logprobs_of",
+    "sample",
+    "sample_from_uniform",
+    "warp",
+    "keyed_uniform",
+    "keyed_uniforms",
+    "COIN",
+    "PICK",
+    "DRAFT",
+]

@@ -83,7 +83,8 @@ def accept_sampled(
     draft_ids: Tensor,
     draft_probs: Tensor | None,
     target_probs: Tensor,
-    generator: torch.Generator,
+    coins: Tensor,
+    picks: Tensor,
 ) -> Acceptance:
     """Sampled verification (modified rejection sampling), lossless w.r.t. ``p``.
 
@@ -94,26 +95,30 @@ def accept_sampled(
     ``k`` are kept, draw the bonus token from ``p_{k+1}``. ``k == 0`` is plain
     sampling from ``p_1``.
 
-    Randomness: exactly one ``torch.rand(k + 1)`` call on ``generator`` per
-    round: uniform ``i`` decides draft ``i``, the last one draws the recovered or
-    bonus token (inverse CDF, :func:`sample_from_uniform`). So a call with an
-    identically seeded generator returns the same result, and with ``k == 0``
-    it draws exactly what ``sample(target_probs, generator)`` draws.
+    Randomness is passed in, one uniform per decision and position, so that
+    the token at position ``i`` depends only on that position's uniforms (see
+    workers/spec/randomness.py: this keeps seeded requests reproducible when
+    the number of drafts per round varies): ``coins[i]`` decides draft ``i``;
+    ``picks[i]`` draws the recovered token when ``i`` is the first rejection,
+    ``picks[k]`` the bonus token (inverse CDF, :func:`sample_from_uniform`).
+    With ``k == 0`` it is ``sample_from_uniform(target_probs, picks)``.
 
     Args:
         draft_ids: ``[k]`` int64 draft tokens, ``k >= 0``.
         draft_probs: ``[k, V]`` the draft's warped distributions ``q_i`` the
             tokens were sampled from, or ``None`` for a greedy draft.
         target_probs: ``[k+1, V]`` the target's warped distributions ``p_i``.
-        generator: the request's generator, on ``target_probs``' device.
+        coins: ``[k]`` float64 uniforms in [0, 1), one per draft.
+        picks: ``[k+1]`` float64 uniforms in [0, 1), one per position.
     """
     k = draft_ids.shape[0]
     if target_probs.shape[0] != k + 1:
         raise ValueError(f"target_probs has {target_probs.shape[0]} rows, expected k+1 = {k + 1}")
     if draft_probs is not None and tuple(draft_probs.shape) != (k, target_probs.shape[1]):
         raise ValueError(f"draft_probs has shape {tuple(draft_probs.shape)}, expected {(k, target_probs.shape[1])}")
+    if coins.shape[0] != k or picks.shape[0] != k + 1:
+        raise ValueError(f"need {k} coins and {k + 1} picks, got {coins.shape[0]} and {picks.shape[0]}")
     device = target_probs.device
-    uniforms = torch.rand(k + 1, generator=generator, device=device, dtype=torch.float64)  # [k+1], all drawn
 
     n = 0
     if k:
@@ -122,7 +127,7 @@ def accept_sampled(
         p_x = target_probs[rows, ids].float()  # [k]
         q_x = draft_probs[rows, ids].float() if draft_probs is not None else torch.ones_like(p_x)
         # u < p/q without dividing (q == 0 with p > 0 accepts; both zero rejects).
-        n = _first_false(uniforms[:k] * q_x < p_x)
+        n = _first_false(coins.to(device) * q_x < p_x)
 
     if n < k:  # recovered token from the residual at the first rejection
         p = target_probs[n].float()
@@ -135,5 +140,5 @@ def accept_sampled(
         dist = residual if mass.item() > _RESIDUAL_EPS else p  # sampling normalises
     else:  # bonus token
         dist = target_probs[k].float()
-    last = int(sample_from_uniform(dist.view(1, -1), uniforms[k:]).item())
+    last = int(sample_from_uniform(dist.view(1, -1), picks[n : n + 1].to(device)).item())
     return Acceptance(num_accepted=n, token_ids=draft_ids[:n].tolist() + [last])
