@@ -72,6 +72,10 @@ class ServerConfig:
     port: int = 8000
     # seconds to wait for the workers' ready handshake (first start converts the model)
     startup_timeout_s: float = 600.0
+    # on SIGTERM/Ctrl-C: stop accepting, let running requests finish this long, then stop
+    shutdown_grace_s: float = 30.0
+    # a dead worker is restarted after this delay, doubling (up to 30 s) while it keeps dying
+    restart_delay_s: float = 1.0
 
 
 @dataclass(frozen=True)

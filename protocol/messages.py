@@ -2,7 +2,7 @@
 
 Flows (each process binds one PULL inbox; peers PUSH into it):
 
-    server  -> verify : GenerateRequest, AbortRequest
+    server  -> verify : GenerateRequest, AbortRequest, DraftAvailability
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
     verify  -> draft  : VerifiedPrefix, ReleaseRequest
     draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling)
@@ -120,6 +120,15 @@ class DraftTokens(msgspec.Struct, tag=True):
     has_probs: bool = False
 
 
+class DraftAvailability(msgspec.Struct, tag=True):
+    """The launcher saw the draft worker die (False) or come back (True).
+
+    While it is down, rounds run target-only (still lossless) without waiting.
+    """
+
+    available: bool
+
+
 class ReleaseRequest(msgspec.Struct, tag=True):
     """The request ended: free its draft cache."""
 
@@ -136,5 +145,6 @@ Message = (
     | WorkerStats
     | VerifiedPrefix
     | DraftTokens
+    | DraftAvailability
     | ReleaseRequest
 )

@@ -162,6 +162,10 @@ class EngineClient:
     async def _send(self, message: Message) -> None:
         await self._push.send_multipart(encode(message), copy=False)
 
+    async def send_control(self, message: Message) -> None:
+        """A message for the verify worker that belongs to no request (e.g. DraftAvailability)."""
+        await self._send(message)
+
     async def _read_loop(self) -> None:
         """Every output of every request passes here: nothing a peer sends may end it."""
         while True:

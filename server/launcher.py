@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from configs.loader import Config, config_to_dict
-from protocol.messages import Message, WorkerReady
+from protocol.messages import DraftAvailability, Message, WorkerReady
 from server.engine_client import EngineClient
 
 log = logging.getLogger("tandem.launcher")
@@ -62,11 +62,12 @@ class WorkerProcess:
 
 
 class LaunchedEngineClient(EngineClient):
-    """The engine client, plus the workers' ready handshakes."""
+    """The engine client, plus the workers' ready handshakes and restart counts."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ready: dict[str, WorkerReady] = {}
+        self.restarts: dict[str, int] = {}
 
     def on_other_message(self, message: Message) -> None:
         if isinstance(message, WorkerReady):
@@ -129,15 +130,64 @@ async def _wait_ready(engine: LaunchedEngineClient, workers: list[WorkerProcess]
         raise LaunchError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
 
 
-async def _supervise(engine: EngineClient, workers: list[WorkerProcess]) -> None:
-    while True:
-        for worker in workers:
-            code = worker.exit_code
-            if code is not None and engine.healthy:
-                reason = f"{worker.role} worker (pid {worker.pid}) exited with code {code}"
-                log.error(reason)
-                engine.set_unhealthy(reason)
-        await asyncio.sleep(0.2)
+class Supervisor:
+    """Watches the workers; restarts one that dies, with a growing delay.
+
+    A dead verify worker fails its in-flight requests and makes /health 503
+    until its replacement is ready. A dead draft worker only turns speculation
+    off: the verify worker runs target-only (lossless) until the draft is back.
+    """
+
+    MAX_DELAY_S = 30.0
+
+    def __init__(self, engine: LaunchedEngineClient, workers: list[WorkerProcess], config: Config):
+        self.engine = engine
+        self.workers = workers
+        self.delay_s = config.server.restart_delay_s
+        self.ready_timeout_s = config.server.startup_timeout_s
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._watch(worker) for worker in self.workers))
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        while True:
+            while worker.exit_code is None:
+                await asyncio.sleep(0.2)
+            await self._went_down(worker, f"{worker.role} worker (pid {worker.pid}) exited with code {worker.exit_code}")
+            delay = self.delay_s
+            while True:
+                await asyncio.sleep(delay)
+                self.engine.ready.pop(worker.role, None)
+                worker.start()
+                self.engine.restarts[worker.role] = self.engine.restarts.get(worker.role, 0) + 1
+                log.warning("restarted the %s worker (pid %d)", worker.role, worker.pid)
+                if await self._came_up(worker):
+                    break
+                worker.stop()
+                delay = min(2 * delay, self.MAX_DELAY_S)
+            await self._back(worker)
+
+    async def _went_down(self, worker: WorkerProcess, reason: str) -> None:
+        log.error(reason)
+        if worker.role == "verify":
+            self.engine.set_unhealthy(reason)
+        else:
+            await self.engine.send_control(DraftAvailability(False))
+
+    async def _came_up(self, worker: WorkerProcess) -> bool:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while worker.role not in self.engine.ready:
+            if worker.exit_code is not None or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _back(self, worker: WorkerProcess) -> None:
+        if worker.role == "verify":
+            self.engine.set_healthy()
+        else:
+            await self.engine.send_control(DraftAvailability(True))
+        log.warning("%s worker is back", worker.role)
 
 
 async def serve(config: Config, announce: Callable[[str], None] = print) -> None:
@@ -167,7 +217,7 @@ async def serve(config: Config, announce: Callable[[str], None] = print) -> None
             worker.start()
         await _wait_ready(engine, workers, config.server.startup_timeout_s, announce)
         engine.set_healthy()
-        supervisor = asyncio.create_task(_supervise(engine, workers))
+        supervisor = asyncio.create_task(Supervisor(engine, workers, config).run())
         settings = AppSettings(
             model_name=config.model_name,
             max_model_len=config.engine.max_model_len,
@@ -180,7 +230,15 @@ async def serve(config: Config, announce: Callable[[str], None] = print) -> None
         # uvicorn re-raises the signal that stopped it once it is done: make
         # SIGTERM an exception then, so the `finally` below still stops the workers
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.server.host,
+                port=config.server.port,
+                log_level="warning",
+                timeout_graceful_shutdown=config.server.shutdown_grace_s,
+            )
+        )
         announcer = asyncio.create_task(_announce_when_started(server, config, mode, announce))
         try:
             await server.serve()

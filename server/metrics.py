@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protocol.messages import TokenOutput
+from server.worker_metrics import WorkerCollector
 
 PREFIX = "tandem:"
 
@@ -19,6 +20,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+RUN_AHEAD_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                    40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
@@ -63,6 +65,10 @@ class Metrics:
         self.queue_time = histogram("request_queue_time_seconds", "Time a request waited in the engine's "
                                     "queue.", REQUEST_BUCKETS)
 
+        self.run_ahead = histogram("spec_decode_draft_run_ahead", "Draft tokens that had arrived when a "
+                                   "verification started (how far ahead the draft was).", RUN_AHEAD_BUCKETS)
+        registry.register(WorkerCollector(engine))
+
         self.running.set_function(lambda: engine.stats.num_running)
         self.waiting.set_function(lambda: engine.stats.num_waiting)
 
@@ -98,6 +104,7 @@ class RequestTracker:
         self._last = now
         m.generation_tokens.inc(num_tokens)
         if output.num_draft_tokens > 0:
+            m.run_ahead.observe(output.run_ahead)
             m.num_drafts.inc()
             m.num_draft_tokens.inc(output.num_draft_tokens)
             m.num_accepted_tokens.inc(output.num_accepted_tokens)

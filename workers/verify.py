@@ -19,6 +19,7 @@ import torch
 from configs.loader import Config
 from protocol.messages import (
     AbortRequest,
+    DraftAvailability,
     DraftTokens,
     EngineStatus,
     GenerateRequest,
@@ -112,6 +113,9 @@ class VerifyWorker:
                 self.to_server.send(RequestFailed(message.request_id, str(exc)))
         elif isinstance(message, AbortRequest):
             self.engine.abort(message.request_id)
+        elif isinstance(message, DraftAvailability) and isinstance(self.draft, DraftStream):
+            log.warning("draft worker %s", "is back" if message.available else "is down: running target-only")
+            self.draft.set_available(message.available, self.engine.run_ahead)
         else:
             log.warning("verify worker ignores unexpected %s", type(message).__name__)
 

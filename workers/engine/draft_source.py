@@ -86,6 +86,7 @@ class Transport(Protocol):
 
 @dataclass
 class _Buffer:
+    request: Request
     epoch: int
     start: int  # sequence position of token_ids[0]: the number of verified tokens
     token_ids: list[int] = field(default_factory=list)
@@ -109,6 +110,7 @@ class DraftStream:
         self.sampled_bonus = wait_for_all
         self.timeout_s = timeout_s
         self._buffers: dict[str, _Buffer] = {}
+        self.available = True  # False while the draft worker is down: rounds run target-only
         self.num_stale = 0
         self.num_timeouts = 0
 
@@ -119,8 +121,19 @@ class DraftStream:
             VerifiedPrefix(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling)
         )
 
+    def set_available(self, available: bool, run_ahead) -> None:
+        """The draft went away or came back. A new draft knows nothing: re-publish
+        every request's verified prefix (new epochs) so it starts drafting."""
+        was, self.available = self.available, available
+        if available and not was:
+            for buffer in self._buffers.values():
+                buffer.token_ids.clear()
+                buffer.probs.clear()
+                buffer.epoch += 1
+                self._publish(buffer.request, buffer, run_ahead(buffer.request))
+
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
-        buffer = _Buffer(epoch=0, start=request.num_tokens)
+        buffer = _Buffer(request, epoch=0, start=request.num_tokens)
         self._buffers[request.request_id] = buffer
         self._publish(request, buffer, max_run_ahead)
 
@@ -164,6 +177,8 @@ class DraftStream:
         buffer = self._buffers[request.request_id]
         need = num_tokens if self.wait_for_all else 1
         self._receive(0.0)
+        if not self.available:
+            need = 0
         deadline = time.monotonic() + self.timeout_s
         while len(buffer.token_ids) < need:
             remaining = deadline - time.monotonic()

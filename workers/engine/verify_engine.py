@@ -126,7 +126,7 @@ class VerifyEngine:
             request.cache = self._caches.acquire()
             request.queue_time_s = time.monotonic() - request.arrival_time
             self._running.append(request)
-            self.draft.on_admit(request, self._run_ahead(request))
+            self.draft.on_admit(request, self.run_ahead(request))
 
     def _free(self, request: Request) -> None:
         if request.cache is not None:
@@ -140,7 +140,8 @@ class VerifyEngine:
         remaining = request.max_tokens - len(request.output_ids)
         return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
 
-    def _run_ahead(self, request: Request) -> int:
+    def run_ahead(self, request: Request) -> int:
+        """How far the draft may run past this request's verified prefix now."""
         return self._num_drafts(request, self.draft.max_run_ahead)
 
     # -- rounds ------------------------------------------------------------
@@ -202,7 +203,7 @@ class VerifyEngine:
         emitted, finish_reason = self._emit(request, new_tokens)
         request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
         if finish_reason is None:
-            self.draft.on_verified(request, emitted, self._run_ahead(request))
+            self.draft.on_verified(request, emitted, self.run_ahead(request))
         output = TokenOutput(
             request_id=request.request_id,
             token_ids=emitted,

@@ -1,0 +1,52 @@
+"""Worker-side series, read at scrape time from what the workers report
+(WorkerStats every ~0.5 s) and from the launcher's restart counts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "tandem:"
+
+
+class WorkerCollector(Collector):
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = dict(getattr(self.engine, "worker_stats", {}))
+        restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Worker processes restarted after dying.", labels=["role"])
+        for role, count in sorted(getattr(self.engine, "restarts", {}).items()):
+            restarts.add_metric([role], count)
+        yield restarts
+
+        busy = CounterMetricFamily(PREFIX + "worker_busy_seconds", "Time a worker spent computing.", labels=["role"])
+        fraction = GaugeMetricFamily(
+            PREFIX + "worker_busy_fraction",
+            "Busy time over wall time since the worker started: do draft and verify overlap?",
+            labels=["role"],
+        )
+        for role, report in sorted(stats.items()):
+            busy.add_metric([role], report.busy_s)
+            fraction.add_metric([role], report.busy_s / report.wall_s if report.wall_s > 0 else 0.0)
+        yield busy
+        yield fraction
+
+        draft, verify = stats.get("draft"), stats.get("verify")
+        yield CounterMetricFamily(
+            PREFIX + "spec_decode_rollbacks",
+            "Times the draft cropped its cache because the verifier parted from its drafts.",
+            value=draft.rollbacks if draft else 0,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "spec_decode_drafted_tokens",
+            "Tokens the draft drafted (verified or not).",
+            value=draft.draft_tokens if draft else 0,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "spec_decode_stale_draft_tokens",
+            "Draft tokens dropped by the verifier because they were drafted from an old prefix.",
+            value=verify.stale_drafts if verify else 0,
+        )
