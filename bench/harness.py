@@ -291,6 +291,30 @@ class Client:
         return parse_response(prompt, response, wall)
 
 
+# server counters whose change over the measured requests goes into the report
+WORKER_COUNTERS = {
+    "verify_busy_s": ("tandem:worker_busy_seconds_total", (("role", "verify"),)),
+    "draft_busy_s": ("tandem:worker_busy_seconds_total", (("role", "draft"),)),
+    "rollbacks": ("tandem:spec_decode_rollbacks_total", ()),
+    "stale_draft_tokens": ("tandem:spec_decode_stale_draft_tokens_total", ()),
+}
+STATS_INTERVAL_S = 0.5  # how often workers report their counters
+
+
+def scrape_counters(port: int) -> dict[str, float]:
+    """The WORKER_COUNTERS now (0 for series the server does not export)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return {key: samples.get(series, 0.0) for key, series in WORKER_COUNTERS.items()}
+
+
 def run_mode(
     mode: str, prompts: list[Prompt], settings: Settings, log_dir: Path, say: Callable[[str], None] = print
 ) -> ModeResult:
@@ -302,6 +326,8 @@ def run_mode(
         t0 = time.perf_counter()
         client.send(prompts[0], max_tokens=min(settings.max_tokens, 32))
         say(f"[{mode}] warm-up done in {time.perf_counter() - t0:.2f}s (not counted)")
+        time.sleep(STATS_INTERVAL_S + 0.1)  # let the workers report the warm-up
+        before = scrape_counters(settings.port)
         results = []
         for i, prompt in enumerate(prompts, 1):
             try:
@@ -316,4 +342,7 @@ def run_mode(
                 f"[{mode}] {i:2d}/{len(prompts)} {prompt.id:<22} {r.completion_tokens:4d} tok "
                 f"{r.wall_s:6.2f}s {tps:7.2f} tok/s  passes={r.num_target_passes} acc={r.num_accepted_tokens}/{r.num_draft_tokens}"
             )
-    return ModeResult(mode=mode, requests=results, startup_s=server.startup_s)
+        time.sleep(STATS_INTERVAL_S + 0.1)
+        after = scrape_counters(settings.port)
+    counters = {key: after[key] - before[key] for key in WORKER_COUNTERS}
+    return ModeResult(mode=mode, requests=results, startup_s=server.startup_s, counters=counters)

@@ -47,6 +47,8 @@ class ModeResult:
     mode: str
     requests: list[RequestResult]
     startup_s: float | None = None
+    # change of the server's worker counters over the measured requests (bench.harness.WORKER_COUNTERS)
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +78,9 @@ class ModeSummary:
     compared_to_ar: int | None
     divergences: list[Divergence] = field(default_factory=list)
     startup_s: float | None = None
+    verify_busy: float | None = None  # fraction of the wall time the verify worker computed
+    draft_busy: float | None = None
+    rollback_rate: float | None = None  # draft rollbacks per target pass
 
 
 def _sum_optional(values: list[int | None]) -> int | None:
@@ -169,12 +174,25 @@ def summarize(results: list[ModeResult]) -> list[ModeSummary]:
                 compared_to_ar=compared,
                 divergences=divergences,
                 startup_s=result.startup_s,
+                **_worker_columns(result.counters, wall, passes),
             )
         )
     if base_tps:
         for s in summaries:
             s.ratio_to_ar = s.tokens_per_s / base_tps if s.tokens_per_s is not None else None
     return summaries
+
+
+def _worker_columns(counters: dict[str, float], wall: float, passes: int | None) -> dict[str, float | None]:
+    def busy(key: str) -> float | None:
+        return counters[key] / wall if key in counters and wall > 0 and counters[key] > 0 else None
+
+    rollbacks = counters.get("rollbacks")
+    return {
+        "verify_busy": busy("verify_busy_s"),
+        "draft_busy": busy("draft_busy_s"),
+        "rollback_rate": rollbacks / passes if rollbacks is not None and passes else None,
+    }
 
 
 # ---------------------------------------------------------------- rendering
@@ -195,20 +213,23 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
     if meta:
         lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
     lines += [
-        "| mode | requests | tokens | wall s | tokens/s | vs ar | acceptance rate | mean acc. length | identical to ar |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | requests | tokens | wall s | tokens/s | vs ar | acceptance rate | mean acc. length "
+        "| rollbacks / pass | verify busy | draft busy | identical to ar |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         identical = "-" if s.identical_to_ar is None else f"{s.identical_to_ar}/{s.compared_to_ar}"
         lines.append(
             f"| {s.mode} | {s.num_requests} | {s.generated_tokens} | {_fmt(s.wall_s)} | {_fmt(s.tokens_per_s)} "
             f"| {_fmt(s.ratio_to_ar, '.2f', 'x')} | {_fmt(s.acceptance_rate, '.1%')} "
-            f"| {_fmt(s.mean_acceptance_length)} | {identical} |"
+            f"| {_fmt(s.mean_acceptance_length)} | {_fmt(s.rollback_rate)} | {_fmt(s.verify_busy, '.0%')} "
+            f"| {_fmt(s.draft_busy, '.0%')} | {identical} |"
         )
     lines += [
         "",
         "tokens/s = generated tokens / summed request wall time (client side, sequential requests); "
-        "acceptance rate = accepted / drafted; mean acceptance length = tokens per target pass.",
+        "acceptance rate = accepted / drafted; mean acceptance length = tokens per target pass; "
+        "busy = time a worker spent computing / that wall time (draft and verify overlap when both are high).",
     ]
     divs = [(s.mode, d) for s in summaries for d in s.divergences]
     if divs:

@@ -116,8 +116,8 @@ def test_divergence_when_one_output_is_a_prefix():
 def test_markdown_and_json_render(results):
     summaries = summarize(results)
     md = to_markdown(summaries, {"max_tokens": 4})
-    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - |" in md
-    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | 1/2 |" in md
+    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - | - | - | - |" in md
+    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | - | - | - | 1/2 |" in md
     assert "Outputs that differ from ar" in md and "0.0100" in md and "'z'" in md
     data = json.loads(json.dumps(to_json(summaries, results, {"max_tokens": 4})))
     assert data["summary"][1]["identical_to_ar"] == 1
@@ -195,3 +195,16 @@ def test_bad_prompts_file_is_an_error(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(BenchError):
         load_prompts(path)
+
+
+def test_worker_columns_from_counter_deltas():
+    sd = ModeResult(
+        "amusd",
+        [req("a", ["x"] * 10, 2.0, 12, 9, 4)],
+        counters={"verify_busy_s": 1.5, "draft_busy_s": 1.0, "rollbacks": 2, "stale_draft_tokens": 3},
+    )
+    s = summarize([sd])[0]
+    assert s.verify_busy == pytest.approx(0.75) and s.draft_busy == pytest.approx(0.5)
+    assert s.rollback_rate == pytest.approx(0.5)  # 2 rollbacks over 4 target passes
+    assert "75%" in to_markdown([s]) and "50%" in to_markdown([s])
+    assert summarize([ModeResult("ar", [req("a", ["x"], 1.0)])])[0].draft_busy is None
