@@ -1,21 +1,24 @@
 """The linear layers of the runtime: dense (prepacked on CPU) and weight-only quantized.
 
-Measured on this CPU (1 thread, bf16, 3072x576 weight, 1 row):
-- plain F.linear: 0.25 ms (~15 GB/s); oneDNN prepacked (`mkldnn._reorder_linear_weight`
-  + `mkldnn._linear_pointwise`, what inductor's freezing uses): 0.12 ms (~28 GB/s),
-  bit-identical results. So every dense CPU linear is prepacked.
-- int8 weight-only `torch._weight_int8pack_mm`: 0.12 ms at 1 row, but its cost grows
-  linearly with rows (0.2 ms at 8, 5 ms at 200), so long passes (prefill)
+Measured on this CPU (AMD EPYC, avx512_bf16, no AMX; 1 thread, bf16, one 3072x576 weight,
+1 input row, weights cold in cache):
+- plain F.linear: 0.25 ms (~15 GB/s). oneDNN prepacked (`mkldnn._reorder_linear_weight` +
+  `mkldnn._linear_pointwise`, what inductor's freezing uses): 0.12 ms (~28 GB/s), bit-identical.
+  So every dense CPU linear is prepacked (float32 too). A fixed ~12 us per bf16 call remains.
+- int8 weight-only `torch._weight_int8pack_mm`: 0.12 ms at 1 row (compute-bound, ~15 GB/s of
+  int8), so an int8 model is barely cheaper than the packed bf16 one at 1 token; its cost grows
+  linearly with rows (0.2 ms at 8, 5 ms at 200), so passes of more than INT8_KERNEL_MAX_ROWS rows
   dequantize on the fly instead.
-- fbgemm dynamic int8 (`quantized.linear_dynamic`, int8 activations too): 0.075 ms,
-  but activation quantization is fragile with outlier channels (5-10% error).
+- int4 `torch._weight_int4pack_mm_for_cpu`: ~0.05-0.06 ms at 1 row, also linear in rows.
+- fbgemm dynamic int8 (`quantized.linear_dynamic`, int8 activations too): 0.075 ms, but
+  activation quantization is fragile with outlier channels: greedy agreement of a SmolLM2 draft
+  with the bf16 target fell from 0.96 (weight-only) to 0.84. Not used.
 
 int8: symmetric per-output-channel, w ~= q[N, K] * scale[N].
 int4: asymmetric grouped (gpt-fast layout), w ~= (q - 8) * scale + zero per group of
-      `group_size` input columns, via torch._weight_int4pack_mm_for_cpu on CPU in bf16
-      (for every row count: its packed layout is opaque; a 200-row pass costs ~2.6x a
-      dense one, acceptable for a prefill).
-Elsewhere (CUDA, or dtypes without a fast kernel) quantized linears dequantize on the fly.
+      `group_size` (32) input columns; the packed layout is opaque, so every row count goes
+      through the kernel (a 200-row prefill costs ~2.6x a dense one).
+Elsewhere (CUDA, or dtypes without a fast kernel: float32) quantized linears dequantize on the fly.
 """
 
 from __future__ import annotations
