@@ -1,0 +1,375 @@
+"""LayerParallelDraftModel: an EasySpec draft behind the model interface DraftEngine uses.
+
+    forward(tokens, cache, num_logits=1) -> logits [num_logits, V] float32
+    new_cache(max_seq_len) -> DraftKVCache (a KVCache: crop, length, capacity)
+    args, device, dtype
+
+So DraftEngine drives it unchanged. What happens per pass:
+
+- the first pass of a cache (the prompt) is exact;
+- the first pass after a crop (a round boundary: the verifier's answer came
+  in) is, by the calibration policy, a CALIBRATION pass: the cache is cut back
+  to its last exact position and ONE exact layer-by-layer pass runs over the
+  tokens since then (accepted drafts, whose KV was fuzzy) plus the newly fed
+  ones (the correction/bonus token); it overwrites their KV with exact entries
+  and yields the next draft token's logits;
+  policy "every_round" (default): every round; "on_mismatch": only when the crop
+  dropped tokens (a draft was rejected); "never": the pass is fuzzy;
+- every other pass (drafting) is fuzzy: layer-parallel by the plan.
+
+`calibrate(cache, upto)` recalibrates [exact_length, upto) in place, keeping
+the tokens drafted past `upto` (for a draft running ahead, mode amusd+easyspec).
+`forward(..., exact=True/False)` overrides the policy for one pass.
+
+Executors: `LocalExecutor` computes every rank's layers in this process (the
+single-process reference of the math); `RankGroup` (ranks.py) runs them on D
+processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+
+from workers.model import LlamaModel
+
+from .cache import DraftKVCache
+from .channel import ExchangeStats
+from .fuzzy import VARIANTS, LayerRunner
+from .plan import DEFAULT_SEQUENTIAL_HEAD, DEFAULT_SEQUENTIAL_TAIL, LayerPlan, make_layer_plan
+
+CALIBRATION_POLICIES = ("every_round", "on_mismatch", "never")
+
+
+@dataclass(frozen=True)
+class EasySpecConfig:
+    """The `easyspec` section of a config (plain data; the plan is derived per draft)."""
+
+    sequential_head: int = DEFAULT_SEQUENTIAL_HEAD
+    sequential_tail: int = DEFAULT_SEQUENTIAL_TAIL
+    groups: tuple[tuple[int, ...], ...] | None = None  # explicit plan, overrides head/tail
+    variant: str = "full"  # "full" (whole layers in parallel) or "attention" (attentions only)
+    calibration: str = "every_round"
+    channel: str = "auto"  # "auto" (shm on CPU, nccl on CUDA), "shm", "gloo", "nccl"
+    split_head: bool = True  # each rank computes a vocabulary slice of the logits
+    timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"easyspec.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.calibration not in CALIBRATION_POLICIES:
+            raise ValueError(
+                f"easyspec.calibration must be one of {', '.join(CALIBRATION_POLICIES)}, got {self.calibration!r}"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"easyspec.timeout_s must be positive, got {self.timeout_s}")
+
+    def plan(self, num_layers: int, num_devices: int) -> LayerPlan:
+        return make_layer_plan(
+            num_layers,
+            num_devices,
+            sequential_head=self.sequential_head,
+            sequential_tail=self.sequential_tail,
+            groups=self.groups,
+        )
+
+
+@dataclass
+class DraftStats:
+    """Counters of the passes (seconds are wall time on rank 0)."""
+
+    fuzzy_passes: int = 0
+    fuzzy_tokens: int = 0
+    fuzzy_s: float = 0.0
+    exact_passes: int = 0  # prompts, calibrations and explicit exact passes
+    exact_tokens: int = 0
+    exact_s: float = 0.0
+    calibrations: int = 0  # exact passes that replaced fuzzy KV (policy or calibrate())
+    calibrated_tokens: int = 0  # tokens whose fuzzy KV was recomputed
+    calibration_s: float = 0.0
+    exchange: ExchangeStats = field(default_factory=ExchangeStats)
+
+    def snapshot(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "exchange"}
+        out["exchange"] = self.exchange.snapshot()
+        out["exchange_count"] = self.exchange.total_count
+        out["exchange_s"] = self.exchange.total_seconds
+        return out
+
+
+class LocalExecutor:
+    """Every layer of every group in this process: the math of the fuzzy forward, as a reference."""
+
+    healthy = True
+
+    def __init__(self, model: LlamaModel, plan: LayerPlan, variant: str = "full"):
+        self.model = model
+        self.stats = ExchangeStats()  # stays empty: nothing is exchanged
+        self.configure(plan, variant, False)
+
+    def configure(self, plan: LayerPlan, variant: str, split_head: bool) -> None:
+        self.runner = LayerRunner(self.model, plan, variant)
+        self.plan, self.variant, self.split_head = plan, variant, split_head
+
+    def new_cache(self, max_seq_len: int) -> DraftKVCache:
+        return new_draft_cache(self.model, max_seq_len)
+
+    def forward(self, cache, start, tokens, num_logits, exact, final_length) -> torch.Tensor:
+        model = self.model
+        pos = model.positions(start, tokens.shape[0])
+        h = model.embed(tokens)
+        h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
+        return model.head(h, num_logits)
+
+    def fetch_kv(self, cache: DraftKVCache, length: int):
+        return cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
+
+    def free_cache(self, cache) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def new_draft_cache(model: LlamaModel, max_seq_len: int) -> DraftKVCache:
+    a = model.args
+    if a.sliding_window is not None and max_seq_len > a.sliding_window:
+        raise ValueError(
+            f"sliding-window attention is not implemented: max_seq_len {max_seq_len} "
+            f"must be <= the model's sliding_window {a.sliding_window}"
+        )
+    model.ensure_rope(max_seq_len)
+    return DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, model.dtype, model.device)
+
+
+class LayerParallelDraftModel:
+    def __init__(
+        self,
+        model: LlamaModel,
+        executor,
+        *,
+        calibration: str = "every_round",
+        max_fuzzy_tokens: int = 64,
+        max_exact_tokens: int = 4096,
+    ):
+        if calibration not in CALIBRATION_POLICIES:
+            raise ValueError(f"unknown calibration policy {calibration!r} (use one of {', '.join(CALIBRATION_POLICIES)})")
+        self.model = model
+        self.executor = executor
+        self.calibration = calibration
+        self.max_fuzzy_tokens = max_fuzzy_tokens
+        self.max_exact_tokens = max_exact_tokens
+        self._stats = DraftStats(exchange=executor.stats)
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def local(cls, model: LlamaModel, plan: LayerPlan, *, variant: str = "full", calibration: str = "every_round"):
+        """All ranks' layers in this process (the reference; no speed-up)."""
+        return cls(model, LocalExecutor(model, plan, variant), calibration=calibration)
+
+    @classmethod
+    def distributed(
+        cls,
+        model: LlamaModel,
+        spec,
+        plan: LayerPlan,
+        *,
+        variant: str = "full",
+        calibration: str = "every_round",
+        placements: Sequence = (),
+        channel: str = "auto",
+        split_head: bool = True,
+        timeout_s: float = 60.0,
+        **group_options,
+    ):
+        """Rank 0 in this process (`model`), ranks 1..D-1 spawned with `spec` (a ranks.DraftSpec).
+
+        placements: one per rank (device, cores, threads); placements[0] is not applied
+        here: this process is rank 0, placed by its caller.
+        """
+        from .ranks import RankGroup
+
+        group = RankGroup(
+            model,
+            spec,
+            plan,
+            variant=variant,
+            split_head=split_head,
+            placements=placements,
+            channel=channel,
+            timeout_s=timeout_s,
+            **group_options,
+        )
+        return cls(model, group, calibration=calibration, max_fuzzy_tokens=group.max_fuzzy_tokens)
+
+    @classmethod
+    def from_config(cls, model: LlamaModel, spec, config: EasySpecConfig, placements: Sequence):
+        """The draft a worker builds from its `easyspec` config and its D placements."""
+        plan = config.plan(model.args.n_layers, len(placements))
+        if len(placements) < 2:
+            return cls.local(model, plan, variant=config.variant, calibration=config.calibration)
+        return cls.distributed(
+            model,
+            spec,
+            plan,
+            variant=config.variant,
+            calibration=config.calibration,
+            placements=placements,
+            channel=config.channel,
+            split_head=config.split_head,
+            timeout_s=config.timeout_s,
+        )
+
+    def configure(self, plan: LayerPlan | None = None, variant: str | None = None, *, calibration=None, split_head=None):
+        """Switch plan / variant / policy / head split between requests (benchmarks, tests)."""
+        ex = self.executor
+        ex.configure(plan or ex.plan, variant or ex.variant, ex.split_head if split_head is None else split_head)
+        if calibration is not None:
+            if calibration not in CALIBRATION_POLICIES:
+                raise ValueError(f"unknown calibration policy {calibration!r}")
+            self.calibration = calibration
+
+    def close(self) -> None:
+        """Shut the ranks down (no-op for the local executor)."""
+        self.executor.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the model interface -----------------------------------------------------
+
+    @property
+    def args(self):
+        return self.model.args
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def plan(self) -> LayerPlan:
+        return self.executor.plan
+
+    @property
+    def variant(self) -> str:
+        return self.executor.variant
+
+    @property
+    def healthy(self) -> bool:
+        return self.executor.healthy
+
+    def new_cache(self, max_seq_len: int) -> DraftKVCache:
+        return self.executor.new_cache(max_seq_len)
+
+    def free_cache(self, cache: DraftKVCache) -> None:
+        """Release a cache's twins on the other ranks (DraftEngine keeps its caches: optional)."""
+        self.executor.free_cache(cache)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, cache: DraftKVCache, num_logits: int = 1, *, exact: bool | None = None
+    ) -> torch.Tensor:
+        """tokens: [T] ids at positions cache.length.. -> logits [num_logits, V] float32 (see module doc)."""
+        T = tokens.shape[0]
+        if T < 1:
+            raise ValueError("forward needs at least one token")
+        if not 1 <= num_logits <= T:
+            raise ValueError(f"num_logits must be in [1, {T}], got {num_logits}")
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"KV cache overflow: {cache.length} + {T} tokens > capacity {cache.capacity}")
+        round_start, rolled_back = cache.round_start, cache.rolled_back
+        cache.round_start = cache.rolled_back = False
+        if exact is None:
+            exact = (
+                cache.length == 0
+                or self.plan.is_sequential
+                or (round_start and self.calibration == "every_round")
+                or (round_start and rolled_back and self.calibration == "on_mismatch")
+            )
+        start = cache.length
+        cache.record(start, tokens)
+        if not exact:
+            t0 = time.perf_counter()
+            logits = self._run(cache, start, tokens, num_logits, exact=False)
+            cache.length = start + T
+            if self.plan.is_sequential and cache.exact_length == start:  # no parallel group: exact
+                cache.exact_length = start + T
+            s = self._stats
+            s.fuzzy_passes += 1
+            s.fuzzy_tokens += T
+            s.fuzzy_s += time.perf_counter() - t0
+            return logits
+        redo_from = cache.exact_length
+        feed = tokens if redo_from == start else torch.cat([cache.token_ids[redo_from:start].to(tokens.device), tokens])
+        calibration = start > 0 and not self.plan.is_sequential
+        return self._exact(cache, redo_from, feed, num_logits, start + T, start - redo_from, calibration)
+
+    def calibrate(self, cache: DraftKVCache, upto: int | None = None) -> torch.Tensor | None:
+        """Recompute the fuzzy KV of [exact_length, upto) exactly, in place (the tokens past
+        `upto` stay). Returns the logits [1, V] after position upto-1, or None if already exact."""
+        upto = cache.length if upto is None else upto
+        if not 0 <= upto <= cache.length:
+            raise ValueError(f"cannot calibrate up to {upto}: the cache holds {cache.length} positions")
+        start = cache.exact_length
+        if start >= upto:
+            return None
+        with torch.inference_mode():
+            feed = cache.token_ids[start:upto].to(self.device)
+            return self._exact(cache, start, feed, 1, max(cache.length, upto), upto - start, True)
+
+    def _exact(self, cache, start, feed, num_logits, final_length, recalibrated, calibration) -> torch.Tensor:
+        """An exact pass over feed at positions start..; `recalibrated` of them had fuzzy KV."""
+        t0 = time.perf_counter()
+        logits = self._run(cache, start, feed, num_logits, exact=True)
+        cache.length = final_length
+        cache.exact_length = start + feed.shape[0]
+        elapsed = time.perf_counter() - t0
+        s = self._stats
+        s.exact_passes += 1
+        s.exact_tokens += feed.shape[0]
+        s.exact_s += elapsed
+        if calibration:
+            s.calibrations += 1
+            s.calibration_s += elapsed
+            s.calibrated_tokens += recalibrated
+        return logits
+
+    def _run(self, cache: DraftKVCache, start: int, tokens: torch.Tensor, num_logits: int, exact: bool):
+        """One pass, in chunks the executor accepts; logits of the last num_logits tokens."""
+        T = tokens.shape[0]
+        chunk = self.max_exact_tokens if exact else self.max_fuzzy_tokens
+        if T <= chunk:
+            return self.executor.forward(cache, start, tokens, num_logits, exact, start + T)
+        first_needed = T - num_logits
+        parts = []
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            rows = b - max(a, first_needed)
+            out = self.executor.forward(cache, start + a, tokens[a:b], max(1, rows), exact, start + b)
+            if rows > 0:
+                parts.append(out)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # -- introspection -----------------------------------------------------------
+
+    def stats(self) -> dict:
+        return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        self.executor.stats.reset()
+        self._stats = DraftStats(exchange=self.executor.stats)
+
+    def fetch_kv(self, cache: DraftKVCache, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV [L, KV, length, D] as the plan computed it (from the owning rank for parallel layers)."""
+        return self.executor.fetch_kv(cache, cache.length if length is None else length)
