@@ -136,13 +136,18 @@ class ShmChannel(Channel):
         *,
         check_peers: Callable[[], None] | None = None,
         spin_s: float = 0.002,
+        command_spin_s: float = 0.0005,
     ):
         self.spec = spec
         self.rank, self.world = rank, spec.world
         self.stats = ExchangeStats()
         self._doorbells = list(doorbells)
         self._check_peers = check_peers or (lambda: None)
-        self._spin_s = spin_s
+        self._spin_s = spin_s  # waiting for peers inside a pass: they are close behind
+        # a follower waiting for the next command spins this long, then sleeps on its
+        # semaphore: drafting passes follow each other closely, but between rounds the
+        # cores belong to the verifier
+        self._command_spin_s = command_spin_s
         create = rank == 0
         fd = os.open(spec.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
@@ -225,7 +230,7 @@ class ShmChannel(Channel):
         target = self._cmd_seq + 1
         bell = self._doorbells[self.rank - 1]
         ctrl = self._ctrl
-        spin_until = time.perf_counter() + self._spin_s
+        spin_until = time.perf_counter() + self._command_spin_s
         while ctrl[self.CMD_SEQ] < target and time.perf_counter() < spin_until:
             pass
         while not bell.acquire(timeout=0.2):  # idle: block, but notice a dead rank 0
