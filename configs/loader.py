@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
-IMPLEMENTED_MODES = ("ar", "sd", "amusd")
+IMPLEMENTED_MODES = MODES
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -48,6 +48,22 @@ class DevicePlacement:
 class RolePlacement:
     target: DevicePlacement = DevicePlacement()
     draft: DevicePlacement = DevicePlacement()
+    # easyspec modes: the devices of the draft's other layer-parallel ranks
+    # (`draft` is rank 0); D = 1 + len(draft_ranks)
+    draft_ranks: tuple[DevicePlacement, ...] = ()
+
+
+@dataclass(frozen=True)
+class EasySpecSection:
+    """Layer-parallel drafting (modes easyspec, amusd+easyspec); see workers/easyspec."""
+
+    sequential_head: int = 4  # first layers that stay sequential
+    sequential_tail: int = 4  # last layers that stay sequential
+    groups: tuple[tuple[int, ...], ...] = ()  # an explicit layer plan; () = derived from head/tail
+    variant: str = "full"  # "full": whole layers in parallel; "attention": attentions only
+    calibration: str = "every_round"  # "every_round" | "on_mismatch" | "never"
+    channel: str = "auto"  # hidden-state exchange: "auto", "shm", "gloo", "nccl"
+    timeout_s: float = 60.0  # a rank silent this long is declared dead
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ class Config:
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
     addresses: AddressConfig = AddressConfig()
+    easyspec: EasySpecSection = EasySpecSection()
 
     def placement_for(self, mode: str) -> RolePlacement:
         return self.placement.get(mode) or self.placement.get("default") or RolePlacement()
@@ -178,10 +195,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping")
         return {k: _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
-        return tuple(value)
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -222,8 +240,9 @@ def _validate(config: Config) -> None:
     for mode, roles in config.placement.items():
         if mode != "default" and mode not in MODES:
             raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODES)})")
-        for role in ("target", "draft"):
-            placement: DevicePlacement = getattr(roles, role)
+        for role, placement in [("target", roles.target), ("draft", roles.draft)] + [
+            (f"draft_ranks[{i}]", p) for i, p in enumerate(roles.draft_ranks)
+        ]:
             where = f"placement.{mode}.{role}"
             if placement.device != "cpu" and not placement.device.startswith("cuda"):
                 raise ConfigError(f"{where}.device: expected 'cpu' or 'cuda:N', got {placement.device!r}")
@@ -233,6 +252,13 @@ def _validate(config: Config) -> None:
             bad = [c for c in placement.cores if not 0 <= c < available]
             if bad:
                 raise ConfigError(f"{where}.cores: {bad} not on this machine (it has cores 0..{available - 1})")
+    easy = config.easyspec
+    if easy.variant not in ("full", "attention"):
+        raise ConfigError(f"easyspec.variant: {easy.variant!r} is not one of full, attention")
+    if easy.calibration not in ("every_round", "on_mismatch", "never"):
+        raise ConfigError(f"easyspec.calibration: {easy.calibration!r} is not one of every_round, on_mismatch, never")
+    if easy.channel not in ("auto", "shm", "gloo", "nccl"):
+        raise ConfigError(f"easyspec.channel: {easy.channel!r} is not one of auto, shm, gloo, nccl")
     engine = config.engine
     if engine.max_model_len < 16:
         raise ConfigError("engine.max_model_len: must be at least 16")

@@ -75,6 +75,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     rollbacks: int = 0  # draft: cache crops because the verifier parted from it
     draft_tokens: int = 0  # draft: tokens drafted
     stale_drafts: int = 0  # verify: draft tokens dropped for an old epoch
+    easyspec: dict[str, float] | None = None  # draft, easyspec modes: fuzzy/exact passes, calibration, exchange
 
 
 class EngineStatus(msgspec.Struct, tag=True):

@@ -11,6 +11,21 @@ from prometheus_client.registry import Collector
 PREFIX = "tandem:"
 
 
+EASYSPEC_HELP = {
+    "fuzzy_passes": "Layer-parallel (fuzzy) draft passes.",
+    "fuzzy_tokens": "Tokens through fuzzy draft passes.",
+    "fuzzy_s": "Time in fuzzy draft passes.",
+    "exact_passes": "Exact (layer-by-layer) draft passes: prompts and calibrations.",
+    "exact_tokens": "Tokens through exact draft passes.",
+    "exact_s": "Time in exact draft passes.",
+    "calibrations": "Exact passes that replaced fuzzy KV entries.",
+    "calibrated_tokens": "Tokens whose fuzzy KV was recomputed exactly.",
+    "calibration_s": "Time in calibration passes.",
+    "exchange_count": "Hidden-state exchanges between the draft's ranks.",
+    "exchange_s": "Time in hidden-state exchanges.",
+}
+
+
 class WorkerCollector(Collector):
     def __init__(self, engine: Any):
         self.engine = engine
@@ -45,6 +60,10 @@ class WorkerCollector(Collector):
             "Tokens the draft drafted (verified or not).",
             value=draft.draft_tokens if draft else 0,
         )
+        # EasySpec draft: fuzzy (layer-parallel) vs exact passes, calibration, hidden-state exchange
+        for key, value in sorted(((draft.easyspec or {}) if draft else {}).items()):
+            name = key[:-2] + "_seconds" if key.endswith("_s") else key
+            yield CounterMetricFamily(PREFIX + "easyspec_" + name, EASYSPEC_HELP.get(key, key), value=value)
         yield CounterMetricFamily(
             PREFIX + "spec_decode_stale_draft_tokens",
             "Draft tokens dropped by the verifier because they were drafted from an old prefix.",

@@ -25,11 +25,36 @@ log = logging.getLogger("tandem.draft")
 STATS_INTERVAL_S = 0.5
 
 
+EASYSPEC_MODES = ("easyspec", "amusd+easyspec")
+
+
+def layer_parallel(model, path, config: Config):
+    """The EasySpec draft: this process is rank 0, the others are spawned on
+    placement.draft_ranks and exchange hidden states with it."""
+    from workers.easyspec import DraftSpec, EasySpecConfig, LayerParallelDraftModel
+
+    placement = config.placement_for(config.speculation.mode)
+    section = config.easyspec
+    easy = EasySpecConfig(
+        sequential_head=section.sequential_head,
+        sequential_tail=section.sequential_tail,
+        groups=section.groups or None,
+        variant=section.variant,
+        calibration=section.calibration,
+        channel=section.channel,
+        timeout_s=section.timeout_s,
+    )
+    spec = DraftSpec(str(path), config.draft.dtype, config.draft.quantization)
+    return LayerParallelDraftModel.from_config(model, spec, easy, [placement.draft, *placement.draft_ranks])
+
+
 class DraftWorker:
     def __init__(self, config: Config):
         self.config = config
         device = apply_placement(config.placement_for(config.speculation.mode).draft)
-        self.model, _ = load_worker_model(config.draft, device)
+        self.model, path = load_worker_model(config.draft, device)
+        if config.speculation.mode in EASYSPEC_MODES:
+            self.model = layer_parallel(self.model, path, config)
         self.engine = DraftEngine(
             self.model,
             max_model_len=config.engine.max_model_len,
@@ -78,21 +103,38 @@ class DraftWorker:
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now
-                self.to_server.send(
-                    WorkerStats(
-                        "draft",
-                        self.busy_s,
-                        now - started,
-                        rollbacks=self.engine.num_rollbacks,
-                        draft_tokens=self.engine.num_drafted,
-                    )
-                )
+                self._report(now - started)
+
+    def _report(self, wall_s: float) -> None:
+        stats = getattr(self.model, "stats", None)  # the EasySpec draft's pass counters
+        easyspec = None
+        if callable(stats):
+            easyspec = {k: float(v) for k, v in stats().items() if isinstance(v, (int, float))}
+        self.to_server.send(
+            WorkerStats(
+                "draft",
+                self.busy_s,
+                wall_s,
+                rollbacks=self.engine.num_rollbacks,
+                draft_tokens=self.engine.num_drafted,
+                easyspec=easyspec,
+            )
+        )
+
+    def close(self) -> None:
+        close = getattr(self.model, "close", None)
+        if close is not None:  # the EasySpec ranks
+            close()
 
 
 def main(argv: list[str] | None = None) -> None:
     become_worker("draft")
     config = worker_args("draft", argv)
-    DraftWorker(config).run()
+    worker = DraftWorker(config)
+    try:
+        worker.run()
+    finally:
+        worker.close()
 
 
 if __name__ == "__main__":

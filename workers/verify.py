@@ -64,12 +64,13 @@ def make_draft_source(config: Config, outbox_factory):
     if spec.mode == "ar":
         return NoDraft(), None
     transport = SocketTransport(outbox_factory(config.addresses.draft))
+    synchronous = spec.mode in ("sd", "easyspec")  # draft, then verify; else amusd's pipeline
     stream = DraftStream(
         transport,
         num_draft_tokens=spec.num_draft_tokens,
-        # sd: the draft drafts exactly the next round's k; amusd: it runs ahead
-        max_run_ahead=spec.num_draft_tokens if spec.mode == "sd" else spec.max_run_ahead,
-        wait_for_all=spec.mode == "sd",
+        # synchronous: the draft drafts exactly the next round's k; amusd: it runs ahead
+        max_run_ahead=spec.num_draft_tokens if synchronous else spec.max_run_ahead,
+        wait_for_all=synchronous,
         timeout_s=spec.draft_timeout_s,
     )
     return stream, transport

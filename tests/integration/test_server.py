@@ -166,3 +166,29 @@ def test_mismatched_tokenizers_are_refused(tmp_path, tiny_target_dir):
     )
     assert result.returncode != 0
     assert "cannot be paired" in result.stderr or "tokenizer" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("mode", ["easyspec", "amusd+easyspec"])
+def test_easyspec_modes_equal_ar(tmp_path, ar_server, tiny_target_dir, mode):
+    """The draft's layers run in parallel groups over 2 ranks (fuzzy KV, calibrated);
+    the output is still the target's."""
+    config = write_config(
+        tmp_path / "easyspec.yaml",
+        target={"path": str(tiny_target_dir), "dtype": "float32"},
+        draft={"path": str(tiny_target_dir), "dtype": "float32"},
+        placement={
+            "default": {
+                "target": {"device": "cpu", "threads": 1},
+                "draft": {"device": "cpu", "threads": 1},
+                "draft_ranks": [{"device": "cpu", "threads": 1}],
+            }
+        },
+        easyspec={"sequential_head": 0, "sequential_tail": 0},  # both layers in one parallel group
+    )
+    with launch_server(config, mode=mode) as server:
+        assert len(server.worker_pids()) == 2  # verify, draft (its rank 1 is the draft's child)
+        for prompt in PROMPTS[:3]:
+            assert complete(server, prompt).choices[0].text == complete(ar_server, prompt).choices[0].text
+        metrics = server.metrics()
+        assert metrics[("tandem:spec_decode_num_draft_tokens_total", ())] > 0
+        assert metrics.get(("tandem:easyspec_fuzzy_passes_total", ()), 0) > 0

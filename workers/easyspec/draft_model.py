@@ -315,6 +315,12 @@ class LayerParallelDraftModel:
         calibration = start > 0 and not self.plan.is_sequential
         return self._exact(cache, redo_from, feed, num_logits, start + T, start - redo_from, calibration)
 
+    def on_verified(self, cache: DraftKVCache, verified_len: int) -> None:
+        """A verification kept to the drafts without a crop (amusd+easyspec: the
+        draft runs on): calibrate the newly verified tokens now, by the policy."""
+        if self.calibration == "every_round":
+            self.calibrate(cache, verified_len)
+
     def calibrate(self, cache: DraftKVCache, upto: int | None = None) -> torch.Tensor | None:
         """Recompute the fuzzy KV of [exact_length, upto) exactly, in place (the tokens past
         `upto` stay). Returns the logits [1, V] after position upto-1, or None if already exact."""

@@ -91,6 +91,9 @@ class DraftEngine:
         if common == len(tokens):  # the verifier kept to our continuation: go on
             state.probs = state.probs[len(tokens) - state.verified_len :] if state.probs else []
             state.verified_len = len(tokens)
+            on_verified = getattr(self.model, "on_verified", None)
+            if on_verified is not None:  # EasySpec: recalibrate the newly verified tokens' KV
+                on_verified(state.cache, min(len(tokens), state.cache.length))
             if state.num_drafted == 0:
                 return None
             probs = torch.stack(state.probs) if state.probs else None
