@@ -10,14 +10,16 @@ import zmq
 from protocol.codec import DecodeError, decode, encode
 from protocol.messages import (
     AbortRequest,
-    DraftProposal,
-    DraftRequest,
+    DraftAvailability,
+    DraftTokens,
     EngineStatus,
     GenerateRequest,
     RequestFailed,
     SamplingParams,
     TokenOutput,
+    VerifiedPrefix,
     WorkerReady,
+    WorkerStats,
 )
 from protocol.sockets import Inbox, Outbox
 
@@ -28,8 +30,10 @@ MESSAGES = [
     RequestFailed("a", "boom"),
     EngineStatus(2, 5),
     WorkerReady("verify", 42, "m", 49152, 2048),
-    DraftRequest("a", 7, [1, 2, 3], 4, SamplingParams()),
-    DraftProposal("a", 7, [4, 5], has_probs=False),
+    VerifiedPrefix("a", 7, [1, 2, 3], 4, SamplingParams()),
+    DraftTokens("a", 7, 3, [4, 5], has_probs=False),
+    DraftAvailability(False),
+    WorkerStats("draft", 1.5, 3.0, rollbacks=2, draft_tokens=9, easyspec={"fuzzy_passes": 3.0}),
 ]
 
 
@@ -43,7 +47,7 @@ def test_round_trip(message):
 
 def test_arrays_travel_as_raw_frames():
     q = np.random.default_rng(0).random((3, 11), dtype=np.float32)
-    frames = encode(DraftProposal("a", 1, [1, 2, 3], has_probs=True), [q])
+    frames = encode(DraftTokens("a", 1, 5, [1, 2, 3], has_probs=True), [q])
     assert len(frames) == 3 and bytes(frames[2]) == q.tobytes()
     decoded = decode([bytes(f) for f in frames])
     np.testing.assert_array_equal(decoded.arrays[0], q)
