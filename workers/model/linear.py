@@ -153,8 +153,11 @@ class Int4Linear(nn.Module):
         self.dtype = dtype
         q, scales, zeros = quantize_int4(weight, g)
         sz = torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
-        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
-        self.use_kernel = device.type == "cpu" and dtype == torch.bfloat16 and int4_available()
+        # On CPU the bf16 kernel serves float32 models too (inputs cast to bf16): the
+        # dequantizing fallback costs ~100x more, and a quantized draft is approximate anyway.
+        self.use_kernel = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int4_available()
+        self.kernel_dtype = torch.bfloat16 if self.use_kernel else dtype
+        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=self.kernel_dtype))
         if self.use_kernel:
             self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))  # [N, K/2] uint8, opaque
         else:
@@ -163,8 +166,9 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:  # [N, K] in the compute dtype
         if self.use_kernel:  # the packed layout is opaque: unpack through the kernel
-            eye = torch.eye(self.in_features, dtype=self.dtype, device=self.weight.device)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros).t()
+            eye = torch.eye(self.in_features, dtype=self.kernel_dtype, device=self.weight.device)
+            w = torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros).t()
+            return w.to(self.dtype)
         sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
         scales = sz[..., 0].repeat_interleave(self.group_size, dim=1)
         zeros = sz[..., 1].repeat_interleave(self.group_size, dim=1)
@@ -172,7 +176,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
         if self.use_kernel:
-            out = torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+            out = torch._weight_int4pack_mm_for_cpu(
+                x.to(self.kernel_dtype), self.weight, self.group_size, self.scales_and_zeros
+            ).to(x.dtype)
         else:
             out = F.linear(x, self.dequantized())
         if self.bias is not None:
