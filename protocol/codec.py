@@ -59,8 +59,15 @@ def decode(frames: Sequence[bytes | memoryview]) -> Decoded:
     for (dtype, shape), raw in zip(meta, raws):
         if dtype not in _DTYPES:
             raise DecodeError(f"dtype {dtype!r} is not allowed on the wire")
-        array = np.frombuffer(raw, dtype=dtype)
-        if array.size != int(np.prod(shape, dtype=np.int64)):
-            raise DecodeError(f"array frame of {array.size} items does not fit shape {shape}")
-        arrays.append(array.reshape(shape))
+        if any(dim < 0 for dim in shape):
+            raise DecodeError(f"negative dimension in array shape {shape}")
+        try:  # np raises ValueError for a frame that is not whole items, an impossible shape, ...
+            array = np.frombuffer(raw, dtype=dtype)
+            fits = array.size == int(np.prod(shape, dtype=np.int64))
+            array = array.reshape(shape) if fits else None
+        except (ValueError, OverflowError) as exc:
+            raise DecodeError(f"array frame does not hold {dtype} {shape}: {exc}") from exc
+        if array is None:
+            raise DecodeError(f"array frame does not fit shape {shape}")
+        arrays.append(array)
     return Decoded(message, arrays)

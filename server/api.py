@@ -106,6 +106,28 @@ def _message_content(value: Any) -> str:
     raise PydanticCustomError("invalid_parameter", "content must be a string or a list of text parts")
 
 
+def _lone_surrogate_path(data: Any) -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON lets
+    "\\ud800" through; it is not Unicode, and no tokenizer or encoder takes it).
+    Iterative: the body may be nested as deep as the JSON parser allows."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path or "body"))
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return None
+
+
 # -- requests ----------------------------------------------------------------------
 
 
@@ -127,6 +149,18 @@ class StreamOptions(_Request):
 
 class BaseGenerationRequest(_Request):
     """The sampling and streaming parameters shared by both endpoints."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = _lone_surrogate_path(data)
+        if path is not None:
+            raise _invalid(
+                f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate "
+                "(an escape such as \\ud800 without its pair), which is not valid Unicode",
+                path,
+            )
+        return data
 
     model: str
     n: int = Field(1, ge=1)

@@ -1,4 +1,4 @@
-"""The HTTP app: routes, error handlers and the body-size limit.
+"""The HTTP app: routes, error handlers, the body-size limit and the API key.
 
 `create_app` is pure: everything an app uses (engine, tokenizer, settings, its
 own Prometheus registry) hangs off the app it returns, so tests can build
@@ -8,6 +8,7 @@ engine's lifecycle and health.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.engine_client import EngineError, EngineUnavailable
-from server.errors import APIError, RequestTooLarge, error_reply
+from server.errors import APIError, RequestTooLarge, Unauthorized, error_reply
 from server.metrics import Metrics
 from server.serving import ServerContext
 from server.serving_chat import ChatServing
@@ -37,6 +38,16 @@ class AppSettings:
     max_n: int = 8
     max_stop_sequences: int = 4
     max_body_bytes: int = 1_000_000
+    # when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise)
+    api_key: str | None = None
+    # a generation request still running after this many seconds is aborted (408)
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (None: no key)")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
 
 
 def create_app(engine: Any, tokenizer: Any, settings: AppSettings) -> FastAPI:
@@ -73,6 +84,8 @@ def create_app(engine: Any, tokenizer: Any, settings: AppSettings) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _install_error_handlers(app, metrics)
+    if settings.api_key is not None:  # inside the body limit: a body is drained before any answer
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key, on_reject=metrics.record_failure)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.record_failure)
     return app
 
@@ -83,12 +96,15 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         metrics.record_failure(reply.reason)
         return reply.response()
 
-    async def routing(request: Request, exc: Exception) -> Response:  # 404 path, 405 method
-        return error_reply(exc).response()
+    async def http_error(request: Request, exc: Exception) -> Response:
+        reply = error_reply(exc)
+        if reply.status_code not in (404, 405):  # a body FastAPI could not parse counts; routing does not
+            metrics.record_failure(reply.reason)
+        return reply.response()
 
     for exc_type in (APIError, RequestValidationError, EngineError):
         app.add_exception_handler(exc_type, counted)
-    app.add_exception_handler(HTTPException, routing)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, counted)  # last resort: a 500 in the envelope
 
 
@@ -142,3 +158,32 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class ApiKeyAuth:
+    """Every path under /v1 needs `Authorization: Bearer <key>`; /health,
+    /metrics and the OpenAPI pages stay open. Keys are compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, on_reject: Callable[[str], None] = lambda reason: None):
+        self.app = app
+        self._key = api_key.encode()
+        self.on_reject = on_reject
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self._key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/v1" or path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization")
+            if given is None or not self._authorized(given):
+                if given is None:
+                    error = Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'")
+                else:
+                    error = Unauthorized("Incorrect API key provided")
+                reply = error_reply(error)
+                self.on_reject(reply.reason)
+                await reply.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from configs.loader import DEFAULT_CONFIG, MODES, ConfigError, load_config
@@ -20,7 +21,34 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=MODES, help="speculation mode (config: speculation.mode)")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of both models")
     serve.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (config: speculation.num_draft_tokens)")
+    serve.add_argument(
+        "--api-key", default=os.environ.get("TANDEM_API_KEY") or None,
+        help="require 'Authorization: Bearer <key>' on every /v1 route (default: env TANDEM_API_KEY; "
+             "prefer the env var: a flag shows in ps)",
+    )
+    serve.add_argument(
+        "--request-timeout", type=_positive_seconds, default=os.environ.get("TANDEM_REQUEST_TIMEOUT") or None,
+        metavar="SECONDS",
+        help="abort a generation request after this many seconds and answer 408 "
+             "(default: env TANDEM_REQUEST_TIMEOUT, else no timeout)",
+    )
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def app_options(args: argparse.Namespace) -> dict:
+    """The HTTP app's settings given on the command line (or by env), for the launcher."""
+    options = {"api_key": args.api_key, "request_timeout_s": args.request_timeout}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tandem: {line}", flush=True)
 
     try:
-        asyncio.run(serve(config, announce))
+        asyncio.run(serve(config, announce, **app_options(args)))
     except LaunchError as exc:
         sys.exit(f"tandem: could not start: {exc}")
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -56,8 +56,35 @@ class RequestTooLarge(APIError):
     reason = "request_too_large"
 
 
+class Unauthorized(APIError):
+    """401: the server has an API key and the request did not carry it."""
+
+    status_code = 401
+    code = "invalid_api_key"
+    reason = "unauthorized"
+
+
+class RequestTimedOut(APIError):
+    """408: the request ran past the server's per-request timeout and was
+    aborted in the workers. (OpenAI's API has no such status; 408 keeps it
+    apart from overload, 429, and from a worker being down, 503.)"""
+
+    status_code = 408
+    type = "timeout_error"
+    code = "request_timeout"
+    reason = "timeout"
+
+
 class ClientDisconnected(Exception):
     """The client went away before its response was ready (nothing to answer)."""
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """Escapes non-ASCII: an error message that quotes client input stays
+    encodable even when that input held a lone surrogate."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -65,18 +92,23 @@ class ErrorReply:
     status_code: int
     body: dict[str, Any]
     reason: str  # for tandem:request_failure
+    headers: dict[str, str] | None = None
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status_code)
+        return _AsciiJSONResponse(self.body, status_code=self.status_code, headers=self.headers)
 
     def sse_event(self) -> str:
         return f"data: {json.dumps(self.body)}\n\n"
 
 
+# headers that go with a status: when to retry, how to authenticate
+_HEADERS = {429: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}
+
+
 def _reply(status: int, message: str, type_: str, reason: str, param: str | None = None,
            code: str | None = None) -> ErrorReply:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return ErrorReply(status, body, reason)
+    return ErrorReply(status, body, reason, _HEADERS.get(status))
 
 
 def error_reply(exc: BaseException) -> ErrorReply:
@@ -92,12 +124,29 @@ def error_reply(exc: BaseException) -> ErrorReply:
         return _reply(503, str(exc), "service_unavailable_error", "unavailable", code="service_unavailable")
     if isinstance(exc, EngineError):
         return _reply(500, str(exc), "server_error", "engine_error", code="engine_error")
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
+        return error_reply(body_parse_error(exc.__cause__))  # FastAPI's "error parsing the body"
     if isinstance(exc, HTTPException):  # routing: unknown path, wrong method
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _reply(exc.status_code, str(exc.detail), type_, "http_error")
     log.error("unexpected error while serving a request", exc_info=exc)
     return _reply(500, f"internal server error ({type(exc).__name__})", "server_error", "internal_error",
                   code="internal_error")
+
+
+def body_parse_error(cause: BaseException) -> InvalidRequest:
+    """Why a body could not be read as JSON, beyond a plain syntax error
+    (FastAPI words those itself, with a position)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequest(
+            f"The request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position "
+            f"{cause.start}); send JSON encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return InvalidRequest("The JSON body is nested too deeply")
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int('1' * 5000): Python's int limit
+        return InvalidRequest(f"The JSON body holds a number too large to read: {cause}")
+    return InvalidRequest(f"The request body could not be read as JSON: {type(cause).__name__}: {cause}")
 
 
 # -- pydantic / FastAPI validation errors -> one clear 400 ---------------------
@@ -135,6 +184,8 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> InvalidRequest:
         return InvalidRequest("The request body must be a JSON object")
     if kind == "extra_forbidden":
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    if kind == "missing" and param is None:
+        return InvalidRequest("The request body is empty; expected a JSON object")
     if kind == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'", param=param)
     if kind in ("unsupported_parameter", "invalid_parameter"):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from fastapi import Request
@@ -20,7 +21,8 @@ from pydantic import BaseModel
 from protocol.messages import GenerateRequest, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
 from server.engine_client import EngineError
-from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, error_reply
+from server.engine_client import EngineOverloaded
+from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
 from server.metrics import Metrics, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
@@ -40,6 +42,22 @@ class ServerContext:
     metrics: Metrics
     vocab_size: int
     created: int  # unix seconds; the model card's `created`
+    # long texts are tokenized here, one at a time, so the event loop keeps
+    # answering (a 1 MB prompt takes about a second; the tokenizer releases the GIL)
+    tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tandem-tokenize")
+    )
+
+
+# texts up to this many characters are tokenized inline (a few ms at most)
+INLINE_TOKENIZE_CHARS = 16_384
+
+
+async def tokenize(ctx: ServerContext, num_chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) (a tokenizer call over `num_chars` of text), off the event loop if long."""
+    if num_chars <= INLINE_TOKENIZE_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(ctx.tokenizer_thread, fn, *args)
 
 
 # -- checks against the deployment's limits ----------------------------------------
@@ -59,6 +77,26 @@ def check_generation_limits(ctx: ServerContext, req: BaseGenerationRequest) -> N
     if len(req.stop) > s.max_stop_sequences:
         raise InvalidRequest(
             f"{len(req.stop)} stop sequences given; at most {s.max_stop_sequences} are allowed", param="stop"
+        )
+
+
+def check_capacity(ctx: ServerContext, num_choices: int, param: str) -> None:
+    """Refuse at once what the engine's bound on queued + running requests
+    cannot take: 400 if it never could (more choices than the bound), 429 if
+    it cannot now. Nothing is submitted in either case."""
+    limit = getattr(ctx.engine, "max_pending", None)
+    if limit is None:
+        return
+    if num_choices > limit:
+        raise InvalidRequest(
+            f"this request needs {num_choices} engine requests (prompts x n); this server runs at most "
+            f"{limit} at a time",
+            param=param,
+        )
+    pending = ctx.engine.num_pending
+    if pending + num_choices > limit:
+        raise EngineOverloaded(
+            f"server busy: {pending} requests queued or running (the limit is {limit}); retry later"
         )
 
 
@@ -93,9 +131,15 @@ def resolve_max_tokens(ctx: ServerContext, num_prompt: int, max_tokens: int | No
     return max_tokens
 
 
+# A temperature below this is served as greedy (vLLM's convention): dividing
+# logits by 1e-62 overflows to inf, and the warped distribution turns to NaN.
+MIN_TEMPERATURE = 1e-5
+
+
 def sampling_params(req: BaseGenerationRequest, choice_index: int, base_seed: int) -> SamplingParams:
+    temperature = float(req.temperature)
     return SamplingParams(
-        temperature=float(req.temperature),
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
         top_p=float(req.top_p),
         top_k=max(req.top_k, 0),  # -1 means off, like vLLM
         seed=(base_seed + choice_index) % SEED_MODULUS,
@@ -247,11 +291,21 @@ class GenerationRun:
     call at any time and more than once.
     """
 
-    def __init__(self, engine: Any, choices: Sequence[ChoiceState]):
+    def __init__(self, engine: Any, choices: Sequence[ChoiceState], timeout_s: float | None = None):
         self.choices = list(choices)
         self._engine = engine
         self._queue: asyncio.Queue[ChoiceDelta | _Failed] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._drive(c), name=c.request.request_id) for c in self.choices]
+        self._timer = None
+        if timeout_s is not None:
+            self._timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, timeout_s)
+
+    def _time_out(self, timeout_s: float) -> None:
+        """Past the deadline: abort every choice in the engine, fail the run."""
+        self.cancel()
+        self._queue.put_nowait(_Failed(-1, RequestTimedOut(
+            f"the request did not finish within the server's timeout of {timeout_s:g} s and was aborted"
+        )))
 
     async def _drive(self, choice: ChoiceState) -> None:
         try:
@@ -275,12 +329,16 @@ class GenerationRun:
             if item.finish_reason is not None:
                 remaining -= 1
             yield item
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def wait(self) -> None:
         async for _ in self.deltas():
             pass
 
     def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for task in self._tasks:
             if not task.done():
                 task.cancel()

@@ -29,12 +29,14 @@ from server.serving import (
     TokenInfo,
     answer,
     base_seed,
+    check_capacity,
     check_generation_limits,
     check_model,
     new_choice,
     resolve_max_tokens,
     sampling_params,
     speculation,
+    tokenize,
     usage,
 )
 from server.tokenization import render_chat
@@ -60,8 +62,11 @@ class ChatServing:
         ctx = self.ctx
         check_model(ctx, req.model)
         check_generation_limits(ctx, req)
-        prompt_ids = render_chat(ctx.tokenizer, [m.for_template() for m in req.messages])
+        messages = [m.for_template() for m in req.messages]
+        num_chars = sum(len(m["content"]) for m in messages)
+        prompt_ids = await tokenize(ctx, num_chars, render_chat, ctx.tokenizer, messages)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
+        check_capacity(ctx, req.n, "n")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
         choices = [
@@ -71,7 +76,7 @@ class ChatServing:
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,
                          len(prompt_ids), choices)
-        run = GenerationRun(ctx.engine, choices)
+        run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
         return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
                             formatter=view)
 

@@ -20,6 +20,7 @@ from server.serving import (
     TokenInfo,
     answer,
     base_seed,
+    check_capacity,
     check_generation_limits,
     check_model,
     check_token_ids,
@@ -27,6 +28,7 @@ from server.serving import (
     resolve_max_tokens,
     sampling_params,
     speculation,
+    tokenize,
     usage,
 )
 from server.tokenization import decode_prompt, encode_prompt
@@ -65,8 +67,9 @@ class CompletionServing:
         ctx = self.ctx
         check_model(ctx, req.model)
         check_generation_limits(ctx, req)
-        prompts = self._prompts(req)
+        prompts = await self._prompts(req)
         max_tokens = [resolve_max_tokens(ctx, len(p.ids), req.max_tokens, "prompt") for p in prompts]
+        check_capacity(ctx, len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
         choices = []
@@ -78,11 +81,11 @@ class CompletionServing:
                     sampling_params(req, index, seed), req.stop, req.logprobs,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
-        run = GenerationRun(ctx.engine, choices)
+        run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
         return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
                             formatter=view)
 
-    def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+    async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
             raw = [raw]
@@ -91,10 +94,13 @@ class CompletionServing:
             if isinstance(item, str):
                 if item == "":
                     raise InvalidRequest("the prompt is empty", param="prompt")
-                prompts.append(Prompt(encode_prompt(self.ctx.tokenizer, item), item))
+                ids = await tokenize(self.ctx, len(item), encode_prompt, self.ctx.tokenizer, item)
+                prompts.append(Prompt(ids, item))
             else:
                 check_token_ids(self.ctx, item, "prompt")
-                text = decode_prompt(self.ctx.tokenizer, item) if req.echo else ""
+                text = ""
+                if req.echo:
+                    text = await tokenize(self.ctx, len(item), decode_prompt, self.ctx.tokenizer, item)
                 prompts.append(Prompt(list(item), text))
         return prompts
 

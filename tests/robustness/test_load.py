@@ -1,0 +1,108 @@
+"""32 concurrent clients against a real launched server (tiny model, verify +
+draft workers), through bench/load.py: a mix of streaming and not,
+completions and chat, greedy and seeded sampling. Every request completes;
+every output equals that request served alone (no cross-talk between
+requests); /health answers within 1 s throughout; and the memory (VmRSS) of
+the server and of each worker after a second round is within RSS_GROWTH of
+the first round's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+
+from bench.load import Plan, format_table, load_prompt_texts, plan_requests, run_load, summarize
+from tests.robustness.support import process_rss
+
+CLIENTS = 32
+REQUESTS = 64  # per round: two per client
+MAX_TOKENS = 12
+SAMPLING_FRACTION = 0.25  # sampled rounds ship the draft's distributions: the slow kind on a tiny model
+RSS_GROWTH = 0.15  # allowed growth of each process's RSS from round 1 to round 2
+HEALTH_LIMIT_S = 1.0
+
+
+class HealthProbe:
+    """Polls /health in the background; keeps every latency and status."""
+
+    def __init__(self, url: str, every_s: float = 0.1):
+        self.url, self.every_s = url, every_s
+        self.latencies: list[float] = []
+        self.statuses: list[int | str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                try:
+                    self.statuses.append(client.get(f"{self.url}/health").status_code)
+                except httpx.HTTPError as exc:
+                    self.statuses.append(type(exc).__name__)
+                self.latencies.append(time.perf_counter() - start)
+                self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def solo_key(plan: Plan) -> tuple:
+    return plan.prompt, plan.chat, plan.seed, plan.max_tokens
+
+
+def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
+    with HealthProbe(url) as probe:
+        results, elapsed = asyncio.run(run_load(url, plans, clients=CLIENTS))
+    summary = summarize(results, elapsed, CLIENTS)
+    print(format_table(summary))
+    print(f"/health during load: {len(probe.latencies)} probes, max {max(probe.latencies) * 1000:.0f} ms")
+    assert summary["failed"] == 0, summary["errors_by_status"]
+    for r in results:
+        assert r.finish_reason in ("stop", "length"), r
+        assert r.text == solo[solo_key(r.plan)], (r.plan, r.text, solo[solo_key(r.plan)])
+    assert set(probe.statuses) == {200}, probe.statuses
+    assert max(probe.latencies) < HEALTH_LIMIT_S
+    return summary
+
+
+def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
+    url = robust_server.url
+    plans = plan_requests(load_prompt_texts(), REQUESTS, stream_fraction=0.5, chat_fraction=0.5,
+                          sampling_fraction=SAMPLING_FRACTION, max_tokens=MAX_TOKENS, mix_seed=5)
+    kinds = {(p.stream, p.chat, p.sampled) for p in plans}
+    assert len(kinds) == 8  # every combination of streaming / chat / sampled is in the mix
+
+    # each distinct request served alone, one at a time
+    unique = list({solo_key(p): p for p in plans}.values())
+    solo_results, _ = asyncio.run(run_load(url, unique, clients=1))
+    assert all(r.ok for r in solo_results), [r.error for r in solo_results if not r.ok]
+    solo = {solo_key(r.plan): r.text for r in solo_results}
+
+    pids = robust_server.worker_pids()
+    rss = {"start": process_rss(robust_server)}
+    load_round(url, plans, solo)
+    rss["after round 1"] = process_rss(robust_server)
+    load_round(url, plans, solo)
+    rss["after round 2"] = process_rss(robust_server)
+
+    print("RSS (MiB): " + "; ".join(
+        f"{stage}: " + ", ".join(f"{proc} {kib / 1024:.0f}" for proc, kib in values.items())
+        for stage, values in rss.items()))
+    first, second = rss["after round 1"], rss["after round 2"]
+    assert set(first) == set(second) == {"server", "verify", "draft"}
+    assert robust_server.worker_pids() == pids  # no worker died or was replaced
+    for proc in first:
+        assert second[proc] <= first[proc] * (1 + RSS_GROWTH), (proc, first[proc], second[proc])
+    deadline = time.monotonic() + 10  # the verify worker's status follows its last output
+    while robust_server.metric("tandem:num_requests_running") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
