@@ -190,7 +190,13 @@ class Supervisor:
         log.warning("%s worker is back", worker.role)
 
 
-async def serve(config: Config, announce: Callable[[str], None] = print) -> None:
+async def serve(
+    config: Config,
+    announce: Callable[[str], None] = print,
+    *,
+    api_key: str | None = None,
+    request_timeout_s: float | None = None,
+) -> None:
     """Run the whole server until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -223,6 +229,8 @@ async def serve(config: Config, announce: Callable[[str], None] = print) -> None
             max_model_len=config.engine.max_model_len,
             mode=mode,
             eos_token_ids=models.eos_token_ids,
+            api_key=api_key,
+            request_timeout_s=request_timeout_s,
         )
         app = create_app(engine, models.tokenizer, settings)
         for signum in (signal.SIGINT, signal.SIGTERM):
