@@ -1,4 +1,4 @@
-"""The shared-memory channel's protocol, with two ranks as threads of this process (fast)."""
+"""The channels' protocol, with two ranks as threads of this process (fast)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import uuid
 import pytest
 import torch
 
-from workers.easyspec.channel import ExchangeStats, RankError, ShmChannel, ShmSpec, shm_directory
+from workers.easyspec.channel import (
+    DistChannel,
+    DistSpec,
+    ExchangeStats,
+    RankError,
+    ShmChannel,
+    ShmSpec,
+    shm_directory,
+)
 from workers.easyspec.fuzzy import vocab_bounds
 
 
@@ -91,6 +99,26 @@ def test_a_silent_peer_times_out(pair):
     with pytest.raises(RankError, match="no answer within"):
         root.all_reduce_(torch.ones(4))
     assert 0.4 < time.monotonic() - t0 < 3
+
+
+def test_a_command_to_a_follower_that_is_not_listening_times_out_on_gloo(tmp_path):
+    """gloo sends only once the peer has posted its receive; a stopped follower must not
+    hold rank 0 for the followers' week-long idle timeout (it once hung CI for 90 min)."""
+    spec = DistSpec(f"file://{tmp_path / 'rendezvous'}", 2, "gloo", timeout_s=1.0)
+    made = [on_thread(lambda r=r: DistChannel(spec, r, torch.device("cpu"))) for r in (0, 1)]
+    for t, _ in made:
+        t.join(30)
+    root, follower = (out["value"] for _, out in made)
+    try:
+        t0 = time.monotonic()
+        t, out = on_thread(lambda: root.send_command([7, 8, 9]))
+        t.join(15)  # a bounded wait: the bug is a hang inside C++, out of pytest-timeout's reach
+        assert not t.is_alive(), "rank 0's command send did not time out"
+        assert isinstance(out.get("error"), RankError), out
+        assert 0.8 < time.monotonic() - t0 < 10
+    finally:
+        follower.close()
+        root.close()
 
 
 def test_a_dead_peer_is_reported_by_the_liveness_check(pair):

@@ -7,9 +7,10 @@ Two implementations of one small interface:
   a semaphore (no CPU use while the target verifies on the same cores).
   Measured on the 2-core box: ~10-16 us for an all-reduce of [1, 576], against
   0.25-2.8 ms for gloo's (see bench/easyspec.py), so it is the CPU default.
-- `DistChannel`: torch.distributed. Commands on a gloo group (idle waits never
-  time out; a dead peer closes its sockets, which gloo reports), data on a
-  group of the data backend (gloo on CPU, NCCL on CUDA) with a timeout.
+- `DistChannel`: torch.distributed. Commands on a gloo group (a follower's idle
+  wait never times out, rank 0's send does; a dead peer closes its sockets, which
+  gloo reports), data on a group of the data backend (gloo on CPU, NCCL on CUDA)
+  with a timeout.
 
 Every exchange is counted and timed (`ExchangeStats`), on each rank: the time
 includes waiting for the slowest peer, i.e. load imbalance shows up here.
@@ -341,8 +342,12 @@ class DistChannel(Channel):
         self.stats = ExchangeStats()
         timeout = datetime.timedelta(seconds=spec.timeout_s)
         store = _store(spec.init_method, rank, spec.world, timeout)
-        idle = datetime.timedelta(seconds=spec.idle_timeout_s)
-        self._cmd = dist.ProcessGroupGloo(dist.PrefixStore("cmd/", store), rank, spec.world, idle)
+        # gloo sends only once the peer has posted its receive, so rank 0's command
+        # to a hung follower would wait as long as the group's timeout: rank 0 gets the
+        # data timeout, followers (idle between rounds) the long one. Each process's
+        # group object carries its own timeout.
+        cmd_timeout = timeout if rank == 0 else datetime.timedelta(seconds=spec.idle_timeout_s)
+        self._cmd = dist.ProcessGroupGloo(dist.PrefixStore("cmd/", store), rank, spec.world, cmd_timeout)
         data_store = dist.PrefixStore("data/", store)
         if spec.data_backend == "gloo":
             self._data = dist.ProcessGroupGloo(data_store, rank, spec.world, timeout)
