@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import msgspec
 
+# A temperature below this is greedy (vLLM's convention): dividing logits by
+# 1e-62 overflows to inf and the warped distribution turns to NaN.
+MIN_TEMPERATURE = 1e-5
+
 
 class SamplingParams(msgspec.Struct, frozen=True):
-    """A request's warping and randomness. temperature == 0 means greedy."""
+    """A request's warping and randomness. temperature < MIN_TEMPERATURE (0 included) means greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -31,7 +35,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 class GenerateRequest(msgspec.Struct, tag=True):
@@ -75,6 +79,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     rollbacks: int = 0  # draft: cache crops because the verifier parted from it
     draft_tokens: int = 0  # draft: tokens drafted
     stale_drafts: int = 0  # verify: draft tokens dropped for an old epoch
+    draft_wait_s: float = 0.0  # verify: time a round waited for drafts to arrive
     easyspec: dict[str, float] | None = None  # draft, easyspec modes: fuzzy/exact passes, calibration, exchange
 
 

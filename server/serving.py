@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from protocol.messages import GenerateRequest, SamplingParams, TokenOutput
+from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
 from server.engine_client import EngineError
 from server.engine_client import EngineOverloaded
@@ -129,11 +129,6 @@ def resolve_max_tokens(ctx: ServerContext, num_prompt: int, max_tokens: int | No
             param="max_tokens",
         )
     return max_tokens
-
-
-# A temperature below this is served as greedy (vLLM's convention): dividing
-# logits by 1e-62 overflows to inf, and the warped distribution turns to NaN.
-MIN_TEMPERATURE = 1e-5
 
 
 def sampling_params(req: BaseGenerationRequest, choice_index: int, base_seed: int) -> SamplingParams:

@@ -65,6 +65,11 @@ class WorkerCollector(Collector):
             name = key[:-2] + "_seconds" if key.endswith("_s") else key
             yield CounterMetricFamily(PREFIX + "easyspec_" + name, EASYSPEC_HELP.get(key, key), value=value)
         yield CounterMetricFamily(
+            PREFIX + "verify_draft_wait_seconds",
+            "Time the verifier sat idle waiting for draft tokens (AMUSD: the draft is the bottleneck).",
+            value=verify.draft_wait_s if verify else 0,
+        )
+        yield CounterMetricFamily(
             PREFIX + "spec_decode_stale_draft_tokens",
             "Draft tokens dropped by the verifier because they were drafted from an old prefix.",
             value=verify.stale_drafts if verify else 0,

@@ -128,8 +128,10 @@ class VerifyWorker:
         now = time.monotonic()
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
-            stale = getattr(self.draft, "num_stale", 0)
-            self.to_server.send(WorkerStats("verify", self.engine.busy_s, now - self._started, stale_drafts=stale))
+            stale, wait = getattr(self.draft, "num_stale", 0), getattr(self.draft, "wait_s", 0.0)
+            self.to_server.send(
+                WorkerStats("verify", self.engine.busy_s, now - self._started, stale_drafts=stale, draft_wait_s=wait)
+            )
 
     def run(self) -> None:
         threading.Thread(target=self._read_inbox, name="verify-inbox", daemon=True).start()

@@ -192,3 +192,23 @@ def test_easyspec_modes_equal_ar(tmp_path, ar_server, tiny_target_dir, mode):
         metrics = server.metrics()
         assert metrics[("tandem:spec_decode_num_draft_tokens_total", ())] > 0
         assert metrics.get(("tandem:easyspec_fuzzy_passes_total", ()), 0) > 0
+
+
+def test_amusd_worker_metrics_show_both_devices_at_work(amusd_server):
+    """The series a user reads to see whether draft and verify overlap."""
+    for prompt in PROMPTS[:3]:
+        complete(amusd_server, prompt, max_tokens=48)
+    time.sleep(1.2)  # workers report their counters every ~0.5 s
+    m = amusd_server.metrics()
+
+    def value(name, **labels):
+        return m.get((name, tuple(sorted(labels.items()))))
+
+    for role in ("verify", "draft"):
+        assert value("tandem:worker_busy_seconds_total", role=role) > 0, role
+        assert 0 < value("tandem:worker_busy_fraction", role=role) <= 1, role
+    assert value("tandem:spec_decode_drafted_tokens_total") > 0
+    assert value("tandem:spec_decode_rollbacks_total") is not None
+    assert value("tandem:spec_decode_stale_draft_tokens_total") is not None
+    assert value("tandem:verify_draft_wait_seconds_total") >= 0
+    assert value("tandem:spec_decode_draft_run_ahead_count") > 0

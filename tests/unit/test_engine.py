@@ -151,6 +151,17 @@ def test_bad_requests_are_rejected(models):
             engine.add(bad)
 
 
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_a_vanishing_temperature_is_greedy_in_the_workers(models, mode):
+    """A request that reaches the engine with temperature 1e-62 (no server in
+    front to round it to 0) decodes greedily instead of warping to NaN."""
+    greedy = run(make_engine(models["target"]), [request(0, PROMPTS[1], max_tokens=20)])["r0"][0]
+    tiny = SamplingParams(temperature=1e-62, seed=3)
+    engine = make_engine(models["target"], models["stranger"], mode=mode)
+    out = run(engine, [request(0, PROMPTS[1], max_tokens=20, sampling=tiny)])["r0"]
+    assert out[0] == greedy and out[1] == "length"
+
+
 def sampled_tokens(models, seed, mode="sd", steps_seed=0):
     sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
     steps = random_steps(steps_seed) if mode == "amusd" else None

@@ -113,6 +113,7 @@ class DraftStream:
         self.available = True  # False while the draft worker is down: rounds run target-only
         self.num_stale = 0
         self.num_timeouts = 0
+        self.wait_s = 0.0  # time rounds spent blocked for drafts (the verifier idle)
 
     # -- publishing --------------------------------------------------------
 
@@ -179,13 +180,15 @@ class DraftStream:
         self._receive(0.0)
         if not self.available:
             need = 0
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         while len(buffer.token_ids) < need:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.num_timeouts += 1
                 break
             self._receive(remaining)
+        self.wait_s += time.monotonic() - started
         available = len(buffer.token_ids)
         token_ids = buffer.token_ids[:num_tokens]
         probs = torch.stack(buffer.probs[: len(token_ids)]) if buffer.probs and token_ids else None
