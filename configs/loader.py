@@ -150,12 +150,28 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
             continue
         node = raw
         *parents, leaf = dotted.split("__")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parents[: depth + 1])} is not a section: cannot set {dotted.replace('__', '.')}")
         node[leaf] = value
     config = _build(Config, raw, "")
     _validate(config)
     return config
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """'speculation.max_run_ahead=16' -> ('speculation__max_run_ahead', 16), the
+    value read as YAML (so numbers, lists and mappings work), for load_config."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"a setting must look like section.key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the value of {key} is not valid YAML: {exc}") from None
+    return key.replace(".", "__"), parsed
 
 
 def config_to_dict(config: Config) -> dict:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from configs.loader import DEFAULT_CONFIG, MODES, ConfigError, load_config
+from configs.loader import DEFAULT_CONFIG, MODES, ConfigError, load_config, parse_setting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=MODES, help="speculation mode (config: speculation.mode)")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of both models")
     serve.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (config: speculation.num_draft_tokens)")
+    serve.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help="override one config value, e.g. --set speculation.max_run_ahead=16 "
+             "--set placement.amusd.draft.threads=2 (repeatable; values are YAML)",
+    )
     serve.add_argument(
         "--api-key", default=os.environ.get("TANDEM_API_KEY") or None,
         help="require 'Authorization: Bearer <key>' on every /v1 route (default: env TANDEM_API_KEY; "
@@ -51,19 +56,25 @@ def app_options(args: argparse.Namespace) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def config_from_args(args: argparse.Namespace):
+    """The config file with --set settings applied, then the dedicated flags (which win)."""
+    flags = {
+        "server__host": args.host,
+        "server__port": args.port,
+        "speculation__mode": args.mode,
+        "speculation__num_draft_tokens": args.num_draft_tokens,
+        "target__dtype": args.dtype,
+        "draft__dtype": args.dtype,
+    }
+    settings = dict(parse_setting(text) for text in args.settings)
+    return load_config(args.config, **{**settings, **{k: v for k, v in flags.items() if v is not None}})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = load_config(
-            args.config,
-            server__host=args.host,
-            server__port=args.port,
-            speculation__mode=args.mode,
-            speculation__num_draft_tokens=args.num_draft_tokens,
-            target__dtype=args.dtype,
-            draft__dtype=args.dtype,
-        )
+        config = config_from_args(args)
     except ConfigError as exc:
         sys.exit(f"tandem: bad configuration: {exc}")
 

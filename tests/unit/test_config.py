@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.loader import ConfigError, config_from_dict, config_to_dict, load_config
+from configs.loader import ConfigError, config_from_dict, config_to_dict, load_config, parse_setting
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -63,6 +63,57 @@ def test_bad_configs_name_the_problem(tmp_path, text, message):
     assert message in str(info.value)
 
 
+def test_command_line_settings_are_dotted_yaml():
+    settings = dict(
+        parse_setting(text)
+        for text in (
+            "speculation.max_run_ahead=16",
+            "placement.amusd.draft={device: cpu, cores: [1], threads: 1}",
+            "easyspec.calibration=never",
+        )
+    )
+    config = load_config(**settings)
+    assert config.speculation.max_run_ahead == 16
+    assert config.placement_for("amusd").draft.cores == (1,)
+    assert config.easyspec.calibration == "never"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("max_run_ahead", "section.key=value"),
+        ("=3", "section.key=value"),
+        ("speculation..mode=sd", "section.key=value"),
+        ("speculation.max_run_ahead=[1", "not valid YAML"),
+    ],
+)
+def test_bad_command_line_settings_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_setting(text)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("speculation.warp_speed=9", "warp_speed"), ("model_name.x=1", "model_name is not a section")],
+)
+def test_settings_for_unknown_or_scalar_keys_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(**dict([parse_setting(text)]))
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_serve_flags_and_settings_combine():
+    from server.cli import _parser, config_from_args
+
+    args = _parser().parse_args(
+        ["serve", "--mode", "amusd", "--num-draft-tokens", "6",
+         "--set", "speculation.num_draft_tokens=2", "--set", "speculation.max_run_ahead=16"]
+    )
+    config = config_from_args(args)
+    assert config.speculation.mode == "amusd"
+    assert config.speculation.num_draft_tokens == 6  # the dedicated flag wins
+    assert config.speculation.max_run_ahead == 16
