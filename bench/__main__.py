@@ -2,7 +2,10 @@
 
     python -m bench --modes ar,sd --prompts bench/prompts.jsonl --max-tokens 128 \\
         [--config configs/default.yaml] [--dtype float32] [--port 8090] [--temperature 0] \\
-        [--limit N] [--out bench/results]
+        [--limit N] [--out bench/results] [--variant 'LABEL=MODE key=value ...']
+
+A variant runs a mode again with config settings (the knobs: run-ahead limit,
+verification cap, placement), e.g. --variant 'amusd-ra16=amusd speculation.max_run_ahead=16'.
 
 Writes ``bench-<timestamp>.{md,json}`` and ``latest.{md,json}`` into --out.
 """
@@ -18,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Settings, load_prompts, run_mode
+from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
 from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
 
 MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
@@ -27,6 +30,11 @@ MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark Tandem's modes through the real server.")
     p.add_argument("--modes", default="ar,sd", help="comma-separated, run in this order (default: %(default)s)")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="'LABEL=MODE KEY=VALUE ...'",
+        help="also run MODE with config settings, reported as LABEL (repeatable), e.g. "
+             "--variant 'amusd-ra16=amusd speculation.max_run_ahead=16'",
+    )
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompts file (default: the shipped one)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -65,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         sys.exit(f"bench: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    try:
+        runs = [Run(m, m) for m in modes] + [Run.parse_variant(v, MODES) for v in args.variant]
+    except BenchError as exc:
+        sys.exit(f"bench: {exc}")
+    if len({r.label for r in runs}) != len(runs):
+        sys.exit("bench: every mode and variant needs its own label")
     if args.temperature > 0 and BASELINE in modes and args.seed is None:
         print("bench: note: temperature > 0 without --seed; outputs are not expected to match ar's")
 
@@ -101,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         "host": f"{platform.machine()}, {os.cpu_count()} cpus",
         "load avg at start": _loadavg(),
     }
-    print(f"bench: {len(prompts)} prompts, modes {', '.join(modes)}, max_tokens {args.max_tokens}")
+    if args.variant:
+        meta["variants"] = "; ".join(f"{r.label} = {r.mode} {' '.join(r.settings)}" for r in runs if r.settings)
+    print(f"bench: {len(prompts)} prompts, runs {', '.join(r.label for r in runs)}, max_tokens {args.max_tokens}")
 
     results: list[ModeResult] = []
     failure = None
-    for mode in modes:
+    for run in runs:
         try:
-            results.append(run_mode(mode, prompts, settings, out / "logs"))
+            results.append(run_mode(run, prompts, settings, out / "logs"))
         except BenchError as exc:
             failure = str(exc)
             print(f"bench: {exc}", file=sys.stderr)

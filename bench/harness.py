@@ -59,6 +59,33 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
 
 
 @dataclass(frozen=True)
+class Run:
+    """One column of the report: a mode, optionally with config settings (`tandem serve --set`)."""
+
+    label: str
+    mode: str
+    settings: tuple[str, ...] = ()
+
+    @staticmethod
+    def parse_variant(text: str, modes: tuple[str, ...]) -> "Run":
+        """'LABEL=MODE KEY=VALUE ...', e.g. 'amusd-ra16=amusd speculation.max_run_ahead=16'."""
+        label, sep, rest = text.partition("=")
+        words = rest.split(" ", 1)
+        mode, settings = words[0].strip(), (words[1] if len(words) > 1 else "")
+        if not sep or not label.strip() or mode not in modes:
+            raise BenchError(f"a variant must look like 'LABEL=MODE key=value ...' with MODE one of {', '.join(modes)}; got {text!r}")
+        from configs.loader import ConfigError, parse_setting
+
+        items = tuple(s for s in settings.split(" ") if s)
+        try:
+            for item in items:
+                parse_setting(item)
+        except ConfigError as exc:
+            raise BenchError(f"variant {label!r}: {exc}") from None
+        return Run(label.strip(), mode, items)
+
+
+@dataclass(frozen=True)
 class Settings:
     config: str | None
     dtype: str | None
@@ -93,8 +120,9 @@ def _tail(path: Path, lines: int = 40) -> str:
 class ServerProcess:
     """``tandem serve`` for one mode, as a context manager."""
 
-    def __init__(self, mode: str, settings: Settings, log_path: Path, say: Callable[[str], None] = print):
-        self.mode = mode
+    def __init__(self, run: Run, settings: Settings, log_path: Path, say: Callable[[str], None] = print):
+        self.run = run
+        self.mode = run.label
         self.settings = settings
         self.log_path = log_path
         self.say = say
@@ -104,7 +132,7 @@ class ServerProcess:
     @property
     def command(self) -> list[str]:
         s = self.settings
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--mode", self.mode, "--port", str(s.port)]
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--mode", self.run.mode, "--port", str(s.port)]
         cmd += ["--host", "127.0.0.1"]
         if s.config:
             cmd += ["--config", s.config]
@@ -112,6 +140,8 @@ class ServerProcess:
             cmd += ["--dtype", s.dtype]
         if s.num_draft_tokens is not None:
             cmd += ["--num-draft-tokens", str(s.num_draft_tokens)]
+        for setting in self.run.settings:
+            cmd += ["--set", setting]
         return cmd
 
     def __enter__(self) -> ServerProcess:
@@ -297,6 +327,7 @@ WORKER_COUNTERS = {
     "draft_busy_s": ("tandem:worker_busy_seconds_total", (("role", "draft"),)),
     "rollbacks": ("tandem:spec_decode_rollbacks_total", ()),
     "stale_draft_tokens": ("tandem:spec_decode_stale_draft_tokens_total", ()),
+    "verify_wait_s": ("tandem:verify_draft_wait_seconds_total", ()),
 }
 STATS_INTERVAL_S = 0.5  # how often workers report their counters
 
@@ -316,11 +347,13 @@ def scrape_counters(port: int) -> dict[str, float]:
 
 
 def run_mode(
-    mode: str, prompts: list[Prompt], settings: Settings, log_dir: Path, say: Callable[[str], None] = print
+    run: Run, prompts: list[Prompt], settings: Settings, log_dir: Path, say: Callable[[str], None] = print
 ) -> ModeResult:
-    """Start the server in `mode`, run a warm-up then every prompt, stop it."""
+    """Start the server for `run` (a mode, maybe with settings), run a warm-up then every prompt, stop it."""
+    mode = run.label
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    server = ServerProcess(mode, settings, log_dir / f"server-{mode.replace('+', '_')}-{stamp}.log", say)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in mode)
+    server = ServerProcess(run, settings, log_dir / f"server-{safe}-{stamp}.log", say)
     with server:
         client = Client(settings)
         t0 = time.perf_counter()

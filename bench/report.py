@@ -81,6 +81,8 @@ class ModeSummary:
     verify_busy: float | None = None  # fraction of the wall time the verify worker computed
     draft_busy: float | None = None
     rollback_rate: float | None = None  # draft rollbacks per target pass
+    verify_wait: float | None = None  # fraction of the wall time the verifier waited for drafts
+    other_ms_per_pass: float | None = None  # wall time neither computing nor waiting, per target pass
 
 
 def _sum_optional(values: list[int | None]) -> int | None:
@@ -188,10 +190,16 @@ def _worker_columns(counters: dict[str, float], wall: float, passes: int | None)
         return counters[key] / wall if key in counters and wall > 0 and counters[key] > 0 else None
 
     rollbacks = counters.get("rollbacks")
+    other = None
+    if "verify_busy_s" in counters and wall > 0 and passes:
+        # messaging, acceptance, bookkeeping, HTTP: everything but target passes and draft waits
+        other = (wall - counters["verify_busy_s"] - counters.get("verify_wait_s", 0.0)) / passes * 1e3
     return {
         "verify_busy": busy("verify_busy_s"),
         "draft_busy": busy("draft_busy_s"),
         "rollback_rate": rollbacks / passes if rollbacks is not None and passes else None,
+        "verify_wait": counters["verify_wait_s"] / wall if "verify_wait_s" in counters and wall > 0 else None,
+        "other_ms_per_pass": other,
     }
 
 
@@ -214,8 +222,8 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
         lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
     lines += [
         "| mode | requests | tokens | wall s | tokens/s | vs ar | acceptance rate | mean acc. length "
-        "| rollbacks / pass | verify busy | draft busy | identical to ar |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rollbacks / pass | verify busy | verify waits | other ms / pass | draft busy | identical to ar |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         identical = "-" if s.identical_to_ar is None else f"{s.identical_to_ar}/{s.compared_to_ar}"
@@ -223,13 +231,16 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
             f"| {s.mode} | {s.num_requests} | {s.generated_tokens} | {_fmt(s.wall_s)} | {_fmt(s.tokens_per_s)} "
             f"| {_fmt(s.ratio_to_ar, '.2f', 'x')} | {_fmt(s.acceptance_rate, '.1%')} "
             f"| {_fmt(s.mean_acceptance_length)} | {_fmt(s.rollback_rate)} | {_fmt(s.verify_busy, '.0%')} "
+            f"| {_fmt(s.verify_wait, '.0%')} | {_fmt(s.other_ms_per_pass, '.1f')} "
             f"| {_fmt(s.draft_busy, '.0%')} | {identical} |"
         )
     lines += [
         "",
         "tokens/s = generated tokens / summed request wall time (client side, sequential requests); "
         "acceptance rate = accepted / drafted; mean acceptance length = tokens per target pass; "
-        "busy = time a worker spent computing / that wall time (draft and verify overlap when both are high).",
+        "busy = time a worker spent computing / that wall time (draft and verify overlap when both are high); "
+        "verify waits = time the verifier sat idle for drafts / that wall time; "
+        "other ms / pass = (wall - verify busy - verify waits) / target passes: messaging, acceptance, HTTP.",
     ]
     divs = [(s.mode, d) for s in summaries for d in s.divergences]
     if divs:

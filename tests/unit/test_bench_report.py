@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from bench.harness import DEFAULT_PROMPTS, BenchError, Prompt, load_prompts, parse_response
+from pathlib import Path
+
+from bench.harness import DEFAULT_PROMPTS, BenchError, Prompt, Run, ServerProcess, Settings, load_prompts, parse_response
 from bench.report import (
     ModeResult,
     RequestResult,
@@ -116,8 +118,8 @@ def test_divergence_when_one_output_is_a_prefix():
 def test_markdown_and_json_render(results):
     summaries = summarize(results)
     md = to_markdown(summaries, {"max_tokens": 4})
-    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - | - | - | - |" in md
-    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | - | - | - | 1/2 |" in md
+    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - | - | - | - | - | - |" in md
+    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | - | - | - | - | - | 1/2 |" in md
     assert "Outputs that differ from ar" in md and "0.0100" in md and "'z'" in md
     data = json.loads(json.dumps(to_json(summaries, results, {"max_tokens": 4})))
     assert data["summary"][1]["identical_to_ar"] == 1
@@ -201,10 +203,33 @@ def test_worker_columns_from_counter_deltas():
     sd = ModeResult(
         "amusd",
         [req("a", ["x"] * 10, 2.0, 12, 9, 4)],
-        counters={"verify_busy_s": 1.5, "draft_busy_s": 1.0, "rollbacks": 2, "stale_draft_tokens": 3},
+        counters={
+            "verify_busy_s": 1.5, "draft_busy_s": 1.0, "rollbacks": 2, "stale_draft_tokens": 3, "verify_wait_s": 0.3
+        },
     )
     s = summarize([sd])[0]
     assert s.verify_busy == pytest.approx(0.75) and s.draft_busy == pytest.approx(0.5)
     assert s.rollback_rate == pytest.approx(0.5)  # 2 rollbacks over 4 target passes
+    assert s.verify_wait == pytest.approx(0.15)
+    assert s.other_ms_per_pass == pytest.approx((2.0 - 1.5 - 0.3) / 4 * 1e3)  # 50 ms per pass
+    assert "50.0" in to_markdown([s])
     assert "75%" in to_markdown([s]) and "50%" in to_markdown([s])
     assert summarize([ModeResult("ar", [req("a", ["x"], 1.0)])])[0].draft_busy is None
+
+
+SETTINGS = Settings(
+    config=None, dtype=None, port=8090, max_tokens=8, temperature=0.0, top_p=None, seed=None,
+    num_draft_tokens=None, logprobs=True, startup_timeout_s=10, request_timeout_s=10,
+)
+
+
+def test_variants_parse_into_mode_and_settings():
+    modes = ("ar", "sd", "amusd")
+    run = Run.parse_variant("amusd-ra16=amusd speculation.max_run_ahead=16 speculation.num_draft_tokens=8", modes)
+    assert run == Run("amusd-ra16", "amusd", ("speculation.max_run_ahead=16", "speculation.num_draft_tokens=8"))
+    server = ServerProcess(run, SETTINGS, Path("unused.log"))
+    assert server.command[server.command.index("--mode") + 1] == "amusd"
+    assert server.command[-4:] == ["--set", "speculation.max_run_ahead=16", "--set", "speculation.num_draft_tokens=8"]
+    for bad in ("amusd speculation.max_run_ahead=16", "x=warp", "x=amusd speculation.max_run_ahead"):
+        with pytest.raises(BenchError):
+            Run.parse_variant(bad, modes)
