@@ -1,4 +1,4 @@
-"""The real embedded SmolLM2 pair: sd equals ar in float32."""
+"""The real embedded SmolLM2 pair: every speculative mode equals ar in float32."""
 
 from __future__ import annotations
 
@@ -9,23 +9,36 @@ from tests.helpers import launch_server
 
 pytestmark = pytest.mark.real_model
 
+QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string."]
 
-def test_default_model_sd_equals_ar_float32(smollm_dir):
+
+def answers(mode: str) -> tuple[list[str], list[dict]]:
     from configs.loader import DEFAULT_CONFIG
 
-    texts = {}
-    for mode in ("ar", "sd"):
-        with launch_server(DEFAULT_CONFIG, "--dtype", "float32", mode=mode) as server:
-            sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    texts, stats = [], []
+    with launch_server(DEFAULT_CONFIG, "--dtype", "float32", mode=mode) as server:
+        sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        for question in QUESTIONS:
             reply = sdk.chat.completions.create(
                 model="SmolLM2-135M-Instruct",
-                messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=24,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=32,
                 temperature=0,
             )
-            texts[mode] = reply.choices[0].message.content
-            if mode == "sd":
-                stats = reply.model_extra["speculation"]
-                assert stats["num_accepted_tokens"] > 0
-    assert texts["sd"] == texts["ar"]
-    assert "Paris" in texts["ar"]
+            texts.append(reply.choices[0].message.content)
+            stats.append(reply.model_extra["speculation"])
+    return texts, stats
+
+
+@pytest.fixture(scope="module")
+def ar_answers(smollm_dir):
+    texts, _ = answers("ar")
+    assert "Paris" in texts[0]
+    return texts
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd", "easyspec"])
+def test_default_model_equals_ar_float32(ar_answers, mode):
+    texts, stats = answers(mode)
+    assert texts == ar_answers
+    assert sum(s["num_accepted_tokens"] for s in stats) > 0
