@@ -4,7 +4,8 @@ completions and chat, greedy and seeded sampling. Every request completes;
 every output equals that request served alone (no cross-talk between
 requests); /health answers within 1 s throughout; and the memory (VmRSS) of
 the server and of each worker after a second round is within RSS_GROWTH of
-the first round's."""
+the first round's. The shared server runs `sd`; the other modes get one round
+each on a server of their own."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from bench.load import Plan, format_table, load_prompt_texts, plan_requests, run_load, summarize
-from tests.robustness.support import process_rss
+from tests.helpers import launch_server
+from tests.robustness.support import process_rss, tiny_server_config
 
 CLIENTS = 32
 REQUESTS = 64  # per round: two per client
@@ -74,18 +77,34 @@ def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
     return summary
 
 
-def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
-    url = robust_server.url
-    plans = plan_requests(load_prompt_texts(), REQUESTS, stream_fraction=0.5, chat_fraction=0.5,
+def mixed_plans(n: int = REQUESTS) -> list[Plan]:
+    plans = plan_requests(load_prompt_texts(), n, stream_fraction=0.5, chat_fraction=0.5,
                           sampling_fraction=SAMPLING_FRACTION, max_tokens=MAX_TOKENS, mix_seed=5)
     kinds = {(p.stream, p.chat, p.sampled) for p in plans}
     assert len(kinds) == 8  # every combination of streaming / chat / sampled is in the mix
+    return plans
 
-    # each distinct request served alone, one at a time
+
+def solo_outputs(url: str, plans: list[Plan]) -> dict[tuple, str]:
+    """Each distinct request served alone, one at a time."""
     unique = list({solo_key(p): p for p in plans}.values())
     solo_results, _ = asyncio.run(run_load(url, unique, clients=1))
     assert all(r.ok for r in solo_results), [r.error for r in solo_results if not r.ok]
-    solo = {solo_key(r.plan): r.text for r in solo_results}
+    return {solo_key(r.plan): r.text for r in solo_results}
+
+
+def wait_until_idle(server, timeout_s: float = 10.0) -> None:
+    """The running gauge returns to 0 (the verify worker's status follows its last output)."""
+    deadline = time.monotonic() + timeout_s
+    while server.metric("tandem:num_requests_running") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
+    url = robust_server.url
+    plans = mixed_plans()
+    solo = solo_outputs(url, plans)
 
     pids = robust_server.worker_pids()
     rss = {"start": process_rss(robust_server)}
@@ -102,7 +121,24 @@ def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
     assert robust_server.worker_pids() == pids  # no worker died or was replaced
     for proc in first:
         assert second[proc] <= first[proc] * (1 + RSS_GROWTH), (proc, first[proc], second[proc])
-    deadline = time.monotonic() + 10  # the verify worker's status follows its last output
-    while robust_server.metric("tandem:num_requests_running") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_idle(robust_server)
+
+
+# easyspec: the draft's 2 layers in one parallel group over 2 ranks (as in test_server)
+EASYSPEC_SECTIONS = {
+    "placement": {"default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1},
+                              "draft_ranks": [{"device": "cpu", "threads": 1}]}},
+    "easyspec": {"sequential_head": 0, "sequential_tail": 0},
+}
+
+
+@pytest.mark.parametrize("mode", ["ar", "amusd", "easyspec"])
+def test_32_clients_lose_nothing_in_every_mode(tmp_path, tiny_target_dir, mode):
+    sections = EASYSPEC_SECTIONS if mode == "easyspec" else {}
+    config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, **sections)
+    with launch_server(config, mode=mode) as server:
+        plans = mixed_plans()
+        pids = server.worker_pids()
+        load_round(server.url, plans, solo_outputs(server.url, plans))
+        assert server.worker_pids() == pids
+        wait_until_idle(server)
