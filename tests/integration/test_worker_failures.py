@@ -34,6 +34,27 @@ def worker_pid(server, role: str) -> int:
     raise LookupError(role)
 
 
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def health(server) -> int:
     try:
         return httpx.get(f"{server.url}/health", timeout=5).status_code
@@ -53,6 +74,10 @@ def restart_config(tmp_path_factory, tiny_target_dir):
         target={"path": str(tiny_target_dir), "dtype": "float32"},
         draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
         server={"restart_delay_s": 0.5, "shutdown_grace_s": 20},
+        # easyspec: the draft's 2 layers in one parallel group, its rank 1 a child of the draft worker
+        placement={"default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1},
+                               "draft_ranks": [{"device": "cpu", "threads": 1}]}},
+        easyspec={"sequential_head": 0, "sequential_tail": 0},
     )
 
 
@@ -76,10 +101,13 @@ def test_dead_verify_worker_fails_requests_then_is_restarted(restart_config, mod
         assert server.metric("tandem:worker_restarts_total", role="verify") == 1
 
 
-def test_dead_draft_worker_falls_back_to_target_only_then_resumes(restart_config):
-    with launch_server(restart_config, mode="amusd") as server:
+@pytest.mark.parametrize("mode", ["amusd", "easyspec"])
+def test_dead_draft_worker_falls_back_to_target_only_then_resumes(restart_config, mode):
+    with launch_server(restart_config, mode=mode) as server:
         expected = complete(server, max_tokens=48).choices[0].text
         old = worker_pid(server, "draft")
+        ranks = children(old)  # easyspec: rank 1 (and multiprocessing's resource tracker)
+        assert bool(ranks) == (mode == "easyspec")
         results = []
         thread = threading.Thread(target=lambda: results.append(complete(server, max_tokens=48)))
         thread.start()
@@ -90,6 +118,7 @@ def test_dead_draft_worker_falls_back_to_target_only_then_resumes(restart_config
         assert wait_until(lambda: server.metric("tandem:worker_restarts_total", role="draft") == 1)
         new = worker_pid(server, "draft")
         assert new != old
+        assert wait_until(lambda: all(gone(pid) for pid in ranks), timeout_s=15)  # nothing orphaned
 
         def speculating():
             before = server.metric("tandem:spec_decode_num_draft_tokens_total")
