@@ -3,6 +3,7 @@ uvicorn, and the OpenAI SDK as the client. Tiny random model, float32."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -42,7 +43,36 @@ def amusd_server(tiny_config):
         yield server
 
 
-@pytest.fixture(params=["sd", "amusd"])
+# easyspec: the tiny draft's 2 layers in one parallel group over 2 ranks
+EASYSPEC_SECTIONS = {
+    "placement": {
+        "default": {
+            "target": {"device": "cpu", "threads": 1},
+            "draft": {"device": "cpu", "threads": 1},
+            "draft_ranks": [{"device": "cpu", "threads": 1}],
+        }
+    },
+    "easyspec": {"sequential_head": 0, "sequential_tail": 0},
+}
+
+
+def easyspec_config(path, tiny_target_dir):
+    return write_config(
+        path,
+        target={"path": str(tiny_target_dir), "dtype": "float32"},
+        draft={"path": str(tiny_target_dir), "dtype": "float32"},
+        **EASYSPEC_SECTIONS,
+    )
+
+
+@pytest.fixture(scope="module")
+def easyspec_server(tmp_path_factory, tiny_target_dir):
+    config = easyspec_config(tmp_path_factory.mktemp("easyspec") / "easyspec.yaml", tiny_target_dir)
+    with launch_server(config, mode="easyspec") as server:
+        yield server
+
+
+@pytest.fixture(params=["sd", "amusd", "easyspec"])
 def spec_server(request):
     """Each speculative mode's server in turn."""
     return request.getfixturevalue(f"{request.param}_server")
@@ -169,23 +199,14 @@ def test_mismatched_tokenizers_are_refused(tmp_path, tiny_target_dir):
 
 
 @pytest.mark.parametrize("mode", ["easyspec", "amusd+easyspec"])
-def test_easyspec_modes_equal_ar(tmp_path, ar_server, tiny_target_dir, mode):
+def test_easyspec_modes_equal_ar(request, tmp_path, ar_server, tiny_target_dir, mode):
     """The draft's layers run in parallel groups over 2 ranks (fuzzy KV, calibrated);
     the output is still the target's."""
-    config = write_config(
-        tmp_path / "easyspec.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32"},
-        placement={
-            "default": {
-                "target": {"device": "cpu", "threads": 1},
-                "draft": {"device": "cpu", "threads": 1},
-                "draft_ranks": [{"device": "cpu", "threads": 1}],
-            }
-        },
-        easyspec={"sequential_head": 0, "sequential_tail": 0},  # both layers in one parallel group
-    )
-    with launch_server(config, mode=mode) as server:
+    if mode == "easyspec":
+        launched = contextlib.nullcontext(request.getfixturevalue("easyspec_server"))
+    else:
+        launched = launch_server(easyspec_config(tmp_path / "easyspec.yaml", tiny_target_dir), mode=mode)
+    with launched as server:
         assert len(server.worker_pids()) == 2  # verify, draft (its rank 1 is the draft's child)
         for prompt in PROMPTS[:3]:
             assert complete(server, prompt).choices[0].text == complete(ar_server, prompt).choices[0].text
