@@ -17,6 +17,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+ONE_THREAD = {"device": "cpu", "threads": 1}
+# easyspec on a 2-layer tiny draft: both layers in one parallel group over 2 ranks
+TINY_EASYSPEC_SECTIONS = {
+    "placement": {"default": {"target": ONE_THREAD, "draft": ONE_THREAD, "draft_ranks": [ONE_THREAD]}},
+    "easyspec": {"sequential_head": 0, "sequential_tail": 0},
+}
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -24,9 +30,7 @@ def write_config(path: Path, **sections) -> Path:
     config = {
         "model_name": "tiny",
         "speculation": {"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 10},
-        "placement": {
-            "default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1}}
-        },
+        "placement": {"default": {"target": ONE_THREAD, "draft": ONE_THREAD}},
         "engine": {"max_model_len": 512, "max_running_requests": 4, "max_waiting_requests": 32},
     }
     for key, value in sections.items():
@@ -36,6 +40,40 @@ def write_config(path: Path, **sections) -> Path:
             config[key] = value
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1) -> bool:
+    """Poll predicate until it holds (True) or timeout_s passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def process_alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # the name in (...) may hold spaces
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is pid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+    return out
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from protocol.messages import GenerateRequest, SamplingParams
+from tests.helpers import process_alive, wait_until
 from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
 from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine
 from workers.model import load_model, make_tiny_checkpoint
@@ -58,21 +59,8 @@ def groups(tiny):
         draft.close()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def wait_gone(pids, timeout_s=15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: not any(process_alive(p) for p in pids), timeout_s)
 
 
 def passes(model, cache, **kwargs):
@@ -186,7 +174,7 @@ def shm_files(pid: int) -> list[str]:
 def test_ranks_shut_down_cleanly(tiny, channel):
     draft = start(tiny, channel)
     pids = draft.executor.pids
-    assert all(alive(p) for p in pids) and draft.healthy
+    assert all(process_alive(p) for p in pids) and draft.healthy
     assert draft.executor.ping() < 5
     assert shm_files(os.getpid()) == []  # unlinked once every rank had it mapped
     t0 = time.monotonic()

@@ -4,7 +4,6 @@ uvicorn, and the OpenAI SDK as the client. Tiny random model, float32."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import launch_server, write_config
+from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, process_alive, wait_until, write_config
 
 PROMPTS = [
     "The quick brown fox",
@@ -43,25 +42,12 @@ def amusd_server(tiny_config):
         yield server
 
 
-# easyspec: the tiny draft's 2 layers in one parallel group over 2 ranks
-EASYSPEC_SECTIONS = {
-    "placement": {
-        "default": {
-            "target": {"device": "cpu", "threads": 1},
-            "draft": {"device": "cpu", "threads": 1},
-            "draft_ranks": [{"device": "cpu", "threads": 1}],
-        }
-    },
-    "easyspec": {"sequential_head": 0, "sequential_tail": 0},
-}
-
-
 def easyspec_config(path, tiny_target_dir):
     return write_config(
         path,
         target={"path": str(tiny_target_dir), "dtype": "float32"},
         draft={"path": str(tiny_target_dir), "dtype": "float32"},
-        **EASYSPEC_SECTIONS,
+        **TINY_EASYSPEC_SECTIONS,
     )
 
 
@@ -158,10 +144,7 @@ def test_disconnected_stream_is_aborted(spec_server):
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
-    deadline = time.monotonic() + 10
-    while sd_server.metric("tandem:num_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sd_server.metric("tandem:num_requests_running") == 0
+    assert wait_until(lambda: sd_server.metric("tandem:num_requests_running") == 0, timeout_s=10)
     # the server is still fine
     assert complete(sd_server, PROMPTS[4], max_tokens=4).choices[0].text is not None
 
@@ -175,7 +158,7 @@ def test_sigterm_stops_every_process(tiny_config):
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(20) is not None
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+        assert not process_alive(pid)
 
 
 def test_mismatched_tokenizers_are_refused(tmp_path, tiny_target_dir):

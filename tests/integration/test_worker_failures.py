@@ -6,24 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.helpers import launch_server, write_config
+from tests.helpers import TINY_EASYSPEC_SECTIONS, child_pids, launch_server, process_alive, wait_until, write_config
 
 PROMPT = "Once upon a time, in a land far away,"
-
-
-def wait_until(predicate, timeout_s=60.0, interval_s=0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 def worker_pid(server, role: str) -> int:
@@ -32,27 +22,6 @@ def worker_pid(server, role: str) -> int:
             if f"workers.{role}" in f.read():
                 return pid
     raise LookupError(role)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-                pass
-    return out
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def health(server) -> int:
@@ -74,10 +43,7 @@ def restart_config(tmp_path_factory, tiny_target_dir):
         target={"path": str(tiny_target_dir), "dtype": "float32"},
         draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
         server={"restart_delay_s": 0.5, "shutdown_grace_s": 20},
-        # easyspec: the draft's 2 layers in one parallel group, its rank 1 a child of the draft worker
-        placement={"default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1},
-                               "draft_ranks": [{"device": "cpu", "threads": 1}]}},
-        easyspec={"sequential_head": 0, "sequential_tail": 0},
+        **TINY_EASYSPEC_SECTIONS,  # used by easyspec only: its rank 1 is a child of the draft worker
     )
 
 
@@ -106,7 +72,7 @@ def test_dead_draft_worker_falls_back_to_target_only_then_resumes(restart_config
     with launch_server(restart_config, mode=mode) as server:
         expected = complete(server, max_tokens=48).choices[0].text
         old = worker_pid(server, "draft")
-        ranks = children(old)  # easyspec: rank 1 (and multiprocessing's resource tracker)
+        ranks = child_pids(old)  # easyspec: rank 1 (and multiprocessing's resource tracker)
         assert bool(ranks) == (mode == "easyspec")
         results = []
         thread = threading.Thread(target=lambda: results.append(complete(server, max_tokens=48)))
@@ -118,7 +84,7 @@ def test_dead_draft_worker_falls_back_to_target_only_then_resumes(restart_config
         assert wait_until(lambda: server.metric("tandem:worker_restarts_total", role="draft") == 1)
         new = worker_pid(server, "draft")
         assert new != old
-        assert wait_until(lambda: all(gone(pid) for pid in ranks), timeout_s=15)  # nothing orphaned
+        assert wait_until(lambda: not any(process_alive(pid) for pid in ranks), timeout_s=15)  # nothing orphaned
 
         def speculating():
             before = server.metric("tandem:spec_decode_num_draft_tokens_total")
@@ -144,4 +110,4 @@ def test_sigterm_lets_running_requests_finish(restart_config):
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{server.url}/health", timeout=2)
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+        assert not process_alive(pid)

@@ -17,6 +17,7 @@ import zmq
 
 import protocol.messages as messages
 from protocol.codec import DecodeError, decode, encode
+from tests.helpers import process_alive, wait_until
 from tests.robustness.support import MODEL, health_latency
 
 _pack = msgspec.msgpack.encode
@@ -93,14 +94,6 @@ def completion(url: str, **fields) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_every_process_survives_junk_on_its_inbox(robust_server, zmq_addresses):
     server = robust_server
     pids = server.worker_pids()
@@ -126,13 +119,10 @@ def test_every_process_survives_junk_on_its_inbox(robust_server, zmq_addresses):
         context.term()  # returns once every frame is handed over (linger)
     time.sleep(0.5)  # let the readers work through it
 
-    assert [pid for pid in pids if not alive(pid)] == [] and server.process.poll() is None
+    assert [pid for pid in pids if not process_alive(pid)] == [] and server.process.poll() is None
     assert health_latency(server.url) < 1.0
     assert completion(server.url) == greedy_before
     assert completion(server.url, temperature=1.0, seed=11) == sampled_before
     assert completion(server.url, stream=False, n=2, temperature=1.0, seed=3)  # several requests at once
     assert server.worker_pids() == pids  # nothing died and was restarted
-    deadline = time.monotonic() + 10
-    while server.metric("tandem:num_requests_running") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: server.metric("tandem:num_requests_running") == 0, timeout_s=10, interval_s=0.05)

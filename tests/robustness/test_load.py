@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from bench.load import Plan, format_table, load_prompt_texts, plan_requests, run_load, summarize
-from tests.helpers import launch_server
+from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, wait_until
 from tests.robustness.support import process_rss, tiny_server_config
 
 CLIENTS = 32
@@ -77,8 +77,8 @@ def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
     return summary
 
 
-def mixed_plans(n: int = REQUESTS) -> list[Plan]:
-    plans = plan_requests(load_prompt_texts(), n, stream_fraction=0.5, chat_fraction=0.5,
+def mixed_plans() -> list[Plan]:
+    plans = plan_requests(load_prompt_texts(), REQUESTS, stream_fraction=0.5, chat_fraction=0.5,
                           sampling_fraction=SAMPLING_FRACTION, max_tokens=MAX_TOKENS, mix_seed=5)
     kinds = {(p.stream, p.chat, p.sampled) for p in plans}
     assert len(kinds) == 8  # every combination of streaming / chat / sampled is in the mix
@@ -93,12 +93,8 @@ def solo_outputs(url: str, plans: list[Plan]) -> dict[tuple, str]:
     return {solo_key(r.plan): r.text for r in solo_results}
 
 
-def wait_until_idle(server, timeout_s: float = 10.0) -> None:
-    """The running gauge returns to 0 (the verify worker's status follows its last output)."""
-    deadline = time.monotonic() + timeout_s
-    while server.metric("tandem:num_requests_running") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+def idle(server) -> bool:
+    return server.metric("tandem:num_requests_running") == 0
 
 
 def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
@@ -121,24 +117,16 @@ def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
     assert robust_server.worker_pids() == pids  # no worker died or was replaced
     for proc in first:
         assert second[proc] <= first[proc] * (1 + RSS_GROWTH), (proc, first[proc], second[proc])
-    wait_until_idle(robust_server)
-
-
-# easyspec: the draft's 2 layers in one parallel group over 2 ranks (as in test_server)
-EASYSPEC_SECTIONS = {
-    "placement": {"default": {"target": {"device": "cpu", "threads": 1}, "draft": {"device": "cpu", "threads": 1},
-                              "draft_ranks": [{"device": "cpu", "threads": 1}]}},
-    "easyspec": {"sequential_head": 0, "sequential_tail": 0},
-}
+    assert wait_until(lambda: idle(robust_server), timeout_s=10, interval_s=0.05)  # the gauge follows the last output
 
 
 @pytest.mark.parametrize("mode", ["ar", "amusd", "easyspec"])
 def test_32_clients_lose_nothing_in_every_mode(tmp_path, tiny_target_dir, mode):
-    sections = EASYSPEC_SECTIONS if mode == "easyspec" else {}
+    sections = TINY_EASYSPEC_SECTIONS if mode == "easyspec" else {}
     config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, **sections)
     with launch_server(config, mode=mode) as server:
         plans = mixed_plans()
         pids = server.worker_pids()
         load_round(server.url, plans, solo_outputs(server.url, plans))
         assert server.worker_pids() == pids
-        wait_until_idle(server)
+        assert wait_until(lambda: idle(server), timeout_s=10, interval_s=0.05)
