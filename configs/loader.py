@@ -20,7 +20,7 @@ import yaml
 MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
 IMPLEMENTED_MODES = MODES
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 

@@ -1,7 +1,15 @@
-"""Load Hugging Face Llama-family weights (safetensors) into LlamaModel.
+"""Load Llama-family weights (Hugging Face safetensors, or a GGUF file) into LlamaModel.
 
 Fuses q/k/v into `wqkv` and gate/up into `w13` at load time, and optionally
 quantizes every decoder linear (and the output head) for a draft.
+
+Quantization of the decoder linears:
+- "none": every weight in the model dtype (a GGUF file's blocks de-quantized exactly).
+- "int8" / "int4": weight-only, quantized from the float weights; from a GGUF file,
+  its 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they are (see gguf_file.py).
+- "gguf": serve a GGUF file's own weights: 4-bit blocks as int4 (the bytes llama.cpp
+  reads), every other tensor (Q5_0, Q6_K, Q8_0, F16, ...) de-quantized to the model
+  dtype, so nothing is re-quantized. The head follows the same rule.
 """
 
 from __future__ import annotations
@@ -15,15 +23,15 @@ from torch import nn
 from .args import ModelArgs
 from .model import LlamaModel
 
+from .checkpoints import GGUF_WEIGHTS
+from .gguf_file import GGUFFile
+from .linear import QUANTIZATIONS, ConcatLinear, Int4Linear, Int4Parts, int4_group_size, make_linear, quantize_int4
+
 # Output head quantization per decoder quantization (see load_model).
-DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none"}
-from .linear import QUANTIZATIONS, make_linear
-
-
-
+DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none", "gguf": "gguf"}
 
 class _Weights:
-    """Lazy access to the tensors of one or more safetensors files, by HF name."""
+    """Lazy access to the tensors of one or more safetensors files, by HF name (float)."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -46,6 +54,51 @@ class _Weights:
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.get(name) if name in self._where else None
 
+    def is_int4(self, name: str) -> bool:  # safetensors hold floats
+        return False
+
+    def int4(self, name: str) -> Int4Parts:
+        raise ValueError(f"{name} is stored as float in {self.path}")
+
+
+def open_weights(path: Path) -> _Weights | GGUFFile:
+    """The tensors of a resolved checkpoint directory: its safetensors, or its GGUF file."""
+    if (path / GGUF_WEIGHTS).exists() and not any(path.glob("*.safetensors")):
+        return GGUFFile(path / GGUF_WEIGHTS)
+    return _Weights(path)
+
+
+def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
+    """One (fused) linear from the tensors `names` (stacked along the output), stored per `quant`.
+
+    4-bit GGUF blocks stay int4 under "int4" and "gguf"; under "gguf" the other tensors stay
+    floats, so a fusion of both kinds becomes a ConcatLinear of an int4 and a dense part.
+    """
+    if quant not in ("int4", "gguf") or not any(w.is_int4(n) for n in names):
+        weight = torch.cat([w.get(n) for n in names], dim=0) if len(names) > 1 else w.get(names[0])
+        return make_linear(weight, bias, "none" if quant == "gguf" else quant, dtype, device)
+    parts = [w.int4(n) if w.is_int4(n) else None for n in names]
+    if quant == "int4":  # re-quantize what is not 4-bit already
+        parts = [p if p is not None else quantize_int4(w.get(n), int4_group_size(w.shape(n)[1])) for p, n in zip(parts, names)]
+    runs: list[tuple[bool, list[str]]] = []  # consecutive tensors of one kind: (int4?, names)
+    for name, part in zip(names, parts):
+        if runs and runs[-1][0] == (part is not None):
+            runs[-1][1].append(name)
+        else:
+            runs.append((part is not None, [name]))
+    modules, row = [], 0
+    for is_int4, run in runs:
+        rows = sum(w.shape(n)[0] for n in run)
+        run_bias = None if bias is None else bias[row : row + rows]
+        row += rows
+        if is_int4:
+            run_parts = Int4Parts.cat([parts[names.index(n)] for n in run])
+            modules.append(Int4Linear(run_parts, run_bias, dtype, device))
+        else:
+            weight = torch.cat([w.get(n) for n in run], dim=0)
+            modules.append(make_linear(weight, run_bias, "none", dtype, device))
+    return modules[0] if len(modules) == 1 else ConcatLinear(modules)
+
 
 def read_args(path: Path) -> ModelArgs:
     config_file = Path(path) / "config.json"
@@ -64,8 +117,8 @@ def load_model(
 ) -> LlamaModel:
     """Build a LlamaModel from a resolved HF directory (config.json + *.safetensors).
 
-    quantization: "none", "int8" or "int4" for every decoder linear (weight-only).
-    head_quantization: the same choice for the output head (vocab x dim, the
+    quantization: "none", "int8", "int4" or "gguf" for every decoder linear (see the module
+    docstring). head_quantization: the same choice for the output head (vocab x dim, the
     biggest single matrix); None = DEFAULT_HEAD_QUANTIZATION, i.e. unquantized:
     measured on SmolLM2-135M, 1 thread, the oneDNN-packed bf16 head (1.7 ms) beats
     the int8 kernel (2.0 ms), and an int4 head (1.1 ms) drops the int4 draft's
@@ -77,13 +130,14 @@ def load_model(
     path = Path(path)
     device = torch.device(device)
     args = read_args(path)
-    w = _Weights(path)
+    w = open_weights(path)
+    if quantization == "gguf" and not isinstance(w, GGUFFile):
+        raise ValueError(f"quantization 'gguf' serves a GGUF file's own weights, but {path} holds safetensors")
 
     def linear(weights: list[str], biases: list[str] | None, quant: str) -> nn.Module:
         """One (fused) linear from HF tensors; biases=None means the architecture has none."""
-        weight = torch.cat([w.get(n) for n in weights], dim=0) if len(weights) > 1 else w.get(weights[0])
         bias = None if biases is None else torch.cat([w.get(n) for n in biases], dim=0)
-        return make_linear(weight, bias, quant, dtype, device)
+        return _linear(w, weights, bias, quant, dtype, device)
 
     def names(prefix: str, parts: list[str], suffix: str, present: bool = True) -> list[str] | None:
         return [prefix + p + suffix for p in parts] if present else None
