@@ -163,6 +163,22 @@ def test_a_changed_file_is_assembled_again(site):
     assert path.read_bytes() == fake.data and any("100.0%" in line for line in lines)
 
 
+def test_a_file_another_process_finished_meanwhile_is_kept(site):
+    fake = FakeChunks(site, _chunks())
+    fake.install()
+    rival = {}
+
+    def progress(line):
+        if "chunk 3/3" in line:  # a second process finishes first, while we verify
+            rival["path"] = embedded.model_gguf(fake.model, _quiet)
+            rival["inode"] = rival["path"].stat().st_ino
+
+    path = embedded.model_gguf(fake.model, progress)
+    assert path == rival["path"] and path.stat().st_ino == rival["inode"]
+    assert sorted(p.name for p in _gguf_dir().iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+    assert embedded.model_gguf(fake.model, _quiet).read_bytes() == fake.data
+
+
 # --- what is missing ---------------------------------------------------------------------
 
 

