@@ -107,6 +107,44 @@ def read_args(path: Path) -> ModelArgs:
     return ModelArgs.from_hf_config(json.loads(config_file.read_text()))
 
 
+class SubsetHead(nn.Module):
+    """An output head over a subset of the vocabulary (FR-Spec); every other token gets -inf.
+
+    For a draft only: its distribution q is then zero outside the subset and renormalized
+    inside it, which the acceptance rule takes like any other proposal (lossless). The
+    subset is the first N token ids: a byte-level BPE vocabulary is numbered in merge order,
+    so low ids are the frequent tokens; the tokenizer's added tokens (EOS, chat markers) are
+    always kept.
+    """
+
+    def __init__(self, rows: nn.Module, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.rows = rows  # a linear over the kept rows of the head
+        self.register_buffer("ids", ids)  # [n] int64, the vocabulary ids of those rows
+        self.vocab_size = vocab_size
+        self.out_features = vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim] -> [T, vocab]
+        kept = self.rows(x)  # [T, n]
+        out = kept.new_full((x.shape[0], self.vocab_size), float("-inf"))
+        return out.index_copy_(1, self.ids, kept)
+
+    def extra_repr(self) -> str:
+        return f"{self.ids.numel()} of {self.vocab_size} tokens"
+
+
+def subset_vocabulary(path: Path, vocab_size: int, n: int) -> torch.Tensor:
+    """Token ids [0, n) plus the added tokens listed in the checkpoint's tokenizer.json, sorted."""
+    if not 0 < n <= vocab_size:
+        raise ValueError(f"head_vocab must be in 1..{vocab_size}, got {n}")
+    added: set[int] = set()
+    tokenizer_file = Path(path) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        added = {int(t["id"]) for t in json.loads(tokenizer_file.read_text()).get("added_tokens", [])}
+    ids = sorted(set(range(n)) | {i for i in added if i < vocab_size})
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def load_model(
     path: Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -114,6 +152,7 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     head_quantization: str | None = None,
+    head_vocab: int = 0,
 ) -> LlamaModel:
     """Build a LlamaModel from a resolved HF directory (config.json + *.safetensors).
 
@@ -124,6 +163,8 @@ def load_model(
     the int8 kernel (2.0 ms), and an int4 head (1.1 ms) drops the int4 draft's
     greedy agreement with the bf16 target from 0.98 to 0.86.
     With tied embeddings and no packing, the head shares the embedding tensor.
+    head_vocab: 0 = logits over the whole vocabulary; N > 0 = a reduced head (FR-Spec, for a
+    draft) over the first N token ids plus the tokenizer's added tokens (see SubsetHead).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
@@ -169,7 +210,12 @@ def load_model(
     head_quant = DEFAULT_HEAD_QUANTIZATION[quantization] if head_quantization is None else head_quantization
     if head_quant not in QUANTIZATIONS:
         raise ValueError(f"unknown head_quantization {head_quant!r} (use one of {', '.join(QUANTIZATIONS)})")
-    model.output = linear([head_name], None, head_quant)
+    if head_vocab:
+        ids = subset_vocabulary(path, args.vocab_size, head_vocab)
+        rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
+        model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
+    else:
+        model.output = linear([head_name], None, head_quant)
     if head_name == "model.embed_tokens.weight" and type(model.output) is nn.Linear:
         model.output.weight = model.tok_embeddings.weight  # tied and unpacked: share one tensor
 
