@@ -30,6 +30,13 @@ from .linear import Int4Parts
 # GGUF types whose blocks are int4 groups of 32 (see the module docstring).
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 GROUP = 32
+# Types served as bytes by the qgemm kernel: w = s * (q - zero_point) per group:
+# name -> (bytes per block, weights per block, group, zero point, where s comes from)
+BYTE_TYPES = {
+    "Q6_K": (210, 256, 16, 32.0),  # ql[128] qh[64] sc int8[16] d f16: s = d * sc
+    "Q5_0": (22, 32, 32, 16.0),  # d f16, qh[4], qs[16]: s = d
+    "Q8_0": (34, 32, 32, 128.0),  # d f16, qs int8[32]: s = d (q stored + 128)
+}
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -107,6 +114,36 @@ def int4_parts(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4P
     )
 
 
+def byte_scales(raw: np.ndarray, type_name: str, n_rows: int) -> torch.Tensor:
+    """Per-group scales [N, K/group] float32 of a BYTE_TYPES tensor, from its block headers."""
+    size = BYTE_TYPES[type_name][0]
+    blocks = raw.reshape(-1, size)
+    if type_name == "Q6_K":
+        scales = _f16(blocks[:, 208:210]) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+    else:
+        scales = _f16(blocks[:, 0:2])  # [n, 1]
+    return torch.from_numpy(np.ascontiguousarray(scales).reshape(n_rows, -1))
+
+
+def byte_values(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """The unsigned quantized values [n_blocks, weights per block] uint8 of a BYTE_TYPES tensor
+    (w = s * (q - zero_point)), unpacked from the block bits as llama.cpp lays them out."""
+    size, per_block, _, _ = BYTE_TYPES[type_name]
+    blocks = raw.reshape(-1, size)
+    n = blocks.shape[0]
+    if type_name == "Q8_0":
+        return blocks[:, 2:34] ^ np.uint8(0x80)  # int8 + 128
+    if type_name == "Q5_0":
+        qh = np.ascontiguousarray(blocks[:, 2:6]).view(np.uint32).reshape(n, 1)
+        high = ((qh >> np.arange(32, dtype=np.uint32).reshape(1, 32)) & np.uint32(1)).astype(np.uint8)
+        low = (blocks[:, 6:22].reshape(n, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & np.uint8(0x0F)
+        return low.reshape(n, 32) | (high << np.uint8(4))
+    # Q6_K: 4 low bits in ql[128], 2 high bits in qh[64]
+    low = (blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+    return low.reshape(n, per_block) | (high.reshape(n, per_block) << np.uint8(4))
+
+
 def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's q/k permutation (rows of head h: [pairs interleaved])."""
     dim = n_rows // n_head // 2
@@ -168,6 +205,31 @@ class GGUFFile:
         parts = int4_parts(np.asarray(t.data), t.tensor_type.name, self.shape(hf_name))
         order = self._row_order(hf_name)
         return parts if order is None else parts.rows(order)
+
+    def is_quantized(self, hf_name: str) -> bool:
+        """Whether the qgemm kernel can serve this tensor as stored (QuantParts)."""
+        return (self.is_int4(hf_name) or self.type_name(hf_name) in BYTE_TYPES) and len(self.shape(hf_name)) == 2
+
+    def quant(self, hf_name: str):
+        """The tensor as QuantParts for the qgemm kernel: w = s * q + o per group, q unsigned.
+
+        4-bit blocks as nibbles (o from the block: Q4_K's -dmin*m); Q6_K, Q5_0, Q8_0 as bytes
+        with their zero point, unpacked from the block bits."""
+        from .qlinear import QuantParts
+
+        if self.is_int4(hf_name):
+            p = self.int4(hf_name)
+            return QuantParts(p.q.to(torch.uint8), p.scales, p.zeros - 8 * p.scales, 0.0, GROUP, True)
+        t = self._tensor(hf_name)
+        _, _, group, zero_point = BYTE_TYPES[t.tensor_type.name]
+        N, K = self.shape(hf_name)
+        raw = np.asarray(t.data)
+        scales = byte_scales(raw, t.tensor_type.name, N)  # [N, K/group]
+        q = torch.from_numpy(np.ascontiguousarray(byte_values(raw, t.tensor_type.name)).reshape(N, K))
+        order = self._row_order(hf_name)
+        if order is not None:
+            scales, q = scales[order], q[order]
+        return QuantParts(q, scales, None, zero_point, group, False)
 
     def get(self, hf_name: str) -> torch.Tensor:
         """The tensor de-quantized to float32, in torch shape."""

@@ -7,9 +7,10 @@ Quantization of the decoder linears:
 - "none": every weight in the model dtype (a GGUF file's blocks de-quantized exactly).
 - "int8" / "int4": weight-only, quantized from the float weights; from a GGUF file,
   its 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they are (see gguf_file.py).
-- "gguf": serve a GGUF file's own weights: 4-bit blocks as int4 (the bytes llama.cpp
-  reads), every other tensor (Q5_0, Q6_K, Q8_0, F16, ...) de-quantized to the model
-  dtype, so nothing is re-quantized. The head follows the same rule.
+- "gguf": serve a GGUF file's own weights, nothing re-quantized. On a CPU with
+  AVX512-VNNI, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
+  qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
+  other types de-quantized to the model dtype. The head follows the same rule.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .model import LlamaModel
 from .checkpoints import GGUF_WEIGHTS
 from .gguf_file import GGUFFile
 from .linear import QUANTIZATIONS, ConcatLinear, Int4Linear, Int4Parts, int4_group_size, make_linear, quantize_int4
+from .qlinear import QLinear, QuantParts, kernel_available
 
 # Output head quantization per decoder quantization (see load_model).
 DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none", "gguf": "gguf"}
@@ -57,6 +59,12 @@ class _Weights:
     def is_int4(self, name: str) -> bool:  # safetensors hold floats
         return False
 
+    def is_quantized(self, name: str) -> bool:
+        return False
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
     def int4(self, name: str) -> Int4Parts:
         raise ValueError(f"{name} is stored as float in {self.path}")
 
@@ -68,34 +76,55 @@ def open_weights(path: Path) -> _Weights | GGUFFile:
     return _Weights(path)
 
 
+def _storage(w: _Weights | GGUFFile, name: str, quant: str, device: torch.device):
+    """How one weight tensor is served: QuantParts (our qgemm kernel), Int4Parts (torch's int4
+    kernel), or None (dense, in the model dtype)."""
+    if quant == "gguf" and device.type == "cpu" and w.is_quantized(name) and kernel_available():
+        return w.quant(name)
+    if quant in ("int4", "gguf") and w.is_int4(name):
+        return w.int4(name)
+    if quant == "int4":
+        return quantize_int4(w.get(name), int4_group_size(w.shape(name)[1]))
+    return None
+
+
+def _kind(parts) -> tuple:
+    if isinstance(parts, QuantParts):
+        return ("qgemm", *parts.kind())
+    if isinstance(parts, Int4Parts):
+        return ("int4", parts.group)
+    return ("dense",)
+
+
 def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
     """One (fused) linear from the tensors `names` (stacked along the output), stored per `quant`.
 
-    4-bit GGUF blocks stay int4 under "int4" and "gguf"; under "gguf" the other tensors stay
-    floats, so a fusion of both kinds becomes a ConcatLinear of an int4 and a dense part.
+    Under "int4" and "gguf" each tensor is stored as _storage says; consecutive tensors of one
+    kind share one module, and a fusion of several kinds (a GGUF layer whose q/k are 4-bit and
+    whose v is 6-bit) becomes a ConcatLinear of them.
     """
-    if quant not in ("int4", "gguf") or not any(w.is_int4(n) for n in names):
+    if quant not in ("int4", "gguf"):
         weight = torch.cat([w.get(n) for n in names], dim=0) if len(names) > 1 else w.get(names[0])
-        return make_linear(weight, bias, "none" if quant == "gguf" else quant, dtype, device)
-    parts = [w.int4(n) if w.is_int4(n) else None for n in names]
-    if quant == "int4":  # re-quantize what is not 4-bit already
-        parts = [p if p is not None else quantize_int4(w.get(n), int4_group_size(w.shape(n)[1])) for p, n in zip(parts, names)]
-    runs: list[tuple[bool, list[str]]] = []  # consecutive tensors of one kind: (int4?, names)
-    for name, part in zip(names, parts):
-        if runs and runs[-1][0] == (part is not None):
-            runs[-1][1].append(name)
+        return make_linear(weight, bias, quant, dtype, device)
+    stored = [_storage(w, n, quant, device) for n in names]
+    runs: list[list[int]] = []  # indices of consecutive tensors of one kind
+    for i, parts in enumerate(stored):
+        if runs and _kind(stored[runs[-1][0]]) == _kind(parts):
+            runs[-1].append(i)
         else:
-            runs.append((part is not None, [name]))
+            runs.append([i])
     modules, row = [], 0
-    for is_int4, run in runs:
-        rows = sum(w.shape(n)[0] for n in run)
+    for run in runs:
+        rows = sum(w.shape(names[i])[0] for i in run)
         run_bias = None if bias is None else bias[row : row + rows]
         row += rows
-        if is_int4:
-            run_parts = Int4Parts.cat([parts[names.index(n)] for n in run])
-            modules.append(Int4Linear(run_parts, run_bias, dtype, device))
+        first = stored[run[0]]
+        if isinstance(first, QuantParts):
+            modules.append(QLinear(QuantParts.cat([stored[i] for i in run]), run_bias, dtype))
+        elif isinstance(first, Int4Parts):
+            modules.append(Int4Linear(Int4Parts.cat([stored[i] for i in run]), run_bias, dtype, device))
         else:
-            weight = torch.cat([w.get(n) for n in run], dim=0)
+            weight = torch.cat([w.get(names[i]) for i in run], dim=0)
             modules.append(make_linear(weight, run_bias, "none", dtype, device))
     return modules[0] if len(modules) == 1 else ConcatLinear(modules)
 
