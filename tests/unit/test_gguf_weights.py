@@ -364,12 +364,11 @@ def test_gguf_none_equals_safetensors_model(ckpt):
     assert len(set(expected.argmax(-1).tolist())) > 3  # a varied model, not one token everywhere
 
 
+@pytest.mark.parametrize("ckpt", ["llama"], indirect=True)
 def test_llama_without_unpermutation_differs(ckpt, monkeypatch):
     """Guards the test above: the q/k permutation matters for these weights (if GGUFFile did not
     un-permute, the llama logits would differ by far more than the tolerance)."""
     arch, g, s = ckpt
-    if arch != "llama":
-        pytest.skip("qwen2 q/k are stored unpermuted")
     model = load_model(g, torch.float32, "none")
     tokens = _tokens(20)
     good = _logits(model, tokens)
@@ -506,6 +505,23 @@ def test_subset_head_keeps_ids_and_added_tokens(ckpt):
     mask[kept] = False
     assert torch.isneginf(b[:, mask]).all()
     assert torch.isfinite(b[:, kept]).all()
+
+
+@needs_int4
+def test_int4_subset_head_of_odd_size(ckpt):
+    """Catches an int4 reduced head failing to load when its row count (N + added tokens = 67)
+    is no multiple of 16 (the CPU int4 packing's unit; 32768 + 22 added tokens is not either),
+    or its rows going to the wrong ids: kept logits close to the float subset head's."""
+    arch, g, s = ckpt
+    dense = load_model(g, torch.float32, "int4", head_vocab=64)
+    sub = load_model(g, torch.float32, "int4", head_quantization="int4", head_vocab=64)
+    assert isinstance(sub.output.rows, Int4Linear) and sub.output.rows.out_features == 67
+    tokens = _tokens(12, seed=6)
+    a, b = _logits(dense, tokens), _logits(sub, tokens)
+    kept = sub.output.ids
+    assert torch.isneginf(b).sum() == 12 * (VOCAB - 67)
+    err = (b[:, kept] - a[:, kept]).abs().max() / a[:, kept].abs().max()
+    assert err < 0.15, err  # int4 re-quantization of the head rows: coarse, but the same ids
 
 
 def test_subset_vocabulary_added_tokens_and_range(ckpt):
