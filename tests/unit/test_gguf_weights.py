@@ -13,20 +13,19 @@ permutation, written as safetensors for a reference model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")  # a dependency of the project (pyproject); present in its venv
-from gguf import GGMLQuantizationType as QT  # noqa: E402
+import gguf  # a dependency of the project (pyproject): no skip if it is missing
+from gguf import GGMLQuantizationType as QT
 
-from workers.model import load_model  # noqa: E402
-from workers.model.gguf_file import GGUFFile, int4_parts  # noqa: E402
-from workers.model.linear import ConcatLinear, Int4Linear, int4_available  # noqa: E402
-from workers.model.loader import SubsetHead, subset_vocabulary  # noqa: E402
+from workers.model import load_model
+from workers.model.gguf_file import GGUFFile, int4_parts
+from workers.model.linear import ConcatLinear, Int4Linear, int4_available
+from workers.model.loader import SubsetHead, subset_vocabulary
 
 needs_int4 = pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel")
 
@@ -290,7 +289,7 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
 # --- 1. 4-bit blocks as int4 parts ------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
 def test_int4_parts_equal_gguf_dequantize(qtype):
     """Catches a wrong nibble order, scale/min unpacking (Q4_K's 6-bit packing) or zero
     (Q4_1's m, Q4_K's dmin) in int4_parts: its parts must de-quantize to gguf's own values."""
@@ -306,7 +305,7 @@ def test_int4_parts_equal_gguf_dequantize(qtype):
 
 
 @needs_int4
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("shape", [(96, 512), (300, 256)])
 def test_int4_linear_from_gguf_parts_matches_dense(qtype, rows, shape):
