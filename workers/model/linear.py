@@ -174,13 +174,23 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = parts.q.shape
         self.group_size = parts.group
         self.dtype = dtype
-        sz = torch.stack([parts.scales, parts.zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
         # On CPU the bf16 kernel serves float32 models too (inputs cast to bf16): its float32
         # variant is a reference loop (~57x slower, measured), the dequantizing fallback ~100x.
         # The kernel computes each row on its own: a row's result does not depend on the others
         # in the batch (checked bit for bit at 1..16 rows), so verification passes match ar's.
         self.use_kernel = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int4_available()
         self.kernel_dtype = torch.bfloat16 if self.use_kernel else dtype
+        # The CPU packing takes N in multiples of 16 only (a GGUF head over 32001 tokens is not):
+        # zero rows (q = 8, scale = zero = 0) pad it, and their outputs are cut off in forward.
+        self.pad_rows = (-self.out_features) % 16 if self.use_kernel else 0
+        if self.pad_rows:
+            K, G = self.in_features, parts.scales.shape[1]
+            parts = Int4Parts(
+                torch.cat([parts.q, parts.q.new_full((self.pad_rows, K), 8)]),
+                torch.cat([parts.scales, parts.scales.new_zeros(self.pad_rows, G)]),
+                torch.cat([parts.zeros, parts.zeros.new_zeros(self.pad_rows, G)]),
+            )
+        sz = torch.stack([parts.scales, parts.zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=self.kernel_dtype))
         if self.use_kernel:
             self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(parts.q, 2))  # opaque
@@ -196,7 +206,7 @@ class Int4Linear(nn.Module):
         if self.use_kernel:  # the packed layout is opaque: unpack through the kernel
             eye = torch.eye(self.in_features, dtype=self.kernel_dtype, device=self.weight.device)
             w = torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros).t()
-            return w.to(self.dtype)
+            return w[: self.out_features].to(self.dtype)
         sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
         scales = sz[..., 0].repeat_interleave(self.group_size, dim=1)
         zeros = sz[..., 1].repeat_interleave(self.group_size, dim=1)
@@ -206,7 +216,10 @@ class Int4Linear(nn.Module):
         if self.use_kernel:
             out = torch._weight_int4pack_mm_for_cpu(
                 x.to(self.kernel_dtype), self.weight, self.group_size, self.scales_and_zeros
-            ).to(x.dtype)
+            )
+            if self.pad_rows:
+                out = out[:, : self.out_features].contiguous()
+            out = out.to(x.dtype)
         else:
             out = F.linear(x, self.dequantized())
         if self.bias is not None:
