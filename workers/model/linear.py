@@ -230,6 +230,23 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, kernel={self.use_kernel}"
 
 
+class RowWise(nn.Module):
+    """A dense linear made batch-invariant for small passes: up to `max_rows` rows are computed
+    one at a time (a GEMM's reduction order may depend on how many rows it is given), so a
+    verification pass gives bit for bit what decode steps give. For the rare dense 2-D tensor
+    of a GGUF model served by qgemm, whose other linears are invariant already."""
+
+    def __init__(self, inner: nn.Module, max_rows: int):
+        super().__init__()
+        self.inner, self.max_rows = inner, max_rows
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        if 1 < x.shape[0] <= self.max_rows:
+            return torch.cat([self.inner(x[i : i + 1]) for i in range(x.shape[0])])
+        return self.inner(x)
+
+
 class ConcatLinear(nn.Module):
     """Linears side by side along the output: a fused projection whose parts are stored differently
     (e.g. a GGUF layer whose q/k are 4-bit and whose v is 6-bit)."""

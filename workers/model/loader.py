@@ -26,8 +26,8 @@ from .model import LlamaModel
 
 from .checkpoints import GGUF_WEIGHTS
 from .gguf_file import GGUFFile
-from .linear import QUANTIZATIONS, ConcatLinear, Int4Linear, Int4Parts, int4_group_size, make_linear, quantize_int4
-from .qlinear import QLinear, QuantParts, kernel_available
+from .linear import QUANTIZATIONS, ConcatLinear, RowWise, Int4Linear, Int4Parts, int4_group_size, make_linear, quantize_int4
+from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
 
 # Output head quantization per decoder quantization (see load_model).
 DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none", "gguf": "gguf"}
@@ -125,8 +125,14 @@ def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None,
             modules.append(Int4Linear(Int4Parts.cat([stored[i] for i in run]), run_bias, dtype, device))
         else:
             weight = torch.cat([w.get(names[i]) for i in run], dim=0)
-            modules.append(make_linear(weight, run_bias, "none", dtype, device))
+            dense = make_linear(weight, run_bias, "none", dtype, device)
+            # beside qgemm linears (batch-invariant), keep the whole model batch-invariant
+            modules.append(RowWise(dense, MAX_ROWS) if _serves_qgemm(w, quant, device) else dense)
     return modules[0] if len(modules) == 1 else ConcatLinear(modules)
+
+
+def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
+    return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
 
 
 def read_args(path: Path) -> ModelArgs:
