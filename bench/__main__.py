@@ -23,8 +23,7 @@ from pathlib import Path
 
 from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
 from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
-
-MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
+from configs.modes import MODE_NAMES as MODES
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,10 +29,6 @@ class LaunchError(RuntimeError):
     """The server could not start (a worker failed, a bad model pair...)."""
 
 
-def roles_for(mode: str) -> list[str]:
-    return ["verify"] if mode == "ar" else ["verify", "draft"]
-
-
 class WorkerProcess:
     def __init__(self, role: str, config: Config):
         self.role = role
@@ -92,7 +88,7 @@ def prepare_models(config: Config, announce: Callable[[str], None]) -> PreparedM
     target_path = resolve_checkpoint(config.target.path, progress=announce)
     tokenizer = load_tokenizer(target_path)
     draft_path = None
-    if "draft" in roles_for(config.speculation.mode):
+    if config.mode.drafts:
         draft_path = resolve_checkpoint(config.draft.path, progress=announce)
         if draft_path != target_path:
             try:
@@ -216,7 +212,7 @@ async def serve(
         max_pending=config.engine.max_running_requests + config.engine.max_waiting_requests,
     )
     await engine.start()
-    workers = [WorkerProcess(role, config) for role in roles_for(mode)]
+    workers = [WorkerProcess(role, config) for role in config.mode.roles]
     supervisor = None
     try:
         for worker in workers:
