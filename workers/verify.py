@@ -60,18 +60,17 @@ class SocketTransport:
 
 
 def make_draft_source(config: Config, outbox_factory):
-    spec = config.speculation
-    if spec.mode == "ar":
+    mode, speculation = config.mode, config.speculation
+    if not mode.drafts:
         return NoDraft(), None
     transport = SocketTransport(outbox_factory(config.addresses.draft))
-    synchronous = spec.mode in ("sd", "easyspec")  # draft, then verify; else amusd's pipeline
     stream = DraftStream(
         transport,
-        num_draft_tokens=spec.num_draft_tokens,
-        # synchronous: the draft drafts exactly the next round's k; amusd: it runs ahead
-        max_run_ahead=spec.num_draft_tokens if synchronous else spec.max_run_ahead,
-        wait_for_all=synchronous,
-        timeout_s=spec.draft_timeout_s,
+        num_draft_tokens=speculation.num_draft_tokens,
+        # synchronous: the draft drafts exactly the next round's k; else it runs ahead
+        max_run_ahead=speculation.num_draft_tokens if mode.synchronous else speculation.max_run_ahead,
+        mode=mode,
+        timeout_s=speculation.draft_timeout_s,
     )
     return stream, transport
 

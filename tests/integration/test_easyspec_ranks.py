@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.helpers import process_alive, wait_until
 from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
-from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine
-from workers.model import load_model, make_tiny_checkpoint
+from tests.local_draft import LocalTransport
+from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
+from workers.model import load_model
+from tests.tiny_model import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 N_LAYERS = 6
@@ -129,7 +132,7 @@ def test_calibration_on_two_ranks_makes_the_verified_kv_exact(tiny, groups, chan
         drafted.append(int(draft.forward(torch.tensor(drafted[-1:]), cache).argmax()))
     correction = (drafted[2] + 1) % 256
     verified = PROMPT.tolist() + drafted[:2] + [correction]
-    cache.crop(len(PROMPT) + 2)
+    draft.after_rollback(cache, len(PROMPT) + 2)  # the verifier's answer
     logits = draft.forward(torch.tensor([correction]), cache)  # calibration on every rank
     n = len(verified)
     exact_cache = model.new_cache(64)
@@ -158,7 +161,7 @@ def test_engine_drives_a_two_rank_draft_losslessly(tiny, groups):
 
     ar = serve(NoDraft())
     engine = DraftEngine(draft, max_model_len=128, max_requests=2)
-    stream = DraftStream(LocalTransport(engine), num_draft_tokens=4, max_run_ahead=4, wait_for_all=True, timeout_s=30)
+    stream = DraftStream(LocalTransport(engine), num_draft_tokens=4, max_run_ahead=4, mode=mode_of("easyspec"), timeout_s=30)
     assert serve(stream) == ar
     assert draft.healthy
 

@@ -162,7 +162,7 @@ def test_sigterm_stops_every_process(tiny_config):
 
 
 def test_mismatched_tokenizers_are_refused(tmp_path, tiny_target_dir):
-    from workers.model import make_tiny_checkpoint
+    from tests.tiny_model import make_tiny_checkpoint
 
     other = make_tiny_checkpoint(tmp_path / "no-tokenizer", vocab_size=300)
     config = write_config(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.model import check_same_tokenizer, make_tiny_checkpoint, resolve_checkpoint
+from workers.model import check_same_tokenizer, resolve_checkpoint
+from tests.tiny_model import make_tiny_checkpoint
 from workers.model import checkpoints as ck
 
 

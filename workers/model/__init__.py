@@ -5,7 +5,6 @@ from .cache import KVCache
 from .checkpoints import check_same_tokenizer, load_tokenizer, resolve_checkpoint
 from .loader import load_model
 from .model import LlamaModel, Positions
-from .tiny import make_tiny_checkpoint
 
 __all__ = [
     "ModelArgs",
@@ -16,5 +15,4 @@ __all__ = [
     "resolve_checkpoint",
     "load_tokenizer",
     "check_same_tokenizer",
-    "make_tiny_checkpoint",
 ]
