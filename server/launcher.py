@@ -58,12 +58,11 @@ class WorkerProcess:
 
 
 class LaunchedEngineClient(EngineClient):
-    """The engine client, plus the workers' ready handshakes and restart counts."""
+    """The engine client, plus the workers' ready handshakes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ready: dict[str, WorkerReady] = {}
-        self.restarts: dict[str, int] = {}
 
     def on_other_message(self, message: Message) -> None:
         if isinstance(message, WorkerReady):
@@ -83,7 +82,7 @@ class PreparedModels:
 
 def prepare_models(config: Config, announce: Callable[[str], None]) -> PreparedModels:
     """Convert checkpoints once (with progress) and refuse a mismatched pair."""
-    from workers.model import check_same_tokenizer, load_tokenizer, resolve_checkpoint
+    from workers.model.checkpoints import check_same_tokenizer, load_tokenizer, resolve_checkpoint
 
     target_path = resolve_checkpoint(config.target.path, progress=announce)
     tokenizer = load_tokenizer(target_path)
@@ -196,7 +195,8 @@ async def serve(
     """Run the whole server until SIGINT/SIGTERM."""
     import uvicorn
 
-    from server.app import AppSettings, create_app
+    from server.app import create_app
+    from server.serving import AppSettings
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -223,7 +223,6 @@ async def serve(
         settings = AppSettings(
             model_name=config.model_name,
             max_model_len=config.engine.max_model_len,
-            mode=mode,
             eos_token_ids=models.eos_token_ids,
             api_key=api_key,
             request_timeout_s=request_timeout_s,

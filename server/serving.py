@@ -12,7 +12,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -20,25 +20,41 @@ from pydantic import BaseModel
 
 from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
-from server.engine_client import EngineError
-from server.engine_client import EngineOverloaded
+from server.engine_client import Engine, EngineError, EngineOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
 from server.metrics import Metrics, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
-if TYPE_CHECKING:
-    from server.app import AppSettings
-
 SEED_MODULUS = 2**63
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model_name: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    max_n: int = 8
+    max_stop_sequences: int = 4
+    max_body_bytes: int = 1_000_000
+    # when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise)
+    api_key: str | None = None
+    # a generation request still running after this many seconds is aborted (408)
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (None: no key)")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
 
 
 @dataclass(frozen=True)
 class ServerContext:
     """What the handlers of one app share (built once by create_app)."""
 
-    engine: Any  # EngineClient or anything with the same interface
+    engine: Engine
     tokenizer: Any
-    settings: "AppSettings"
+    settings: AppSettings
     metrics: Metrics
     vocab_size: int
     created: int  # unix seconds; the model card's `created`
@@ -84,7 +100,7 @@ def check_capacity(ctx: ServerContext, num_choices: int, param: str) -> None:
     """Refuse at once what the engine's bound on queued + running requests
     cannot take: 400 if it never could (more choices than the bound), 429 if
     it cannot now. Nothing is submitted in either case."""
-    limit = getattr(ctx.engine, "max_pending", None)
+    limit = ctx.engine.max_pending
     if limit is None:
         return
     if num_choices > limit:

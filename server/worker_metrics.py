@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.engine_client import Engine
 
 PREFIX = "tandem:"
 
@@ -27,13 +29,13 @@ EASYSPEC_HELP = {
 
 
 class WorkerCollector(Collector):
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Engine):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        stats = dict(getattr(self.engine, "worker_stats", {}))
+        stats = dict(self.engine.worker_stats)
         restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Worker processes restarted after dying.", labels=["role"])
-        for role, count in sorted(getattr(self.engine, "restarts", {}).items()):
+        for role, count in sorted(self.engine.restarts.items()):
             restarts.add_metric([role], count)
         yield restarts
 

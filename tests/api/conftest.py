@@ -20,7 +20,8 @@ import openai
 import pytest
 import uvicorn
 
-from server.app import AppSettings, create_app
+from server.app import create_app
+from server.serving import AppSettings
 from tests.api.fake_engine import FakeEngine
 
 TEST_MODEL_NAME = "tandem-test-model"
@@ -29,7 +30,7 @@ TEST_MAX_MODEL_LEN = 512
 
 def load_smollm_tokenizer():
     """The embedded SmolLM2 tokenizer (from the converted cache when there is one)."""
-    try:  # the light module: no torch import
+    try:  # (imports torch: transformers 5 does for any tokenizer)
         from workers.model.checkpoints import load_tokenizer, resolve_checkpoint
     except Exception:
         resolve_checkpoint = None
@@ -52,7 +53,6 @@ def app_settings(smollm_tokenizer) -> AppSettings:
     return AppSettings(
         model_name=TEST_MODEL_NAME,
         max_model_len=TEST_MAX_MODEL_LEN,
-        mode="sd",
         eos_token_ids=(smollm_tokenizer.eos_token_id,),
     )
 

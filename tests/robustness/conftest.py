@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from server.app import AppSettings, create_app
+from server.app import create_app
+from server.serving import AppSettings
 from tests.api.conftest import UvicornThread, load_smollm_tokenizer
 from tests.helpers import launch_server
 from tests.robustness.support import MODEL, tiny_server_config
@@ -42,7 +43,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def base_settings(tokenizer) -> AppSettings:
-    return AppSettings(model_name=MODEL, max_model_len=512, mode="sd", eos_token_ids=(tokenizer.eos_token_id,))
+    return AppSettings(model_name=MODEL, max_model_len=512, eos_token_ids=(tokenizer.eos_token_id,))
 
 
 @pytest.fixture
