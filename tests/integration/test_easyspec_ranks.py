@@ -21,6 +21,7 @@ from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.helpers import process_alive, wait_until
 from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
+from tests.easyspec_probe import fetch_kv
 from tests.local_draft import LocalTransport
 from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
 from workers.model import load_model
@@ -88,7 +89,7 @@ def test_sequential_plan_on_two_ranks_equals_the_ordinary_draft_exactly(tiny, gr
     logits = passes(draft, cache, exact=False)
     assert torch.equal(logits, ref)
     n = len(PROMPT)
-    k, v = draft.fetch_kv(cache)
+    k, v = fetch_kv(draft, cache)
     assert torch.equal(k, ref_cache.k[:, :, :n]) and torch.equal(v, ref_cache.v[:, :, :n])
     assert torch.equal(cache.k[:, :, :n], ref_cache.k[:, :, :n])  # rank 0 ran every layer itself
 
@@ -109,7 +110,7 @@ def test_fuzzy_forward_on_two_ranks_equals_the_single_process_reference(tiny, gr
     exact = passes(model, model.new_cache(64))
     assert (logits - exact).abs().max() > 0.1  # it is the fuzzy forward, not the exact one
     stats = draft.stats()
-    k, v = draft.fetch_kv(cache)
+    k, v = fetch_kv(draft, cache)
     n = len(PROMPT)
     torch.testing.assert_close(k, ref_cache.k[:, :, :n], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, ref_cache.v[:, :, :n], rtol=1e-5, atol=1e-5)
@@ -138,7 +139,7 @@ def test_calibration_on_two_ranks_makes_the_verified_kv_exact(tiny, groups, chan
     exact_cache = model.new_cache(64)
     exact_logits = model.forward(torch.tensor(verified), exact_cache)
     torch.testing.assert_close(logits, exact_logits, rtol=1e-4, atol=1e-4)
-    k, v = draft.fetch_kv(cache)  # parallel layers as their own ranks hold them
+    k, v = fetch_kv(draft, cache)  # parallel layers as their own ranks hold them
     torch.testing.assert_close(k, exact_cache.k[:, :, :n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v, exact_cache.v[:, :, :n], rtol=1e-4, atol=1e-4)
 

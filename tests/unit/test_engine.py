@@ -302,3 +302,35 @@ def test_sampling_matches_target_distribution(tmp_path_factory, mode):
     assert _chi2_pvalue(observed, joint(target)) > 1e-3
     # the same check rejects the draft's law: the test has power
     assert _chi2_pvalue(observed, joint(draft)) < 1e-6
+
+
+def test_each_round_sends_the_draft_only_the_new_tokens(models):
+    """The verifier begins a request on the draft once, then each verified prefix is
+    (epoch, start, new tokens): a round's message does not grow with the sequence, and
+    the draft can rebuild the whole sequence from them."""
+
+    class Recording(LocalTransport):
+        def __init__(self, engine):
+            super().__init__(engine)
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+            super().send(message)
+
+    k = 4
+    transport = Recording(DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=1))
+    stream = DraftStream(transport, num_draft_tokens=k, max_run_ahead=k, mode=mode_of("sd"), timeout_s=60)
+    engine = VerifyEngine(models["target"], stream, max_model_len=MAX_LEN, max_running=1)
+    tokens, _, _ = run(engine, [request(0, PROMPTS[0], max_tokens=200)])["r0"]
+
+    begun, *updates = [m for m in transport.sent if isinstance(m, (BeginDrafting, VerifiedPrefix))]
+    assert isinstance(begun, BeginDrafting) and begun.tokens == PROMPTS[0]
+    assert len(updates) > 20 and all(isinstance(m, VerifiedPrefix) for m in updates)
+    rebuilt = list(begun.tokens)
+    for epoch, update in enumerate(updates, start=1):
+        assert update.epoch == epoch and update.start == len(rebuilt) and 1 <= len(update.new_tokens) <= k + 1
+        rebuilt += update.new_tokens
+    assert rebuilt == (PROMPTS[0] + tokens)[: len(rebuilt)] and len(rebuilt) >= len(PROMPTS[0]) + len(tokens) - (k + 1)
+    sizes = [len(encode(m)[0]) for m in updates]
+    assert max(sizes) - min(sizes) < 16  # no term in the sequence length

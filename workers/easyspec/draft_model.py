@@ -94,9 +94,6 @@ class LocalExecutor:
         h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
         return model.head(h, num_logits)
 
-    def fetch_kv(self, cache: DraftKVCache, length: int):
-        return cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
-
     def close(self) -> None:
         pass
 
@@ -345,7 +342,3 @@ class LayerParallelDraftModel:
     def reset_stats(self) -> None:
         self.executor.stats.reset()
         self._stats = DraftStats(exchange=self.executor.stats)
-
-    def fetch_kv(self, cache: DraftKVCache, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV [L, KV, length, D] as the plan computed it (from the owning rank for parallel layers)."""
-        return self.executor.fetch_kv(cache, cache.length if length is None else length)

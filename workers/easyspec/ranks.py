@@ -1,14 +1,8 @@
 """Layer-group ranks: the draft runs on D processes, one per device.
 
 Rank 0 lives in the caller's process (the draft worker, or a test); it owns the
-engine-facing model and sends every other rank a command per pass. Ranks 1..D-1
-are spawned here, load the same draft weights, and follow:
-
-    FORWARD(cache, start, tokens, exact?, ...)   run this rank's share of a pass
-    NEW_CACHE / FREE_CACHE                       a KV cache twin per engine cache
-    CONFIGURE(plan, variant, split_head)         switch plans without restarting
-    DUMP_KV / BARRIER                            tests and health checks
-    SHUTDOWN
+engine-facing model and sends every other rank a command per pass (commands.py).
+Ranks 1..D-1 are spawned here, load the same draft weights, and follow.
 
 A fuzzy pass exchanges one all-reduce per parallel group; sequential layers and
 exact (calibration) passes run replicated on every rank, so every rank's cache
@@ -26,6 +20,7 @@ raises at once. Followers exit when rank 0 goes away.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import multiprocessing
 import os
@@ -41,9 +36,12 @@ from typing import Sequence
 
 import torch
 
+from configs.choices import CHANNELS, VARIANTS
 from workers.model import LlamaModel
+from workers.shell import apply_placement, die_with_parent, name_process
 
 from .cache import DraftKVCache
+from .commands import Barrier, Call, Configure, Forward, NewCache, Shutdown, max_words, pack, unpack
 from .channel import (
     Channel,
     DistChannel,
@@ -55,14 +53,10 @@ from .channel import (
     shm_directory,
     unlink_quietly,
 )
-from .fuzzy import VARIANTS, LayerRunner, head_quantization_of, vocab_bounds
+from .fuzzy import LayerRunner, head_quantization_of, vocab_bounds
 from .plan import LayerPlan, validate_groups
 
 log = logging.getLogger("tandem.easyspec")
-
-OP_FORWARD, OP_NEW_CACHE, OP_FREE_CACHE, OP_CONFIGURE, OP_DUMP_KV, OP_BARRIER, OP_SHUTDOWN = range(1, 8)
-HEAD_ROOT, HEAD_SPLIT = 0, 1  # who computes a pass's logits: rank 0 alone, or every rank a vocab slice
-CHANNELS = ("auto", "shm", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -88,34 +82,16 @@ class RankPlacement:
     threads: int = 0
 
 
-def apply_placement(placement) -> torch.device:
-    """Pin this process to its cores / threads (CPU) or select its GPU."""
-    if placement.device.startswith("cuda"):
-        device = torch.device(placement.device)
-        torch.cuda.set_device(device)
-        if placement.threads:
-            torch.set_num_threads(placement.threads)
-        return device
-    if placement.cores:
-        os.sched_setaffinity(0, placement.cores)
-    torch.set_num_threads(placement.threads or len(placement.cores) or torch.get_num_threads())
-    return torch.device("cpu")
+def configure_command(plan: LayerPlan, variant: str, split_head: bool) -> Configure:
+    return Configure([len(g) for g in plan.groups], variant, split_head)
 
 
-# -- commands ------------------------------------------------------------------
-
-
-def encode_configure(plan: LayerPlan, variant: str, split_head: bool) -> list[int]:
-    return [OP_CONFIGURE, VARIANTS.index(variant), int(split_head), len(plan.groups)] + [len(g) for g in plan.groups]
-
-
-def decode_configure(command: list[int], num_layers: int, num_devices: int) -> tuple[LayerPlan, str, bool]:
-    variant, split_head, n = VARIANTS[command[1]], bool(command[2]), command[3]
+def plan_of_command(command: Configure, num_layers: int, num_devices: int) -> LayerPlan:
     groups, start = [], 0
-    for width in command[4 : 4 + n]:
+    for width in command.group_widths:
         groups.append(list(range(start, start + width)))
         start += width
-    return validate_groups(groups, num_layers, num_devices), variant, split_head
+    return validate_groups(groups, num_layers, num_devices)
 
 
 class HeadShard:
@@ -181,14 +157,14 @@ class RankState:
         tokens: torch.Tensor,
         num_logits: int,
         exact: bool,
-        head_mode: int,
+        split_head: bool,
     ) -> torch.Tensor | None:
         """This rank's share of one pass; rank 0 gets the logits [num_logits, V] float32."""
         model = self.model
         pos = model.positions(start, tokens.shape[0])
         h = model.embed(tokens)
         h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
-        if head_mode == HEAD_SPLIT:
+        if split_head:
             parts = self.channel.gather(self.head(h, num_logits))
             return None if parts is None else self.head.assemble(parts)
         return model.head(h, num_logits) if self.rank == 0 else None
@@ -197,27 +173,13 @@ class RankState:
 # -- followers -----------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_spec, doorbells, dump_dir: str, conn):
+def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_spec, doorbells, conn):
     """Entry point of ranks 1..D-1 (spawned)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     root_pid = channel_spec.root_pid if isinstance(channel_spec, ShmSpec) else None
     try:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(15, f"tandem-es{rank}".encode(), 0, 0, 0)  # PR_SET_NAME
-        except OSError:
-            pass
+        name_process(f"tandem-es{rank}")
         device = apply_placement(placement)
 
         def check_root():
@@ -232,7 +194,7 @@ def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_sp
         state = RankState(model, spec, rank, channel)
         conn.send(("ready", os.getpid()))
         with torch.inference_mode():
-            _follow(state, dump_dir)
+            _follow(state)
         channel.close()
         conn.send(("bye", os.getpid()))
     except RankExit:
@@ -245,40 +207,32 @@ def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_sp
         os._exit(1)
 
 
-def _follow(state: RankState, dump_dir: str) -> None:
+def _follow(state: RankState) -> None:
     channel, model = state.channel, state.model
     args = model.args
     while True:
-        command = channel.recv_command()
-        op = command[0]
-        if op == OP_FORWARD:
-            cache_id, start, T, num_logits, exact, final_length, head_mode = command[1:8]
-            cache = state.caches[cache_id]
-            tokens = torch.tensor(command[8 : 8 + T], dtype=torch.long, device=model.device)
-            state.forward(cache, start, tokens, num_logits, bool(exact), head_mode)
-            cache.length = final_length
-        elif op == OP_NEW_CACHE:
-            cache_id, capacity = command[1:3]
-            model.ensure_rope(capacity)
-            cache = DraftKVCache(args.n_layers, args.n_kv_heads, capacity, args.head_dim, model.dtype, model.device)
-            state.caches[cache_id] = cache
-        elif op == OP_FREE_CACHE:
-            state.caches.pop(command[1], None)
-        elif op == OP_CONFIGURE:
-            plan, variant, split_head = decode_configure(command, args.n_layers, channel.world)
-            state.configure(plan, variant, split_head)
-        elif op == OP_DUMP_KV:
-            cache_id, length = command[1:3]
-            cache = state.caches[cache_id]
-            path = Path(dump_dir) / f"kv-{state.rank}-{cache_id}.pt"
-            torch.save({"k": cache.k[:, :, :length].clone(), "v": cache.v[:, :, :length].clone()}, path)
+        command = unpack(channel.recv_command())
+        if isinstance(command, Forward):
+            cache = state.caches[command.cache_id]
+            tokens = torch.tensor(command.tokens, dtype=torch.long, device=model.device)
+            state.forward(cache, command.start, tokens, command.num_logits, command.exact, command.split_head)
+            cache.length = command.final_length
+        elif isinstance(command, NewCache):
+            model.ensure_rope(command.capacity)
+            state.caches[command.cache_id] = DraftKVCache(
+                args.n_layers, args.n_kv_heads, command.capacity, args.head_dim, model.dtype, model.device
+            )
+        elif isinstance(command, Configure):
+            plan = plan_of_command(command, args.n_layers, channel.world)
+            state.configure(plan, command.variant, command.split_head)
+        elif isinstance(command, Call):
+            module, _, name = command.function.partition(":")
+            getattr(importlib.import_module(module), name)(state, *command.args)
             channel.barrier()
-        elif op == OP_BARRIER:
+        elif isinstance(command, Barrier):
             channel.barrier()
-        elif op == OP_SHUTDOWN:
+        elif isinstance(command, Shutdown):
             return
-        else:
-            raise RuntimeError(f"unknown command {op}")
 
 
 # -- rank 0 --------------------------------------------------------------------
@@ -333,8 +287,7 @@ class RankGroup:
         self._closed = False
         self._procs: list = []
         self._conns: list = []
-        self._messages: dict[int, list] = {}
-        self._dump_dir = tempfile.mkdtemp(prefix="tandem-easyspec-")
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="tandem-easyspec-")
         self.channel_kind = _pick_channel(channel, model.device)
         ctx = multiprocessing.get_context("spawn")
 
@@ -344,10 +297,10 @@ class RankGroup:
             logits = max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
             slot = -(-max(hidden, logits, 64) // 4096) * 4096
             path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            channel_spec = ShmSpec(path, world, slot, 16 + max_command_tokens, timeout_s, os.getpid())
+            channel_spec = ShmSpec(path, world, slot, max_words(max_command_tokens), timeout_s, os.getpid())
             doorbells = [ctx.Semaphore(0) for _ in range(world - 1)]
         else:
-            init = f"file://{os.path.join(self._dump_dir, 'rendezvous')}"
+            init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
             channel_spec = DistSpec(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", timeout_s)
             doorbells = []
         self._shm_path = channel_spec.path if isinstance(channel_spec, ShmSpec) else None
@@ -360,7 +313,7 @@ class RankGroup:
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_follower_main,
-                    args=(rank, world, spec, placements[rank], channel_spec, doorbells, self._dump_dir, child),
+                    args=(rank, world, spec, placements[rank], channel_spec, doorbells, child),
                     name=f"tandem-easyspec-rank{rank}",
                     daemon=True,
                 )
@@ -456,7 +409,7 @@ class RankGroup:
 
         def go():
             t0 = time.perf_counter()
-            self.channel.send_command([OP_BARRIER])
+            self.channel.send_command(pack(Barrier()))
             self.channel.barrier()
             return time.perf_counter() - t0
 
@@ -471,7 +424,7 @@ class RankGroup:
         channel = getattr(self, "channel", None)
         if channel is not None and self._failure is None and all(p.is_alive() for p in self._procs):
             try:
-                channel.send_command([OP_SHUTDOWN])
+                channel.send_command(pack(Shutdown()))
             except Exception:  # noqa: BLE001
                 pass
         deadline = time.monotonic() + timeout_s
@@ -491,7 +444,7 @@ class RankGroup:
             unlink_quietly(self._shm_path)
         for conn in self._conns:
             conn.close()
-        shutil.rmtree(self._dump_dir, ignore_errors=True)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -510,7 +463,7 @@ class RankGroup:
             raise ValueError(f"unknown EasySpec variant {variant!r} (use one of {', '.join(VARIANTS)})")
 
         def go():
-            self.channel.send_command(encode_configure(plan, variant, split_head))
+            self.channel.send_command(pack(configure_command(plan, variant, split_head)))
             self.state.configure(plan, variant, split_head)
 
         self._call(go)
@@ -520,11 +473,8 @@ class RankGroup:
         a = self.model.args
         self.model.ensure_rope(max_seq_len)
         cache = DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, self.model.dtype, self.model.device)
-        self._call(self.channel.send_command, [OP_NEW_CACHE, cache.cache_id, max_seq_len])
+        self._call(self.channel.send_command, pack(NewCache(cache.cache_id, max_seq_len)))
         return cache
-
-    def free_cache(self, cache: DraftKVCache) -> None:
-        self._call(self.channel.send_command, [OP_FREE_CACHE, cache.cache_id])
 
     def forward(
         self, cache: DraftKVCache, start: int, tokens: torch.Tensor, num_logits: int, exact: bool, final_length: int
@@ -534,33 +484,24 @@ class RankGroup:
             raise ValueError(f"a pass of {T} tokens exceeds the group's {self.max_command_tokens}")
         if not exact and T > self.max_fuzzy_tokens:
             raise ValueError(f"a fuzzy pass of {T} tokens exceeds the group's {self.max_fuzzy_tokens}")
-        head_mode = HEAD_SPLIT if self.split_head and num_logits <= self.max_head_rows else HEAD_ROOT
+        split_head = self.split_head and num_logits <= self.max_head_rows
 
         def go():
-            header = [OP_FORWARD, cache.cache_id, start, T, num_logits, int(exact), final_length, head_mode]
-            self.channel.send_command(header + tokens.tolist())
-            return self.state.forward(cache, start, tokens, num_logits, exact, head_mode)
+            command = Forward(cache.cache_id, start, tokens.tolist(), num_logits, exact, final_length, split_head)
+            self.channel.send_command(pack(command))
+            return self.state.forward(cache, start, tokens, num_logits, exact, split_head)
 
         return self._call(go)
 
-    def fetch_kv(self, cache: DraftKVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV of [0, length) as the plan computed it: each parallel layer from its own rank.
-
-        (Tests and debugging: ranks hold stale entries for layers they do not compute.)
-        """
+    def call(self, function: str, *args: int | str) -> None:
+        """Run function(rank_state, *args) on every follower ("module:name"; for
+        looking inside the ranks: tests, debugging) and wait until all have."""
 
         def go():
-            self.channel.send_command([OP_DUMP_KV, cache.cache_id, length])
+            self.channel.send_command(pack(Call(function, list(args))))
             self.channel.barrier()
 
         self._call(go)
-        k, v = cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
-        dumps = {r: torch.load(Path(self._dump_dir) / f"kv-{r}-{cache.cache_id}.pt") for r in range(1, self.world)}
-        for group in self.plan.parallel_groups:
-            for layer, rank in zip(group, self.plan.ranks_of(group)):
-                if rank:
-                    k[layer], v[layer] = dumps[rank]["k"][layer], dumps[rank]["v"][layer]
-        return k, v
 
     @property
     def stats(self):
