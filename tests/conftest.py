@@ -21,6 +21,14 @@ def smollm_dir():
 
 
 @pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    """The embedded SmolLM2's tokenizer (the tiny models' too)."""
+    from workers.model import load_tokenizer
+
+    return load_tokenizer(smollm_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory, smollm_dir):
     """A tiny random Llama with SmolLM2's tokenizer: servable, fast."""
     from tests.tiny_model import make_tiny_checkpoint
