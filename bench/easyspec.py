@@ -71,18 +71,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _exchange_worker(rank, kind, path, ready, shapes, reps, conn):
-    from workers.easyspec.channel import DistChannel, DistSpec, ShmChannel, ShmSpec
+    from workers.easyspec.channel import DistChannel, DistRendezvous, ShmChannel, ShmLayout
 
     pin({rank}, 1)
     if kind == "shm":
-        spec = ShmSpec(path, 2, 1 << 20, 64, 30.0, os.getppid())
+        layout = ShmLayout(path, 2, 1 << 20, 64, 30.0, os.getppid())
         if rank == 1:
             ready.wait(30)
-        channel = ShmChannel(spec, rank, [])
+        channel = ShmChannel(layout, rank, [])
         if rank == 0:
             ready.set()
     else:
-        channel = DistChannel(DistSpec(f"file://{path}", 2, "gloo", 30.0), rank, torch.device("cpu"))
+        channel = DistChannel(DistRendezvous(f"file://{path}", 2, "gloo", 30.0), rank, torch.device("cpu"))
     out = {}
     for T in shapes:
         x = torch.ones(T, 576, dtype=torch.bfloat16)
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankPlacement, make_layer_plan
+    from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
     from workers.model import load_model, load_tokenizer, resolve_checkpoint
 
     started = time.time()
@@ -313,7 +313,7 @@ def main(argv=None) -> None:
     report["plan"] = plan.describe()
     placements = [RankPlacement(cores=(0,), threads=1), RankPlacement(cores=(1,), threads=1)]
     pin({0}, 1)
-    fuzzy = LayerParallelDraftModel.distributed(draft, DraftSpec(str(path), "bfloat16", quantization), plan, placements=placements)
+    fuzzy = LayerParallelDraftModel.distributed(draft, DraftCheckpoint(str(path), "bfloat16", quantization), plan, placements=placements)
     try:
         seq1, seq2 = Plain(draft, {0}, 1), Plain(draft, {0, 1}, 2)
         configs = {

@@ -135,6 +135,11 @@ class Config:
         """The row of the mode table for speculation.mode."""
         return mode_of(self.speculation.mode)
 
+    @property
+    def placement_of_mode(self) -> RolePlacement:
+        """Where the roles of speculation.mode run."""
+        return self.placement_for(self.speculation.mode)
+
     def placement_for(self, mode: str) -> RolePlacement:
         return self.placement.get(mode) or self.placement.get("default") or RolePlacement()
 
@@ -256,14 +261,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    spec = config.speculation
-    if spec.mode not in MODE_NAMES:
-        raise ConfigError(f"speculation.mode: {spec.mode!r} is not one of {', '.join(MODE_NAMES)}")
-    if not 1 <= spec.num_draft_tokens <= 64:
-        raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {spec.num_draft_tokens}")
-    if not 1 <= spec.max_run_ahead <= 256:
-        raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {spec.max_run_ahead}")
-    if spec.draft_timeout_s <= 0:
+    speculation = config.speculation
+    if speculation.mode not in MODE_NAMES:
+        raise ConfigError(f"speculation.mode: {speculation.mode!r} is not one of {', '.join(MODE_NAMES)}")
+    if not 1 <= speculation.num_draft_tokens <= 64:
+        raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {speculation.num_draft_tokens}")
+    if not 1 <= speculation.max_run_ahead <= 256:
+        raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {speculation.max_run_ahead}")
+    if speculation.draft_timeout_s <= 0:
         raise ConfigError("speculation.draft_timeout_s: must be positive")
     for role in ("target", "draft"):
         model: ModelConfig = getattr(config, role)

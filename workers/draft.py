@@ -31,17 +31,17 @@ def draft_model(config: Config, device) -> DraftModel:
     model, path = load_worker_model(config.draft, device)
     if not config.mode.layer_parallel_draft:
         return PlainDraft(model)
-    from workers.easyspec import DraftSpec, LayerParallelDraftModel
+    from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel
 
-    placement = config.placement_for(config.speculation.mode)
-    spec = DraftSpec(str(path), config.draft.dtype, config.draft.quantization)
-    return LayerParallelDraftModel.from_config(model, spec, config.easyspec, [placement.draft, *placement.draft_ranks])
+    placement = config.placement_of_mode
+    checkpoint = DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization)
+    return LayerParallelDraftModel.from_config(model, checkpoint, config.easyspec, [placement.draft, *placement.draft_ranks])
 
 
 class DraftWorker:
     def __init__(self, config: Config):
         self.config = config
-        device = apply_placement(config.placement_for(config.speculation.mode).draft)
+        device = apply_placement(config.placement_of_mode.draft)
         self.model = draft_model(config, device)
         self.engine = DraftEngine(
             self.model,

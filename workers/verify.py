@@ -78,7 +78,7 @@ def make_draft_source(config: Config, outbox_factory):
 class VerifyWorker:
     def __init__(self, config: Config):
         self.config = config
-        device = apply_placement(config.placement_for(config.speculation.mode).target)
+        device = apply_placement(config.placement_of_mode.target)
         self.model, _ = load_worker_model(config.target, device)
         self.inbox = Inbox(config.addresses.verify)
         self.to_server = Outbox(config.addresses.server)

@@ -20,7 +20,7 @@ import torch
 from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.helpers import process_alive, wait_until
-from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
+from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
 from tests.easyspec_probe import fetch_kv
 from tests.local_draft import LocalTransport
 from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 def start(tiny, channel="shm", plan=PARALLEL, timeout_s=20.0, **kwargs) -> LayerParallelDraftModel:
     path, model = tiny
     return LayerParallelDraftModel.distributed(
-        model, DraftSpec(str(path), "float32"), plan, channel=channel, placements=ONE_THREAD, timeout_s=timeout_s, **kwargs
+        model, DraftCheckpoint(str(path), "float32"), plan, channel=channel, placements=ONE_THREAD, timeout_s=timeout_s, **kwargs
     )
 
 
@@ -233,12 +233,12 @@ def test_followers_exit_when_rank0_dies(tiny, tmp_path):
     code = textwrap.dedent(
         f"""
         import os, signal, torch
-        from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankPlacement, make_layer_plan
+        from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
         from workers.model import load_model
         model = load_model({str(path)!r}, dtype=torch.float32)
         plan = make_layer_plan({N_LAYERS}, 2, sequential_head=1, sequential_tail=1)
         draft = LayerParallelDraftModel.distributed(
-            model, DraftSpec({str(path)!r}, "float32"), plan, placements=[RankPlacement(threads=1)] * 2)
+            model, DraftCheckpoint({str(path)!r}, "float32"), plan, placements=[RankPlacement(threads=1)] * 2)
         print(*draft.executor.pids, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -257,6 +257,6 @@ def test_a_rank_that_fails_to_start_is_reported(tiny, tmp_path):
     _, model = tiny
     with pytest.raises(RankError, match="failed to start") as e:
         LayerParallelDraftModel.distributed(
-            model, DraftSpec(str(tmp_path / "missing"), "float32"), PARALLEL, placements=ONE_THREAD, timeout_s=5
+            model, DraftCheckpoint(str(tmp_path / "missing"), "float32"), PARALLEL, placements=ONE_THREAD, timeout_s=5
         )
     assert "config.json" in str(e.value)  # the follower's own error comes along

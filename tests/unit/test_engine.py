@@ -15,7 +15,7 @@ from tests.local_draft import LocalTransport, random_steps
 from workers.engine import DraftEngine, DraftStream, NoDraft, PlainDraft, VerifyEngine
 from workers.model import load_model
 from tests.tiny_model import make_tiny_checkpoint
-from workers.spec import warp
+from workers.sampling import warp
 
 MAX_LEN = 256
 
@@ -334,3 +334,33 @@ def test_each_round_sends_the_draft_only_the_new_tokens(models):
     assert rebuilt == (PROMPTS[0] + tokens)[: len(rebuilt)] and len(rebuilt) >= len(PROMPTS[0]) + len(tokens) - (k + 1)
     sizes = [len(encode(m)[0]) for m in updates]
     assert max(sizes) - min(sizes) < 16  # no term in the sequence length
+
+
+def test_draft_engine_calls_the_round_hooks_explicitly(models):
+    """after_verified when the verifier kept to the drafts, after_rollback (with the common
+    prefix) when it parted from them: the hooks EasySpec's calibration hangs on."""
+
+    class Recording(PlainDraft):
+        def __init__(self, model):
+            super().__init__(model)
+            self.calls = []
+
+        def after_rollback(self, cache, keep):
+            self.calls.append(("rollback", keep))
+            super().after_rollback(cache, keep)
+
+        def after_verified(self, cache, verified_len):
+            self.calls.append(("verified", verified_len))
+
+    model = Recording(models["quantized"])
+    engine = DraftEngine(model, max_model_len=MAX_LEN, max_requests=2)
+    engine.begin(begin(PROMPTS[1], 0, run_ahead=4))
+    drafted = [m.token_ids[0] for m in draft_all(engine)]
+    n = len(PROMPTS[1])
+    model.calls.clear()
+    engine.update(verified(n, drafted[:2], 1, run_ahead=4))  # two drafts accepted, no correction yet
+    assert model.calls == [("verified", n + 2)]
+    engine.update(verified(n + 2, [(drafted[2] + 1) % 256], 2, run_ahead=4))  # the third rejected
+    assert model.calls[1:] == [("rollback", n + 2)]
+    engine.release("a")
+    assert model.calls[-1] == ("rollback", 0)

@@ -13,11 +13,11 @@ from .channel import ExchangeStats, RankError
 from .draft_model import LayerParallelDraftModel, LocalExecutor
 from .fuzzy import LayerRunner
 from .plan import LayerPlan, assign_ranks, make_layer_plan, plan_of, validate_groups
-from .ranks import DraftSpec, RankGroup, RankPlacement
+from .ranks import DraftCheckpoint, RankGroup, RankPlacement
 
 __all__ = [
     "DraftKVCache",
-    "DraftSpec",
+    "DraftCheckpoint",
     "ExchangeStats",
     "LayerParallelDraftModel",
     "LayerPlan",

@@ -85,7 +85,7 @@ class LocalExecutor:
         self.plan, self.variant, self.split_head = plan, variant, split_head
 
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
-        return new_draft_cache(self.model, max_seq_len)
+        return self.model.new_cache(max_seq_len, DraftKVCache)
 
     def forward(self, cache, start, tokens, num_logits, exact, final_length) -> torch.Tensor:
         model = self.model
@@ -96,17 +96,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def new_draft_cache(model: LlamaModel, max_seq_len: int) -> DraftKVCache:
-    a = model.args
-    if a.sliding_window is not None and max_seq_len > a.sliding_window:
-        raise ValueError(
-            f"sliding-window attention is not implemented: max_seq_len {max_seq_len} "
-            f"must be <= the model's sliding_window {a.sliding_window}"
-        )
-    model.ensure_rope(max_seq_len)
-    return DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, model.dtype, model.device)
 
 
 class LayerParallelDraftModel:
@@ -139,7 +128,7 @@ class LayerParallelDraftModel:
     def distributed(
         cls,
         model: LlamaModel,
-        spec,
+        checkpoint,
         plan: LayerPlan,
         *,
         variant: str = "full",
@@ -150,7 +139,7 @@ class LayerParallelDraftModel:
         timeout_s: float = 60.0,
         **group_options,
     ):
-        """Rank 0 in this process (`model`), ranks 1..D-1 spawned with `spec` (a ranks.DraftSpec).
+        """Rank 0 in this process (`model`), ranks 1..D-1 spawned with `checkpoint` (a ranks.DraftCheckpoint).
 
         placements: one per rank (device, cores, threads); placements[0] is not applied
         here: this process is rank 0, placed by its caller.
@@ -159,7 +148,7 @@ class LayerParallelDraftModel:
 
         group = RankGroup(
             model,
-            spec,
+            checkpoint,
             plan,
             variant=variant,
             split_head=split_head,
@@ -171,14 +160,14 @@ class LayerParallelDraftModel:
         return cls(model, group, calibration=calibration, max_fuzzy_tokens=group.max_fuzzy_tokens)
 
     @classmethod
-    def from_config(cls, model: LlamaModel, spec, config: EasySpecConfig, placements: Sequence):
+    def from_config(cls, model: LlamaModel, checkpoint, config: EasySpecConfig, placements: Sequence):
         """The draft a worker builds from its `easyspec` config and its D placements."""
         plan = plan_of(config, model.args.n_layers, len(placements))
         if len(placements) < 2:
             return cls.local(model, plan, variant=config.variant, calibration=config.calibration)
         return cls.distributed(
             model,
-            spec,
+            checkpoint,
             plan,
             variant=config.variant,
             calibration=config.calibration,

@@ -45,11 +45,11 @@ from .commands import Barrier, Call, Configure, Forward, NewCache, Shutdown, max
 from .channel import (
     Channel,
     DistChannel,
-    DistSpec,
+    DistRendezvous,
     RankError,
     RankExit,
     ShmChannel,
-    ShmSpec,
+    ShmLayout,
     shm_directory,
     unlink_quietly,
 )
@@ -60,7 +60,7 @@ log = logging.getLogger("tandem.easyspec")
 
 
 @dataclass(frozen=True)
-class DraftSpec:
+class DraftCheckpoint:
     """How every rank loads the draft (the same weights rank 0 was loaded with)."""
 
     path: str
@@ -97,25 +97,25 @@ def plan_of_command(command: Configure, num_layers: int, num_devices: int) -> La
 class HeadShard:
     """This rank's slice of the output head: logits for vocab [lo, hi), padded to a common width."""
 
-    def __init__(self, model: LlamaModel, spec: DraftSpec, rank: int, world: int):
+    def __init__(self, model: LlamaModel, checkpoint: DraftCheckpoint, rank: int, world: int):
         from workers.model.linear import make_linear
 
         V = model.args.vocab_size
         self.bounds = vocab_bounds(V, world)
         self.width = max(hi - lo for lo, hi in self.bounds)
         lo, hi = self.bounds[rank]
-        weight = self._head_weight(model, spec)[lo:hi]
+        weight = self._head_weight(model, checkpoint)[lo:hi]
         self.linear = make_linear(weight, None, head_quantization_of(model), model.dtype, model.device)
         self.pad = self.width - (hi - lo)
         self.model = model
 
     @staticmethod
-    def _head_weight(model: LlamaModel, spec: DraftSpec) -> torch.Tensor:
+    def _head_weight(model: LlamaModel, checkpoint: DraftCheckpoint) -> torch.Tensor:
         from safetensors import safe_open
 
         if model.args.tie_embeddings:
             return model.tok_embeddings.weight.detach()
-        for f in sorted(Path(spec.path).glob("*.safetensors")):
+        for f in sorted(Path(checkpoint.path).glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as handle:
                 if "lm_head.weight" in handle.keys():
                     return handle.get_tensor("lm_head.weight")
@@ -134,9 +134,9 @@ class HeadShard:
 class RankState:
     """What every rank holds: the model, its runner for the current plan, KV cache twins."""
 
-    def __init__(self, model: LlamaModel, spec: DraftSpec, rank: int, channel: Channel):
+    def __init__(self, model: LlamaModel, checkpoint: DraftCheckpoint, rank: int, channel: Channel):
         self.model = model
-        self.spec = spec
+        self.checkpoint = checkpoint
         self.rank = rank
         self.channel = channel
         self.caches: dict[int, DraftKVCache] = {}
@@ -148,7 +148,7 @@ class RankState:
         self.runner = LayerRunner(self.model, plan, variant, rank=self.rank, all_reduce=self.channel.all_reduce_)
         self.split_head = split_head
         if split_head and self.head is None:
-            self.head = HeadShard(self.model, self.spec, self.rank, self.channel.world)
+            self.head = HeadShard(self.model, self.checkpoint, self.rank, self.channel.world)
 
     def forward(
         self,
@@ -173,11 +173,11 @@ class RankState:
 # -- followers -----------------------------------------------------------------
 
 
-def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_spec, doorbells, conn):
+def _follower_main(rank: int, world: int, checkpoint: DraftCheckpoint, placement, channel_setup, doorbells, conn):
     """Entry point of ranks 1..D-1 (spawned)."""
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    root_pid = channel_spec.root_pid if isinstance(channel_spec, ShmSpec) else None
+    root_pid = channel_setup.root_pid if isinstance(channel_setup, ShmLayout) else None
     try:
         name_process(f"tandem-es{rank}")
         device = apply_placement(placement)
@@ -186,12 +186,12 @@ def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_sp
             if os.getppid() != (root_pid or os.getppid()):
                 raise RankExit("rank 0 is gone")
 
-        if isinstance(channel_spec, ShmSpec):
-            channel = ShmChannel(channel_spec, rank, doorbells, check_peers=check_root)
+        if isinstance(channel_setup, ShmLayout):
+            channel = ShmChannel(channel_setup, rank, doorbells, check_peers=check_root)
         else:
-            channel = DistChannel(channel_spec, rank, device)
-        model = spec.load(device)
-        state = RankState(model, spec, rank, channel)
+            channel = DistChannel(channel_setup, rank, device)
+        model = checkpoint.load(device)
+        state = RankState(model, checkpoint, rank, channel)
         conn.send(("ready", os.getpid()))
         with torch.inference_mode():
             _follow(state)
@@ -218,10 +218,7 @@ def _follow(state: RankState) -> None:
             state.forward(cache, command.start, tokens, command.num_logits, command.exact, command.split_head)
             cache.length = command.final_length
         elif isinstance(command, NewCache):
-            model.ensure_rope(command.capacity)
-            state.caches[command.cache_id] = DraftKVCache(
-                args.n_layers, args.n_kv_heads, command.capacity, args.head_dim, model.dtype, model.device
-            )
+            state.caches[command.cache_id] = model.new_cache(command.capacity, DraftKVCache)
         elif isinstance(command, Configure):
             plan = plan_of_command(command, args.n_layers, channel.world)
             state.configure(plan, command.variant, command.split_head)
@@ -257,7 +254,7 @@ class RankGroup:
     def __init__(
         self,
         model: LlamaModel,
-        spec: DraftSpec,
+        checkpoint: DraftCheckpoint,
         plan: LayerPlan,
         *,
         variant: str = "full",
@@ -277,7 +274,7 @@ class RankGroup:
         if len(placements) != world:
             raise ValueError(f"{len(placements)} rank placements for a plan over {world} devices")
         self.model = model
-        self.spec = spec
+        self.checkpoint = checkpoint
         self.world = world
         self.timeout_s = timeout_s
         self.max_fuzzy_tokens = max_fuzzy_tokens
@@ -297,23 +294,23 @@ class RankGroup:
             logits = max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
             slot = -(-max(hidden, logits, 64) // 4096) * 4096
             path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            channel_spec = ShmSpec(path, world, slot, max_words(max_command_tokens), timeout_s, os.getpid())
+            channel_setup = ShmLayout(path, world, slot, max_words(max_command_tokens), timeout_s, os.getpid())
             doorbells = [ctx.Semaphore(0) for _ in range(world - 1)]
         else:
             init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
-            channel_spec = DistSpec(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", timeout_s)
+            channel_setup = DistRendezvous(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", timeout_s)
             doorbells = []
-        self._shm_path = channel_spec.path if isinstance(channel_spec, ShmSpec) else None
+        self._shm_path = channel_setup.path if isinstance(channel_setup, ShmLayout) else None
 
         atexit.register(self.close)
         try:
-            if isinstance(channel_spec, ShmSpec):  # rank 0 creates the file the others attach to
-                self.channel: Channel = ShmChannel(channel_spec, 0, doorbells, check_peers=self._check_peers)
+            if isinstance(channel_setup, ShmLayout):  # rank 0 creates the file the others attach to
+                self.channel: Channel = ShmChannel(channel_setup, 0, doorbells, check_peers=self._check_peers)
             for rank in range(1, world):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_follower_main,
-                    args=(rank, world, spec, placements[rank], channel_spec, doorbells, child),
+                    args=(rank, world, checkpoint, placements[rank], channel_setup, doorbells, child),
                     name=f"tandem-easyspec-rank{rank}",
                     daemon=True,
                 )
@@ -321,12 +318,12 @@ class RankGroup:
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
-            if not isinstance(channel_spec, ShmSpec):
-                self.channel = DistChannel(channel_spec, 0, model.device)
+            if not isinstance(channel_setup, ShmLayout):
+                self.channel = DistChannel(channel_setup, 0, model.device)
             self._await_ready(startup_timeout_s)
             if self._shm_path:  # everyone has it mapped: no file left behind, whatever happens next
                 unlink_quietly(self._shm_path)
-            self.state = RankState(model, spec, 0, self.channel)
+            self.state = RankState(model, checkpoint, 0, self.channel)
             self.configure(plan, variant, split_head)
         except BaseException:
             self.close()
@@ -470,9 +467,7 @@ class RankGroup:
         self.plan, self.variant, self.split_head = plan, variant, split_head
 
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
-        a = self.model.args
-        self.model.ensure_rope(max_seq_len)
-        cache = DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, self.model.dtype, self.model.device)
+        cache = self.model.new_cache(max_seq_len, DraftKVCache)
         self._call(self.channel.send_command, pack(NewCache(cache.cache_id, max_seq_len)))
         return cache
 

@@ -22,7 +22,7 @@ import torch
 
 from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, SamplingParams, VerifiedPrefix
 from workers.engine.draft_model import DraftModel
-from workers.spec import DRAFT, keyed_uniform, sample_from_uniform, warp
+from workers.sampling import DRAFT, keyed_uniform, sample_from_uniform, warp
 
 log = logging.getLogger("tandem.draft")
 
