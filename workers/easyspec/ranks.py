@@ -287,19 +287,8 @@ class RankGroup:
         self._rendezvous_dir = tempfile.mkdtemp(prefix="tandem-easyspec-")
         self.channel_kind = _pick_channel(channel, model.device)
         ctx = multiprocessing.get_context("spawn")
-
-        if self.channel_kind == "shm":
-            # hidden states of a fuzzy pass, or a gathered logits slice, whichever is bigger
-            hidden = max_fuzzy_tokens * model.args.dim * torch.finfo(model.dtype).bits // 8
-            logits = max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
-            slot = -(-max(hidden, logits, 64) // 4096) * 4096
-            path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            channel_setup = ShmLayout(path, world, slot, max_words(max_command_tokens), timeout_s, os.getpid())
-            doorbells = [ctx.Semaphore(0) for _ in range(world - 1)]
-        else:
-            init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
-            channel_setup = DistRendezvous(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", timeout_s)
-            doorbells = []
+        channel_setup = self._channel_setup()
+        doorbells = [ctx.Semaphore(0) for _ in range(world - 1)] if isinstance(channel_setup, ShmLayout) else []
         self._shm_path = channel_setup.path if isinstance(channel_setup, ShmLayout) else None
 
         atexit.register(self.close)
@@ -328,6 +317,19 @@ class RankGroup:
         except BaseException:
             self.close()
             raise
+
+    def _channel_setup(self) -> ShmLayout | DistRendezvous:
+        """What every rank needs to open the channel of kind self.channel_kind."""
+        model, world = self.model, self.world
+        if self.channel_kind == "shm":
+            # hidden states of a fuzzy pass, or a gathered logits slice, whichever is bigger
+            hidden = self.max_fuzzy_tokens * model.args.dim * torch.finfo(model.dtype).bits // 8
+            logits = self.max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
+            slot = -(-max(hidden, logits, 64) // 4096) * 4096
+            path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            return ShmLayout(path, world, slot, max_words(self.max_command_tokens), self.timeout_s, os.getpid())
+        init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
+        return DistRendezvous(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", self.timeout_s)
 
     # -- lifecycle -----------------------------------------------------------
 
