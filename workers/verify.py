@@ -127,9 +127,14 @@ class VerifyWorker:
         now = time.monotonic()
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
-            stale, wait = getattr(self.draft, "num_stale", 0), getattr(self.draft, "wait_s", 0.0)
             self.to_server.send(
-                WorkerStats("verify", self.engine.busy_s, now - self._started, stale_drafts=stale, draft_wait_s=wait)
+                WorkerStats(
+                    "verify",
+                    self.engine.busy_s,
+                    now - self._started,
+                    stale_drafts=self.draft.num_stale,
+                    draft_wait_s=self.draft.wait_s,
+                )
             )
 
     def run(self) -> None:

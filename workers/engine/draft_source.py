@@ -46,6 +46,8 @@ class DraftSource(Protocol):
     # token, so each position's token depends only on that position's draw
     # (reproducible when the number of drafts per round depends on timing)
     sampled_bonus: bool
+    num_stale: int  # draft tokens dropped for an old epoch
+    wait_s: float  # time rounds spent blocked for drafts
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
@@ -62,6 +64,8 @@ class NoDraft:
     num_draft_tokens = 0
     max_run_ahead = 0
     sampled_bonus = True
+    num_stale = 0
+    wait_s = 0.0
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass
