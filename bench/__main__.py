@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
 from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
-
-MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
+from configs.choices import DTYPES
+from configs.modes import MODE_NAMES as MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--config", help="server YAML config (default: the server's default)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of both models")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of both models")
     p.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (server default if unset)")
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--temperature", type=float, default=0.0)

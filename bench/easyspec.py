@@ -71,18 +71,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _exchange_worker(rank, kind, path, ready, shapes, reps, conn):
-    from workers.easyspec.channel import DistChannel, DistSpec, ShmChannel, ShmSpec
+    from workers.easyspec.channel import DistChannel, DistRendezvous, ShmChannel, ShmLayout
 
     pin({rank}, 1)
     if kind == "shm":
-        spec = ShmSpec(path, 2, 1 << 20, 64, 30.0, os.getppid())
+        layout = ShmLayout(path, 2, 1 << 20, 64, 30.0, os.getppid())
         if rank == 1:
             ready.wait(30)
-        channel = ShmChannel(spec, rank, [])
+        channel = ShmChannel(layout, rank, [])
         if rank == 0:
             ready.set()
     else:
-        channel = DistChannel(DistSpec(f"file://{path}", 2, "gloo", 30.0), rank, torch.device("cpu"))
+        channel = DistChannel(DistRendezvous(f"file://{path}", 2, "gloo", 30.0), rank, torch.device("cpu"))
     out = {}
     for T in shapes:
         x = torch.ones(T, 576, dtype=torch.bfloat16)
@@ -169,7 +169,7 @@ def simulate(model, ids: list[int], cont: list[int], k: int, teacher_forced: boo
     """Greedy speculative rounds of k drafts along the target's continuation `cont`.
 
     The draft cache is handled as DraftEngine does: it holds the verified prefix
-    plus the drafts but the last; on the verifier's answer it is cropped to the
+    plus the drafts but the last; on the verifier's answer it is rolled back to the
     common prefix and the new verified tokens are fed at the next round's start.
     teacher_forced: the draft is fed the target's tokens instead of its own drafts.
     """
@@ -207,7 +207,7 @@ def simulate(model, ids: list[int], cont: list[int], k: int, teacher_forced: boo
         step = kk if teacher_forced else min(accepted + 1, len(cont) - pos)
         verified += cont[pos : pos + step]
         pos += step
-        cache.crop(min(cache.length, common))
+        model.after_rollback(cache, min(cache.length, common))
     return result
 
 
@@ -226,6 +226,9 @@ class Plain:
     def forward(self, tokens, cache, num_logits=1):
         return self.model.forward(tokens, cache, num_logits)
 
+    def after_rollback(self, cache, keep):
+        cache.crop(keep)
+
 
 class Fuzzy:
     def __init__(self, draft, variant: str, calibration: str, split_head: bool = True):
@@ -240,6 +243,9 @@ class Fuzzy:
 
     def forward(self, tokens, cache, num_logits=1):
         return self.draft.forward(tokens, cache, num_logits)
+
+    def after_rollback(self, cache, keep):
+        self.draft.after_rollback(cache, keep)
 
 
 # -- 2. pass times -----------------------------------------------------------------
@@ -264,7 +270,7 @@ def pass_times(configs: dict, context: list[int], bursts: int, per_burst: int) -
                 t0 = time.perf_counter()
                 runner.draft.forward(token, cache, **kwargs) if kwargs else runner.forward(token, cache)
                 times[name].append(1e3 * (time.perf_counter() - t0))
-                cache.crop(len(context))
+                runner.after_rollback(cache, len(context))
     return {name: {"median_ms": statistics.median(t), "p10_ms": percentile(t, 0.1)} for name, t in times.items()}
 
 
@@ -281,7 +287,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankPlacement, make_layer_plan
+    from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
     from workers.model import load_model, load_tokenizer, resolve_checkpoint
 
     started = time.time()
@@ -307,7 +313,7 @@ def main(argv=None) -> None:
     report["plan"] = plan.describe()
     placements = [RankPlacement(cores=(0,), threads=1), RankPlacement(cores=(1,), threads=1)]
     pin({0}, 1)
-    fuzzy = LayerParallelDraftModel.distributed(draft, DraftSpec(str(path), "bfloat16", quantization), plan, placements=placements)
+    fuzzy = LayerParallelDraftModel.distributed(draft, DraftCheckpoint(str(path), "bfloat16", quantization), plan, placements=placements)
     try:
         seq1, seq2 = Plain(draft, {0}, 1), Plain(draft, {0, 1}, 2)
         configs = {

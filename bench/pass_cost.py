@@ -30,7 +30,8 @@ import torch
 from bench.runtime_cost import AGREEMENT_PROMPTS, OurRunner, agreement
 from configs.loader import load_config
 from workers.model import load_model, load_tokenizer, resolve_checkpoint
-from workers.model.linear import ConcatLinear, Int4Linear, Int8Linear
+from workers.model.linear import ConcatLinear, Int4Linear, Int8Linear, RowWise
+from workers.model.qlinear import QLinear
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pass_cost.json"
 
@@ -54,7 +55,9 @@ def linear_bytes(module: torch.nn.Module) -> int:
     """Bytes of weights one pass reads through this linear (whatever its storage)."""
     if isinstance(module, ConcatLinear):
         return sum(linear_bytes(p) for p in module.parts)
-    if isinstance(module, (Int4Linear, Int8Linear)):
+    if isinstance(module, RowWise):
+        return linear_bytes(module.inner)
+    if isinstance(module, (Int4Linear, Int8Linear, QLinear)):
         return sum(b.numel() * b.element_size() for b in module.buffers())
     if hasattr(module, "rows"):  # a reduced (FR-Spec) head
         return linear_bytes(module.rows)
@@ -83,7 +86,11 @@ def kind_of(name: str, module: torch.nn.Module) -> str:
     if name == "output":
         return "head (" + type(module).__name__ + ")"
     if isinstance(module, ConcatLinear):
-        return "linears: int4 + dense (mixed qkv)"
+        return "linears: mixed (" + " + ".join(kind_of("", p).removeprefix("linears: ") for p in module.parts) + ")"
+    if isinstance(module, QLinear):
+        return f"linears: qgemm {'4' if module.nibbles else '8'}-bit"
+    if isinstance(module, RowWise):
+        return kind_of(name, module.inner) + " row-wise"
     if isinstance(module, Int4Linear):
         return "linears: int4"
     if isinstance(module, Int8Linear):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-BASELINE = "ar"
+from configs.modes import BASELINE
 
 
 @dataclass

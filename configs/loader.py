@@ -17,10 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
-MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
-IMPLEMENTED_MODES = MODES
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "int4", "gguf")
+from configs.choices import CALIBRATION_POLICIES, CHANNELS, DTYPES, QUANTIZATIONS, VARIANTS
+from configs.modes import MODE_NAMES, Mode, mode_of
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
@@ -57,16 +55,33 @@ class RolePlacement:
 
 
 @dataclass(frozen=True)
-class EasySpecSection:
-    """Layer-parallel drafting (modes easyspec, amusd+easyspec); see workers/easyspec."""
+class EasySpecConfig:
+    """Layer-parallel drafting (modes with a layer-parallel draft); see workers/easyspec.
+
+    The one definition: the `easyspec` section of a config, and what the draft
+    worker builds its LayerParallelDraftModel from (workers.easyspec.plan_of
+    derives the layer plan).
+    """
 
     sequential_head: int = 4  # first layers that stay sequential
     sequential_tail: int = 4  # last layers that stay sequential
     groups: tuple[tuple[int, ...], ...] = ()  # an explicit layer plan; () = derived from head/tail
-    variant: str = "full"  # "full": whole layers in parallel; "attention": attentions only
-    calibration: str = "every_round"  # "every_round" | "on_mismatch" | "never"
-    channel: str = "auto"  # hidden-state exchange: "auto", "shm", "gloo", "nccl"
-    timeout_s: float = 60.0  # a rank silent this long is declared dead
+    variant: str = "full"  # one of VARIANTS: "full" (whole layers in parallel) or "attention" (attentions only)
+    calibration: str = "every_round"  # one of CALIBRATION_POLICIES
+    channel: str = "auto"  # one of CHANNELS: the hidden-state exchange
+    split_head: bool = True  # each rank computes a vocabulary slice of the logits
+    timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
+
+    def __post_init__(self):
+        for key, value, valid in (
+            ("variant", self.variant, VARIANTS),
+            ("calibration", self.calibration, CALIBRATION_POLICIES),
+            ("channel", self.channel, CHANNELS),
+        ):
+            if value not in valid:
+                raise ConfigError(f"easyspec.{key}: {value!r} is not one of {', '.join(valid)}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"easyspec.timeout_s: must be positive, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,17 @@ class Config:
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
     addresses: AddressConfig = AddressConfig()
-    easyspec: EasySpecSection = EasySpecSection()
+    easyspec: EasySpecConfig = EasySpecConfig()
+
+    @property
+    def mode(self) -> Mode:
+        """The row of the mode table for speculation.mode."""
+        return mode_of(self.speculation.mode)
+
+    @property
+    def placement_of_mode(self) -> RolePlacement:
+        """Where the roles of speculation.mode run."""
+        return self.placement_for(self.speculation.mode)
 
     def placement_for(self, mode: str) -> RolePlacement:
         return self.placement.get(mode) or self.placement.get("default") or RolePlacement()
@@ -239,16 +264,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    spec = config.speculation
-    if spec.mode not in MODES:
-        raise ConfigError(f"speculation.mode: {spec.mode!r} is not one of {', '.join(MODES)}")
-    if spec.mode not in IMPLEMENTED_MODES:
-        raise ConfigError(f"speculation.mode: {spec.mode!r} is not implemented yet (have: {', '.join(IMPLEMENTED_MODES)})")
-    if not 1 <= spec.num_draft_tokens <= 64:
-        raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {spec.num_draft_tokens}")
-    if not 1 <= spec.max_run_ahead <= 256:
-        raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {spec.max_run_ahead}")
-    if spec.draft_timeout_s <= 0:
+    speculation = config.speculation
+    if speculation.mode not in MODE_NAMES:
+        raise ConfigError(f"speculation.mode: {speculation.mode!r} is not one of {', '.join(MODE_NAMES)}")
+    if not 1 <= speculation.num_draft_tokens <= 64:
+        raise ConfigError(f"speculation.num_draft_tokens: must be in 1..64, got {speculation.num_draft_tokens}")
+    if not 1 <= speculation.max_run_ahead <= 256:
+        raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {speculation.max_run_ahead}")
+    if speculation.draft_timeout_s <= 0:
         raise ConfigError("speculation.draft_timeout_s: must be positive")
     for role in ("target", "draft"):
         model: ModelConfig = getattr(config, role)
@@ -259,8 +282,8 @@ def _validate(config: Config) -> None:
         if model.quantization not in QUANTIZATIONS:
             raise ConfigError(f"{role}.quantization: {model.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     for mode, roles in config.placement.items():
-        if mode != "default" and mode not in MODES:
-            raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODES)})")
+        if mode != "default" and mode not in MODE_NAMES:
+            raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODE_NAMES)})")
         for role, placement in [("target", roles.target), ("draft", roles.draft)] + [
             (f"draft_ranks[{i}]", p) for i, p in enumerate(roles.draft_ranks)
         ]:
@@ -273,13 +296,6 @@ def _validate(config: Config) -> None:
             bad = [c for c in placement.cores if not 0 <= c < available]
             if bad:
                 raise ConfigError(f"{where}.cores: {bad} not on this machine (it has cores 0..{available - 1})")
-    easy = config.easyspec
-    if easy.variant not in ("full", "attention"):
-        raise ConfigError(f"easyspec.variant: {easy.variant!r} is not one of full, attention")
-    if easy.calibration not in ("every_round", "on_mismatch", "never"):
-        raise ConfigError(f"easyspec.calibration: {easy.calibration!r} is not one of every_round, on_mismatch, never")
-    if easy.channel not in ("auto", "shm", "gloo", "nccl"):
-        raise ConfigError(f"easyspec.channel: {easy.channel!r} is not one of auto, shm, gloo, nccl")
     engine = config.engine
     if engine.max_model_len < 16:
         raise ConfigError("engine.max_model_len: must be at least 16")

@@ -4,13 +4,15 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
 
     server  -> verify : GenerateRequest, AbortRequest, DraftAvailability
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
-    verify  -> draft  : VerifiedPrefix, ReleaseRequest
+    verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest
     draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling)
     worker  -> server : WorkerReady (the start-up handshake), WorkerStats
 
-Drafting is a stream in every speculative mode: the verifier publishes each
-new verified prefix (a new epoch); the draft drafts ahead of the latest one it
-has seen, up to the run-ahead limit it was given, and publishes every token.
+Drafting is a stream in every speculative mode: the verifier begins a request
+on the draft once (its prompt and sampling), then publishes each new verified
+prefix (a new epoch) as the tokens it added, so a round's traffic does not grow
+with the sequence; the draft drafts ahead of the latest prefix it has seen, up
+to the run-ahead limit it was given, and publishes every token.
 `sd` waits for k drafts before verifying; `amusd` verifies whatever arrived.
 
 The engine knows no text: token ids in, token ids out.
@@ -98,12 +100,11 @@ class WorkerReady(msgspec.Struct, tag=True):
     max_model_len: int
 
 
-class VerifiedPrefix(msgspec.Struct, tag=True):
-    """The verified tokens of a request, version `epoch` (one per verification).
+class BeginDrafting(msgspec.Struct, tag=True):
+    """Draft for a request: its verified tokens so far (version `epoch`) and its sampling.
 
-    The draft crops its cache to the common prefix of what it holds and
-    `tokens` (a rollback when they part), adopts `epoch` for everything it
-    publishes from now on, and drafts at most `max_run_ahead` tokens past it.
+    Sent once when the verifier admits the request, and again (a new epoch)
+    to a draft worker that came back. Later prefixes come as VerifiedPrefix.
     """
 
     request_id: str
@@ -111,6 +112,22 @@ class VerifiedPrefix(msgspec.Struct, tag=True):
     tokens: list[int]
     max_run_ahead: int
     sampling: SamplingParams
+
+
+class VerifiedPrefix(msgspec.Struct, tag=True):
+    """The verified tokens of a request, version `epoch` (one per verification):
+    the previous version's first `start` tokens followed by `new_tokens`.
+
+    The draft crops its cache to the common prefix of what it holds and the
+    new version (a rollback when they part), adopts `epoch` for everything it
+    publishes from now on, and drafts at most `max_run_ahead` tokens past it.
+    """
+
+    request_id: str
+    epoch: int
+    start: int  # the previous version's length: new_tokens[0] is at this position
+    new_tokens: list[int]
+    max_run_ahead: int
 
 
 class DraftTokens(msgspec.Struct, tag=True):
@@ -149,6 +166,7 @@ Message = (
     | EngineStatus
     | WorkerReady
     | WorkerStats
+    | BeginDrafting
     | VerifiedPrefix
     | DraftTokens
     | DraftAvailability

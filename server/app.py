@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
@@ -21,37 +20,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.engine_client import EngineError, EngineUnavailable
+from server.engine_client import Engine, EngineError, EngineUnavailable
 from server.errors import APIError, RequestTooLarge, Unauthorized, error_reply
 from server.metrics import Metrics
-from server.serving import ServerContext
+from server.serving import AppSettings, ServerContext
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
 
 
-@dataclass(frozen=True)
-class AppSettings:
-    model_name: str
-    max_model_len: int
-    mode: str
-    eos_token_ids: tuple[int, ...]
-    max_n: int = 8
-    max_stop_sequences: int = 4
-    max_body_bytes: int = 1_000_000
-    # when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise)
-    api_key: str | None = None
-    # a generation request still running after this many seconds is aborted (408)
-    request_timeout_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.api_key == "":
-            raise ValueError("api_key must not be empty (None: no key)")
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
-
-
-def create_app(engine: Any, tokenizer: Any, settings: AppSettings) -> FastAPI:
-    """engine: an EngineClient (or the same interface); tokenizer: a transformers tokenizer."""
+def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI:
+    """engine: an EngineClient (or a test's engine with the same interface); tokenizer: a transformers tokenizer."""
     metrics = Metrics(CollectorRegistry(), engine)
     ctx = ServerContext(engine=engine, tokenizer=tokenizer, settings=settings, metrics=metrics,
                         vocab_size=len(tokenizer), created=int(time.time()))

@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 
-from configs.loader import DEFAULT_CONFIG, MODES, ConfigError, load_config, parse_setting
+from configs.choices import DTYPES
+from configs.loader import DEFAULT_CONFIG, ConfigError, load_config, parse_setting
+from configs.modes import MODE_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     serve.add_argument("--host", help="bind address (config default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (config default: 8000)")
-    serve.add_argument("--mode", choices=MODES, help="speculation mode (config: speculation.mode)")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of both models")
+    serve.add_argument("--mode", choices=MODE_NAMES, help="speculation mode (config: speculation.mode)")
+    serve.add_argument("--dtype", choices=DTYPES, help="dtype of both models")
     serve.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (config: speculation.num_draft_tokens)")
     serve.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",

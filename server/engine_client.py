@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Protocol
 
 import zmq
 import zmq.asyncio
@@ -53,7 +53,52 @@ class EngineStats:
     num_waiting: int = 0
 
 
-class EngineClient:
+class Engine(Protocol):
+    """What the HTTP layer uses of an engine: EngineClient, or a test's in-process engine."""
+
+    stats: EngineStats  # the verify worker's queue
+    worker_stats: dict[str, WorkerStats]  # the latest report per role
+    restarts: dict[str, int]  # worker restarts per role
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def unhealthy_reason(self) -> str | None: ...
+
+    @property
+    def num_pending(self) -> int: ...
+
+    @property
+    def max_pending(self) -> int | None:
+        """The bound on requests queued or running (None: unbounded)."""
+        ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
+
+
+class EngineHealth:
+    """Up, or down and why: the health half of an Engine."""
+
+    def __init__(self, unhealthy_reason: str | None = None):
+        self._unhealthy_reason = unhealthy_reason
+
+    @property
+    def healthy(self) -> bool:
+        return self._unhealthy_reason is None
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        return self._unhealthy_reason
+
+    def set_healthy(self) -> None:
+        self._unhealthy_reason = None
+
+    def set_unhealthy(self, reason: str) -> None:
+        self._unhealthy_reason = reason
+
+
+class EngineClient(EngineHealth):
     """Submit GenerateRequests to the verify worker and stream their outputs.
 
     `inbox_address` is the server's PULL socket (workers push to it);
@@ -61,18 +106,18 @@ class EngineClient:
     """
 
     def __init__(self, inbox_address: str, verify_address: str, max_pending: int):
+        super().__init__(unhealthy_reason="starting")
         self._context = zmq.asyncio.Context.instance()
         self._inbox_address = inbox_address
         self._verify_address = verify_address
         self._max_pending = max_pending
         self._requests: dict[str, _RequestState] = {}
-        self._unhealthy_reason: str | None = "starting"
         self._reader: asyncio.Task | None = None
         self._push = None
         self._pull = None
         self.stats = EngineStats()
         self.worker_stats: dict[str, WorkerStats] = {}  # latest report per role
-        self.on_status: Callable[[EngineStats], None] | None = None
+        self.restarts: dict[str, int] = {}  # kept by the launcher
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -95,20 +140,9 @@ class EngineClient:
 
     # -- health ------------------------------------------------------------
 
-    @property
-    def healthy(self) -> bool:
-        return self._unhealthy_reason is None
-
-    @property
-    def unhealthy_reason(self) -> str | None:
-        return self._unhealthy_reason
-
-    def set_healthy(self) -> None:
-        self._unhealthy_reason = None
-
     def set_unhealthy(self, reason: str) -> None:
         """Mark the engine down and end every in-flight request with `reason`."""
-        self._unhealthy_reason = reason
+        super().set_unhealthy(reason)
         self.fail_all(reason)
 
     def fail_all(self, reason: str) -> None:
@@ -192,8 +226,6 @@ class EngineClient:
             self.worker_stats[message.role] = message
         elif isinstance(message, EngineStatus):
             self.stats = EngineStats(message.num_running, message.num_waiting)
-            if self.on_status is not None:
-                self.on_status(self.stats)
         else:
             self.on_other_message(message)
 

@@ -29,10 +29,6 @@ class LaunchError(RuntimeError):
     """The server could not start (a worker failed, a bad model pair...)."""
 
 
-def roles_for(mode: str) -> list[str]:
-    return ["verify"] if mode == "ar" else ["verify", "draft"]
-
-
 class WorkerProcess:
     def __init__(self, role: str, config: Config):
         self.role = role
@@ -62,12 +58,11 @@ class WorkerProcess:
 
 
 class LaunchedEngineClient(EngineClient):
-    """The engine client, plus the workers' ready handshakes and restart counts."""
+    """The engine client, plus the workers' ready handshakes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ready: dict[str, WorkerReady] = {}
-        self.restarts: dict[str, int] = {}
 
     def on_other_message(self, message: Message) -> None:
         if isinstance(message, WorkerReady):
@@ -87,12 +82,12 @@ class PreparedModels:
 
 def prepare_models(config: Config, announce: Callable[[str], None]) -> PreparedModels:
     """Convert checkpoints once (with progress) and refuse a mismatched pair."""
-    from workers.model import check_same_tokenizer, load_tokenizer, resolve_checkpoint
+    from workers.model.checkpoints import check_same_tokenizer, load_tokenizer, resolve_checkpoint
 
     target_path = resolve_checkpoint(config.target.path, progress=announce)
     tokenizer = load_tokenizer(target_path)
     draft_path = None
-    if "draft" in roles_for(config.speculation.mode):
+    if config.mode.drafts:
         draft_path = resolve_checkpoint(config.draft.path, progress=announce)
         if draft_path != target_path:
             try:
@@ -200,7 +195,8 @@ async def serve(
     """Run the whole server until SIGINT/SIGTERM."""
     import uvicorn
 
-    from server.app import AppSettings, create_app
+    from server.app import create_app
+    from server.serving import AppSettings
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -216,7 +212,7 @@ async def serve(
         max_pending=config.engine.max_running_requests + config.engine.max_waiting_requests,
     )
     await engine.start()
-    workers = [WorkerProcess(role, config) for role in roles_for(mode)]
+    workers = [WorkerProcess(role, config) for role in config.mode.roles]
     supervisor = None
     try:
         for worker in workers:
@@ -227,7 +223,6 @@ async def serve(
         settings = AppSettings(
             model_name=config.model_name,
             max_model_len=config.engine.max_model_len,
-            mode=mode,
             eos_token_ids=models.eos_token_ids,
             api_key=api_key,
             request_timeout_s=request_timeout_s,

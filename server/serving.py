@@ -12,7 +12,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -20,25 +20,41 @@ from pydantic import BaseModel
 
 from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
-from server.engine_client import EngineError
-from server.engine_client import EngineOverloaded
+from server.engine_client import Engine, EngineError, EngineOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
 from server.metrics import Metrics, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
-if TYPE_CHECKING:
-    from server.app import AppSettings
-
 SEED_MODULUS = 2**63
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model_name: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    max_n: int = 8
+    max_stop_sequences: int = 4
+    max_body_bytes: int = 1_000_000
+    # when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise)
+    api_key: str | None = None
+    # a generation request still running after this many seconds is aborted (408)
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (None: no key)")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
 
 
 @dataclass(frozen=True)
 class ServerContext:
     """What the handlers of one app share (built once by create_app)."""
 
-    engine: Any  # EngineClient or anything with the same interface
+    engine: Engine
     tokenizer: Any
-    settings: "AppSettings"
+    settings: AppSettings
     metrics: Metrics
     vocab_size: int
     created: int  # unix seconds; the model card's `created`
@@ -84,7 +100,7 @@ def check_capacity(ctx: ServerContext, num_choices: int, param: str) -> None:
     """Refuse at once what the engine's bound on queued + running requests
     cannot take: 400 if it never could (more choices than the bound), 429 if
     it cannot now. Nothing is submitted in either case."""
-    limit = getattr(ctx.engine, "max_pending", None)
+    limit = ctx.engine.max_pending
     if limit is None:
         return
     if num_choices > limit:
@@ -365,17 +381,35 @@ async def unless_disconnected(awaitable: Awaitable[Any], request: Request) -> An
 # -- answering -----------------------------------------------------------------------------
 
 
-class StreamFormatter(Protocol):
-    include_usage: bool
+class ChoicesView:
+    """Formats one request's choices: the JSON response, or the SSE chunks (one subclass per endpoint)."""
+
+    include_usage: bool  # stream_options.include_usage
+
+    def response(self) -> BaseModel:
+        """The whole answer, once every choice has finished."""
+        raise NotImplementedError
 
     def opening(self) -> list[BaseModel]:
         """Chunks before any output (chat: the role; completions: echoed prompts)."""
+        raise NotImplementedError
 
     def chunk(self, delta: ChoiceDelta) -> BaseModel | None:
         """The chunk for one delta, or None when there is nothing to send."""
+        raise NotImplementedError
+
+    def empty_chunk(self) -> BaseModel:
+        """A chunk with no choices."""
+        raise NotImplementedError
+
+    def usage_info(self) -> UsageInfo:
+        raise NotImplementedError
 
     def usage_chunk(self) -> BaseModel:
         """The last chunk when stream_options.include_usage: no choices, the usage."""
+        chunk = self.empty_chunk()
+        chunk.usage = self.usage_info()
+        return chunk
 
 
 def sse(chunk: BaseModel, include_usage: bool) -> str:
@@ -397,19 +431,21 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def answer(run: GenerationRun, request: Request, metrics: Metrics, *, stream: bool,
-                 build_response: Callable[[], BaseModel], formatter: StreamFormatter | None) -> Response:
-    """Wait for the run and answer with one JSON body, or stream it as SSE.
+async def answer(ctx: ServerContext, choices: list[ChoiceState], view: ChoicesView, request: Request, *,
+                 stream: bool) -> Response:
+    """Run the choices; answer with one JSON body, or stream them as SSE.
 
     A stream's headers go out once every choice has produced its first output,
     so that refusals by the engine (overloaded, unavailable) keep their status
     codes; later failures become an SSE error event.
     """
+    run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
+    metrics = ctx.metrics
     deltas = run.deltas() if stream else None
     try:
         if deltas is None:
             await unless_disconnected(run.wait(), request)
-            return Response(build_response().model_dump_json(), media_type="application/json")
+            return Response(view.response().model_dump_json(), media_type="application/json")
         first = await unless_disconnected(_first_of_each(deltas, len(run.choices)), request)
     except ClientDisconnected:
         run.cancel()
@@ -419,7 +455,7 @@ async def answer(run: GenerationRun, request: Request, metrics: Metrics, *, stre
         run.cancel()
         raise
     return _ClosingStreamingResponse(
-        _event_stream(run, deltas, first, formatter, metrics),
+        _event_stream(run, deltas, first, view, metrics),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -436,7 +472,7 @@ async def _first_of_each(deltas: AsyncIterator[ChoiceDelta], num_choices: int) -
 
 
 async def _event_stream(run: GenerationRun, deltas: AsyncIterator[ChoiceDelta], first: list[ChoiceDelta],
-                        formatter: StreamFormatter, metrics: Metrics) -> AsyncIterator[str]:
+                        formatter: ChoicesView, metrics: Metrics) -> AsyncIterator[str]:
     ended = False
     include_usage = formatter.include_usage
     try:

@@ -20,11 +20,12 @@ from server.api import (
     DeltaMessage,
     TokenLogprob,
     TopLogprob,
+    UsageInfo,
 )
 from server.serving import (
     ChoiceDelta,
+    ChoicesView,
     ChoiceState,
-    GenerationRun,
     ServerContext,
     TokenInfo,
     answer,
@@ -76,13 +77,10 @@ class ChatServing:
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,
                          len(prompt_ids), choices)
-        run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
-        return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
-                            formatter=view)
+        return await answer(ctx, choices, view, request, stream=req.stream)
 
 
-class _ChatView:
-    """Formats one request's choices: the JSON response or the SSE chunks."""
+class _ChatView(ChoicesView):
 
     def __init__(self, request_id: str, created: int, model: str, include_usage: bool, num_prompt: int,
                  choices: list[ChoiceState]):
@@ -105,12 +103,10 @@ class _ChatView:
         return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
                                             logprobs=logprobs, finish_reason=delta.finish_reason)])
 
-    def usage_chunk(self) -> ChatCompletionChunk:
-        chunk = self._chunk([])
-        chunk.usage = self._usage()
-        return chunk
+    def empty_chunk(self) -> ChatCompletionChunk:
+        return self._chunk([])
 
-    def _usage(self):
+    def usage_info(self) -> UsageInfo:
         return usage([self._num_prompt], self._choices)
 
     def response(self) -> ChatCompletionResponse:
@@ -124,4 +120,4 @@ class _ChatView:
             for c in self._choices
         ]
         return ChatCompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
-                                      usage=self._usage(), speculation=speculation(self._choices))
+                                      usage=self.usage_info(), speculation=speculation(self._choices))

@@ -10,12 +10,19 @@ from typing import Sequence
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.api import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.api import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from server.errors import InvalidRequest
 from server.serving import (
     ChoiceDelta,
+    ChoicesView,
     ChoiceState,
-    GenerationRun,
     ServerContext,
     TokenInfo,
     answer,
@@ -81,9 +88,7 @@ class CompletionServing:
                     sampling_params(req, index, seed), req.stop, req.logprobs,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
-        run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
-        return await answer(run, request, ctx.metrics, stream=req.stream, build_response=view.response,
-                            formatter=view)
+        return await answer(ctx, choices, view, request, stream=req.stream)
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
         raw = req.prompt
@@ -105,8 +110,7 @@ class CompletionServing:
         return prompts
 
 
-class _CompletionView:
-    """Formats one request's choices: the JSON response or the SSE chunks."""
+class _CompletionView(ChoicesView):
 
     def __init__(self, request_id: str, created: int, model: str, req: CompletionRequest,
                  prompts: list[Prompt], choices: list[ChoiceState]):
@@ -140,12 +144,10 @@ class _CompletionView:
         return self._chunk([CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
                                              finish_reason=delta.finish_reason)])
 
-    def usage_chunk(self) -> CompletionChunk:
-        chunk = self._chunk([])
-        chunk.usage = self._usage()
-        return chunk
+    def empty_chunk(self) -> CompletionChunk:
+        return self._chunk([])
 
-    def _usage(self):
+    def usage_info(self) -> UsageInfo:
         return usage([len(p.ids) for p in self._prompts], self._choices)
 
     def response(self) -> CompletionResponse:
@@ -156,4 +158,4 @@ class _CompletionView:
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason))
         return CompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
-                                  usage=self._usage(), speculation=speculation(self._choices))
+                                  usage=self.usage_info(), speculation=speculation(self._choices))

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.engine_client import Engine
 
 PREFIX = "tandem:"
 
@@ -26,14 +28,26 @@ EASYSPEC_HELP = {
 }
 
 
+# (role, WorkerStats field, series, help): a worker's cumulative counters, 0 before its first report
+COUNTERS = (
+    ("draft", "rollbacks", "spec_decode_rollbacks",
+     "Times the draft cropped its cache because the verifier parted from its drafts."),
+    ("draft", "draft_tokens", "spec_decode_drafted_tokens", "Tokens the draft drafted (verified or not)."),
+    ("verify", "draft_wait_s", "verify_draft_wait_seconds",
+     "Time the verifier sat idle waiting for draft tokens (AMUSD: the draft is the bottleneck)."),
+    ("verify", "stale_drafts", "spec_decode_stale_draft_tokens",
+     "Draft tokens dropped by the verifier because they were drafted from an old prefix."),
+)
+
+
 class WorkerCollector(Collector):
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Engine):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        stats = dict(getattr(self.engine, "worker_stats", {}))
+        stats = dict(self.engine.worker_stats)
         restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Worker processes restarted after dying.", labels=["role"])
-        for role, count in sorted(getattr(self.engine, "restarts", {}).items()):
+        for role, count in sorted(self.engine.restarts.items()):
             restarts.add_metric([role], count)
         yield restarts
 
@@ -49,28 +63,11 @@ class WorkerCollector(Collector):
         yield busy
         yield fraction
 
-        draft, verify = stats.get("draft"), stats.get("verify")
-        yield CounterMetricFamily(
-            PREFIX + "spec_decode_rollbacks",
-            "Times the draft cropped its cache because the verifier parted from its drafts.",
-            value=draft.rollbacks if draft else 0,
-        )
-        yield CounterMetricFamily(
-            PREFIX + "spec_decode_drafted_tokens",
-            "Tokens the draft drafted (verified or not).",
-            value=draft.draft_tokens if draft else 0,
-        )
+        for role, field, name, help_text in COUNTERS:
+            report = stats.get(role)
+            yield CounterMetricFamily(PREFIX + name, help_text, value=getattr(report, field) if report else 0)
         # EasySpec draft: fuzzy (layer-parallel) vs exact passes, calibration, hidden-state exchange
+        draft = stats.get("draft")
         for key, value in sorted(((draft.easyspec or {}) if draft else {}).items()):
             name = key[:-2] + "_seconds" if key.endswith("_s") else key
             yield CounterMetricFamily(PREFIX + "easyspec_" + name, EASYSPEC_HELP.get(key, key), value=value)
-        yield CounterMetricFamily(
-            PREFIX + "verify_draft_wait_seconds",
-            "Time the verifier sat idle waiting for draft tokens (AMUSD: the draft is the bottleneck).",
-            value=verify.draft_wait_s if verify else 0,
-        )
-        yield CounterMetricFamily(
-            PREFIX + "spec_decode_stale_draft_tokens",
-            "Draft tokens dropped by the verifier because they were drafted from an old prefix.",
-            value=verify.stale_drafts if verify else 0,
-        )

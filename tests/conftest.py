@@ -21,9 +21,17 @@ def smollm_dir():
 
 
 @pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    """The embedded SmolLM2's tokenizer (the tiny models' too)."""
+    from workers.model import load_tokenizer
+
+    return load_tokenizer(smollm_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory, smollm_dir):
     """A tiny random Llama with SmolLM2's tokenizer: servable, fast."""
-    from workers.model import make_tiny_checkpoint
+    from tests.tiny_model import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-target"), tokenizer_dir=smollm_dir, seed=0)
 
@@ -31,7 +39,7 @@ def tiny_target_dir(tmp_path_factory, smollm_dir):
 @pytest.fixture(scope="session")
 def tiny_stranger_dir(tmp_path_factory, smollm_dir):
     """Differently seeded weights: a draft that disagrees with the target almost always."""
-    from workers.model import make_tiny_checkpoint
+    from tests.tiny_model import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-stranger"), tokenizer_dir=smollm_dir, seed=1)
 

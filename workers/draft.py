@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 from configs.loader import Config
-from protocol.messages import ReleaseRequest, VerifiedPrefix, WorkerReady, WorkerStats
+from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, WorkerReady, WorkerStats
 from protocol.sockets import Inbox, Outbox
-from workers.engine import DraftEngine
+from workers.engine import DraftEngine, DraftModel, PlainDraft
 from workers.engine.draft_engine import Drafted
 from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
 
@@ -25,38 +26,26 @@ log = logging.getLogger("tandem.draft")
 STATS_INTERVAL_S = 0.5
 
 
-EASYSPEC_MODES = ("easyspec", "amusd+easyspec")
+def draft_model(config: Config, device) -> DraftModel:
+    """The plain draft, or the layer-parallel one (EasySpec): this process is
+    rank 0, the others are spawned on placement.draft_ranks."""
+    model, path = load_worker_model(config.draft, device)
+    if not config.mode.layer_parallel_draft:
+        return PlainDraft(model)
+    from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel
 
-
-def layer_parallel(model, path, config: Config):
-    """The EasySpec draft: this process is rank 0, the others are spawned on
-    placement.draft_ranks and exchange hidden states with it."""
-    from workers.easyspec import DraftSpec, EasySpecConfig, LayerParallelDraftModel
-
-    placement = config.placement_for(config.speculation.mode)
-    section = config.easyspec
-    easy = EasySpecConfig(
-        sequential_head=section.sequential_head,
-        sequential_tail=section.sequential_tail,
-        groups=section.groups or None,
-        variant=section.variant,
-        calibration=section.calibration,
-        channel=section.channel,
-        timeout_s=section.timeout_s,
-        # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
-        split_head=not config.draft.head_vocab,
-    )
-    spec = DraftSpec(str(path), config.draft.dtype, config.draft.quantization)
-    return LayerParallelDraftModel.from_config(model, spec, easy, [placement.draft, *placement.draft_ranks])
+    placement = config.placement_of_mode
+    checkpoint = DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization)
+    # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
+    easyspec = replace(config.easyspec, split_head=config.easyspec.split_head and not config.draft.head_vocab)
+    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, [placement.draft, *placement.draft_ranks])
 
 
 class DraftWorker:
     def __init__(self, config: Config):
         self.config = config
-        device = apply_placement(config.placement_for(config.speculation.mode).draft)
-        self.model, path = load_worker_model(config.draft, device)
-        if config.speculation.mode in EASYSPEC_MODES:
-            self.model = layer_parallel(self.model, path, config)
+        device = apply_placement(config.placement_of_mode.draft)
+        self.model = draft_model(config, device)
         self.engine = DraftEngine(
             self.model,
             max_model_len=config.engine.max_model_len,
@@ -74,10 +63,8 @@ class DraftWorker:
             self.to_verify.send(drafted.message, arrays)
 
     def _handle(self, message) -> None:
-        if isinstance(message, VerifiedPrefix):
-            self._publish(self.engine.update(message))
-        elif isinstance(message, ReleaseRequest):
-            self.engine.release(message.request_id)
+        if isinstance(message, (BeginDrafting, VerifiedPrefix, ReleaseRequest)):
+            self._publish(self.engine.handle(message))
         else:
             log.warning("draft worker ignores unexpected %s", type(message).__name__)
 
@@ -108,10 +95,10 @@ class DraftWorker:
                 self._report(now - started)
 
     def _report(self, wall_s: float) -> None:
-        stats = getattr(self.model, "stats", None)  # the EasySpec draft's pass counters
+        stats = self.model.stats()  # the EasySpec draft's pass counters (None for a plain draft)
         easyspec = None
-        if callable(stats):
-            easyspec = {k: float(v) for k, v in stats().items() if isinstance(v, (int, float))}
+        if stats is not None:
+            easyspec = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
         self.to_server.send(
             WorkerStats(
                 "draft",
@@ -124,9 +111,7 @@ class DraftWorker:
         )
 
     def close(self) -> None:
-        close = getattr(self.model, "close", None)
-        if close is not None:  # the EasySpec ranks
-            close()
+        self.model.close()  # the EasySpec ranks
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,9 @@
-"""What every worker process shares: placement, naming, lifetime, model loading."""
+"""What every worker process shares: placement, naming, lifetime, model loading.
+
+The verify and draft workers start with `become_worker`; the EasySpec follower
+ranks (workers/easyspec/ranks.py) use the same pieces: `name_process`,
+`die_with_parent`, `apply_placement`.
+"""
 
 from __future__ import annotations
 
@@ -27,22 +32,36 @@ def worker_args(role: str, argv: list[str] | None = None) -> Config:
     return config_from_dict(json.loads(args.config_json))
 
 
+def _prctl(option: int, value) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value, 0, 0, 0)
+    except OSError:  # not Linux: the parent still stops us on exit
+        pass
+
+
+def name_process(name: str) -> None:
+    """The name `ps` and `top` show (15 bytes at most)."""
+    _prctl(_PR_SET_NAME, name.encode()[:15])
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent dies, so nothing is orphaned."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def become_worker(role: str) -> None:
     """Name the process, and die with the launcher so nothing is orphaned."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_NAME, f"tandem-{role}".encode()[:15], 0, 0, 0)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:  # not Linux: the launcher still stops us on exit
-        pass
+    name_process(f"tandem-{role}")
+    die_with_parent()
     if os.getppid() == 1:  # the launcher died before PDEATHSIG was set
         sys.exit(1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 def apply_placement(placement: DevicePlacement) -> torch.device:
-    """Pin to the configured cores/threads (CPU) or select the GPU."""
+    """Pin to the configured cores/threads (CPU) or select the GPU (a DevicePlacement,
+    or anything with its fields: device, cores, threads)."""
     if placement.device.startswith("cuda"):
         device = torch.device(placement.device)
         torch.cuda.set_device(device)
@@ -51,8 +70,7 @@ def apply_placement(placement: DevicePlacement) -> torch.device:
         return device
     if placement.cores:
         os.sched_setaffinity(0, placement.cores)
-    threads = placement.threads or len(placement.cores) or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(placement.threads or len(placement.cores) or torch.get_num_threads())
     return torch.device("cpu")
 
 

@@ -60,18 +60,17 @@ class SocketTransport:
 
 
 def make_draft_source(config: Config, outbox_factory):
-    spec = config.speculation
-    if spec.mode == "ar":
+    mode, speculation = config.mode, config.speculation
+    if not mode.drafts:
         return NoDraft(), None
     transport = SocketTransport(outbox_factory(config.addresses.draft))
-    synchronous = spec.mode in ("sd", "easyspec")  # draft, then verify; else amusd's pipeline
     stream = DraftStream(
         transport,
-        num_draft_tokens=spec.num_draft_tokens,
-        # synchronous: the draft drafts exactly the next round's k; amusd: it runs ahead
-        max_run_ahead=spec.num_draft_tokens if synchronous else spec.max_run_ahead,
-        wait_for_all=synchronous,
-        timeout_s=spec.draft_timeout_s,
+        num_draft_tokens=speculation.num_draft_tokens,
+        # synchronous: the draft drafts exactly the next round's k; else it runs ahead
+        max_run_ahead=speculation.num_draft_tokens if mode.synchronous else speculation.max_run_ahead,
+        mode=mode,
+        timeout_s=speculation.draft_timeout_s,
     )
     return stream, transport
 
@@ -79,7 +78,7 @@ def make_draft_source(config: Config, outbox_factory):
 class VerifyWorker:
     def __init__(self, config: Config):
         self.config = config
-        device = apply_placement(config.placement_for(config.speculation.mode).target)
+        device = apply_placement(config.placement_of_mode.target)
         self.model, _ = load_worker_model(config.target, device)
         self.inbox = Inbox(config.addresses.verify)
         self.to_server = Outbox(config.addresses.server)
@@ -128,9 +127,14 @@ class VerifyWorker:
         now = time.monotonic()
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
-            stale, wait = getattr(self.draft, "num_stale", 0), getattr(self.draft, "wait_s", 0.0)
             self.to_server.send(
-                WorkerStats("verify", self.engine.busy_s, now - self._started, stale_drafts=stale, draft_wait_s=wait)
+                WorkerStats(
+                    "verify",
+                    self.engine.busy_s,
+                    now - self._started,
+                    stale_drafts=self.draft.num_stale,
+                    draft_wait_s=self.draft.wait_s,
+                )
             )
 
     def run(self) -> None:

@@ -1,6 +1,5 @@
-"""An in-test engine with EngineClient's interface (generate / healthy /
-unhealthy_reason / stats / on_status), so the HTTP layer can be tested without
-worker processes.
+"""An in-test Engine (server.engine_client's protocol, as EngineClient), so the
+HTTP layer can be tested without worker processes.
 
 Outputs are deterministic functions of the prompt (and of the seed when
 sampling): tokens are taken from a corpus with multi-byte characters, 1-4 per
@@ -16,7 +15,8 @@ import itertools
 import random
 
 from protocol.messages import GenerateRequest, TokenOutput
-from server.engine_client import EngineError, EngineOverloaded, EngineStats, EngineUnavailable
+from protocol.messages import WorkerStats
+from server.engine_client import EngineError, EngineHealth, EngineOverloaded, EngineStats, EngineUnavailable
 
 MARK_FAIL = "@@fail@@"  # EngineError after the first output
 MARK_SLOW = "@@slow@@"  # 50 ms between outputs, no EOS
@@ -30,34 +30,25 @@ CORPUS = (
 )
 
 
-class FakeEngine:
+class FakeEngine(EngineHealth):
+    max_pending: int | None = None  # unbounded
+
     def __init__(self, tokenizer, step_delay_s: float = 0.0):
+        super().__init__()
         self._tokenizer = tokenizer
         self._corpus = tokenizer.encode(CORPUS, add_special_tokens=False)
         self._step_delay_s = step_delay_s
-        self._unhealthy_reason: str | None = None
         self.stats = EngineStats()
-        self.on_status = None
+        self.worker_stats: dict[str, WorkerStats] = {}
+        self.restarts: dict[str, int] = {}
         self.requests: list[GenerateRequest] = []  # every submitted request
         self.finished: set[str] = set()  # ids that reached a finish_reason
         self.closed_early: set[str] = set()  # ids whose generator was closed before finishing (aborts)
         self._active: set[str] = set()
 
-    # -- health, like EngineClient -------------------------------------------------
-
     @property
-    def healthy(self) -> bool:
-        return self._unhealthy_reason is None
-
-    @property
-    def unhealthy_reason(self) -> str | None:
-        return self._unhealthy_reason
-
-    def set_healthy(self) -> None:
-        self._unhealthy_reason = None
-
-    def set_unhealthy(self, reason: str) -> None:
-        self._unhealthy_reason = reason
+    def num_pending(self) -> int:
+        return len(self._active)
 
     def request(self, request_id: str) -> GenerateRequest:
         return next(r for r in self.requests if r.request_id == request_id)
@@ -66,8 +57,6 @@ class FakeEngine:
 
     def _status_changed(self) -> None:
         self.stats = EngineStats(num_running=len(self._active), num_waiting=0)
-        if self.on_status is not None:
-            self.on_status(self.stats)
 
     async def generate(self, request: GenerateRequest):
         if not self.healthy:

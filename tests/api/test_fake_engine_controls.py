@@ -6,7 +6,6 @@ against a real launched server."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -14,6 +13,7 @@ import pytest
 
 from tests.api.fake_engine import MARK_FAIL, MARK_OVERLOADED, MARK_SLOW
 from tests.api.helpers import assert_error, chunks, metric, post_stream, scrape
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +27,6 @@ def model_name():
     from tests.api.conftest import TEST_MODEL_NAME
 
     return TEST_MODEL_NAME
-
-
-def wait_for(condition, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def new_requests(engine, before: int):
@@ -77,7 +68,7 @@ def test_one_failing_choice_fails_the_request_and_aborts_the_others(http, model_
                                            "max_tokens": 200})
     assert_error(r, 500)
     (failed, slow) = new_requests(app_engine, before)
-    assert wait_for(lambda: slow.request_id in app_engine.closed_early)
+    assert wait_until(lambda: slow.request_id in app_engine.closed_early, timeout_s=3, interval_s=0.01)
 
 
 def test_overloaded_is_429(http, client, model_name):
@@ -122,9 +113,9 @@ def test_stream_disconnect_aborts_the_engine_request(server_url, http, model_nam
             assert request.request_id not in app_engine.closed_early
             assert metric(scrape(http), "tandem:num_requests_running") >= 1
         # leaving the block closes the connection mid-stream
-    assert wait_for(lambda: request.request_id in app_engine.closed_early)
+    assert wait_until(lambda: request.request_id in app_engine.closed_early, timeout_s=3, interval_s=0.01)
     assert request.request_id not in app_engine.finished
-    assert wait_for(lambda: disconnects() == disconnects_before + 1)
+    assert wait_until(lambda: disconnects() == disconnects_before + 1, timeout_s=3, interval_s=0.01)
     assert metric(scrape(http), "tandem:num_requests_running") == 0
 
 
@@ -134,7 +125,7 @@ def test_non_stream_disconnect_aborts_the_engine_request(server_url, model_name,
         httpx.post(f"{server_url}/v1/completions", timeout=0.5,
                    json={"model": model_name, "prompt": MARK_SLOW, "max_tokens": 400})
     (request,) = new_requests(app_engine, before)
-    assert wait_for(lambda: request.request_id in app_engine.closed_early)
+    assert wait_until(lambda: request.request_id in app_engine.closed_early, timeout_s=3, interval_s=0.01)
 
 
 def test_stop_string_aborts_the_engine_request(client, model_name, app_engine):
@@ -145,7 +136,7 @@ def test_stop_string_aborts_the_engine_request(client, model_name, app_engine):
     r = client.completions.create(model=model_name, prompt=prompt, max_tokens=400, temperature=0, stop=stop)
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[: text.index(stop)]
     (request,) = new_requests(app_engine, before)
-    assert wait_for(lambda: request.request_id in app_engine.closed_early)
+    assert wait_until(lambda: request.request_id in app_engine.closed_early, timeout_s=3, interval_s=0.01)
     assert r.usage.completion_tokens < 20
 
 

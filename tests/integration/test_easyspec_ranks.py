@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.helpers import process_alive, wait_until
-from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
-from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine
-from workers.model import load_model, make_tiny_checkpoint
+from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
+from tests.easyspec_probe import fetch_kv
+from tests.local_draft import LocalTransport
+from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
+from workers.model import load_model
+from tests.tiny_model import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 N_LAYERS = 6
@@ -40,7 +44,7 @@ def tiny(tmp_path_factory):
 def start(tiny, channel="shm", plan=PARALLEL, timeout_s=20.0, **kwargs) -> LayerParallelDraftModel:
     path, model = tiny
     return LayerParallelDraftModel.distributed(
-        model, DraftSpec(str(path), "float32"), plan, channel=channel, placements=ONE_THREAD, timeout_s=timeout_s, **kwargs
+        model, DraftCheckpoint(str(path), "float32"), plan, channel=channel, placements=ONE_THREAD, timeout_s=timeout_s, **kwargs
     )
 
 
@@ -85,7 +89,7 @@ def test_sequential_plan_on_two_ranks_equals_the_ordinary_draft_exactly(tiny, gr
     logits = passes(draft, cache, exact=False)
     assert torch.equal(logits, ref)
     n = len(PROMPT)
-    k, v = draft.fetch_kv(cache)
+    k, v = fetch_kv(draft, cache)
     assert torch.equal(k, ref_cache.k[:, :, :n]) and torch.equal(v, ref_cache.v[:, :, :n])
     assert torch.equal(cache.k[:, :, :n], ref_cache.k[:, :, :n])  # rank 0 ran every layer itself
 
@@ -106,7 +110,7 @@ def test_fuzzy_forward_on_two_ranks_equals_the_single_process_reference(tiny, gr
     exact = passes(model, model.new_cache(64))
     assert (logits - exact).abs().max() > 0.1  # it is the fuzzy forward, not the exact one
     stats = draft.stats()
-    k, v = draft.fetch_kv(cache)
+    k, v = fetch_kv(draft, cache)
     n = len(PROMPT)
     torch.testing.assert_close(k, ref_cache.k[:, :, :n], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, ref_cache.v[:, :, :n], rtol=1e-5, atol=1e-5)
@@ -129,13 +133,13 @@ def test_calibration_on_two_ranks_makes_the_verified_kv_exact(tiny, groups, chan
         drafted.append(int(draft.forward(torch.tensor(drafted[-1:]), cache).argmax()))
     correction = (drafted[2] + 1) % 256
     verified = PROMPT.tolist() + drafted[:2] + [correction]
-    cache.crop(len(PROMPT) + 2)
+    draft.after_rollback(cache, len(PROMPT) + 2)  # the verifier's answer
     logits = draft.forward(torch.tensor([correction]), cache)  # calibration on every rank
     n = len(verified)
     exact_cache = model.new_cache(64)
     exact_logits = model.forward(torch.tensor(verified), exact_cache)
     torch.testing.assert_close(logits, exact_logits, rtol=1e-4, atol=1e-4)
-    k, v = draft.fetch_kv(cache)  # parallel layers as their own ranks hold them
+    k, v = fetch_kv(draft, cache)  # parallel layers as their own ranks hold them
     torch.testing.assert_close(k, exact_cache.k[:, :, :n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v, exact_cache.v[:, :, :n], rtol=1e-4, atol=1e-4)
 
@@ -158,7 +162,7 @@ def test_engine_drives_a_two_rank_draft_losslessly(tiny, groups):
 
     ar = serve(NoDraft())
     engine = DraftEngine(draft, max_model_len=128, max_requests=2)
-    stream = DraftStream(LocalTransport(engine), num_draft_tokens=4, max_run_ahead=4, wait_for_all=True, timeout_s=30)
+    stream = DraftStream(LocalTransport(engine), num_draft_tokens=4, max_run_ahead=4, mode=mode_of("easyspec"), timeout_s=30)
     assert serve(stream) == ar
     assert draft.healthy
 
@@ -229,12 +233,12 @@ def test_followers_exit_when_rank0_dies(tiny, tmp_path):
     code = textwrap.dedent(
         f"""
         import os, signal, torch
-        from workers.easyspec import DraftSpec, LayerParallelDraftModel, RankPlacement, make_layer_plan
+        from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
         from workers.model import load_model
         model = load_model({str(path)!r}, dtype=torch.float32)
         plan = make_layer_plan({N_LAYERS}, 2, sequential_head=1, sequential_tail=1)
         draft = LayerParallelDraftModel.distributed(
-            model, DraftSpec({str(path)!r}, "float32"), plan, placements=[RankPlacement(threads=1)] * 2)
+            model, DraftCheckpoint({str(path)!r}, "float32"), plan, placements=[RankPlacement(threads=1)] * 2)
         print(*draft.executor.pids, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -253,6 +257,6 @@ def test_a_rank_that_fails_to_start_is_reported(tiny, tmp_path):
     _, model = tiny
     with pytest.raises(RankError, match="failed to start") as e:
         LayerParallelDraftModel.distributed(
-            model, DraftSpec(str(tmp_path / "missing"), "float32"), PARALLEL, placements=ONE_THREAD, timeout_s=5
+            model, DraftCheckpoint(str(tmp_path / "missing"), "float32"), PARALLEL, placements=ONE_THREAD, timeout_s=5
         )
     assert "config.json" in str(e.value)  # the follower's own error comes along

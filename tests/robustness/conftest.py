@@ -15,9 +15,9 @@ from dataclasses import replace
 
 import pytest
 
-from server.app import AppSettings, create_app
-from tests.api.conftest import UvicornThread, load_smollm_tokenizer
-from tests.helpers import launch_server
+from server.app import create_app
+from server.serving import AppSettings
+from tests.helpers import UvicornThread, launch_server
 from tests.robustness.support import MODEL, tiny_server_config
 
 
@@ -36,22 +36,17 @@ def robust_server(tmp_path_factory, tiny_target_dir, zmq_addresses):
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    return load_smollm_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def base_settings(tokenizer) -> AppSettings:
-    return AppSettings(model_name=MODEL, max_model_len=512, mode="sd", eos_token_ids=(tokenizer.eos_token_id,))
+def base_settings(smollm_tokenizer) -> AppSettings:
+    return AppSettings(model_name=MODEL, max_model_len=512, eos_token_ids=(smollm_tokenizer.eos_token_id,))
 
 
 @pytest.fixture
-def serve_app(tokenizer, base_settings):
+def serve_app(smollm_tokenizer, base_settings):
     """serve_app(engine, **settings) -> a context manager yielding the base URL."""
 
     @contextlib.contextmanager
     def serve(engine, **settings):
-        app = create_app(engine, tokenizer, replace(base_settings, **settings))
+        app = create_app(engine, smollm_tokenizer, replace(base_settings, **settings))
         with UvicornThread(app) as server:
             yield server.url
 

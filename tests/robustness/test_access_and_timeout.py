@@ -5,7 +5,6 @@ through `tandem serve --api-key --request-timeout` with real workers."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 
@@ -15,7 +14,7 @@ import pytest
 
 from tests.api.fake_engine import MARK_SLOW, FakeEngine
 from tests.api.helpers import sse_data
-from tests.helpers import launch_server
+from tests.helpers import UvicornThread, launch_server, wait_until
 from tests.robustness.support import MODEL, assert_envelope, tiny_server_config
 
 KEY = "sk-tandem-test-0123456789"
@@ -26,14 +25,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def keyed(tokenizer, base_settings):
+def keyed(smollm_tokenizer, base_settings):
     from dataclasses import replace
 
     from server.app import create_app
-    from tests.api.conftest import UvicornThread
 
-    engine = FakeEngine(tokenizer)
-    with UvicornThread(create_app(engine, tokenizer, replace(base_settings, api_key=KEY))) as server:
+    engine = FakeEngine(smollm_tokenizer)
+    with UvicornThread(create_app(engine, smollm_tokenizer, replace(base_settings, api_key=KEY))) as server:
         yield server.url, engine
 
 
@@ -84,24 +82,14 @@ def test_scheme_is_case_insensitive(keyed):
 
 
 @pytest.fixture(scope="module")
-def timed(tokenizer, base_settings):
+def timed(smollm_tokenizer, base_settings):
     from dataclasses import replace
 
     from server.app import create_app
-    from tests.api.conftest import UvicornThread
 
-    engine = FakeEngine(tokenizer)
-    with UvicornThread(create_app(engine, tokenizer, replace(base_settings, request_timeout_s=0.4))) as server:
+    engine = FakeEngine(smollm_tokenizer)
+    with UvicornThread(create_app(engine, smollm_tokenizer, replace(base_settings, request_timeout_s=0.4))) as server:
         yield server.url, engine
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_timeout_non_streaming_is_408_and_aborts(timed):
@@ -117,7 +105,7 @@ def test_timeout_non_streaming_is_408_and_aborts(timed):
     assert "0.4 s" in error["message"]
     assert 0.35 < elapsed < 2.0
     ids = [r.request_id for r in engine.requests[before:]]
-    assert len(ids) == 2 and wait_for(lambda: set(ids) <= engine.closed_early)  # both choices aborted
+    assert len(ids) == 2 and wait_until(lambda: set(ids) <= engine.closed_early, timeout_s=5, interval_s=0.01)  # both choices aborted
 
 
 def test_timeout_mid_stream_is_an_error_event(timed):
@@ -132,7 +120,7 @@ def test_timeout_mid_stream_is_an_error_event(timed):
     error = json.loads(events[-2])["error"]
     assert error["type"] == "timeout_error" and "timeout" in error["message"]
     (request,) = engine.requests[before:]
-    assert wait_for(lambda: request.request_id in engine.closed_early)
+    assert wait_until(lambda: request.request_id in engine.closed_early, timeout_s=5, interval_s=0.01)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'tandem:request_failure_total{reason="timeout"}' in metrics
 
@@ -146,20 +134,6 @@ def test_requests_within_the_timeout_are_untouched(timed):
 # -- through `tandem serve`, real workers ----------------------------------------------------
 
 
-def launcher_passes_app_options() -> bool:
-    from server.launcher import serve
-
-    parameters = inspect.signature(serve).parameters
-    return "api_key" in parameters and "request_timeout_s" in parameters
-
-
-needs_wiring = pytest.mark.skipif(
-    not launcher_passes_app_options(),
-    reason="server.launcher.serve does not take api_key / request_timeout_s yet",
-)
-
-
-@needs_wiring
 def test_served_with_key_and_timeout(tmp_path, tiny_target_dir):
     config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, engine={"max_model_len": 4096})
     with launch_server(config, "--api-key", KEY, "--request-timeout", "1.0", mode="ar") as server:
@@ -173,7 +147,7 @@ def test_served_with_key_and_timeout(tmp_path, tiny_target_dir):
         slow = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=30,
                           json={"model": MODEL, "prompt": "hi", "max_tokens": 4000, "temperature": 0})
         assert assert_envelope(slow, 408)["type"] == "timeout_error"
-        assert wait_for(lambda: server.metric("tandem:num_requests_running") == 0, 10)
+        assert wait_until(lambda: server.metric("tandem:num_requests_running") == 0, timeout_s=10)
         again = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=30,
                            json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "temperature": 0})
         assert again.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]

@@ -12,17 +12,11 @@ import time
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.robustness.support import MODEL, assert_serving, greedy
 
 LONG = {"model": MODEL, "prompt": "Tell me everything.", "max_tokens": 480, "temperature": 0, "n": 4}
 OTHER_PROMPT, OTHER_TOKENS = "A second client asks", 40
-
-
-def wait_until(condition, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def open_request(port: int, body: dict) -> socket.socket:
@@ -46,7 +40,7 @@ def read_until_first_event(sock: socket.socket) -> None:
 def test_disconnect_aborts_in_workers_and_spares_others(robust_server, stream):
     server = robust_server
     solo = greedy(server.url, OTHER_PROMPT, OTHER_TOKENS)
-    wait_until(lambda: server.metric("tandem:num_requests_running") == 0)
+    assert wait_until(lambda: server.metric("tandem:num_requests_running") == 0, timeout_s=20, interval_s=0.02)
     success_before = sum(v for (name, _), v in server.metrics().items() if name == "tandem:request_success_total")
     tokens_before = server.metric("tandem:generation_tokens_total")
     gone_before = server.metric("tandem:request_failure_total", reason="client_disconnected")
@@ -54,7 +48,7 @@ def test_disconnect_aborts_in_workers_and_spares_others(robust_server, stream):
     sock = open_request(server.port, {**LONG, "stream": stream})
     if stream:
         read_until_first_event(sock)
-    wait_until(lambda: server.metric("tandem:num_requests_running") >= 1)
+    assert wait_until(lambda: server.metric("tandem:num_requests_running") >= 1, timeout_s=20, interval_s=0.02)
     other: dict[str, str] = {}
     worker = threading.Thread(target=lambda: other.update(text=greedy(server.url, OTHER_PROMPT, OTHER_TOKENS)))
     worker.start()
@@ -63,8 +57,8 @@ def test_disconnect_aborts_in_workers_and_spares_others(robust_server, stream):
     worker.join(60)
 
     assert other["text"] == solo  # the concurrent request was untouched
-    wait_until(lambda: server.metric("tandem:num_requests_running") == 0
-               and server.metric("tandem:num_requests_waiting") == 0, 10)
+    assert wait_until(lambda: server.metric("tandem:num_requests_running") == 0
+                      and server.metric("tandem:num_requests_waiting") == 0, timeout_s=10, interval_s=0.02)
     metrics = server.metrics()
     success = sum(v for (name, _), v in metrics.items() if name == "tandem:request_success_total")
     assert success == success_before + 1  # only the other request finished; the 4 long choices were aborted

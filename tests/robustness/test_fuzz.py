@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import UvicornThread
 from tests.robustness.support import MODEL, BoundedFakeEngine, assert_envelope, assert_serving
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -163,12 +164,11 @@ MAX_MODEL_LEN = 256
 
 
 @pytest.fixture(scope="module")
-def fake_engine(tokenizer, base_settings):
+def fake_engine(smollm_tokenizer, base_settings):
     from server.app import create_app
-    from tests.api.conftest import UvicornThread
 
-    engine = BoundedFakeEngine(tokenizer, max_pending=16)
-    app = create_app(engine, tokenizer, replace(base_settings, max_model_len=MAX_MODEL_LEN))
+    engine = BoundedFakeEngine(smollm_tokenizer, max_pending=16)
+    app = create_app(engine, smollm_tokenizer, replace(base_settings, max_model_len=MAX_MODEL_LEN))
     with UvicornThread(app) as server:
         engine.url = server.url
         yield engine
@@ -204,20 +204,20 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 
 @FUZZ
 @given(body=raw_bodies(chat=False))
-def test_fuzz_completions_on_the_app(fake_engine, fake_client, tokenizer, body):
+def test_fuzz_completions_on_the_app(fake_engine, fake_client, smollm_tokenizer, body):
     submitted = len(fake_engine.requests)
     check_answer(post(fake_client, COMPLETIONS, body))
     for request in fake_engine.requests[submitted:]:
-        assert_runnable(request, len(tokenizer))
+        assert_runnable(request, len(smollm_tokenizer))
 
 
 @FUZZ
 @given(body=raw_bodies(chat=True))
-def test_fuzz_chat_on_the_app(fake_engine, fake_client, tokenizer, body):
+def test_fuzz_chat_on_the_app(fake_engine, fake_client, smollm_tokenizer, body):
     submitted = len(fake_engine.requests)
     check_answer(post(fake_client, CHAT, body))
     for request in fake_engine.requests[submitted:]:
-        assert_runnable(request, len(tokenizer))
+        assert_runnable(request, len(smollm_tokenizer))
 
 
 # -- the real launched server ---------------------------------------------------------------

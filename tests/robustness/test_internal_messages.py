@@ -56,7 +56,7 @@ def test_codec_refuses_junk_with_decode_error(frames):
 ACCEPTS = {
     "server": {"TokenOutput", "RequestFailed", "EngineStatus", "WorkerReady", "WorkerStats"},
     "verify": {"GenerateRequest", "AbortRequest", "DraftAvailability", "DraftTokens"},
-    "draft": {"VerifiedPrefix", "ReleaseRequest"},
+    "draft": {"BeginDrafting", "VerifiedPrefix", "ReleaseRequest"},
 }
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers import launch_server
+from tests.helpers import launch_server, wait_until
 from tests.robustness.support import MODEL, assert_envelope, assert_serving, greedy, tiny_server_config
 
 LONG_TOKENS = 1000  # about a second each on the tiny model: the flood lands while they run
@@ -26,13 +26,6 @@ def small_server(tmp_path_factory, tiny_target_dir):
     )
     with launch_server(config, mode="ar") as server:
         yield server
-
-
-def wait_until(condition, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def long_request(url: str, prompt: str) -> dict:
@@ -62,8 +55,8 @@ def test_flood_beyond_the_bound_gets_429_at_once(small_server):
     with ThreadPoolExecutor(2) as admitted_pool:
         admitted = [admitted_pool.submit(long_request, url, p) for p in ("one", "two")]
         # both are in: one running, one waiting in the verify worker's queue
-        wait_until(lambda: small_server.metric("tandem:num_requests_running") == 1
-                   and small_server.metric("tandem:num_requests_waiting") == 1)
+        assert wait_until(lambda: small_server.metric("tandem:num_requests_running") == 1
+                          and small_server.metric("tandem:num_requests_waiting") == 1, timeout_s=20, interval_s=0.02)
         with ThreadPoolExecutor(8) as flood_pool, httpx.Client(base_url=url, timeout=30) as client:
             refused = list(flood_pool.map(lambda i: flood_request(client, i), range(8)))
         assert not any(f.done() for f in admitted), "the admitted requests ended before the flood was answered"
@@ -78,7 +71,7 @@ def test_flood_beyond_the_bound_gets_429_at_once(small_server):
     # the admitted requests were untouched by the flood
     assert [r["choices"][0]["text"] for r in results] == list(expected)
     assert small_server.metric("tandem:request_failure_total", reason="overloaded") == overloaded_before + 8
-    wait_until(lambda: small_server.metric("tandem:num_requests_running") == 0)
+    assert wait_until(lambda: small_server.metric("tandem:num_requests_running") == 0, timeout_s=20, interval_s=0.02)
     assert_serving(url)
 
 

@@ -1,4 +1,4 @@
-"""workers/spec/acceptance.py: the greedy rule exactly, the sampled rule statistically.
+"""workers/sampling/acceptance.py: the greedy rule exactly, the sampled rule statistically.
 
 The statistical tests simulate speculative decoding over a tiny vocabulary with a
 context-dependent target ``p`` and a DIFFERENT draft ``q`` and check with a
@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from workers.spec import Acceptance, accept_greedy, accept_sampled, sample
+from workers.sampling import Acceptance, accept_greedy, accept_sampled, sample
 
 # ---------------------------------------------------------------- greedy
 

@@ -95,8 +95,14 @@ def test_unsupported_completion_parameters(field, value):
 
 
 def test_unsupported_parameters_at_neutral_values_are_accepted():
-    completion(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, suffix="", best_of=1, user="u")
-    chat(tools=[], tool_choice="none", response_format={"type": "text"}, store=False, parallel_tool_calls=True)
+    """Accepted, and they change nothing else in the request."""
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": "", "best_of": 1, "user": "u"}
+    names = set(neutral)
+    assert completion(**neutral).model_dump(exclude=names) == completion().model_dump(exclude=names)
+    neutral = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+               "parallel_tool_calls": True}
+    names = set(neutral)
+    assert chat(**neutral).model_dump(exclude=names) == chat().model_dump(exclude=names)
 
 
 def test_best_of_must_equal_n():

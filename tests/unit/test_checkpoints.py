@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.model import check_same_tokenizer, make_tiny_checkpoint, resolve_checkpoint
+from workers.model import check_same_tokenizer, resolve_checkpoint
+from tests.tiny_model import make_tiny_checkpoint
 from workers.model import checkpoints as ck
 
 
@@ -123,18 +124,24 @@ def test_interrupted_conversion_leaves_no_half_cache(fake_gguf, monkeypatch, tmp
 # --- tokenizers --------------------------------------------------------------------
 
 
-def _tokenizer(words, eos="</s>"):
+def _tokenizer(words, eos="</s>", **options):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token=eos, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token=eos, unk_token="<unk>", **options)
 
 
 def test_same_tokenizer_passes():
-    check_same_tokenizer(_tokenizer(["a", "b", "c"]), _tokenizer(["a", "b", "c"]))
+    """Two tokenizers built apart that tokenize alike pair, even when settings that do not
+    change token ids differ (a check comparing too much would refuse them)."""
+    target = _tokenizer(["a", "b", "c"])
+    draft = _tokenizer(["a", "b", "c"], model_max_length=16, padding_side="left")
+    assert target is not draft and target.model_max_length != draft.model_max_length
+    assert target("a c b")["input_ids"] == draft("a c b")["input_ids"]
+    assert check_same_tokenizer(target, draft) is None
 
 
 def test_different_vocab_size_is_refused():

@@ -10,7 +10,6 @@ import pytest
 from protocol.messages import GenerateRequest, SamplingParams, TokenOutput
 from server.serving import ChoiceState
 from server.tokenization import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher, token_bytes
-from tests.api.conftest import load_smollm_tokenizer
 
 TRICKY = [
     "Hello world",
@@ -26,8 +25,8 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_smollm_tokenizer()
+def tok(smollm_tokenizer):
+    return smollm_tokenizer
 
 
 def stream(tok, ids, context=()):

@@ -12,11 +12,11 @@ import torch
 
 from workers.easyspec.channel import (
     DistChannel,
-    DistSpec,
+    DistRendezvous,
     ExchangeStats,
     RankError,
     ShmChannel,
-    ShmSpec,
+    ShmLayout,
     shm_directory,
 )
 from workers.easyspec.fuzzy import vocab_bounds
@@ -26,7 +26,7 @@ from workers.easyspec.fuzzy import vocab_bounds
 def pair():
     path = os.path.join(shm_directory(), f"tandem-easyspec-test-{uuid.uuid4().hex[:8]}")
     # root_pid: the follower's "is rank 0 alive" check compares it with its parent pid
-    spec = ShmSpec(path, 2, 4096, 64, timeout_s=0.5, root_pid=os.getppid())
+    spec = ShmLayout(path, 2, 4096, 64, timeout_s=0.5, root_pid=os.getppid())
     bell = threading.Semaphore(0)
     root = ShmChannel(spec, 0, [bell])
     follower = ShmChannel(spec, 1, [bell])
@@ -104,7 +104,7 @@ def test_a_silent_peer_times_out(pair):
 def test_a_command_to_a_follower_that_is_not_listening_times_out_on_gloo(tmp_path):
     """gloo sends only once the peer has posted its receive; a stopped follower must not
     hold rank 0 for the followers' week-long idle timeout (it once hung CI for 90 min)."""
-    spec = DistSpec(f"file://{tmp_path / 'rendezvous'}", 2, "gloo", timeout_s=1.0)
+    spec = DistRendezvous(f"file://{tmp_path / 'rendezvous'}", 2, "gloo", timeout_s=1.0)
     made = [on_thread(lambda r=r: DistChannel(spec, r, torch.device("cpu"))) for r in (0, 1)]
     for t, _ in made:
         t.join(30)

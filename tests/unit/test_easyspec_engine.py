@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from workers.easyspec import LayerParallelDraftModel, make_layer_plan
-from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine, random_steps
-from workers.model import load_model, make_tiny_checkpoint
+from tests.local_draft import LocalTransport, random_steps
+from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
+from workers.model import load_model
+from tests.tiny_model import make_tiny_checkpoint
 
 MAX_LEN = 256
 PROMPTS = [[5, 17, 42], [200, 3, 3, 3, 9, 1, 77], [11], [8, 6, 4, 2, 0, 1, 3, 5, 7, 9, 250, 251]]
@@ -30,7 +33,7 @@ def serve(draft_model, target, mode: str, k: int = 4):
         draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=3)
         steps = random_steps(seed=k) if mode == "amusd" else None
         source = DraftStream(
-            LocalTransport(draft, steps), num_draft_tokens=k, max_run_ahead=2 * k, wait_for_all=mode == "sd", timeout_s=60
+            LocalTransport(draft, steps), num_draft_tokens=k, max_run_ahead=2 * k, mode=mode_of(mode), timeout_s=60
         )
         engine = VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=3)
     for i, prompt in enumerate(PROMPTS):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.easyspec import EasySpecConfig, LayerParallelDraftModel, make_layer_plan
-from workers.model import load_model, make_tiny_checkpoint
+from configs.loader import EasySpecConfig
+from workers.easyspec import LayerParallelDraftModel, make_layer_plan, plan_of
+from workers.model import load_model
+from tests.tiny_model import make_tiny_checkpoint
 
 N_LAYERS = 6
 PROMPT = torch.tensor([5, 17, 42, 9, 1, 3, 200, 77])
@@ -111,7 +113,7 @@ def test_calibration_makes_the_verified_kv_exact(model):
 
     correction = (drafted[2] + 1) % 256
     verified = PROMPT.tolist() + drafted[:2] + [correction]
-    cache.crop(len(PROMPT) + 2)  # what DraftEngine does on the verifier's answer
+    draft.after_rollback(cache, len(PROMPT) + 2)  # what DraftEngine does on the verifier's answer
     next_logits = draft.forward(torch.tensor([correction]), cache)  # the calibration pass
     n = len(verified)
     assert cache.length == cache.exact_length == n
@@ -132,7 +134,7 @@ def test_calibration_makes_the_verified_kv_exact(model):
 def run_rounds(draft, accept_pattern, k=3):
     """Rounds of k greedy drafts, driven the way DraftEngine drives a model: the verifier accepts
     accept_pattern[r] drafts and adds a token of its own (correction, or bonus after k); the
-    cache is cropped to the common prefix and the new tokens are fed at the next round's start.
+    cache is rolled back to the common prefix and the new tokens are fed at the next round's start.
     Returns (cache, verified tokens); the last verified token is not fed yet."""
     cache = draft.new_cache(128)
     verified = PROMPT.tolist()
@@ -144,7 +146,7 @@ def run_rounds(draft, accept_pattern, k=3):
         extra = (drafted[accepted] + 7) % 256 if accepted < k else 11
         common = len(verified) + accepted
         verified = verified + drafted[:accepted] + [extra]
-        cache.crop(min(cache.length, common))
+        draft.after_rollback(cache, min(cache.length, common))
     return cache, verified
 
 
@@ -208,8 +210,8 @@ def test_long_fuzzy_passes_are_chunked_without_changing_the_result(model):
 
 def test_config_builds_the_plan_and_refuses_bad_values(model):
     config = EasySpecConfig(sequential_head=1, sequential_tail=1)
-    assert config.plan(N_LAYERS, 2) == PARALLEL
-    assert EasySpecConfig(groups=((0,), (1, 2), (3,), (4, 5))).plan(N_LAYERS, 2).parallel_groups == ((1, 2), (4, 5))
+    assert plan_of(config, N_LAYERS, 2) == PARALLEL
+    assert plan_of(EasySpecConfig(groups=((0,), (1, 2), (3,), (4, 5))), N_LAYERS, 2).parallel_groups == ((1, 2), (4, 5))
     draft = LayerParallelDraftModel.from_config(model, None, config, placements=[None])
     assert draft.plan.is_sequential  # one device: nothing to run side by side
     with pytest.raises(ValueError, match="easyspec.calibration"):
@@ -217,4 +219,4 @@ def test_config_builds_the_plan_and_refuses_bad_values(model):
     with pytest.raises(ValueError, match="easyspec.variant"):
         EasySpecConfig(variant="mlp")
     with pytest.raises(ValueError, match="expected layer"):
-        EasySpecConfig(groups=((1,), (0,))).plan(2, 2)
+        plan_of(EasySpecConfig(groups=((1,), (0,))), 2, 2)

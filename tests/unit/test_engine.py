@@ -8,10 +8,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from protocol.messages import GenerateRequest, SamplingParams, VerifiedPrefix
-from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine, random_steps
-from workers.model import load_model, make_tiny_checkpoint
-from workers.spec import warp
+from configs.modes import mode_of
+from protocol.codec import encode
+from protocol.messages import BeginDrafting, GenerateRequest, SamplingParams, VerifiedPrefix
+from tests.local_draft import LocalTransport, random_steps
+from workers.engine import DraftEngine, DraftStream, NoDraft, PlainDraft, VerifyEngine
+from workers.model import load_model
+from tests.tiny_model import make_tiny_checkpoint
+from workers.sampling import warp
 
 MAX_LEN = 256
 
@@ -32,14 +36,14 @@ def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahe
     random number of tokens between verifications (its timing on another device)."""
     if draft_model is None:
         return VerifyEngine(target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running)
-    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running)
+    draft = DraftEngine(PlainDraft(draft_model), max_model_len=MAX_LEN, max_requests=max_running)
     if mode == "amusd" and steps is None:
         steps = random_steps(seed=k)
     source = DraftStream(
         LocalTransport(draft, steps),
         num_draft_tokens=k,
         max_run_ahead=run_ahead or k,
-        wait_for_all=mode == "sd",
+        mode=mode_of(mode),
         timeout_s=60,
     )
     return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running)
@@ -181,8 +185,12 @@ def test_amusd_sampling_does_not_depend_on_timing(models):
     assert len(runs) == 1
 
 
-def prefix(tokens, epoch, run_ahead=6, request_id="a"):
-    return VerifiedPrefix(request_id, epoch, list(tokens), run_ahead, SamplingParams())
+def begin(tokens, epoch=0, run_ahead=6, request_id="a"):
+    return BeginDrafting(request_id, epoch, list(tokens), run_ahead, SamplingParams())
+
+
+def verified(start, new_tokens, epoch, run_ahead=6, request_id="a"):
+    return VerifiedPrefix(request_id, epoch, start, list(new_tokens), run_ahead)
 
 
 def draft_all(engine):
@@ -194,28 +202,28 @@ def draft_all(engine):
 
 def test_draft_rollback_equals_fresh_draft(models):
     """After a rejection the draft's cache is cropped; its next drafts equal a fresh draft's."""
-    used = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
-    used.update(prefix(PROMPTS[1], 0))
+    used = DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=2)
+    used.begin(begin(PROMPTS[1]))
     drafted = [m.token_ids[0] for m in draft_all(used)]
     assert len(drafted) == 6
     wrong = (drafted[2] + 1) % 256
-    verified = PROMPTS[1] + drafted[:2] + [wrong]  # the verifier rejected the third draft
-    assert used.update(prefix(verified, 1)) is None
+    verified_tokens = PROMPTS[1] + drafted[:2] + [wrong]  # the verifier rejected the third draft
+    assert used.update(verified(len(PROMPTS[1]), drafted[:2] + [wrong], 1)) is None
     assert used.num_rollbacks == 1
     after_rollback = [m.token_ids[0] for m in draft_all(used)]
-    fresh = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
-    fresh.update(prefix(verified, 0))
+    fresh = DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=2)
+    fresh.begin(begin(verified_tokens))
     assert after_rollback == [m.token_ids[0] for m in draft_all(fresh)]
 
 
 def test_draft_adopts_the_epoch_on_every_update(models):
     """Also when the verified prefix agrees with its drafts: those are re-sent under the new epoch."""
-    engine = DraftEngine(models["quantized"], max_model_len=MAX_LEN, max_requests=2)
-    engine.update(prefix(PROMPTS[0], 0, run_ahead=4))
+    engine = DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=2)
+    engine.begin(begin(PROMPTS[0], 0, run_ahead=4))
     drafted = draft_all(engine)
     assert [m.epoch for m in drafted] == [0, 0, 0, 0]
     tokens = [m.token_ids[0] for m in drafted]
-    again = engine.update(prefix(PROMPTS[0] + tokens[:2], 1, run_ahead=4))  # two accepted, agrees
+    again = engine.update(verified(len(PROMPTS[0]), tokens[:2], 1, run_ahead=4))  # two accepted, agrees
     assert engine.num_rollbacks == 0
     assert again.message.epoch == 1 and again.message.token_ids == tokens[2:]
     assert again.message.start == len(PROMPTS[0]) + 2
@@ -237,7 +245,7 @@ def test_stale_drafts_are_never_verified(models):
             return out
 
     transport = Silent()
-    stream = DraftStream(transport, num_draft_tokens=4, max_run_ahead=4, wait_for_all=False, timeout_s=0.01)
+    stream = DraftStream(transport, num_draft_tokens=4, max_run_ahead=4, mode=mode_of("amusd"), timeout_s=0.01)
     engine = VerifyEngine(models["target"], stream, max_model_len=MAX_LEN, max_running=2)
     engine.add(request(0, PROMPTS[0], max_tokens=20))
     engine.step()  # admit + prefill: publishes epoch 0
@@ -247,7 +255,7 @@ def test_stale_drafts_are_never_verified(models):
     out = engine.step()[0]
     assert out.num_draft_tokens == 2
     assert transport.sent[-1].epoch == 1
-    stale_start = transport.sent[-1].tokens.__len__()
+    stale_start = transport.sent[-1].start + len(transport.sent[-1].new_tokens)
     transport.inbox = [(DraftTokens("r0", 0, stale_start, [9, 9, 9]), None)]  # drafted from epoch 0: stale
     out = engine.step()[0]
     assert out.num_draft_tokens == 0  # timed out waiting; nothing stale was verified
@@ -294,3 +302,65 @@ def test_sampling_matches_target_distribution(tmp_path_factory, mode):
     assert _chi2_pvalue(observed, joint(target)) > 1e-3
     # the same check rejects the draft's law: the test has power
     assert _chi2_pvalue(observed, joint(draft)) < 1e-6
+
+
+def test_each_round_sends_the_draft_only_the_new_tokens(models):
+    """The verifier begins a request on the draft once, then each verified prefix is
+    (epoch, start, new tokens): a round's message does not grow with the sequence, and
+    the draft can rebuild the whole sequence from them."""
+
+    class Recording(LocalTransport):
+        def __init__(self, engine):
+            super().__init__(engine)
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+            super().send(message)
+
+    k = 4
+    transport = Recording(DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=1))
+    stream = DraftStream(transport, num_draft_tokens=k, max_run_ahead=k, mode=mode_of("sd"), timeout_s=60)
+    engine = VerifyEngine(models["target"], stream, max_model_len=MAX_LEN, max_running=1)
+    tokens, _, _ = run(engine, [request(0, PROMPTS[0], max_tokens=200)])["r0"]
+
+    begun, *updates = [m for m in transport.sent if isinstance(m, (BeginDrafting, VerifiedPrefix))]
+    assert isinstance(begun, BeginDrafting) and begun.tokens == PROMPTS[0]
+    assert len(updates) > 20 and all(isinstance(m, VerifiedPrefix) for m in updates)
+    rebuilt = list(begun.tokens)
+    for epoch, update in enumerate(updates, start=1):
+        assert update.epoch == epoch and update.start == len(rebuilt) and 1 <= len(update.new_tokens) <= k + 1
+        rebuilt += update.new_tokens
+    assert rebuilt == (PROMPTS[0] + tokens)[: len(rebuilt)] and len(rebuilt) >= len(PROMPTS[0]) + len(tokens) - (k + 1)
+    sizes = [len(encode(m)[0]) for m in updates]
+    assert max(sizes) - min(sizes) < 16  # no term in the sequence length
+
+
+def test_draft_engine_calls_the_round_hooks_explicitly(models):
+    """after_verified when the verifier kept to the drafts, after_rollback (with the common
+    prefix) when it parted from them: the hooks EasySpec's calibration hangs on."""
+
+    class Recording(PlainDraft):
+        def __init__(self, model):
+            super().__init__(model)
+            self.calls = []
+
+        def after_rollback(self, cache, keep):
+            self.calls.append(("rollback", keep))
+            super().after_rollback(cache, keep)
+
+        def after_verified(self, cache, verified_len):
+            self.calls.append(("verified", verified_len))
+
+    model = Recording(models["quantized"])
+    engine = DraftEngine(model, max_model_len=MAX_LEN, max_requests=2)
+    engine.begin(begin(PROMPTS[1], 0, run_ahead=4))
+    drafted = [m.token_ids[0] for m in draft_all(engine)]
+    n = len(PROMPTS[1])
+    model.calls.clear()
+    engine.update(verified(n, drafted[:2], 1, run_ahead=4))  # two drafts accepted, no correction yet
+    assert model.calls == [("verified", n + 2)]
+    engine.update(verified(n + 2, [(drafted[2] + 1) % 256], 2, run_ahead=4))  # the third rejected
+    assert model.calls[1:] == [("rollback", n + 2)]
+    engine.release("a")
+    assert model.calls[-1] == ("rollback", 0)

@@ -490,7 +490,9 @@ def test_speculative_equals_ar_on_gguf_weights(ckpt, mode):
     rows): greedy float32 sd/amusd output with a gguf target and an int4 FR-Spec draft must
     be token-identical to the target alone."""
     from protocol.messages import GenerateRequest, SamplingParams
-    from workers.engine import DraftEngine, DraftStream, LocalTransport, NoDraft, VerifyEngine, random_steps
+    from configs.modes import mode_of
+    from tests.local_draft import LocalTransport, random_steps
+    from workers.engine import DraftEngine, DraftStream, NoDraft, PlainDraft, VerifyEngine
 
     arch, g, s = ckpt
     target = load_model(g, torch.float32, "gguf")
@@ -509,10 +511,10 @@ def test_speculative_equals_ar_on_gguf_weights(ckpt, mode):
         return results, outputs
 
     ar, _ = run(VerifyEngine(target, NoDraft(), max_model_len=256, max_running=3))
-    draft = DraftEngine(draft_model, max_model_len=256, max_requests=3)
+    draft = DraftEngine(PlainDraft(draft_model), max_model_len=256, max_requests=3)
     source = DraftStream(
         LocalTransport(draft, random_steps(seed=4) if mode == "amusd" else None),
-        num_draft_tokens=4, max_run_ahead=8, wait_for_all=mode == "sd", timeout_s=60,
+        num_draft_tokens=4, max_run_ahead=8, mode=mode_of(mode), timeout_s=60,
     )
     spec, outputs = run(VerifyEngine(target, source, max_model_len=256, max_running=3))
     for r in requests:

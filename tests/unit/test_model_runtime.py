@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.model import KVCache, LlamaModel, ModelArgs, load_model, make_tiny_checkpoint
+from workers.model import KVCache, LlamaModel, ModelArgs, load_model
+from tests.tiny_model import make_tiny_checkpoint
 from workers.model.linear import Int4Linear, Int8Linear, PackedLinear, int4_available, make_linear
 
 ATOL = 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import msgspec
 import numpy as np
 import pytest
@@ -10,10 +12,13 @@ import zmq
 from protocol.codec import DecodeError, decode, encode
 from protocol.messages import (
     AbortRequest,
+    BeginDrafting,
     DraftAvailability,
     DraftTokens,
     EngineStatus,
     GenerateRequest,
+    Message,
+    ReleaseRequest,
     RequestFailed,
     SamplingParams,
     TokenOutput,
@@ -30,11 +35,17 @@ MESSAGES = [
     RequestFailed("a", "boom"),
     EngineStatus(2, 5),
     WorkerReady("verify", 42, "m", 49152, 2048),
-    VerifiedPrefix("a", 7, [1, 2, 3], 4, SamplingParams()),
+    BeginDrafting("a", 0, [1, 2, 3], 4, SamplingParams(0.5, 1.0, 0, 7)),
+    VerifiedPrefix("a", 7, 3, [4, 5], 4),
     DraftTokens("a", 7, 3, [4, 5], has_probs=False),
     DraftAvailability(False),
     WorkerStats("draft", 1.5, 3.0, rollbacks=2, draft_tokens=9, easyspec={"fuzzy_passes": 3.0}),
+    ReleaseRequest("a"),
 ]
+
+
+def test_the_round_trip_list_holds_every_message_type():
+    assert {type(m) for m in MESSAGES} == set(typing.get_args(Message))
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)

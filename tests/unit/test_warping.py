@@ -1,11 +1,11 @@
-"""workers/spec/warping.py against hand-computed small examples."""
+"""workers/sampling/warping.py against hand-computed small examples."""
 
 import math
 
 import pytest
 import torch
 
-from workers.spec import logprobs_of, sample, warp
+from workers.sampling import logprobs_of, sample, warp
 
 
 def _logits(probs):
@@ -143,7 +143,7 @@ def test_sample_follows_the_distribution_chi_square():
 
 
 def test_sample_from_uniform_edges_never_return_zero_probability_tokens():
-    from workers.spec import sample_from_uniform
+    from workers.sampling import sample_from_uniform
 
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 4)
     u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 1e-16])

@@ -3,24 +3,21 @@
 - plan.py: the layer plan (which layers run side by side), a pure function.
 - fuzzy.py: the math of the layer-parallel forward, one rank's share of it.
 - cache.py: the draft KV cache that knows which entries are exact.
-- draft_model.py: LayerParallelDraftModel, the model interface DraftEngine
-  drives (forward / new_cache / crop), calibration policy, stats.
+- draft_model.py: LayerParallelDraftModel, behind DraftEngine's DraftModel
+  interface (forward, new_cache, the round hooks), calibration policy, stats.
 - ranks.py, channel.py: the D processes and how they exchange hidden states.
 """
 
 from .cache import DraftKVCache
 from .channel import ExchangeStats, RankError
-from .draft_model import CALIBRATION_POLICIES, EasySpecConfig, LayerParallelDraftModel, LocalExecutor
-from .fuzzy import VARIANTS, LayerRunner
-from .plan import LayerPlan, assign_ranks, make_layer_plan, validate_groups
-from .ranks import DraftSpec, RankGroup, RankPlacement
+from .draft_model import LayerParallelDraftModel, LocalExecutor
+from .fuzzy import LayerRunner
+from .plan import LayerPlan, assign_ranks, make_layer_plan, plan_of, validate_groups
+from .ranks import DraftCheckpoint, RankGroup, RankPlacement
 
 __all__ = [
-    "CALIBRATION_POLICIES",
-    "VARIANTS",
     "DraftKVCache",
-    "DraftSpec",
-    "EasySpecConfig",
+    "DraftCheckpoint",
     "ExchangeStats",
     "LayerParallelDraftModel",
     "LayerPlan",
@@ -31,5 +28,6 @@ __all__ = [
     "RankPlacement",
     "assign_ranks",
     "make_layer_plan",
+    "plan_of",
     "validate_groups",
 ]

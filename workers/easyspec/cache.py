@@ -5,12 +5,12 @@ forward; [exact_length, length) were written by fuzzy passes. The cache also
 records the token id at every position, so a calibration pass can recompute
 fuzzy entries without being told the tokens again.
 
-A crop marks a round boundary: the engine crops the draft cache when a
-verification result arrives (DraftEngine: on every divergence from its
-continuation, and `release` crops to 0), then feeds the newly verified tokens.
-The first forward after a crop is where the calibration policy applies
-(LayerParallelDraftModel.forward). `rolled_back` tells whether that crop
-dropped tokens (a draft token was rejected): the `on_mismatch` policy.
+A round boundary is marked by LayerParallelDraftModel.after_rollback (called
+by DraftEngine when a verification result parts from its continuation, and
+on release): it crops the cache and sets `round_start`; the first forward after
+it is where the calibration policy applies. `rolled_back` tells whether that
+crop dropped tokens (a draft token was rejected): the `on_mismatch` policy.
+A plain `crop` only changes the length.
 """
 
 from __future__ import annotations
@@ -30,18 +30,12 @@ class DraftKVCache(KVCache):
         self.cache_id = next(_ids)  # names this cache's twins on the other ranks
         self.token_ids = torch.zeros(max_seq_len, dtype=torch.long)  # [S] token at each position (CPU)
         self.exact_length = 0
-        self.round_start = True  # the next forward opens a round (set by crop and at creation)
-        self.rolled_back = False  # the crop that opened this round dropped cached tokens
+        self.round_start = True  # the next forward opens a round (set by after_rollback and at creation)
+        self.rolled_back = False  # the rollback that opened this round dropped cached tokens
 
     def crop(self, length: int) -> None:
-        rolled_back = length < self.length
         super().crop(length)
         self.exact_length = min(self.exact_length, length)
-        self.round_start = True
-        self.rolled_back = self.rolled_back or rolled_back  # until the round's first forward consumes it
-
-    def reset(self) -> None:
-        self.crop(0)
 
     def record(self, start: int, tokens: torch.Tensor) -> None:
         self.token_ids[start : start + tokens.shape[0]] = tokens.to("cpu")

@@ -107,7 +107,7 @@ _LINE = 8  # int64s per 64-byte cache line: each flag on its own line
 
 
 @dataclass(frozen=True)
-class ShmSpec:
+class ShmLayout:
     """What a follower needs to attach (picklable)."""
 
     path: str
@@ -131,7 +131,7 @@ class ShmChannel(Channel):
 
     def __init__(
         self,
-        spec: ShmSpec,
+        layout: ShmLayout,
         rank: int,
         doorbells: Sequence,  # one multiprocessing Semaphore per follower (rank 1..)
         *,
@@ -139,8 +139,8 @@ class ShmChannel(Channel):
         spin_s: float = 0.002,
         command_spin_s: float = 0.0005,
     ):
-        self.spec = spec
-        self.rank, self.world = rank, spec.world
+        self.layout = layout
+        self.rank, self.world = rank, layout.world
         self.stats = ExchangeStats()
         self._doorbells = list(doorbells)
         self._check_peers = check_peers or (lambda: None)
@@ -150,20 +150,20 @@ class ShmChannel(Channel):
         # cores belong to the verifier
         self._command_spin_s = command_spin_s
         create = rank == 0
-        fd = os.open(spec.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        fd = os.open(layout.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, spec.size)
-            self._mm = mmap.mmap(fd, spec.size)
+                os.ftruncate(fd, layout.size)
+            self._mm = mmap.mmap(fd, layout.size)
         finally:
             os.close(fd)
-        n_ctrl = spec.ctrl_ints
+        n_ctrl = layout.ctrl_ints
         self._ctrl = np.ndarray((n_ctrl,), dtype=np.int64, buffer=self._mm, offset=0)
-        self._cmd = np.ndarray((spec.max_command,), dtype=np.int64, buffer=self._mm, offset=8 * n_ctrl)
-        data_offset = 8 * (n_ctrl + spec.max_command)
+        self._cmd = np.ndarray((layout.max_command,), dtype=np.int64, buffer=self._mm, offset=8 * n_ctrl)
+        data_offset = 8 * (n_ctrl + layout.max_command)
         self._data = torch.frombuffer(
-            self._mm, dtype=torch.uint8, offset=data_offset, count=2 * self.world * spec.slot_bytes
-        ).view(2, self.world, spec.slot_bytes)
+            self._mm, dtype=torch.uint8, offset=data_offset, count=2 * self.world * layout.slot_bytes
+        ).view(2, self.world, layout.slot_bytes)
         self._seq = 0  # collectives done
         self._cmd_seq = 0  # commands sent / received
 
@@ -180,7 +180,7 @@ class ShmChannel(Channel):
             return
         start = time.perf_counter()
         spin_until = start + self._spin_s
-        deadline = start + self.spec.timeout_s
+        deadline = start + self.layout.timeout_s
         next_check = start + 0.05
         n = 0
         while ctrl[index] < value:
@@ -195,7 +195,7 @@ class ShmChannel(Channel):
                 self._check_peers()
                 if now > deadline:
                     raise RankError(
-                        f"rank {self.rank}: no answer within {self.spec.timeout_s:.0f} s while waiting for {what}"
+                        f"rank {self.rank}: no answer within {self.layout.timeout_s:.0f} s while waiting for {what}"
                     )
 
     def _wait_all(self, value: int, what: str) -> None:
@@ -208,15 +208,15 @@ class ShmChannel(Channel):
 
     def _nbytes(self, t: torch.Tensor) -> int:
         nbytes = t.numel() * t.element_size()
-        if nbytes > self.spec.slot_bytes:
-            raise ValueError(f"exchange of {nbytes} bytes exceeds the channel's slot of {self.spec.slot_bytes}")
+        if nbytes > self.layout.slot_bytes:
+            raise ValueError(f"exchange of {nbytes} bytes exceeds the channel's slot of {self.layout.slot_bytes}")
         return nbytes
 
     def send_command(self, command: Sequence[int]) -> None:
         t0 = time.perf_counter()
         n = len(command)
-        if n > self.spec.max_command:
-            raise ValueError(f"command of {n} ints exceeds the channel's {self.spec.max_command}")
+        if n > self.layout.max_command:
+            raise ValueError(f"command of {n} ints exceeds the channel's {self.layout.max_command}")
         for r in range(1, self.world):  # every follower has copied the previous command
             self._wait(self._ack(r), self._cmd_seq, f"command ack from rank {r}")
         self._cmd[:n] = command
@@ -235,7 +235,7 @@ class ShmChannel(Channel):
         while ctrl[self.CMD_SEQ] < target and time.perf_counter() < spin_until:
             pass
         while not bell.acquire(timeout=0.2):  # idle: block, but notice a dead rank 0
-            if os.getppid() != self.spec.root_pid:
+            if os.getppid() != self.layout.root_pid:
                 raise RankExit("rank 0 is gone")
         n = int(ctrl[self.CMD_LEN])
         command = self._cmd[:n].tolist()
@@ -292,7 +292,7 @@ class ShmChannel(Channel):
         except BufferError:  # a tensor view still alive somewhere: the mapping goes with the process
             pass
         if self.rank == 0:
-            unlink_quietly(self.spec.path)
+            unlink_quietly(self.layout.path)
 
 
 def unlink_quietly(path: str) -> None:
@@ -310,7 +310,7 @@ def shm_directory() -> str:
 
 
 @dataclass(frozen=True)
-class DistSpec:
+class DistRendezvous:
     init_method: str  # file:///path (a FileStore) or tcp://host:port (a TCPStore served by rank 0)
     world: int
     data_backend: str  # "gloo" or "nccl"
@@ -332,31 +332,31 @@ def _store(init_method: str, rank: int, world: int, timeout: datetime.timedelta)
 class DistChannel(Channel):
     """torch.distributed process groups of our own (the process's default group stays free)."""
 
-    def __init__(self, spec: DistSpec, rank: int, device: torch.device):
+    def __init__(self, rendezvous: DistRendezvous, rank: int, device: torch.device):
         import torch.distributed as dist
 
         self._dist = dist
-        self.spec = spec
-        self.rank, self.world = rank, spec.world
+        self.rendezvous = rendezvous
+        self.rank, self.world = rank, rendezvous.world
         self.device = device
         self.stats = ExchangeStats()
-        timeout = datetime.timedelta(seconds=spec.timeout_s)
-        store = _store(spec.init_method, rank, spec.world, timeout)
+        timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
+        store = _store(rendezvous.init_method, rank, rendezvous.world, timeout)
         # gloo sends only once the peer has posted its receive, so rank 0's command
         # to a hung follower would wait as long as the group's timeout: rank 0 gets the
         # data timeout, followers (idle between rounds) the long one. Each process's
         # group object carries its own timeout.
-        cmd_timeout = timeout if rank == 0 else datetime.timedelta(seconds=spec.idle_timeout_s)
-        self._cmd = dist.ProcessGroupGloo(dist.PrefixStore("cmd/", store), rank, spec.world, cmd_timeout)
+        cmd_timeout = timeout if rank == 0 else datetime.timedelta(seconds=rendezvous.idle_timeout_s)
+        self._cmd = dist.ProcessGroupGloo(dist.PrefixStore("cmd/", store), rank, rendezvous.world, cmd_timeout)
         data_store = dist.PrefixStore("data/", store)
-        if spec.data_backend == "gloo":
-            self._data = dist.ProcessGroupGloo(data_store, rank, spec.world, timeout)
-        elif spec.data_backend == "nccl":
+        if rendezvous.data_backend == "gloo":
+            self._data = dist.ProcessGroupGloo(data_store, rank, rendezvous.world, timeout)
+        elif rendezvous.data_backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self._data = dist.ProcessGroupNCCL(data_store, rank, spec.world, options)
+            self._data = dist.ProcessGroupNCCL(data_store, rank, rendezvous.world, options)
         else:
-            raise ValueError(f"unknown data backend {spec.data_backend!r}")
+            raise ValueError(f"unknown data backend {rendezvous.data_backend!r}")
         self._store = store
         self._header = torch.zeros(CMD_HEADER + MAX_INLINE_TOKENS + 1, dtype=torch.int64)
 

@@ -1,14 +1,15 @@
-"""LayerParallelDraftModel: an EasySpec draft behind the model interface DraftEngine uses.
+"""LayerParallelDraftModel: an EasySpec draft behind DraftEngine's DraftModel interface.
 
     forward(tokens, cache, num_logits=1) -> logits [num_logits, V] float32
     new_cache(max_seq_len) -> DraftKVCache (a KVCache: crop, length, capacity)
-    args, device, dtype
+    after_rollback(cache, keep), after_verified(cache, verified_len): the round hooks
+    stats(), close(), args
 
-So DraftEngine drives it unchanged. What happens per pass:
+What happens per pass:
 
 - the first pass of a cache (the prompt) is exact;
-- the first pass after a crop (a round boundary: the verifier's answer came
-  in) is, by the calibration policy, a CALIBRATION pass: the cache is cut back
+- the first pass after `after_rollback` (a round boundary: the verifier's
+  answer came in) is, by the calibration policy, a CALIBRATION pass: the cache is cut back
   to its last exact position and ONE exact layer-by-layer pass runs over the
   tokens since then (accepted drafts, whose KV was fuzzy) plus the newly fed
   ones (the correction/bonus token); it overwrites their KV with exact entries
@@ -17,8 +18,10 @@ So DraftEngine drives it unchanged. What happens per pass:
   dropped tokens (a draft was rejected); "never": the pass is fuzzy;
 - every other pass (drafting) is fuzzy: layer-parallel by the plan.
 
-`calibrate(cache, upto)` recalibrates [exact_length, upto) in place, keeping
-the tokens drafted past `upto` (for a draft running ahead, mode amusd+easyspec).
+`after_verified` (a verification kept to the drafts: no rollback, the draft
+runs on, as in an asynchronous mode) calibrates the newly verified tokens in
+place by the policy: `calibrate(cache, upto)` recalibrates [exact_length, upto),
+keeping the tokens drafted past `upto`.
 `forward(..., exact=True/False)` overrides the policy for one pass.
 
 Executors: `LocalExecutor` computes every rank's layers in this process (the
@@ -34,47 +37,14 @@ from typing import Sequence
 
 import torch
 
+from configs.choices import CALIBRATION_POLICIES
+from configs.loader import EasySpecConfig
 from workers.model import LlamaModel
 
 from .cache import DraftKVCache
 from .channel import ExchangeStats
-from .fuzzy import VARIANTS, LayerRunner
-from .plan import DEFAULT_SEQUENTIAL_HEAD, DEFAULT_SEQUENTIAL_TAIL, LayerPlan, make_layer_plan
-
-CALIBRATION_POLICIES = ("every_round", "on_mismatch", "never")
-
-
-@dataclass(frozen=True)
-class EasySpecConfig:
-    """The `easyspec` section of a config (plain data; the plan is derived per draft)."""
-
-    sequential_head: int = DEFAULT_SEQUENTIAL_HEAD
-    sequential_tail: int = DEFAULT_SEQUENTIAL_TAIL
-    groups: tuple[tuple[int, ...], ...] | None = None  # explicit plan, overrides head/tail
-    variant: str = "full"  # "full" (whole layers in parallel) or "attention" (attentions only)
-    calibration: str = "every_round"
-    channel: str = "auto"  # "auto" (shm on CPU, nccl on CUDA), "shm", "gloo", "nccl"
-    split_head: bool = True  # each rank computes a vocabulary slice of the logits
-    timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"easyspec.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.calibration not in CALIBRATION_POLICIES:
-            raise ValueError(
-                f"easyspec.calibration must be one of {', '.join(CALIBRATION_POLICIES)}, got {self.calibration!r}"
-            )
-        if self.timeout_s <= 0:
-            raise ValueError(f"easyspec.timeout_s must be positive, got {self.timeout_s}")
-
-    def plan(self, num_layers: int, num_devices: int) -> LayerPlan:
-        return make_layer_plan(
-            num_layers,
-            num_devices,
-            sequential_head=self.sequential_head,
-            sequential_tail=self.sequential_tail,
-            groups=self.groups,
-        )
+from .fuzzy import LayerRunner
+from .plan import LayerPlan, plan_of
 
 
 @dataclass
@@ -115,7 +85,7 @@ class LocalExecutor:
         self.plan, self.variant, self.split_head = plan, variant, split_head
 
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
-        return new_draft_cache(self.model, max_seq_len)
+        return self.model.new_cache(max_seq_len, DraftKVCache)
 
     def forward(self, cache, start, tokens, num_logits, exact, final_length) -> torch.Tensor:
         model = self.model
@@ -124,25 +94,8 @@ class LocalExecutor:
         h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
         return model.head(h, num_logits)
 
-    def fetch_kv(self, cache: DraftKVCache, length: int):
-        return cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
-
-    def free_cache(self, cache) -> None:
-        pass
-
     def close(self) -> None:
         pass
-
-
-def new_draft_cache(model: LlamaModel, max_seq_len: int) -> DraftKVCache:
-    a = model.args
-    if a.sliding_window is not None and max_seq_len > a.sliding_window:
-        raise ValueError(
-            f"sliding-window attention is not implemented: max_seq_len {max_seq_len} "
-            f"must be <= the model's sliding_window {a.sliding_window}"
-        )
-    model.ensure_rope(max_seq_len)
-    return DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, model.dtype, model.device)
 
 
 class LayerParallelDraftModel:
@@ -175,7 +128,7 @@ class LayerParallelDraftModel:
     def distributed(
         cls,
         model: LlamaModel,
-        spec,
+        checkpoint,
         plan: LayerPlan,
         *,
         variant: str = "full",
@@ -186,7 +139,7 @@ class LayerParallelDraftModel:
         timeout_s: float = 60.0,
         **group_options,
     ):
-        """Rank 0 in this process (`model`), ranks 1..D-1 spawned with `spec` (a ranks.DraftSpec).
+        """Rank 0 in this process (`model`), ranks 1..D-1 spawned with `checkpoint` (a ranks.DraftCheckpoint).
 
         placements: one per rank (device, cores, threads); placements[0] is not applied
         here: this process is rank 0, placed by its caller.
@@ -195,7 +148,7 @@ class LayerParallelDraftModel:
 
         group = RankGroup(
             model,
-            spec,
+            checkpoint,
             plan,
             variant=variant,
             split_head=split_head,
@@ -207,14 +160,14 @@ class LayerParallelDraftModel:
         return cls(model, group, calibration=calibration, max_fuzzy_tokens=group.max_fuzzy_tokens)
 
     @classmethod
-    def from_config(cls, model: LlamaModel, spec, config: EasySpecConfig, placements: Sequence):
+    def from_config(cls, model: LlamaModel, checkpoint, config: EasySpecConfig, placements: Sequence):
         """The draft a worker builds from its `easyspec` config and its D placements."""
-        plan = config.plan(model.args.n_layers, len(placements))
+        plan = plan_of(config, model.args.n_layers, len(placements))
         if len(placements) < 2:
             return cls.local(model, plan, variant=config.variant, calibration=config.calibration)
         return cls.distributed(
             model,
-            spec,
+            checkpoint,
             plan,
             variant=config.variant,
             calibration=config.calibration,
@@ -272,10 +225,6 @@ class LayerParallelDraftModel:
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
         return self.executor.new_cache(max_seq_len)
 
-    def free_cache(self, cache: DraftKVCache) -> None:
-        """Release a cache's twins on the other ranks (DraftEngine keeps its caches: optional)."""
-        self.executor.free_cache(cache)
-
     @torch.inference_mode()
     def forward(
         self, tokens: torch.Tensor, cache: DraftKVCache, num_logits: int = 1, *, exact: bool | None = None
@@ -315,9 +264,16 @@ class LayerParallelDraftModel:
         calibration = start > 0 and not self.plan.is_sequential
         return self._exact(cache, redo_from, feed, num_logits, start + T, start - redo_from, calibration)
 
-    def on_verified(self, cache: DraftKVCache, verified_len: int) -> None:
-        """A verification kept to the drafts without a crop (amusd+easyspec: the
-        draft runs on): calibrate the newly verified tokens now, by the policy."""
+    def after_rollback(self, cache: DraftKVCache, keep: int) -> None:
+        """The verifier's answer opens a round: crop to `keep`; the next forward is the
+        round's first pass (a calibration pass by the policy)."""
+        cache.rolled_back = cache.rolled_back or keep < cache.length  # until that forward consumes it
+        cache.crop(keep)
+        cache.round_start = True
+
+    def after_verified(self, cache: DraftKVCache, verified_len: int) -> None:
+        """A verification kept to the drafts without a rollback (the draft runs on):
+        calibrate the newly verified tokens now, by the policy."""
         if self.calibration == "every_round":
             self.calibrate(cache, verified_len)
 
@@ -375,7 +331,3 @@ class LayerParallelDraftModel:
     def reset_stats(self) -> None:
         self.executor.stats.reset()
         self._stats = DraftStats(exchange=self.executor.stats)
-
-    def fetch_kv(self, cache: DraftKVCache, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV [L, KV, length, D] as the plan computed it (from the owning rank for parallel layers)."""
-        return self.executor.fetch_kv(cache, cache.length if length is None else length)

@@ -24,11 +24,10 @@ from typing import Callable
 
 import torch
 
+from configs.choices import VARIANTS
 from workers.model import KVCache, LlamaModel, Positions
 
 from .plan import LayerPlan
-
-VARIANTS = ("full", "attention")
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the ranks (in place)
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from configs.loader import EasySpecConfig
+
 LayerGroup = tuple[int, ...]
 
 # ALGORITHMS.md's example (32 layers, D=2) keeps four layers sequential at each end.
-DEFAULT_SEQUENTIAL_HEAD = 4
-DEFAULT_SEQUENTIAL_TAIL = 4
+DEFAULT_SEQUENTIAL_HEAD = EasySpecConfig.sequential_head
+DEFAULT_SEQUENTIAL_TAIL = EasySpecConfig.sequential_tail
 
 
 @dataclass(frozen=True)
@@ -164,3 +166,14 @@ def validate_groups(groups: Iterable[Iterable[int]], num_layers: int, num_device
         missing = sorted(set(range(num_layers)) - seen)
         raise ValueError(f"layer plan leaves out layers {missing}")
     return LayerPlan(tuple(plan), num_devices)
+
+
+def plan_of(config: EasySpecConfig, num_layers: int, num_devices: int) -> LayerPlan:
+    """The layer plan an `easyspec` config gives a draft of num_layers over num_devices."""
+    return make_layer_plan(
+        num_layers,
+        num_devices,
+        sequential_head=config.sequential_head,
+        sequential_tail=config.sequential_tail,
+        groups=config.groups or None,
+    )

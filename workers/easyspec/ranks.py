@@ -1,14 +1,8 @@
 """Layer-group ranks: the draft runs on D processes, one per device.
 
 Rank 0 lives in the caller's process (the draft worker, or a test); it owns the
-engine-facing model and sends every other rank a command per pass. Ranks 1..D-1
-are spawned here, load the same draft weights, and follow:
-
-    FORWARD(cache, start, tokens, exact?, ...)   run this rank's share of a pass
-    NEW_CACHE / FREE_CACHE                       a KV cache twin per engine cache
-    CONFIGURE(plan, variant, split_head)         switch plans without restarting
-    DUMP_KV / BARRIER                            tests and health checks
-    SHUTDOWN
+engine-facing model and sends every other rank a command per pass (commands.py).
+Ranks 1..D-1 are spawned here, load the same draft weights, and follow.
 
 A fuzzy pass exchanges one all-reduce per parallel group; sequential layers and
 exact (calibration) passes run replicated on every rank, so every rank's cache
@@ -26,6 +20,7 @@ raises at once. Followers exit when rank 0 goes away.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import multiprocessing
 import os
@@ -41,32 +36,31 @@ from typing import Sequence
 
 import torch
 
+from configs.choices import CHANNELS, VARIANTS
 from workers.model import LlamaModel
+from workers.shell import apply_placement, die_with_parent, name_process
 
 from .cache import DraftKVCache
+from .commands import Barrier, Call, Configure, Forward, NewCache, Shutdown, max_words, pack, unpack
 from .channel import (
     Channel,
     DistChannel,
-    DistSpec,
+    DistRendezvous,
     RankError,
     RankExit,
     ShmChannel,
-    ShmSpec,
+    ShmLayout,
     shm_directory,
     unlink_quietly,
 )
-from .fuzzy import VARIANTS, LayerRunner, head_quantization_of, vocab_bounds
+from .fuzzy import LayerRunner, head_quantization_of, vocab_bounds
 from .plan import LayerPlan, validate_groups
 
 log = logging.getLogger("tandem.easyspec")
 
-OP_FORWARD, OP_NEW_CACHE, OP_FREE_CACHE, OP_CONFIGURE, OP_DUMP_KV, OP_BARRIER, OP_SHUTDOWN = range(1, 8)
-HEAD_ROOT, HEAD_SPLIT = 0, 1  # who computes a pass's logits: rank 0 alone, or every rank a vocab slice
-CHANNELS = ("auto", "shm", "gloo", "nccl")
-
 
 @dataclass(frozen=True)
-class DraftSpec:
+class DraftCheckpoint:
     """How every rank loads the draft (the same weights rank 0 was loaded with)."""
 
     path: str
@@ -88,58 +82,40 @@ class RankPlacement:
     threads: int = 0
 
 
-def apply_placement(placement) -> torch.device:
-    """Pin this process to its cores / threads (CPU) or select its GPU."""
-    if placement.device.startswith("cuda"):
-        device = torch.device(placement.device)
-        torch.cuda.set_device(device)
-        if placement.threads:
-            torch.set_num_threads(placement.threads)
-        return device
-    if placement.cores:
-        os.sched_setaffinity(0, placement.cores)
-    torch.set_num_threads(placement.threads or len(placement.cores) or torch.get_num_threads())
-    return torch.device("cpu")
+def configure_command(plan: LayerPlan, variant: str, split_head: bool) -> Configure:
+    return Configure([len(g) for g in plan.groups], variant, split_head)
 
 
-# -- commands ------------------------------------------------------------------
-
-
-def encode_configure(plan: LayerPlan, variant: str, split_head: bool) -> list[int]:
-    return [OP_CONFIGURE, VARIANTS.index(variant), int(split_head), len(plan.groups)] + [len(g) for g in plan.groups]
-
-
-def decode_configure(command: list[int], num_layers: int, num_devices: int) -> tuple[LayerPlan, str, bool]:
-    variant, split_head, n = VARIANTS[command[1]], bool(command[2]), command[3]
+def plan_of_command(command: Configure, num_layers: int, num_devices: int) -> LayerPlan:
     groups, start = [], 0
-    for width in command[4 : 4 + n]:
+    for width in command.group_widths:
         groups.append(list(range(start, start + width)))
         start += width
-    return validate_groups(groups, num_layers, num_devices), variant, split_head
+    return validate_groups(groups, num_layers, num_devices)
 
 
 class HeadShard:
     """This rank's slice of the output head: logits for vocab [lo, hi), padded to a common width."""
 
-    def __init__(self, model: LlamaModel, spec: DraftSpec, rank: int, world: int):
+    def __init__(self, model: LlamaModel, checkpoint: DraftCheckpoint, rank: int, world: int):
         from workers.model.linear import make_linear
 
         V = model.args.vocab_size
         self.bounds = vocab_bounds(V, world)
         self.width = max(hi - lo for lo, hi in self.bounds)
         lo, hi = self.bounds[rank]
-        weight = self._head_weight(model, spec)[lo:hi]
+        weight = self._head_weight(model, checkpoint)[lo:hi]
         self.linear = make_linear(weight, None, head_quantization_of(model), model.dtype, model.device)
         self.pad = self.width - (hi - lo)
         self.model = model
 
     @staticmethod
-    def _head_weight(model: LlamaModel, spec: DraftSpec) -> torch.Tensor:
+    def _head_weight(model: LlamaModel, checkpoint: DraftCheckpoint) -> torch.Tensor:
         from workers.model.loader import open_weights
 
         if model.args.tie_embeddings:
             return model.tok_embeddings.weight.detach()
-        weights = open_weights(Path(spec.path))  # safetensors, or a GGUF file served as is
+        weights = open_weights(Path(checkpoint.path))  # safetensors, or a GGUF file served as is
         if "lm_head.weight" in weights:
             return weights.get("lm_head.weight")
         return model.tok_embeddings.weight.detach()  # no separate head tensor: tied in fact
@@ -157,9 +133,9 @@ class HeadShard:
 class RankState:
     """What every rank holds: the model, its runner for the current plan, KV cache twins."""
 
-    def __init__(self, model: LlamaModel, spec: DraftSpec, rank: int, channel: Channel):
+    def __init__(self, model: LlamaModel, checkpoint: DraftCheckpoint, rank: int, channel: Channel):
         self.model = model
-        self.spec = spec
+        self.checkpoint = checkpoint
         self.rank = rank
         self.channel = channel
         self.caches: dict[int, DraftKVCache] = {}
@@ -171,7 +147,7 @@ class RankState:
         self.runner = LayerRunner(self.model, plan, variant, rank=self.rank, all_reduce=self.channel.all_reduce_)
         self.split_head = split_head
         if split_head and self.head is None:
-            self.head = HeadShard(self.model, self.spec, self.rank, self.channel.world)
+            self.head = HeadShard(self.model, self.checkpoint, self.rank, self.channel.world)
 
     def forward(
         self,
@@ -180,14 +156,14 @@ class RankState:
         tokens: torch.Tensor,
         num_logits: int,
         exact: bool,
-        head_mode: int,
+        split_head: bool,
     ) -> torch.Tensor | None:
         """This rank's share of one pass; rank 0 gets the logits [num_logits, V] float32."""
         model = self.model
         pos = model.positions(start, tokens.shape[0])
         h = model.embed(tokens)
         h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
-        if head_mode == HEAD_SPLIT:
+        if split_head:
             parts = self.channel.gather(self.head(h, num_logits))
             return None if parts is None else self.head.assemble(parts)
         return model.head(h, num_logits) if self.rank == 0 else None
@@ -196,42 +172,28 @@ class RankState:
 # -- followers -----------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_spec, doorbells, dump_dir: str, conn):
+def _follower_main(rank: int, world: int, checkpoint: DraftCheckpoint, placement, channel_setup, doorbells, conn):
     """Entry point of ranks 1..D-1 (spawned)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    root_pid = channel_spec.root_pid if isinstance(channel_spec, ShmSpec) else None
+    root_pid = channel_setup.root_pid if isinstance(channel_setup, ShmLayout) else None
     try:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(15, f"tandem-es{rank}".encode(), 0, 0, 0)  # PR_SET_NAME
-        except OSError:
-            pass
+        name_process(f"tandem-es{rank}")
         device = apply_placement(placement)
 
         def check_root():
             if os.getppid() != (root_pid or os.getppid()):
                 raise RankExit("rank 0 is gone")
 
-        if isinstance(channel_spec, ShmSpec):
-            channel = ShmChannel(channel_spec, rank, doorbells, check_peers=check_root)
+        if isinstance(channel_setup, ShmLayout):
+            channel = ShmChannel(channel_setup, rank, doorbells, check_peers=check_root)
         else:
-            channel = DistChannel(channel_spec, rank, device)
-        model = spec.load(device)
-        state = RankState(model, spec, rank, channel)
+            channel = DistChannel(channel_setup, rank, device)
+        model = checkpoint.load(device)
+        state = RankState(model, checkpoint, rank, channel)
         conn.send(("ready", os.getpid()))
         with torch.inference_mode():
-            _follow(state, dump_dir)
+            _follow(state)
         channel.close()
         conn.send(("bye", os.getpid()))
     except RankExit:
@@ -244,40 +206,29 @@ def _follower_main(rank: int, world: int, spec: DraftSpec, placement, channel_sp
         os._exit(1)
 
 
-def _follow(state: RankState, dump_dir: str) -> None:
+def _follow(state: RankState) -> None:
     channel, model = state.channel, state.model
     args = model.args
     while True:
-        command = channel.recv_command()
-        op = command[0]
-        if op == OP_FORWARD:
-            cache_id, start, T, num_logits, exact, final_length, head_mode = command[1:8]
-            cache = state.caches[cache_id]
-            tokens = torch.tensor(command[8 : 8 + T], dtype=torch.long, device=model.device)
-            state.forward(cache, start, tokens, num_logits, bool(exact), head_mode)
-            cache.length = final_length
-        elif op == OP_NEW_CACHE:
-            cache_id, capacity = command[1:3]
-            model.ensure_rope(capacity)
-            cache = DraftKVCache(args.n_layers, args.n_kv_heads, capacity, args.head_dim, model.dtype, model.device)
-            state.caches[cache_id] = cache
-        elif op == OP_FREE_CACHE:
-            state.caches.pop(command[1], None)
-        elif op == OP_CONFIGURE:
-            plan, variant, split_head = decode_configure(command, args.n_layers, channel.world)
-            state.configure(plan, variant, split_head)
-        elif op == OP_DUMP_KV:
-            cache_id, length = command[1:3]
-            cache = state.caches[cache_id]
-            path = Path(dump_dir) / f"kv-{state.rank}-{cache_id}.pt"
-            torch.save({"k": cache.k[:, :, :length].clone(), "v": cache.v[:, :, :length].clone()}, path)
+        command = unpack(channel.recv_command())
+        if isinstance(command, Forward):
+            cache = state.caches[command.cache_id]
+            tokens = torch.tensor(command.tokens, dtype=torch.long, device=model.device)
+            state.forward(cache, command.start, tokens, command.num_logits, command.exact, command.split_head)
+            cache.length = command.final_length
+        elif isinstance(command, NewCache):
+            state.caches[command.cache_id] = model.new_cache(command.capacity, DraftKVCache)
+        elif isinstance(command, Configure):
+            plan = plan_of_command(command, args.n_layers, channel.world)
+            state.configure(plan, command.variant, command.split_head)
+        elif isinstance(command, Call):
+            module, _, name = command.function.partition(":")
+            getattr(importlib.import_module(module), name)(state, *command.args)
             channel.barrier()
-        elif op == OP_BARRIER:
+        elif isinstance(command, Barrier):
             channel.barrier()
-        elif op == OP_SHUTDOWN:
+        elif isinstance(command, Shutdown):
             return
-        else:
-            raise RuntimeError(f"unknown command {op}")
 
 
 # -- rank 0 --------------------------------------------------------------------
@@ -302,7 +253,7 @@ class RankGroup:
     def __init__(
         self,
         model: LlamaModel,
-        spec: DraftSpec,
+        checkpoint: DraftCheckpoint,
         plan: LayerPlan,
         *,
         variant: str = "full",
@@ -322,7 +273,7 @@ class RankGroup:
         if len(placements) != world:
             raise ValueError(f"{len(placements)} rank placements for a plan over {world} devices")
         self.model = model
-        self.spec = spec
+        self.checkpoint = checkpoint
         self.world = world
         self.timeout_s = timeout_s
         self.max_fuzzy_tokens = max_fuzzy_tokens
@@ -332,34 +283,22 @@ class RankGroup:
         self._closed = False
         self._procs: list = []
         self._conns: list = []
-        self._messages: dict[int, list] = {}
-        self._dump_dir = tempfile.mkdtemp(prefix="tandem-easyspec-")
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="tandem-easyspec-")
         self.channel_kind = _pick_channel(channel, model.device)
         ctx = multiprocessing.get_context("spawn")
-
-        if self.channel_kind == "shm":
-            # hidden states of a fuzzy pass, or a gathered logits slice, whichever is bigger
-            hidden = max_fuzzy_tokens * model.args.dim * torch.finfo(model.dtype).bits // 8
-            logits = max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
-            slot = -(-max(hidden, logits, 64) // 4096) * 4096
-            path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            channel_spec = ShmSpec(path, world, slot, 16 + max_command_tokens, timeout_s, os.getpid())
-            doorbells = [ctx.Semaphore(0) for _ in range(world - 1)]
-        else:
-            init = f"file://{os.path.join(self._dump_dir, 'rendezvous')}"
-            channel_spec = DistSpec(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", timeout_s)
-            doorbells = []
-        self._shm_path = channel_spec.path if isinstance(channel_spec, ShmSpec) else None
+        channel_setup = self._channel_setup()
+        doorbells = [ctx.Semaphore(0) for _ in range(world - 1)] if isinstance(channel_setup, ShmLayout) else []
+        self._shm_path = channel_setup.path if isinstance(channel_setup, ShmLayout) else None
 
         atexit.register(self.close)
         try:
-            if isinstance(channel_spec, ShmSpec):  # rank 0 creates the file the others attach to
-                self.channel: Channel = ShmChannel(channel_spec, 0, doorbells, check_peers=self._check_peers)
+            if isinstance(channel_setup, ShmLayout):  # rank 0 creates the file the others attach to
+                self.channel: Channel = ShmChannel(channel_setup, 0, doorbells, check_peers=self._check_peers)
             for rank in range(1, world):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_follower_main,
-                    args=(rank, world, spec, placements[rank], channel_spec, doorbells, self._dump_dir, child),
+                    args=(rank, world, checkpoint, placements[rank], channel_setup, doorbells, child),
                     name=f"tandem-easyspec-rank{rank}",
                     daemon=True,
                 )
@@ -367,16 +306,29 @@ class RankGroup:
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
-            if not isinstance(channel_spec, ShmSpec):
-                self.channel = DistChannel(channel_spec, 0, model.device)
+            if not isinstance(channel_setup, ShmLayout):
+                self.channel = DistChannel(channel_setup, 0, model.device)
             self._await_ready(startup_timeout_s)
             if self._shm_path:  # everyone has it mapped: no file left behind, whatever happens next
                 unlink_quietly(self._shm_path)
-            self.state = RankState(model, spec, 0, self.channel)
+            self.state = RankState(model, checkpoint, 0, self.channel)
             self.configure(plan, variant, split_head)
         except BaseException:
             self.close()
             raise
+
+    def _channel_setup(self) -> ShmLayout | DistRendezvous:
+        """What every rank needs to open the channel of kind self.channel_kind."""
+        model, world = self.model, self.world
+        if self.channel_kind == "shm":
+            # hidden states of a fuzzy pass, or a gathered logits slice, whichever is bigger
+            hidden = self.max_fuzzy_tokens * model.args.dim * torch.finfo(model.dtype).bits // 8
+            logits = self.max_head_rows * (-(-model.args.vocab_size // world) + 64) * 4
+            slot = -(-max(hidden, logits, 64) // 4096) * 4096
+            path = os.path.join(shm_directory(), f"tandem-easyspec-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            return ShmLayout(path, world, slot, max_words(self.max_command_tokens), self.timeout_s, os.getpid())
+        init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
+        return DistRendezvous(init, world, "nccl" if self.channel_kind == "nccl" else "gloo", self.timeout_s)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -455,7 +407,7 @@ class RankGroup:
 
         def go():
             t0 = time.perf_counter()
-            self.channel.send_command([OP_BARRIER])
+            self.channel.send_command(pack(Barrier()))
             self.channel.barrier()
             return time.perf_counter() - t0
 
@@ -470,7 +422,7 @@ class RankGroup:
         channel = getattr(self, "channel", None)
         if channel is not None and self._failure is None and all(p.is_alive() for p in self._procs):
             try:
-                channel.send_command([OP_SHUTDOWN])
+                channel.send_command(pack(Shutdown()))
             except Exception:  # noqa: BLE001
                 pass
         deadline = time.monotonic() + timeout_s
@@ -490,7 +442,7 @@ class RankGroup:
             unlink_quietly(self._shm_path)
         for conn in self._conns:
             conn.close()
-        shutil.rmtree(self._dump_dir, ignore_errors=True)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -509,21 +461,16 @@ class RankGroup:
             raise ValueError(f"unknown EasySpec variant {variant!r} (use one of {', '.join(VARIANTS)})")
 
         def go():
-            self.channel.send_command(encode_configure(plan, variant, split_head))
+            self.channel.send_command(pack(configure_command(plan, variant, split_head)))
             self.state.configure(plan, variant, split_head)
 
         self._call(go)
         self.plan, self.variant, self.split_head = plan, variant, split_head
 
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
-        a = self.model.args
-        self.model.ensure_rope(max_seq_len)
-        cache = DraftKVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, self.model.dtype, self.model.device)
-        self._call(self.channel.send_command, [OP_NEW_CACHE, cache.cache_id, max_seq_len])
+        cache = self.model.new_cache(max_seq_len, DraftKVCache)
+        self._call(self.channel.send_command, pack(NewCache(cache.cache_id, max_seq_len)))
         return cache
-
-    def free_cache(self, cache: DraftKVCache) -> None:
-        self._call(self.channel.send_command, [OP_FREE_CACHE, cache.cache_id])
 
     def forward(
         self, cache: DraftKVCache, start: int, tokens: torch.Tensor, num_logits: int, exact: bool, final_length: int
@@ -533,33 +480,24 @@ class RankGroup:
             raise ValueError(f"a pass of {T} tokens exceeds the group's {self.max_command_tokens}")
         if not exact and T > self.max_fuzzy_tokens:
             raise ValueError(f"a fuzzy pass of {T} tokens exceeds the group's {self.max_fuzzy_tokens}")
-        head_mode = HEAD_SPLIT if self.split_head and num_logits <= self.max_head_rows else HEAD_ROOT
+        split_head = self.split_head and num_logits <= self.max_head_rows
 
         def go():
-            header = [OP_FORWARD, cache.cache_id, start, T, num_logits, int(exact), final_length, head_mode]
-            self.channel.send_command(header + tokens.tolist())
-            return self.state.forward(cache, start, tokens, num_logits, exact, head_mode)
+            command = Forward(cache.cache_id, start, tokens.tolist(), num_logits, exact, final_length, split_head)
+            self.channel.send_command(pack(command))
+            return self.state.forward(cache, start, tokens, num_logits, exact, split_head)
 
         return self._call(go)
 
-    def fetch_kv(self, cache: DraftKVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV of [0, length) as the plan computed it: each parallel layer from its own rank.
-
-        (Tests and debugging: ranks hold stale entries for layers they do not compute.)
-        """
+    def call(self, function: str, *args: int | str) -> None:
+        """Run function(rank_state, *args) on every follower ("module:name"; for
+        looking inside the ranks: tests, debugging) and wait until all have."""
 
         def go():
-            self.channel.send_command([OP_DUMP_KV, cache.cache_id, length])
+            self.channel.send_command(pack(Call(function, list(args))))
             self.channel.barrier()
 
         self._call(go)
-        k, v = cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
-        dumps = {r: torch.load(Path(self._dump_dir) / f"kv-{r}-{cache.cache_id}.pt") for r in range(1, self.world)}
-        for group in self.plan.parallel_groups:
-            for layer, rank in zip(group, self.plan.ranks_of(group)):
-                if rank:
-                    k[layer], v[layer] = dumps[rank]["k"][layer], dumps[rank]["v"][layer]
-        return k, v
 
     @property
     def stats(self):

@@ -7,13 +7,7 @@ side: per-request continuations, rollback, drafting. Both run in-process in
 tests and inside worker processes in production.
 """
 
-from workers.engine.draft_engine import DraftEngine  # noqa: F401
-from workers.engine.draft_source import (  # noqa: F401
-    DraftSource,
-    DraftStream,
-    LocalTransport,
-    NoDraft,
-    Proposal,
-    random_steps,
-)
+from workers.engine.draft_engine import DraftControl, DraftEngine  # noqa: F401
+from workers.engine.draft_model import DraftModel, PlainDraft  # noqa: F401
+from workers.engine.draft_source import DraftSource, DraftStream, NoDraft, Proposal  # noqa: F401
 from workers.engine.verify_engine import RequestRejected, VerifyEngine  # noqa: F401

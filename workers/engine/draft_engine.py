@@ -1,24 +1,32 @@
 """The draft side: per-request continuations, rollback, one token at a time.
 
 For each request the draft holds a continuation: the latest verified prefix it
-was told about, followed by the tokens it drafted past it. `update` brings a
-new verified prefix (a new epoch): if it agrees with the continuation the draft
-keeps going (and re-publishes the drafts beyond it under the new epoch);
-if it parts at position j, the cache is cropped to j (rollback) and drafting
-restarts from the verified tokens. `step` drafts one token for the next request
-that is below its run-ahead limit. Mode `sd` sets the limit to k per round;
-`amusd` lets the draft run ahead while the target verifies.
+was told about, followed by the tokens it drafted past it. `begin` starts a
+request (its prompt and sampling); `update` brings a new verified prefix (a new
+epoch, as the tokens added since the last one): if it agrees with the
+continuation the draft keeps going (and re-publishes the drafts beyond it under
+the new epoch); if it parts at position j, the model rolls the cache back to j
+and drafting restarts from the verified tokens. `step` drafts one token for the
+next request that is below its run-ahead limit. A synchronous mode sets the
+limit to k per round; an asynchronous one lets the draft run ahead while the
+target verifies. The model's round hooks (DraftModel) are called explicitly.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from protocol.messages import DraftTokens, SamplingParams, VerifiedPrefix
-from workers.spec import DRAFT, keyed_uniform, sample_from_uniform, warp
+from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, SamplingParams, VerifiedPrefix
+from workers.engine.draft_model import DraftModel
+from workers.sampling import DRAFT, keyed_uniform, sample_from_uniform, warp
+
+log = logging.getLogger("tandem.draft")
+
+DraftControl = BeginDrafting | VerifiedPrefix | ReleaseRequest  # what the verifier sends the draft
 
 
 @dataclass
@@ -53,7 +61,7 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class DraftEngine:
-    def __init__(self, model, *, max_model_len: int, max_requests: int, device="cpu"):
+    def __init__(self, model: DraftModel, *, max_model_len: int, max_requests: int, device="cpu"):
         self.model = model
         self.max_model_len = max_model_len
         self.max_requests = max_requests
@@ -69,41 +77,62 @@ class DraftEngine:
     def release(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
         if state is not None:
-            state.cache.crop(0)
+            self.model.after_rollback(state.cache, 0)
             self._spare_caches.append(state.cache)
 
-    def _new_state(self, message: VerifiedPrefix) -> DraftState:
-        if len(self._states) >= self.max_requests:
-            self.release(next(iter(self._states)))
-        cache = self._spare_caches.pop() if self._spare_caches else self.model.new_cache(self.max_model_len)
-        state = DraftState(cache, message.sampling)
-        self._states[message.request_id] = state
-        return state
+    def handle(self, message: DraftControl) -> Drafted | None:
+        """A message from the verifier; returns drafts to publish, if any."""
+        if isinstance(message, BeginDrafting):
+            return self.begin(message)
+        if isinstance(message, VerifiedPrefix):
+            return self.update(message)
+        self.release(message.request_id)
+        return None
+
+    def begin(self, message: BeginDrafting) -> Drafted | None:
+        """Draft for a request from its verified tokens (again, if it is known: a new epoch)."""
+        state = self._states.get(message.request_id)
+        if state is None:
+            if len(self._states) >= self.max_requests:
+                self.release(next(iter(self._states)))
+            cache = self._spare_caches.pop() if self._spare_caches else self.model.new_cache(self.max_model_len)
+            state = self._states[message.request_id] = DraftState(cache, message.sampling)
+        state.sampling = message.sampling
+        return self._adopt(message.request_id, state, message.epoch, 0, message.tokens, message.max_run_ahead)
 
     def update(self, message: VerifiedPrefix) -> Drafted | None:
         """Adopt a new verified prefix; returns drafts still valid under it, re-tagged."""
-        state = self._states.get(message.request_id) or self._new_state(message)
-        tokens = message.tokens
-        state.epoch = message.epoch  # always: drafts are tagged with the newest epoch seen
-        state.max_run_ahead = message.max_run_ahead
-        state.sampling = message.sampling
-        common = common_prefix_len(state.sequence, tokens)
-        if common == len(tokens):  # the verifier kept to our continuation: go on
-            state.probs = state.probs[len(tokens) - state.verified_len :] if state.probs else []
-            state.verified_len = len(tokens)
-            on_verified = getattr(self.model, "on_verified", None)
-            if on_verified is not None:  # EasySpec: recalibrate the newly verified tokens' KV
-                on_verified(state.cache, min(len(tokens), state.cache.length))
+        state = self._states.get(message.request_id)
+        if state is None or message.start != state.verified_len:
+            # not begun here, or a gap (a draft worker restarted): the verifier begins it again
+            log.warning("ignoring the verified prefix of %s: not begun here", message.request_id)
+            return None
+        return self._adopt(
+            message.request_id, state, message.epoch, message.start, message.new_tokens, message.max_run_ahead
+        )
+
+    def _adopt(
+        self, request_id: str, state: DraftState, epoch: int, start: int, new_tokens: list[int], max_run_ahead: int
+    ) -> Drafted | None:
+        """The verified prefix is now state.sequence[:start] + new_tokens, version `epoch`."""
+        state.epoch = epoch  # always: drafts are tagged with the newest epoch seen
+        state.max_run_ahead = max_run_ahead
+        verified_len = start + len(new_tokens)
+        common = start + common_prefix_len(state.sequence[start:], new_tokens)
+        if common == verified_len:  # the verifier kept to our continuation: go on
+            state.probs = state.probs[verified_len - state.verified_len :] if state.probs else []
+            state.verified_len = verified_len
+            self.model.after_verified(state.cache, min(verified_len, state.cache.length))
             if state.num_drafted == 0:
                 return None
             probs = torch.stack(state.probs) if state.probs else None
-            ahead = state.sequence[len(tokens) :]
-            return Drafted(DraftTokens(message.request_id, state.epoch, len(tokens), ahead, probs is not None), probs)
+            ahead = state.sequence[verified_len:]
+            return Drafted(DraftTokens(request_id, epoch, verified_len, ahead, probs is not None), probs)
         if common < len(state.sequence):
             self.num_rollbacks += 1  # the verifier parted from our continuation at `common`
-        state.cache.crop(min(state.cache.length, common))
-        state.sequence = list(tokens)
-        state.verified_len = len(tokens)
+        self.model.after_rollback(state.cache, min(state.cache.length, common))
+        state.sequence = state.sequence[:start] + list(new_tokens)
+        state.verified_len = verified_len
         state.probs = []
         return None
 
@@ -146,8 +175,3 @@ class DraftEngine:
         state.sequence.append(token)
         self.num_drafted += 1
         return Drafted(DraftTokens(request_id, state.epoch, position, [token], probs is not None), probs)
-
-    def drafts_of(self, request_id: str) -> list[int]:
-        """The tokens drafted past the verified prefix (for tests and stats)."""
-        state = self._states.get(request_id)
-        return [] if state is None else state.sequence[state.verified_len :]

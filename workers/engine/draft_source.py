@@ -1,30 +1,30 @@
 """Where a round's draft tokens come from: the seam between modes.
 
-A mode is a choice of DraftSource:
-- `NoDraft`: mode `ar`, the target alone.
-- `DraftStream` with `wait_for_all=True`: mode `sd`. The draft may run k tokens
-  past each verified prefix; a round waits for those k.
-- `DraftStream` with `wait_for_all=False`: mode `amusd`. The draft runs ahead up
-  to its limit while the target verifies; a round takes whatever has arrived
-  (at least one token, unless the draft is silent past the timeout).
+A mode (a row of configs/modes.py) is a choice of DraftSource:
+- `NoDraft`: a mode without a draft (`ar`), the target alone.
+- `DraftStream` for a synchronous mode (`sd`, `easyspec`): the draft may run k
+  tokens past each verified prefix; a round waits for those k.
+- `DraftStream` for an asynchronous mode (`amusd`, `amusd+easyspec`): the draft
+  runs ahead up to its limit while the target verifies; a round takes whatever
+  has arrived (at least one token, unless the draft is silent past the timeout).
 
 The stream keeps, per request, the epoch (version) of the verified prefix and
 a buffer of draft tokens for the positions right after it. Draft messages of
 another epoch are stale and dropped. The transport carries messages to and
 from the draft: sockets in production (workers/verify.py), a DraftEngine in
-the same process in tests (`LocalTransport`).
+the same process in tests (tests/local_draft.py).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from protocol.messages import DraftTokens, ReleaseRequest, VerifiedPrefix
+from configs.modes import Mode
+from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, VerifiedPrefix
 from workers.engine.request import Request
 
 
@@ -46,6 +46,8 @@ class DraftSource(Protocol):
     # token, so each position's token depends only on that position's draw
     # (reproducible when the number of drafts per round depends on timing)
     sampled_bonus: bool
+    num_stale: int  # draft tokens dropped for an old epoch
+    wait_s: float  # time rounds spent blocked for drafts
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
@@ -62,6 +64,8 @@ class NoDraft:
     num_draft_tokens = 0
     max_run_ahead = 0
     sampled_bonus = True
+    num_stale = 0
+    wait_s = 0.0
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass
@@ -100,54 +104,55 @@ class DraftStream:
         *,
         num_draft_tokens: int,
         max_run_ahead: int,
-        wait_for_all: bool,
+        mode: Mode,
         timeout_s: float,
     ):
         self.transport = transport
         self.num_draft_tokens = num_draft_tokens
         self.max_run_ahead = max_run_ahead
-        self.wait_for_all = wait_for_all
-        self.sampled_bonus = wait_for_all
+        self.wait_for_all = mode.synchronous
+        self.sampled_bonus = mode.sampled_bonus
         self.timeout_s = timeout_s
         self._buffers: dict[str, _Buffer] = {}
         self.available = True  # False while the draft worker is down: rounds run target-only
         self.num_stale = 0
-        self.num_timeouts = 0
         self.wait_s = 0.0  # time rounds spent blocked for drafts (the verifier idle)
 
     # -- publishing --------------------------------------------------------
 
-    def _publish(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
+    def _begin(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
         self.transport.send(
-            VerifiedPrefix(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling)
+            BeginDrafting(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling)
         )
 
     def set_available(self, available: bool, run_ahead) -> None:
-        """The draft went away or came back. A new draft knows nothing: re-publish
-        every request's verified prefix (new epochs) so it starts drafting."""
+        """The draft went away or came back. A new draft knows nothing: begin
+        every request on it again (new epochs) so it starts drafting."""
         was, self.available = self.available, available
         if available and not was:
             for buffer in self._buffers.values():
                 buffer.token_ids.clear()
                 buffer.probs.clear()
                 buffer.epoch += 1
-                self._publish(buffer.request, buffer, run_ahead(buffer.request))
+                self._begin(buffer.request, buffer, run_ahead(buffer.request))
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         buffer = _Buffer(request, epoch=0, start=request.num_tokens)
         self._buffers[request.request_id] = buffer
-        self._publish(request, buffer, max_run_ahead)
+        self._begin(request, buffer, max_run_ahead)
 
     def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
-        """A new verified prefix: new epoch; keep buffered drafts that still agree."""
+        """A new verified prefix: new epoch; keep buffered drafts that still agree.
+        The draft is sent only the emitted tokens (after the previous prefix)."""
         buffer = self._buffers[request.request_id]
         agree = buffer.token_ids[: len(emitted)] == emitted
         keep = len(emitted) if agree else len(buffer.token_ids)
         del buffer.token_ids[:keep]
         del buffer.probs[:keep]
+        previous = buffer.start
         buffer.start = request.num_tokens
         buffer.epoch += 1
-        self._publish(request, buffer, max_run_ahead)
+        self.transport.send(VerifiedPrefix(request.request_id, buffer.epoch, previous, list(emitted), max_run_ahead))
 
     def release(self, request_id: str) -> None:
         if self._buffers.pop(request_id, None) is not None:
@@ -185,7 +190,6 @@ class DraftStream:
         while len(buffer.token_ids) < need:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.num_timeouts += 1
                 break
             self._receive(remaining)
         self.wait_s += time.monotonic() - started
@@ -194,37 +198,3 @@ class DraftStream:
         probs = torch.stack(buffer.probs[: len(token_ids)]) if buffer.probs and token_ids else None
         return Proposal(token_ids, probs, available)
 
-
-class LocalTransport:
-    """A DraftEngine driven in this process (tests, and a one-process server).
-
-    Each `receive` advances the draft by `steps()` tokens (default 1): a
-    random `steps` stands in for the timing of a draft running on another device.
-    """
-
-    def __init__(self, engine, steps=None):
-        self.engine = engine
-        self.steps = steps or (lambda: 1)
-        self._outbox: list[tuple[DraftTokens, torch.Tensor | None]] = []
-
-    def send(self, message) -> None:
-        if isinstance(message, VerifiedPrefix):
-            drafted = self.engine.update(message)
-            if drafted is not None:
-                self._outbox.append((drafted.message, drafted.probs))
-        elif isinstance(message, ReleaseRequest):
-            self.engine.release(message.request_id)
-
-    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
-        for _ in range(self.steps()):
-            drafted = self.engine.step()
-            if drafted is not None:
-                self._outbox.append((drafted.message, drafted.probs))
-        out, self._outbox = self._outbox, []
-        return out
-
-
-def random_steps(seed: int, low: int = 0, high: int = 4):
-    """A `steps` function for LocalTransport: how far the draft got, at random."""
-    rng = random.Random(seed)
-    return lambda: rng.randint(low, high)

@@ -22,7 +22,7 @@ import torch
 from protocol.messages import GenerateRequest, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
-from workers.spec import COIN, PICK, accept_greedy, accept_sampled, keyed_uniforms, logprobs_of, warp
+from workers.sampling import COIN, PICK, accept_greedy, accept_sampled, keyed_uniforms, logprobs_of, warp
 
 
 class RequestRejected(ValueError):

@@ -16,7 +16,6 @@ _EXPORTS = {
     "resolve_checkpoint": ".checkpoints",
     "load_tokenizer": ".checkpoints",
     "check_same_tokenizer": ".checkpoints",
-    "make_tiny_checkpoint": ".tiny",
 }
 
 __all__ = list(_EXPORTS)

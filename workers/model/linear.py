@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # "gguf": see loader.py
+from configs.choices import QUANTIZATIONS  # one definition, shared with the config loader
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12

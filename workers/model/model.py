@@ -185,8 +185,9 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(self.args, n_positions, self.dtype, self.device)
         self.rope_cos, self.rope_sin = cos[:, None, :], sin[:, None, :]  # [P, 1, D]
 
-    def new_cache(self, max_seq_len: int) -> KVCache:
-        """A fresh static KV cache for one sequence of up to max_seq_len positions."""
+    def new_cache(self, max_seq_len: int, cache_type: type[KVCache] = KVCache) -> KVCache:
+        """A fresh static KV cache (a KVCache, or the subclass cache_type) for one sequence
+        of up to max_seq_len positions."""
         a = self.args
         if a.sliding_window is not None and max_seq_len > a.sliding_window:
             raise ValueError(
@@ -194,7 +195,7 @@ class LlamaModel(nn.Module):
                 f"must be <= the model's sliding_window {a.sliding_window}"
             )
         self.ensure_rope(max_seq_len)
-        return KVCache(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
+        return cache_type(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
 
     # -- pieces ----------------------------------------------------------------
 

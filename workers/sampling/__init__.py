@@ -4,9 +4,9 @@ No model code, no processes: tensors in, tensors out, randomness passed in
 (uniforms keyed by position, see randomness.py). Every decoding mode uses these.
 """
 
-from workers.spec.acceptance import Acceptance, accept_greedy, accept_sampled
-from workers.spec.randomness import COIN, DRAFT, PICK, keyed_uniform, keyed_uniforms
-from workers.spec.warping import logprobs_of, sample, sample_from_uniform, warp
+from workers.sampling.acceptance import Acceptance, accept_greedy, accept_sampled
+from workers.sampling.randomness import COIN, DRAFT, PICK, keyed_uniform, keyed_uniforms
+from workers.sampling.warping import logprobs_of, sample, sample_from_uniform, warp
 
 __all__ = [
     "Acceptance",

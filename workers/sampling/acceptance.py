@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workers.spec.warping import sample_from_uniform
+from workers.sampling.warping import sample_from_uniform
 
 __all__ = ["Acceptance", "accept_greedy", "accept_sampled"]
 
@@ -97,7 +97,7 @@ def accept_sampled(
 
     Randomness is passed in, one uniform per decision and position, so that
     the token at position ``i`` depends only on that position's uniforms (see
-    workers/spec/randomness.py: this keeps seeded requests reproducible when
+    workers/sampling/randomness.py: this keeps seeded requests reproducible when
     the number of drafts per round varies): ``coins[i]`` decides draft ``i``;
     ``picks[i]`` draws the recovered token when ``i`` is the first rejection,
     ``picks[k]`` the bonus token (inverse CDF, :func:`sample_from_uniform`).

@@ -1,0 +1,13 @@
+"""The valid values of config settings that name a choice, defined once.
+
+The loader checks configs against them and the workers dispatch on them; this
+module imports nothing, so the HTTP process can read it without torch.
+"""
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # weight-only quantization of a model's linears ("gguf": as the file stores it)
+
+# EasySpec (workers/easyspec)
+VARIANTS = ("full", "attention")  # what a parallel group runs side by side: whole layers, or attentions only
+CALIBRATION_POLICIES = ("every_round", "on_mismatch", "never")  # when fuzzy KV is recomputed exactly
+CHANNELS = ("auto", "shm", "gloo", "nccl")  # how ranks exchange hidden states ("auto": shm on CPU, nccl on CUDA)

@@ -1,0 +1,41 @@
+"""A DraftEngine driven in the test's own process, in place of a draft worker and its sockets."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from protocol.messages import DraftTokens
+
+
+class LocalTransport:
+    """The DraftStream's transport to a DraftEngine in this process.
+
+    Each `receive` advances the draft by `steps()` tokens (default 1): a
+    random `steps` stands in for the timing of a draft running on another device.
+    """
+
+    def __init__(self, engine, steps=None):
+        self.engine = engine
+        self.steps = steps or (lambda: 1)
+        self._outbox: list[tuple[DraftTokens, torch.Tensor | None]] = []
+
+    def send(self, message) -> None:
+        self._keep(self.engine.handle(message))
+
+    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
+        for _ in range(self.steps()):
+            self._keep(self.engine.step())
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _keep(self, drafted) -> None:
+        if drafted is not None:
+            self._outbox.append((drafted.message, drafted.probs))
+
+
+def random_steps(seed: int, low: int = 0, high: int = 4):
+    """A `steps` function for LocalTransport: how far the draft got, at random."""
+    rng = random.Random(seed)
+    return lambda: rng.randint(low, high)

@@ -1,0 +1,79 @@
+"""What rank 0 tells the other ranks of a layer-parallel draft: one struct per command.
+
+Commands are msgspec structs (like protocol/), encoded as msgpack and carried
+by the channel as int64 words: [byte length, the bytes packed 8 to a word].
+
+    Forward(cache, start, tokens, ...)   run this rank's share of a pass
+    NewCache(cache, capacity)            a KV cache twin per engine cache
+    Configure(groups, variant, ...)      switch plans without restarting
+    Call(function, args)                 run a named function on the rank (inspection)
+    Barrier / Shutdown
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+
+class Forward(msgspec.Struct, tag=True, array_like=True):
+    cache_id: int
+    start: int  # position of tokens[0]
+    tokens: list[int]
+    num_logits: int
+    exact: bool  # layer by layer (every rank runs every layer) instead of the plan's parallel groups
+    final_length: int  # the cache length after the pass
+    split_head: bool  # every rank computes the logits of a vocabulary slice (else rank 0 alone)
+
+
+class NewCache(msgspec.Struct, tag=True, array_like=True):
+    cache_id: int
+    capacity: int
+
+
+class Configure(msgspec.Struct, tag=True, array_like=True):
+    group_widths: list[int]  # the layer plan: consecutive groups of this many layers
+    variant: str
+    split_head: bool
+
+
+class Call(msgspec.Struct, tag=True, array_like=True):
+    """Run `function` ("module:name", called as function(rank_state, *args)) on every
+    follower, then meet at a barrier: for looking inside the ranks (tests, debugging)."""
+
+    function: str
+    args: list[int | str]
+
+
+class Barrier(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+Command = Forward | NewCache | Configure | Call | Barrier | Shutdown
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Command)
+
+
+def pack(command: Command) -> np.ndarray:
+    """A command as int64 words for the channel."""
+    raw = _encoder.encode(command)
+    words = np.zeros(1 + -(-len(raw) // 8), dtype=np.int64)
+    words[0] = len(raw)
+    words[1:].view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return words
+
+
+def unpack(words) -> Command:
+    words = np.asarray(words, dtype=np.int64)
+    n = int(words[0])
+    return _decoder.decode(words[1:].view(np.uint8)[:n].tobytes())
+
+
+def max_words(max_tokens: int) -> int:
+    """Words of the longest command: a Forward of max_tokens tokens (msgpack: <= 5 bytes a token)."""
+    return 1 + -(-(5 * max_tokens + 64) // 8)
