@@ -49,35 +49,45 @@ static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float
     }
 }
 
+/* Integer dot products accumulate in CHAINS(M) independent registers per row (summed exactly
+ * at the end of a group): with one row, a single accumulator would wait on vpdpbusd's latency
+ * at every step. Float accumulation has one fixed order whatever M is (batch invariance). */
+#define CHAINS(M) ((M) == 1 ? 4 : (M) == 2 ? 2 : 1)
+
 static inline __attribute__((always_inline)) void tile(
     const int M, const int nibbles, const int G, int t, int K, const uint8_t *w, const float *scale,
     const float *offset, float zero_point, const int8_t *xq, const float *dx, const float *sx, float *y, int ldy) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int groups = K / G;
+    const int C = CHAINS(M);
     __m512 acc[MMAX];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     const uint8_t *wt = w + (long)t * 16 * K / (nibbles ? 2 : 1);
     for (int g = 0; g < groups; g++) {
-        __m512i iacc[MMAX];
-        for (int m = 0; m < M; m++) iacc[m] = _mm512_setzero_si512();
+        __m512i iacc[4][MMAX];
+        for (int c = 0; c < C; c++)
+            for (int m = 0; m < M; m++) iacc[c][m] = _mm512_setzero_si512();
         const int k0 = g * G;
+        int step = 0;
         if (nibbles) {
-            for (int k = k0; k < k0 + G; k += 8) {
+            for (int k = k0; k < k0 + G; k += 8, step += 2) {
                 __m512i b = _mm512_loadu_si512(wt + (long)(k / 8) * 64);
                 __m512i lo = _mm512_and_si512(b, low);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+                const int c0 = step % C, c1 = (step + 1) % C;
                 for (int m = 0; m < M; m++) {
                     const int8_t *a = xq + (long)m * K + k;
-                    iacc[m] = _mm512_dpbusd_epi32(iacc[m], lo, _mm512_set1_epi32(*(const int32_t *)a));
-                    iacc[m] = _mm512_dpbusd_epi32(iacc[m], hi, _mm512_set1_epi32(*(const int32_t *)(a + 4)));
+                    iacc[c0][m] = _mm512_dpbusd_epi32(iacc[c0][m], lo, _mm512_set1_epi32(*(const int32_t *)a));
+                    iacc[c1][m] = _mm512_dpbusd_epi32(iacc[c1][m], hi, _mm512_set1_epi32(*(const int32_t *)(a + 4)));
                 }
             }
         } else {
-            for (int k = k0; k < k0 + G; k += 4) {
+            for (int k = k0; k < k0 + G; k += 4, step++) {
                 __m512i b = _mm512_loadu_si512(wt + (long)(k / 4) * 64);
+                const int c0 = step % C;
                 for (int m = 0; m < M; m++) {
                     const int8_t *a = xq + (long)m * K + k;
-                    iacc[m] = _mm512_dpbusd_epi32(iacc[m], b, _mm512_set1_epi32(*(const int32_t *)a));
+                    iacc[c0][m] = _mm512_dpbusd_epi32(iacc[c0][m], b, _mm512_set1_epi32(*(const int32_t *)a));
                 }
             }
         }
@@ -85,8 +95,10 @@ static inline __attribute__((always_inline)) void tile(
         __m512 s = _mm512_loadu_ps(scale + sidx);
         __m512 o = offset ? _mm512_loadu_ps(offset + sidx) : _mm512_mul_ps(s, _mm512_set1_ps(-zero_point));
         for (int m = 0; m < M; m++) {
+            __m512i isum = iacc[0][m];
+            for (int c = 1; c < C; c++) isum = _mm512_add_epi32(isum, iacc[c][m]);
             __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(dx[m * (K / 32) + k0 / 32]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), sd, acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[m]);
             acc[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(sx[m * groups + g]), acc[m]);
         }
     }
