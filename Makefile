@@ -38,7 +38,7 @@ test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: env
-	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
+	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(PEER),--peer $(PEER))
 
 clean:
 	rm -rf $(VENV) .cache

@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         meta[f"peer {peer.label}"] = peer.url or " ".join(peer.command)
     print(f"bench: {len(prompts)} prompts, runs {', '.join(labels)}, max_tokens {args.max_tokens}")
 
-    jobs = [(r.label, lambda r=r: run_mode(r, prompts, settings, out / "logs")) for r in runs]
-    jobs += [(p.label, lambda p=p: run_peer(p, prompts, settings, out / "logs")) for p in peers]
+    # Tandem's modes, then the peers: one server at a time on the same port and cores
+    jobs = [lambda r=r: run_mode(r, prompts, settings, out / "logs") for r in runs]
+    jobs += [lambda p=p: run_peer(p, prompts, settings, out / "logs") for p in peers]
     results: list[ModeResult] = []
     failure = None
-    for _label, job in jobs:
+    for job in jobs:
         try:
             results.append(job())
         except BenchError as exc:
