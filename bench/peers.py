@@ -58,7 +58,7 @@ def resolve_gguf(spec: str) -> Path:
             from workers.model.checkpoints import embedded_gguf  # older tree: the SmolLM2 default only
         try:
             return Path(embedded_gguf(name))
-        except (ValueError, FileNotFoundError, KeyError) as exc:
+        except (ValueError, OSError, KeyError) as exc:
             raise BenchError(f"{spec}: {exc}") from None
     path = Path(spec).expanduser()
     if path.suffix.lower() != ".gguf":
