@@ -146,13 +146,15 @@ def bench_command(binary: Path, models: list[Path], threads: list[int], batches:
 
 
 def cost_table(records: list[dict], names: dict[str, str] | None = None) -> str:
-    """llama-bench's JSON records -> a Markdown table of ms per pass and per token."""
+    """llama-bench's JSON records -> a Markdown table of ms per pass and per token (models in `names` order)."""
     names = names or {}
+    order = {path: i for i, path in enumerate(names)}
     lines = [
         "| model | threads | test | ms / pass | ms / token | tokens/s |",
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
-    for r in sorted(records, key=lambda r: (r["model_filename"], r["n_threads"], r["n_gen"] > 0, r["n_prompt"])):
+    for r in sorted(records, key=lambda r: (order.get(r["model_filename"], len(order)), r["model_filename"],
+                                            r["n_threads"], r["n_gen"] > 0, r["n_prompt"])):
         tokens = r["n_gen"] or r["n_prompt"]
         if r["n_gen"]:
             test, per_pass = f"tg{r['n_gen']}", r["avg_ns"] / 1e6 / tokens  # one pass per generated token
@@ -171,13 +173,20 @@ def cost(target: Path, draft: Path | None, threads: list[int], batches: list[int
     models = [target] + ([draft] if draft else [])
     cmd = bench_command(require_built() / "llama-bench", models, threads, batches, reps=reps)
     _say("$ " + " ".join(cmd))
+    load_before = _loadavg()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise LlamaCppError(f"llama-bench failed with exit code {out.returncode}:\n{out.stderr[-2000:]}")
     names = {str(target): f"target {target.name}"}
     if draft:
         names[str(draft)] = f"draft {draft.name}"
-    return cost_table(json.loads(out.stdout), names)
+    note = (f"\nllama-bench -r {reps}; load avg at start {load_before}, at end {_loadavg()} "
+            "(other work on the cores skews every figure, 2-thread ones most)\n")
+    return cost_table(json.loads(out.stdout), names) + note
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ---------------------------------------------------------------- fetch
