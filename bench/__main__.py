@@ -9,7 +9,7 @@ verification cap, placement), e.g. --variant 'amusd-ra16=amusd speculation.max_r
 
 Peers, measured in the same run through the same client (rows marked `peer`):
 
-    --peer llamacpp [--peer-draft-n 3,6] [--peer-target T.gguf] [--peer-draft D.gguf] [--peer-threads 2]
+    --peer llamacpp [--peer-draft-n 3,6] [--peer-target T.gguf] [--peer-draft D.gguf] [--peer-threads 2[,1]]
         llama-server (built by `make llamacpp`) on the config's target GGUF, then with
         its draft (-md, --spec-type draft-simple, --spec-draft-n-max N) for each N
     --external 'LABEL=http://HOST:PORT'   any OpenAI-compatible server already running (repeatable)
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="llama.cpp+draft rows, one per --spec-draft-n-max value; '' for none (default: %(default)s)")
     p.add_argument("--peer-target", help="target GGUF for the peer (default: the config's target.path)")
     p.add_argument("--peer-draft", help="draft GGUF for the peer (default: the config's draft.path)")
-    p.add_argument("--peer-threads", type=int, default=llamacpp.SERVER_THREADS, help="llama-server -t (default: %(default)s)")
+    p.add_argument("--peer-threads", default=str(llamacpp.SERVER_THREADS),
+                   help="llama-server -t; several (e.g. 2,1) give each row once per count, labelled t=N "
+                        "(default: %(default)s)")
     p.add_argument("--peer-ctx", type=int, default=llamacpp.SERVER_CTX, help="llama-server -c (default: %(default)s)")
     p.add_argument(
         "--external", action="append", default=[], metavar="LABEL=URL",
@@ -78,12 +80,16 @@ def llamacpp_peers(args: argparse.Namespace) -> list[Peer]:
     """The llama.cpp rows: the target alone, then with its draft for each --peer-draft-n."""
     binary = llamacpp.require_built() / "llama-server"
     target, draft = peer_models(args.config, args.peer_target, args.peer_draft)
-    common = dict(port=args.port, threads=args.peer_threads, ctx=args.peer_ctx)
-    peers = [Peer(llamacpp.row_label(), tuple(llamacpp.server_command(binary, target, **common)))]
-    draft_ns = [int(n) for n in args.peer_draft_n.split(",") if n.strip()]
-    for n in draft_ns if draft is not None else []:
-        cmd = llamacpp.server_command(binary, target, draft=draft, draft_n=n, **common)
-        peers.append(Peer(llamacpp.row_label(n), tuple(cmd)))
+    draft_ns = [int(n) for n in args.peer_draft_n.split(",") if n.strip()] if draft is not None else []
+    thread_counts = [int(t) for t in args.peer_threads.split(",") if t.strip()]
+    peers = []
+    for threads in thread_counts:
+        suffix = threads if len(thread_counts) > 1 else None
+        common = dict(port=args.port, threads=threads, ctx=args.peer_ctx)
+        peers.append(Peer(llamacpp.row_label(None, suffix), tuple(llamacpp.server_command(binary, target, **common))))
+        for n in draft_ns:
+            cmd = llamacpp.server_command(binary, target, draft=draft, draft_n=n, **common)
+            peers.append(Peer(llamacpp.row_label(n, suffix), tuple(cmd)))
     return peers
 
 

@@ -131,8 +131,10 @@ def server_command(
     return cmd
 
 
-def row_label(draft_n: int | None = None) -> str:
-    return "llama.cpp" if draft_n is None else f"llama.cpp+draft n={draft_n}"
+def row_label(draft_n: int | None = None, threads: int | None = None) -> str:
+    """'llama.cpp', 'llama.cpp+draft n=3'; with ' t=N' when rows differ in threads."""
+    label = "llama.cpp" if draft_n is None else f"llama.cpp+draft n={draft_n}"
+    return label if threads is None else f"{label} t={threads}"
 
 
 def bench_command(binary: Path, models: list[Path], threads: list[int], batches: list[int], gen: int = 64, reps: int = 3) -> list[str]:

@@ -146,6 +146,12 @@ def test_peer_rows_from_the_command_line(tmp_path, monkeypatch):
     args = _parser().parse_args(["--peer", "llamacpp", "--peer-target", str(target), "--peer-draft", str(draft),
                                  "--peer-draft-n", ""])
     assert [p.label for p in llamacpp_peers(args)] == ["llama.cpp"]
+    args = _parser().parse_args(["--peer", "llamacpp", "--peer-target", str(target), "--peer-draft", str(draft),
+                                 "--peer-draft-n", "3", "--peer-threads", "2,1"])
+    peers = llamacpp_peers(args)
+    assert [p.label for p in peers] == ["llama.cpp t=2", "llama.cpp+draft n=3 t=2", "llama.cpp t=1", "llama.cpp+draft n=3 t=1"]
+    assert [flag(list(p.command), "-t") for p in peers] == ["2", "2", "1", "1"]
+    assert flag(list(peers[3].command), "-td") == "1"
 
 
 def test_the_bench_refuses_a_peer_that_is_not_built(tmp_path):
