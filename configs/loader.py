@@ -20,7 +20,7 @@ import yaml
 MODES = ("ar", "sd", "amusd", "easyspec", "amusd+easyspec")
 IMPLEMENTED_MODES = MODES
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
@@ -35,6 +35,9 @@ class ModelConfig:
     path: str
     dtype: str = "bfloat16"
     quantization: str = "none"
+    # draft only: 0 = full vocabulary; N = an output head over the first N token ids plus the
+    # added tokens (FR-Spec: a cheaper draft, still lossless; see workers/model/loader.py)
+    head_vocab: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,8 @@ def _validate(config: Config) -> None:
         model: ModelConfig = getattr(config, role)
         if model.dtype not in DTYPES:
             raise ConfigError(f"{role}.dtype: {model.dtype!r} is not one of {', '.join(DTYPES)}")
+        if model.head_vocab < 0 or (role == "target" and model.head_vocab):
+            raise ConfigError(f"{role}.head_vocab: only the draft may have a reduced head (N > 0); got {model.head_vocab}")
         if model.quantization not in QUANTIZATIONS:
             raise ConfigError(f"{role}.quantization: {model.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     for mode, roles in config.placement.items():

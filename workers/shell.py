@@ -61,4 +61,7 @@ def load_worker_model(model_config: ModelConfig, device: torch.device):
 
     path = resolve_checkpoint(model_config.path, progress=log.info)
     dtype = getattr(torch, model_config.dtype)
-    return load_model(path, dtype=dtype, quantization=model_config.quantization, device=device), path
+    model = load_model(
+        path, dtype=dtype, quantization=model_config.quantization, device=device, head_vocab=model_config.head_vocab
+    )
+    return model, path

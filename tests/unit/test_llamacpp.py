@@ -127,6 +127,9 @@ def test_gguf_paths_resolve_from_the_config_or_the_overrides(tmp_path):
         resolve_gguf(str(tmp_path / "missing.gguf"))
     with pytest.raises(BenchError, match="unknown embedded"):
         resolve_gguf("embedded:no-such-model")
+    embedded = resolve_gguf("embedded:smollm2-135m-instruct")  # through workers.model.embedded
+    with open(embedded, "rb") as f:
+        assert embedded.suffix == ".gguf" and f.read(4) == b"GGUF"
 
 
 def test_peer_rows_from_the_command_line(tmp_path, monkeypatch):

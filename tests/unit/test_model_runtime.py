@@ -252,7 +252,7 @@ def test_int4_linear_matches_dequantized_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=gen) * 0.1
     x = torch.randn(3, 64, generator=gen).to(dtype)
-    lin = Int4Linear(w, None, dtype, "cpu")
+    lin = Int4Linear.quantize(w, None, dtype, "cpu")
     deq = lin.dequantized().float()
     group_range = (w.reshape(-1, lin.group_size).amax(1) - w.reshape(-1, lin.group_size).amin(1)).max()
     assert (deq - w).abs().max() <= group_range / 15 * 0.51 + 1e-2  # half a step (+ bf16 scale rounding)

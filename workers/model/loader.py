@@ -1,7 +1,16 @@
-"""Load Hugging Face Llama-family weights (safetensors) into LlamaModel.
+"""Load Llama-family weights (Hugging Face safetensors, or a GGUF file) into LlamaModel.
 
 Fuses q/k/v into `wqkv` and gate/up into `w13` at load time, and optionally
 quantizes every decoder linear (and the output head) for a draft.
+
+Quantization of the decoder linears:
+- "none": every weight in the model dtype (a GGUF file's blocks de-quantized exactly).
+- "int8" / "int4": weight-only, quantized from the float weights; from a GGUF file,
+  its 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they are (see gguf_file.py).
+- "gguf": serve a GGUF file's own weights, nothing re-quantized. On a CPU with
+  AVX512-VNNI, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
+  qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
+  other types de-quantized to the model dtype. The head follows the same rule.
 """
 
 from __future__ import annotations
@@ -15,15 +24,16 @@ from torch import nn
 from .args import ModelArgs
 from .model import LlamaModel
 
+from .checkpoints import GGUF_WEIGHTS
+from .gguf_file import GGUFFile
+from .linear import QUANTIZATIONS, ConcatLinear, RowWise, Int4Linear, Int4Parts, int4_group_size, make_linear, quantize_int4
+from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
+
 # Output head quantization per decoder quantization (see load_model).
-DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none"}
-from .linear import QUANTIZATIONS, make_linear
-
-
-
+DEFAULT_HEAD_QUANTIZATION = {"none": "none", "int8": "none", "int4": "none", "gguf": "gguf"}
 
 class _Weights:
-    """Lazy access to the tensors of one or more safetensors files, by HF name."""
+    """Lazy access to the tensors of one or more safetensors files, by HF name (float)."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -46,12 +56,128 @@ class _Weights:
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.get(name) if name in self._where else None
 
+    def is_int4(self, name: str) -> bool:  # safetensors hold floats
+        return False
+
+    def is_quantized(self, name: str) -> bool:
+        return False
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def int4(self, name: str) -> Int4Parts:
+        raise ValueError(f"{name} is stored as float in {self.path}")
+
+
+def open_weights(path: Path) -> _Weights | GGUFFile:
+    """The tensors of a resolved checkpoint directory: its safetensors, or its GGUF file."""
+    if (path / GGUF_WEIGHTS).exists() and not any(path.glob("*.safetensors")):
+        return GGUFFile(path / GGUF_WEIGHTS)
+    return _Weights(path)
+
+
+def _storage(w: _Weights | GGUFFile, name: str, quant: str, device: torch.device):
+    """How one weight tensor is served: QuantParts (our qgemm kernel), Int4Parts (torch's int4
+    kernel), or None (dense, in the model dtype)."""
+    if quant == "gguf" and device.type == "cpu" and w.is_quantized(name) and kernel_available():
+        return w.quant(name)
+    if quant in ("int4", "gguf") and w.is_int4(name):
+        return w.int4(name)
+    if quant == "int4":
+        return quantize_int4(w.get(name), int4_group_size(w.shape(name)[1]))
+    return None
+
+
+def _kind(parts) -> tuple:
+    if isinstance(parts, QuantParts):
+        return ("qgemm", *parts.kind())
+    if isinstance(parts, Int4Parts):
+        return ("int4", parts.group)
+    return ("dense",)
+
+
+def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
+    """One (fused) linear from the tensors `names` (stacked along the output), stored per `quant`.
+
+    Under "int4" and "gguf" each tensor is stored as _storage says; consecutive tensors of one
+    kind share one module, and a fusion of several kinds (a GGUF layer whose q/k are 4-bit and
+    whose v is 6-bit) becomes a ConcatLinear of them.
+    """
+    if quant not in ("int4", "gguf"):
+        weight = torch.cat([w.get(n) for n in names], dim=0) if len(names) > 1 else w.get(names[0])
+        return make_linear(weight, bias, quant, dtype, device)
+    stored = [_storage(w, n, quant, device) for n in names]
+    runs: list[list[int]] = []  # indices of consecutive tensors of one kind
+    for i, parts in enumerate(stored):
+        if runs and _kind(stored[runs[-1][0]]) == _kind(parts):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    modules, row = [], 0
+    for run in runs:
+        rows = sum(w.shape(names[i])[0] for i in run)
+        run_bias = None if bias is None else bias[row : row + rows]
+        row += rows
+        first = stored[run[0]]
+        if isinstance(first, QuantParts):
+            modules.append(QLinear(QuantParts.cat([stored[i] for i in run]), run_bias, dtype))
+        elif isinstance(first, Int4Parts):
+            modules.append(Int4Linear(Int4Parts.cat([stored[i] for i in run]), run_bias, dtype, device))
+        else:
+            weight = torch.cat([w.get(names[i]) for i in run], dim=0)
+            dense = make_linear(weight, run_bias, "none", dtype, device)
+            # beside qgemm linears (batch-invariant), keep the whole model batch-invariant
+            modules.append(RowWise(dense, MAX_ROWS) if _serves_qgemm(w, quant, device) else dense)
+    return modules[0] if len(modules) == 1 else ConcatLinear(modules)
+
+
+def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
+    return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
+
 
 def read_args(path: Path) -> ModelArgs:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}")
     return ModelArgs.from_hf_config(json.loads(config_file.read_text()))
+
+
+class SubsetHead(nn.Module):
+    """An output head over a subset of the vocabulary (FR-Spec); every other token gets -inf.
+
+    For a draft only: its distribution q is then zero outside the subset and renormalized
+    inside it, which the acceptance rule takes like any other proposal (lossless). The
+    subset is the first N token ids: a byte-level BPE vocabulary is numbered in merge order,
+    so low ids are the frequent tokens; the tokenizer's added tokens (EOS, chat markers) are
+    always kept.
+    """
+
+    def __init__(self, rows: nn.Module, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.rows = rows  # a linear over the kept rows of the head
+        self.register_buffer("ids", ids)  # [n] int64, the vocabulary ids of those rows
+        self.vocab_size = vocab_size
+        self.out_features = vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim] -> [T, vocab]
+        kept = self.rows(x)  # [T, n]
+        out = kept.new_full((x.shape[0], self.vocab_size), float("-inf"))
+        return out.index_copy_(1, self.ids, kept)
+
+    def extra_repr(self) -> str:
+        return f"{self.ids.numel()} of {self.vocab_size} tokens"
+
+
+def subset_vocabulary(path: Path, vocab_size: int, n: int) -> torch.Tensor:
+    """Token ids [0, n) plus the added tokens listed in the checkpoint's tokenizer.json, sorted."""
+    if not 0 < n <= vocab_size:
+        raise ValueError(f"head_vocab must be in 1..{vocab_size}, got {n}")
+    added: set[int] = set()
+    tokenizer_file = Path(path) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        added = {int(t["id"]) for t in json.loads(tokenizer_file.read_text()).get("added_tokens", [])}
+    ids = sorted(set(range(n)) | {i for i in added if i < vocab_size})
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def load_model(
@@ -61,29 +187,33 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     head_quantization: str | None = None,
+    head_vocab: int = 0,
 ) -> LlamaModel:
     """Build a LlamaModel from a resolved HF directory (config.json + *.safetensors).
 
-    quantization: "none", "int8" or "int4" for every decoder linear (weight-only).
-    head_quantization: the same choice for the output head (vocab x dim, the
+    quantization: "none", "int8", "int4" or "gguf" for every decoder linear (see the module
+    docstring). head_quantization: the same choice for the output head (vocab x dim, the
     biggest single matrix); None = DEFAULT_HEAD_QUANTIZATION, i.e. unquantized:
     measured on SmolLM2-135M, 1 thread, the oneDNN-packed bf16 head (1.7 ms) beats
     the int8 kernel (2.0 ms), and an int4 head (1.1 ms) drops the int4 draft's
     greedy agreement with the bf16 target from 0.98 to 0.86.
     With tied embeddings and no packing, the head shares the embedding tensor.
+    head_vocab: 0 = logits over the whole vocabulary; N > 0 = a reduced head (FR-Spec, for a
+    draft) over the first N token ids plus the tokenizer's added tokens (see SubsetHead).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
     path = Path(path)
     device = torch.device(device)
     args = read_args(path)
-    w = _Weights(path)
+    w = open_weights(path)
+    if quantization == "gguf" and not isinstance(w, GGUFFile):
+        raise ValueError(f"quantization 'gguf' serves a GGUF file's own weights, but {path} holds safetensors")
 
     def linear(weights: list[str], biases: list[str] | None, quant: str) -> nn.Module:
         """One (fused) linear from HF tensors; biases=None means the architecture has none."""
-        weight = torch.cat([w.get(n) for n in weights], dim=0) if len(weights) > 1 else w.get(weights[0])
         bias = None if biases is None else torch.cat([w.get(n) for n in biases], dim=0)
-        return make_linear(weight, bias, quant, dtype, device)
+        return _linear(w, weights, bias, quant, dtype, device)
 
     def names(prefix: str, parts: list[str], suffix: str, present: bool = True) -> list[str] | None:
         return [prefix + p + suffix for p in parts] if present else None
@@ -115,7 +245,12 @@ def load_model(
     head_quant = DEFAULT_HEAD_QUANTIZATION[quantization] if head_quantization is None else head_quantization
     if head_quant not in QUANTIZATIONS:
         raise ValueError(f"unknown head_quantization {head_quant!r} (use one of {', '.join(QUANTIZATIONS)})")
-    model.output = linear([head_name], None, head_quant)
+    if head_vocab:
+        ids = subset_vocabulary(path, args.vocab_size, head_vocab)
+        rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
+        model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
+    else:
+        model.output = linear([head_name], None, head_quant)
     if head_name == "model.embed_tokens.weight" and type(model.output) is nn.Linear:
         model.output.weight = model.tok_embeddings.weight  # tied and unpacked: share one tensor
 

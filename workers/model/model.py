@@ -22,6 +22,11 @@ from .args import ModelArgs
 from .cache import KVCache
 
 
+# Passes of up to this many new tokens (decode steps and verifications) attend row by row,
+# each row as a 1-token pass would (batch invariance); longer ones (prefills) use one masked pass.
+ROW_WISE_MAX_T = 8
+
+
 class Positions(NamedTuple):
     """Where a pass of T new tokens sits: built once per pass by LlamaModel.positions."""
 
@@ -95,10 +100,17 @@ class Attention(nn.Module):
         # GQA without repeating k/v: the G query heads of a kv head form the rows of one
         # [G*T, D] matrix. 4-D inputs take SDPA's fused CPU kernel (3-D ones the slow math path).
         q = qk[:, :H]  # [T, H, D] with H = KV * G
-        if T == 1:
-            q = q.view(1, KV, G, D)  # free view
-            out = F.scaled_dot_product_attention(q, keys[None], values[None], scale=self.scale)  # [1, KV, G, D]
-            return self.wo(out.view(1, H * D))
+        if T <= ROW_WISE_MAX_T:
+            # Batch-invariant: each query row is computed exactly as a decode step computes it
+            # (same kernel, same shapes), so a verification pass of k drafts gives bit for bit the
+            # rows that k+1 decode steps give. A masked pass sums in another order.
+            rows = [
+                F.scaled_dot_product_attention(
+                    q[t].view(1, KV, G, D), keys[None, :, : start + t + 1], values[None, :, : start + t + 1], scale=self.scale
+                ).view(1, H * D)  # [1, KV, G, D] -> [1, H*D]
+                for t in range(T)
+            ]
+            return self.wo(rows[0] if T == 1 else torch.cat(rows))
         q = q.reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * T, D)  # rows ordered (g, t)
         out = F.scaled_dot_product_attention(
             q, keys[None], values[None], attn_mask=pos.mask, scale=self.scale

@@ -1,0 +1,90 @@
+"""The qgemm kernel (workers/model/kernels/qgemm.c) against its definition, computed in Python.
+
+Definition: each 32-block of an activation row is quantized to int8 with scale max|x|/127
+(round half to even), and per weight group g of G columns
+    y[m, n] = sum_g s[n, g] * dx[m, b(g)] * sum_{k in g} q[n, k] * xq[m, k] + o[n, g] * sum_{k in g} x[m, k].
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.model.qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
+
+pytestmark = pytest.mark.skipif(not kernel_available(), reason="the qgemm kernel needs gcc and AVX512-VNNI")
+
+
+def reference(x: torch.Tensor, p: QuantParts) -> torch.Tensor:
+    """The kernel's arithmetic in float64: [M, K] -> [M, N]."""
+    M, K = x.shape
+    blocks = x.view(M, K // 32, 32)
+    dx = blocks.abs().amax(-1) / 127  # [M, K/32]
+    inv = torch.where(dx > 0, 127 / blocks.abs().amax(-1), torch.zeros_like(dx))
+    xq = torch.round(blocks * inv[..., None]).clamp(-128, 127).view(M, K).double()
+    G = p.group
+    q = p.q.double().view(p.q.shape[0], K // G, G)  # [N, K/G, G]
+    isum = torch.einsum("ngk,mgk->mng", q, xq.view(M, K // G, G))  # [M, N, K/G]
+    d = dx.double().repeat_interleave(32 // G, dim=1) if G < 32 else dx.double()  # [M, K/G]
+    offsets = p.offsets if p.offsets is not None else -p.zero_point * p.scales
+    sx = x.double().view(M, K // G, G).sum(-1)  # [M, K/G]
+    return (p.scales.double()[None] * d[:, None] * isum).sum(-1) + (offsets.double()[None] * sx[:, None]).sum(-1)
+
+
+def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "nibbles":
+        q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        return QuantParts(q, torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1, 0.0, 32, True)
+    group, top, zero = {"q6k": (16, 64, 32.0), "q8": (32, 256, 128.0), "q5": (32, 32, 16.0)}[kind]
+    q = torch.randint(0, top, (N, K), generator=g, dtype=torch.uint8)
+    return QuantParts(q, torch.rand(N, K // group, generator=g) * 0.1, None, zero, group, False)
+
+
+@pytest.mark.parametrize("kind", ["nibbles", "q6k", "q8", "q5"])
+@pytest.mark.parametrize("M", [1, 3, 8, 11])
+def test_kernel_equals_its_definition(kind, M):
+    """Catches a wrong weight layout (pack vs kernel), a scale/offset/zero point misapplied, a
+    wrong activation quantization, a padded row (N=40) leaking, or rows past 8 dropped."""
+    N, K = 40, 256
+    p = parts(kind, N, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    got = QLinear(p, None, torch.float32)(x)
+    want = reference(x, p)
+    assert got.shape == (M, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_pass_nor_on_threads():
+    """Batch invariance, which the lossless contract needs (a verification pass must compute a
+    row as a decode step does): catches any cross-row or thread-count dependence, bit for bit."""
+    p = parts("nibbles", 96, 512)
+    lin = QLinear(p, torch.randn(96), torch.float32)
+    x = torch.randn(MAX_ROWS, 512, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([lin(x[i : i + 1]) for i in range(MAX_ROWS)])
+        torch.set_num_threads(2)
+        together = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, together)
+    assert torch.equal(lin(x[:3]), together[:3])
+
+
+def test_weights_and_bias_reach_the_output():
+    """Catches a bias dropped, or an output row computed from the wrong weight row."""
+    p = parts("q8", 32, 64)
+    bias = torch.arange(32, dtype=torch.float32)
+    x = torch.zeros(1, 64)
+    torch.testing.assert_close(QLinear(p, bias, torch.float32)(x), bias[None])
+    x = torch.randn(2, 64)
+    dense = x.double() @ p.dequantize().double().t()
+    got = QLinear(p, None, torch.float32)(x).double()
+    assert ((got - dense).abs().max() / dense.abs().max()) < 0.05  # int8 activations
+
+
+def test_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        QLinear(QuantParts(torch.zeros(16, 48, dtype=torch.uint8), torch.ones(16, 3), None, 0.0, 16, False), None, torch.float32)

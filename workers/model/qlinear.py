@@ -1,0 +1,191 @@
+"""Linears over GGUF-style quantized weights, computed by our AVX512-VNNI kernel (kernels/qgemm.c).
+
+Every weight group of G input columns is `w = s * q + o` with q unsigned: 4-bit blocks
+(Q4_0, Q4_1, Q4_K) as nibbles in groups of 32; Q6_K (groups of 16), Q5_0 and Q8_0 (groups of
+32) as bytes. Why a kernel of our own: torch's packed int4 kernel dequantizes its weights
+for every 4 input rows, so verifying 3 drafts costs ~1.6x a decode step and 4 drafts ~2x,
+and it has no home for Q6_K (the target's head and half its down projections would be
+bf16, 2 bytes a weight). Ours reads the weights once per pass for up to 8 rows, with int8
+activations (per 32-block scales, as llama.cpp does) and vpdpbusd, so a verification costs
+about a decode step, and Q6_K is served at 1.25 bytes a weight.
+
+The kernel is C, compiled once with the system's gcc into the cache directory and loaded
+with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
+torch's thread count. Where it cannot run (no gcc, no AVX512-VNNI, not a CPU tensor),
+`kernel()` says why and the loader falls back to torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).with_name("kernels") / "qgemm.c"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+MAX_ROWS = 8  # rows per kernel call (a pass of more rows is computed in chunks)
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@lru_cache(maxsize=1)
+def kernel() -> ctypes.CDLL:
+    """The compiled kernel (built once per source version into the cache), or KernelUnavailable."""
+    from .embedded import cache_root
+
+    if os.environ.get("TANDEM_QGEMM", "1") == "0":
+        raise KernelUnavailable("disabled by TANDEM_QGEMM=0")
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None:
+        raise KernelUnavailable("no C compiler (gcc) to build it")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    lib = cache_root() / "kernels" / f"qgemm-{digest}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise KernelUnavailable(f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, i, p, i, p, i]
+    dll.qgemm.restype = i
+    return dll
+
+
+def kernel_available() -> bool:
+    try:
+        kernel()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+@dataclass(frozen=True)
+class QuantParts:
+    """A quantized weight before packing: w[n, k] = scales[n, g] * q[n, k] + offsets[n, g], g = k // group.
+
+    offsets None means offsets = -zero_point * scales (Q6_K, Q5_0, Q8_0: one zero point).
+    """
+
+    q: torch.Tensor  # [N, K] uint8 (< 16 when nibbles)
+    scales: torch.Tensor  # [N, K/group] float32
+    offsets: torch.Tensor | None  # [N, K/group] float32, or None
+    zero_point: float
+    group: int
+    nibbles: bool
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+        N, K = self.q.shape
+        q = self.q.view(N, K // self.group, self.group).float()
+        offsets = self.offsets if self.offsets is not None else -self.zero_point * self.scales
+        return (q * self.scales[..., None] + offsets[..., None]).view(N, K)
+
+    def kind(self) -> tuple:
+        """Parts of one kind can be stacked into one packed weight."""
+        return (self.group, self.nibbles, self.offsets is None, self.zero_point)
+
+    @staticmethod
+    def cat(parts: list["QuantParts"]) -> "QuantParts":
+        first = parts[0]
+        offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
+        return QuantParts(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), offsets,
+                          first.zero_point, first.group, first.nibbles)
+
+
+def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """[N, ...] -> [N_pad, ...] with zero rows appended."""
+    if t.shape[0] == n_pad:
+        return t
+    return torch.cat([t, t.new_zeros((n_pad - t.shape[0], *t.shape[1:]))])
+
+
+def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The kernel's layouts (see qgemm.c): weights [tiles * 16 * K (/2)] uint8, scales/offsets
+    [tiles, K/G, 16] float32."""
+    N, K = parts.q.shape
+    n_pad = (N + 15) // 16 * 16
+    tiles = n_pad // 16
+    q = _tiles(parts.q, n_pad)
+    if parts.nibbles:  # byte 4i+j of each 64-byte block = q[i][k+j] | q[i][k+4+j] << 4
+        q = q.view(tiles, 16, K // 8, 2, 4)
+        packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # [tiles, K/8, 16, 4]
+    else:  # byte 4i+j of each 64-byte block = q[i][k+j]
+        packed = q.view(tiles, 16, K // 4, 4).permute(0, 2, 1, 3)  # [tiles, K/4, 16, 4]
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # [N, K/G] -> [tiles, K/G, 16]
+        return _tiles(t.float(), n_pad).view(tiles, 16, -1).transpose(1, 2).contiguous()
+
+    offsets = None if parts.offsets is None else grouped(parts.offsets)
+    return packed.contiguous().view(-1), grouped(parts.scales), offsets
+
+
+class QLinear(nn.Module):
+    """y = x @ w.T (+ bias) with w stored as QuantParts, computed by the qgemm kernel."""
+
+    def __init__(self, parts: QuantParts, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.lib = kernel()
+        self.out_features, self.in_features = parts.q.shape
+        if self.in_features % 32:
+            raise ValueError(f"qgemm needs in_features divisible by 32, got {self.in_features}")
+        self.group, self.nibbles, self.zero_point = parts.group, parts.nibbles, float(parts.zero_point)
+        weight, scales, offsets = pack(parts)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+        self.tiles = scales.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.scratch_bytes = MAX_ROWS * self.in_features + 64 + MAX_ROWS * (self.in_features // 16) * 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        rows = x.float().contiguous()
+        M, K = rows.shape
+        out = torch.empty(M, self.tiles * 16, dtype=torch.float32)
+        scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
+        threads = torch.get_num_threads()
+        offsets = self.offsets.data_ptr() if self.offsets is not None else None
+        for start in range(0, M, MAX_ROWS):
+            m = min(MAX_ROWS, M - start)
+            rc = self.lib.qgemm(
+                rows[start].data_ptr(), m, K, self.weight.data_ptr(), int(self.nibbles), self.group,
+                self.scales.data_ptr(), offsets, self.zero_point, self.tiles,
+                out[start].data_ptr(), out.shape[1], scratch.data_ptr(), threads,
+            )
+            if rc != 0:
+                raise RuntimeError(f"qgemm refused M={m}, K={K}, group={self.group}")
+        y = out[:, : self.out_features].to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        kind = "4-bit" if self.nibbles else "8-bit"
+        return f"in={self.in_features}, out={self.out_features}, {kind} group={self.group}, qgemm"
