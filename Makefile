@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test test-real bench env clean
+.PHONY: serve test test-real bench env clean llamacpp
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -51,7 +51,11 @@ test-real: env
 
 bench: env
 	$(VENV)/bin/tandem models install --config $(CONFIG)
-	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
+	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(PEER),--peer $(PEER))
 
 clean:
 	rm -rf $(VENV) .cache
+
+# llama.cpp (llama-server, llama-bench) for the benchmark's peer rows: built once into the cache
+llamacpp: env
+	$(PY) -m bench.llamacpp build

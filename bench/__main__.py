@@ -7,6 +7,15 @@
 A variant runs a mode again with config settings (the knobs: run-ahead limit,
 verification cap, placement), e.g. --variant 'amusd-ra16=amusd speculation.max_run_ahead=16'.
 
+Peers, measured in the same run through the same client (rows marked `peer`):
+
+    --peer llamacpp [--peer-draft-n 3,6] [--peer-target T.gguf] [--peer-draft D.gguf] [--peer-threads 2[,1]]
+        llama-server (built by `make llamacpp`) on the config's target GGUF, then with
+        its draft (-md, --spec-type draft-simple, --spec-draft-n-max N) for each N
+    --external 'LABEL=http://HOST:PORT'   any OpenAI-compatible server already running (repeatable)
+
+--modes '' runs the peers alone.
+
 Writes ``bench-<timestamp>.{md,json}`` and ``latest.{md,json}`` into --out.
 """
 
@@ -21,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench import llamacpp
 from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
+from bench.peers import Peer, parse_external, peer_models, run_peer
 from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
 from configs.choices import DTYPES
 from configs.modes import MODE_NAMES as MODES
@@ -34,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
         "--variant", action="append", default=[], metavar="'LABEL=MODE KEY=VALUE ...'",
         help="also run MODE with config settings, reported as LABEL (repeatable), e.g. "
              "--variant 'amusd-ra16=amusd speculation.max_run_ahead=16'",
+    )
+    p.add_argument("--peer", choices=("llamacpp",), help="also measure llama.cpp's llama-server (make llamacpp)")
+    p.add_argument("--peer-draft-n", default=",".join(map(str, llamacpp.DRAFT_N)),
+                   help="llama.cpp+draft rows, one per --spec-draft-n-max value; '' for none (default: %(default)s)")
+    p.add_argument("--peer-target", help="target GGUF for the peer (default: the config's target.path)")
+    p.add_argument("--peer-draft", help="draft GGUF for the peer (default: the config's draft.path)")
+    p.add_argument("--peer-threads", default=str(llamacpp.SERVER_THREADS),
+                   help="llama-server -t; several (e.g. 2,1) give each row once per count, labelled t=N "
+                        "(default: %(default)s)")
+    p.add_argument("--peer-ctx", type=int, default=llamacpp.SERVER_CTX, help="llama-server -c (default: %(default)s)")
+    p.add_argument(
+        "--external", action="append", default=[], metavar="LABEL=URL",
+        help="also measure an OpenAI-compatible server already running at URL, reported as LABEL (repeatable)",
     )
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompts file (default: the shipped one)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
@@ -50,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     return p
+
+
+def llamacpp_peers(args: argparse.Namespace) -> list[Peer]:
+    """The llama.cpp rows: the target alone, then with its draft for each --peer-draft-n."""
+    binary = llamacpp.require_built() / "llama-server"
+    target, draft = peer_models(args.config, args.peer_target, args.peer_draft)
+    draft_ns = [int(n) for n in args.peer_draft_n.split(",") if n.strip()] if draft is not None else []
+    thread_counts = [int(t) for t in args.peer_threads.split(",") if t.strip()]
+    peers = []
+    for threads in thread_counts:
+        suffix = threads if len(thread_counts) > 1 else None
+        common = dict(port=args.port, threads=threads, ctx=args.peer_ctx)
+        peers.append(Peer(llamacpp.row_label(None, suffix), tuple(llamacpp.server_command(binary, target, **common))))
+        for n in draft_ns:
+            cmd = llamacpp.server_command(binary, target, draft=draft, draft_n=n, **common)
+            peers.append(Peer(llamacpp.row_label(n, suffix), tuple(cmd)))
+    return peers
 
 
 def _git_commit() -> str | None:
@@ -71,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
+    if unknown:
         sys.exit(f"bench: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
     try:
         runs = [Run(m, m) for m in modes] + [Run.parse_variant(v, MODES) for v in args.variant]
-    except BenchError as exc:
+        peers = [parse_external(e) for e in args.external]
+        if args.peer == "llamacpp":
+            peers = llamacpp_peers(args) + peers
+    except (BenchError, llamacpp.LlamaCppError, ValueError) as exc:
         sys.exit(f"bench: {exc}")
-    if len({r.label for r in runs}) != len(runs):
-        sys.exit("bench: every mode and variant needs its own label")
+    if not runs and not peers:
+        sys.exit(f"bench: nothing to run: give --modes (from {', '.join(MODES)}), --peer or --external")
+    labels = [r.label for r in runs] + [p.label for p in peers]
+    if len(set(labels)) != len(labels):
+        sys.exit("bench: every mode, variant and peer needs its own label")
     if args.temperature > 0 and BASELINE in modes and args.seed is None:
         print("bench: note: temperature > 0 without --seed; outputs are not expected to match ar's")
 
@@ -117,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.variant:
         meta["variants"] = "; ".join(f"{r.label} = {r.mode} {' '.join(r.settings)}" for r in runs if r.settings)
-    print(f"bench: {len(prompts)} prompts, runs {', '.join(r.label for r in runs)}, max_tokens {args.max_tokens}")
+    for peer in peers:
+        meta[f"peer {peer.label}"] = peer.url or " ".join(peer.command)
+    print(f"bench: {len(prompts)} prompts, runs {', '.join(labels)}, max_tokens {args.max_tokens}")
 
+    # Tandem's modes, then the peers: one server at a time on the same port and cores
+    jobs = [lambda r=r: run_mode(r, prompts, settings, out / "logs") for r in runs]
+    jobs += [lambda p=p: run_peer(p, prompts, settings, out / "logs") for p in peers]
     results: list[ModeResult] = []
     failure = None
-    for run in runs:
+    for job in jobs:
         try:
-            results.append(run_mode(run, prompts, settings, out / "logs"))
+            results.append(job())
         except BenchError as exc:
             failure = str(exc)
             print(f"bench: {exc}", file=sys.stderr)

@@ -241,27 +241,40 @@ def _as_dict(obj: Any) -> dict:
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
 
 
+def _content_logprobs(content: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """OpenAI chat-style logprobs ({"content": [{token, logprob, top_logprobs}]}) -> tokens, top logprobs."""
+    tokens = [c["token"] for c in content]
+    top = [[t["logprob"] for t in (c.get("top_logprobs") or [])] for c in content]
+    return tokens, top
+
+
 def parse_response(prompt: Prompt, response: Any, wall_s: float) -> RequestResult:
-    """An OpenAI SDK response (chat or completion) -> RequestResult (pure: tested without a server)."""
+    """An OpenAI SDK response (chat or completion) -> RequestResult (pure: tested without a server).
+
+    Tandem's extra "speculation" field gives the draft counts; llama-server's "timings"
+    (draft_n, draft_n_accepted) give them for llama.cpp. Logprobs may be absent; a
+    completion's may come as OpenAI's legacy lists or, from llama-server, in the chat form.
+    """
     data = _as_dict(response)
     choice = data["choices"][0]
     usage = data.get("usage") or {}
     spec = data.get("speculation") or {}
+    timings = data.get("timings") or {}
+    if not spec and "draft_n" in timings:
+        spec = {"num_draft_tokens": timings["draft_n"], "num_accepted_tokens": timings.get("draft_n_accepted")}
     tokens = top = None
-    logprobs = choice.get("logprobs")
+    logprobs = choice.get("logprobs") or {}
     if prompt.kind == "chat":
         text = (choice.get("message") or {}).get("content") or ""
-        content = (logprobs or {}).get("content")
-        if content is not None:
-            tokens = [c["token"] for c in content]
-            top = [[t["logprob"] for t in (c.get("top_logprobs") or [])] for c in content]
     else:
         text = choice.get("text") or ""
-        if logprobs and logprobs.get("tokens") is not None:
-            tokens = list(logprobs["tokens"])
-            top = [sorted((d or {}).values(), reverse=True) for d in (logprobs.get("top_logprobs") or [])]
-            if len(top) != len(tokens):
-                top = None
+    if logprobs.get("content") is not None:
+        tokens, top = _content_logprobs(logprobs["content"])
+    elif logprobs.get("tokens") is not None:
+        tokens = list(logprobs["tokens"])
+        top = [sorted((d or {}).values(), reverse=True) for d in (logprobs.get("top_logprobs") or [])]
+        if len(top) != len(tokens):
+            top = None
     completion_tokens = usage.get("completion_tokens")
     if completion_tokens is None:
         completion_tokens = len(tokens) if tokens is not None else 0
@@ -282,14 +295,14 @@ def parse_response(prompt: Prompt, response: Any, wall_s: float) -> RequestResul
 
 
 class Client:
-    """Sends one prompt, non-streaming, and times it."""
+    """Sends one prompt, non-streaming, and times it (to Tandem on settings.port, or to base_url)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, base_url: str | None = None):
         import openai  # the test extra; imported here so `bench.report` needs nothing
 
         self.settings = settings
         self.openai = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{settings.port}/v1",
+            base_url=base_url or f"http://127.0.0.1:{settings.port}/v1",
             api_key="none",
             timeout=settings.request_timeout_s,
             max_retries=0,
@@ -346,36 +359,58 @@ def scrape_counters(port: int) -> dict[str, float]:
     return {key: samples.get(series, 0.0) for key, series in WORKER_COUNTERS.items()}
 
 
+def warm_up(label: str, client: Client, prompts: list[Prompt], settings: Settings, say: Callable[[str], None] = print) -> None:
+    """One uncounted request (the first prompt, up to 32 tokens): first-call costs stay out of the figures."""
+    t0 = time.perf_counter()
+    client.send(prompts[0], max_tokens=min(settings.max_tokens, 32))
+    say(f"[{label}] warm-up done in {time.perf_counter() - t0:.2f}s (not counted)")
+
+
+def measure(
+    label: str,
+    client: Client,
+    prompts: list[Prompt],
+    server_alive: Callable[[], bool],
+    log_path: Path | None,
+    say: Callable[[str], None] = print,
+) -> list[RequestResult]:
+    """Every prompt in order, sequentially, each timed by the client."""
+    results = []
+    for i, prompt in enumerate(prompts, 1):
+        try:
+            r = client.send(prompt)
+        except Exception as exc:
+            if not server_alive():
+                tail = _tail(log_path) if log_path else ""
+                raise BenchError(f"[{label}] server died during {prompt.id}; last log lines:\n" + tail) from exc
+            raise BenchError(f"[{label}] request {prompt.id} failed: {exc}") from exc
+        results.append(r)
+        tps = r.completion_tokens / r.wall_s if r.wall_s > 0 else float("nan")
+        say(
+            f"[{label}] {i:2d}/{len(prompts)} {prompt.id:<22} {r.completion_tokens:4d} tok "
+            f"{r.wall_s:6.2f}s {tps:7.2f} tok/s  passes={r.num_target_passes} acc={r.num_accepted_tokens}/{r.num_draft_tokens}"
+        )
+    return results
+
+
 def run_mode(
     run: Run, prompts: list[Prompt], settings: Settings, log_dir: Path, say: Callable[[str], None] = print
 ) -> ModeResult:
     """Start the server for `run` (a mode, maybe with settings), run a warm-up then every prompt, stop it."""
     mode = run.label
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in mode)
-    server = ServerProcess(run, settings, log_dir / f"server-{safe}-{stamp}.log", say)
+    server = ServerProcess(run, settings, log_path(log_dir, "server", mode), say)
     with server:
         client = Client(settings)
-        t0 = time.perf_counter()
-        client.send(prompts[0], max_tokens=min(settings.max_tokens, 32))
-        say(f"[{mode}] warm-up done in {time.perf_counter() - t0:.2f}s (not counted)")
+        warm_up(mode, client, prompts, settings, say)
         time.sleep(STATS_INTERVAL_S + 0.1)  # let the workers report the warm-up
         before = scrape_counters(settings.port)
-        results = []
-        for i, prompt in enumerate(prompts, 1):
-            try:
-                r = client.send(prompt)
-            except Exception as exc:
-                if not server.alive():
-                    raise BenchError(f"[{mode}] server died during {prompt.id}; last log lines:\n" + _tail(server.log_path)) from exc
-                raise BenchError(f"[{mode}] request {prompt.id} failed: {exc}") from exc
-            results.append(r)
-            tps = r.completion_tokens / r.wall_s if r.wall_s > 0 else float("nan")
-            say(
-                f"[{mode}] {i:2d}/{len(prompts)} {prompt.id:<22} {r.completion_tokens:4d} tok "
-                f"{r.wall_s:6.2f}s {tps:7.2f} tok/s  passes={r.num_target_passes} acc={r.num_accepted_tokens}/{r.num_draft_tokens}"
-            )
+        results = measure(mode, client, prompts, server.alive, server.log_path, say)
         time.sleep(STATS_INTERVAL_S + 0.1)
         after = scrape_counters(settings.port)
     counters = {key: after[key] - before[key] for key in WORKER_COUNTERS}
     return ModeResult(mode=mode, requests=results, startup_s=server.startup_s, counters=counters)
+
+
+def log_path(log_dir: Path, kind: str, label: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return log_dir / f"{kind}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -5,6 +5,9 @@ data (tests/unit/test_bench_report.py). Definitions (as ALGORITHMS.md):
 
 * tokens/s = generated tokens / summed client-side request wall time
 * ratio = a mode's tokens/s over ``ar``'s (when ``ar`` ran)
+* peer rows (another server on the same prompts, e.g. llama.cpp: ``ModeResult.peer``)
+  are reported like modes; every row also gets its ratio to the best peer row
+  (the peer with the most tokens/s), so "Tandem vs the best alternative" is one column
 * acceptance rate = accepted draft tokens / proposed draft tokens
 * mean acceptance length = generated tokens / target passes (counts the
   correction/bonus token, as vLLM and SGLang do)
@@ -49,6 +52,7 @@ class ModeResult:
     startup_s: float | None = None
     # change of the server's worker counters over the measured requests (bench.harness.WORKER_COUNTERS)
     counters: dict[str, float] = field(default_factory=dict)
+    peer: bool = False  # another server measured alongside (llama.cpp, --external), not a Tandem mode
 
 
 @dataclass
@@ -83,6 +87,14 @@ class ModeSummary:
     rollback_rate: float | None = None  # draft rollbacks per target pass
     verify_wait: float | None = None  # fraction of the wall time the verifier waited for drafts
     other_ms_per_pass: float | None = None  # wall time neither computing nor waiting, per target pass
+    peer: bool = False
+    ratio_to_best_peer: float | None = None  # tokens/s over the fastest peer row's
+
+
+def best_peer(summaries: list[ModeSummary]) -> ModeSummary | None:
+    """The peer row with the most tokens/s (None: no peer measured)."""
+    peers = [s for s in summaries if s.peer and s.tokens_per_s]
+    return max(peers, key=lambda s: s.tokens_per_s) if peers else None
 
 
 def _sum_optional(values: list[int | None]) -> int | None:
@@ -177,11 +189,16 @@ def summarize(results: list[ModeResult]) -> list[ModeSummary]:
                 divergences=divergences,
                 startup_s=result.startup_s,
                 **_worker_columns(result.counters, wall, passes),
+                peer=result.peer,
             )
         )
     if base_tps:
         for s in summaries:
             s.ratio_to_ar = s.tokens_per_s / base_tps if s.tokens_per_s is not None else None
+    best = best_peer(summaries)
+    if best is not None:
+        for s in summaries:
+            s.ratio_to_best_peer = s.tokens_per_s / best.tokens_per_s if s.tokens_per_s is not None else None
     return summaries
 
 
@@ -221,15 +238,18 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
     if meta:
         lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
     lines += [
-        "| mode | requests | tokens | wall s | tokens/s | vs ar | acceptance rate | mean acc. length "
-        "| rollbacks / pass | verify busy | verify waits | other ms / pass | draft busy | identical to ar |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | server | requests | tokens | wall s | tokens/s | vs ar | vs best peer | acceptance rate "
+        "| mean acc. length | rollbacks / pass | verify busy | verify waits | other ms / pass | draft busy "
+        "| identical to ar |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         identical = "-" if s.identical_to_ar is None else f"{s.identical_to_ar}/{s.compared_to_ar}"
         lines.append(
-            f"| {s.mode} | {s.num_requests} | {s.generated_tokens} | {_fmt(s.wall_s)} | {_fmt(s.tokens_per_s)} "
-            f"| {_fmt(s.ratio_to_ar, '.2f', 'x')} | {_fmt(s.acceptance_rate, '.1%')} "
+            f"| {s.mode} | {'peer' if s.peer else 'tandem'} | {s.num_requests} | {s.generated_tokens} "
+            f"| {_fmt(s.wall_s)} | {_fmt(s.tokens_per_s)} "
+            f"| {_fmt(s.ratio_to_ar, '.2f', 'x')} | {_fmt(s.ratio_to_best_peer, '.2f', 'x')} "
+            f"| {_fmt(s.acceptance_rate, '.1%')} "
             f"| {_fmt(s.mean_acceptance_length)} | {_fmt(s.rollback_rate)} | {_fmt(s.verify_busy, '.0%')} "
             f"| {_fmt(s.verify_wait, '.0%')} | {_fmt(s.other_ms_per_pass, '.1f')} "
             f"| {_fmt(s.draft_busy, '.0%')} | {identical} |"
@@ -242,6 +262,15 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
         "verify waits = time the verifier sat idle for drafts / that wall time; "
         "other ms / pass = (wall - verify busy - verify waits) / target passes: messaging, acceptance, HTTP.",
     ]
+    best = best_peer(summaries)
+    if best is not None:
+        lines += [
+            "",
+            f"server `peer`: another server on the same prompts through the same client (not Tandem); "
+            f"vs best peer = tokens/s over {best.mode}'s ({best.tokens_per_s:.2f}), the fastest peer row. "
+            "Worker columns do not apply to peers (`-`); a peer's acceptance rate is its own report "
+            "(llama.cpp: timings.draft_n_accepted / draft_n).",
+        ]
     divs = [(s.mode, d) for s in summaries for d in s.divergences]
     if divs:
         lines += [
@@ -262,8 +291,10 @@ def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None
 
 def to_json(summaries: list[ModeSummary], results: list[ModeResult], meta: dict[str, Any] | None = None) -> dict:
     """Everything, machine-readable: settings, the summaries, and every request."""
+    best = best_peer(summaries)
     return {
         "meta": meta or {},
+        "best_peer": best.mode if best is not None else None,
         "summary": [asdict(s) for s in summaries],
         "results": [asdict(r) for r in results],
     }

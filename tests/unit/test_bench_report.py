@@ -89,7 +89,7 @@ def test_missing_speculation_stats_give_dashes():
     s = summarize([ModeResult("sd", [req("a", ["x"], 1.0), req("b", ["y"], 1.0, 4, 2, 1)])])[0]
     assert s.acceptance_rate is None and s.mean_acceptance_length is None
     md = to_markdown([s])
-    assert "| sd | 2 | 2 | 2.00 | 1.00 | - | - | - | - |" in md
+    assert "| sd | tandem | 2 | 2 | 2.00 | 1.00 | - | - | - | - | - |" in md
 
 
 def test_first_difference_cases():
@@ -118,8 +118,8 @@ def test_divergence_when_one_output_is_a_prefix():
 def test_markdown_and_json_render(results):
     summaries = summarize(results)
     md = to_markdown(summaries, {"max_tokens": 4})
-    assert "| ar | 2 | 6 | 4.00 | 1.50 | 1.00x | - | 1.00 | - | - | - | - | - | - |" in md
-    assert "| sd | 2 | 6 | 2.00 | 3.00 | 2.00x | 58.3% | 2.00 | - | - | - | - | - | 1/2 |" in md
+    assert "| ar | tandem | 2 | 6 | 4.00 | 1.50 | 1.00x | - | - | 1.00 | - | - | - | - | - | - |" in md
+    assert "| sd | tandem | 2 | 6 | 2.00 | 3.00 | 2.00x | - | 58.3% | 2.00 | - | - | - | - | - | 1/2 |" in md
     assert "Outputs that differ from ar" in md and "0.0100" in md and "'z'" in md
     data = json.loads(json.dumps(to_json(summaries, results, {"max_tokens": 4})))
     assert data["summary"][1]["identical_to_ar"] == 1
@@ -233,3 +233,98 @@ def test_variants_parse_into_mode_and_settings():
     for bad in ("amusd speculation.max_run_ahead=16", "x=warp", "x=amusd speculation.max_run_ahead"):
         with pytest.raises(BenchError):
             Run.parse_variant(bad, modes)
+
+
+def peer_results(results):
+    """ar and sd (Tandem) with two peer rows: plain (6 tokens in 3 s) and with a draft (6 in 4 s)."""
+    plain = ModeResult("llama.cpp", [req("a", ["x", "y", "z", "w"], 2.0), req("b", ["p", "q"], 1.0)], peer=True)
+    draft = ModeResult(
+        "llama.cpp+draft n=3", [req("a", ["x", "y", "z", "w"], 3.0, 6, 3), req("b", ["p", "Q"], 1.0, 2, 1)], peer=True
+    )
+    return results + [plain, draft]
+
+
+def test_peer_rows_get_ratios_to_ar_and_to_the_best_peer(results):
+    ar, sd, plain, draft = summarize(peer_results(results))
+    assert (ar.peer, sd.peer, plain.peer, draft.peer) == (False, False, True, True)
+    assert plain.tokens_per_s == pytest.approx(2.0) and draft.tokens_per_s == pytest.approx(1.5)
+    assert plain.ratio_to_ar == pytest.approx(2.0 / 1.5)  # peers are compared to Tandem's ar too
+    # the best peer is the fastest peer row (plain), whichever order the peers ran in
+    assert plain.ratio_to_best_peer == pytest.approx(1.0)
+    assert draft.ratio_to_best_peer == pytest.approx(0.75)
+    assert sd.ratio_to_best_peer == pytest.approx(3.0 / 2.0)
+    assert ar.ratio_to_best_peer == pytest.approx(0.75)
+    # peers' outputs are compared with ar's like any mode's
+    assert (plain.identical_to_ar, draft.identical_to_ar) == (2, 1)
+    assert draft.acceptance_rate == pytest.approx(4 / 8)  # from llama.cpp's own draft counts
+    assert draft.mean_acceptance_length is None  # no target passes reported
+
+
+def test_peer_rows_are_marked_and_worker_columns_are_dashes(results):
+    summaries = summarize(peer_results(results))
+    md = to_markdown(summaries)
+    assert "| llama.cpp | peer | 2 | 6 | 3.00 | 2.00 | 1.33x | 1.00x | - | - | - | - | - | - | - | 2/2 |" in md
+    assert "| llama.cpp+draft n=3 | peer | 2 | 6 | 4.00 | 1.50 | 1.00x | 0.75x | 50.0% | - | - | - | - | - | - | 1/2 |" in md
+    assert "| sd | tandem | 2 | 6 | 2.00 | 3.00 | 2.00x | 1.50x |" in md
+    assert "fastest peer row" in md and "llama.cpp's (2.00)" in md
+    data = json.loads(json.dumps(to_json(summaries, peer_results(results))))
+    assert data["best_peer"] == "llama.cpp"
+    assert [row["peer"] for row in data["summary"]] == [False, False, True, True]
+    assert data["results"][2]["peer"] is True
+
+
+def test_no_peer_means_no_peer_ratio(results):
+    assert all(s.ratio_to_best_peer is None for s in summarize(results))
+    assert "fastest peer row" not in to_markdown(summarize(results))
+    assert to_json(summarize(results), results)["best_peer"] is None
+
+
+def test_parse_llama_server_chat_response():
+    """llama-server's chat answer: logprobs in the chat form, draft counts in "timings", no "speculation"."""
+    response = {
+        "choices": [
+            {
+                "finish_reason": "length",
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi there"},
+                "logprobs": {
+                    "content": [
+                        {"id": 13048, "token": "Hi", "bytes": [72, 105], "logprob": -0.1,
+                         "top_logprobs": [{"id": 13048, "token": "Hi", "bytes": [72, 105], "logprob": -0.1},
+                                          {"id": 9707, "token": "Hello", "bytes": [72], "logprob": -2.5}]},
+                        {"id": 1052, "token": " there", "bytes": [32], "logprob": -0.3,
+                         "top_logprobs": [{"id": 1052, "token": " there", "bytes": [32], "logprob": -0.3},
+                                          {"id": 0, "token": "!", "bytes": [33], "logprob": -1.3}]},
+                    ]
+                },
+            }
+        ],
+        "usage": {"completion_tokens": 2, "prompt_tokens": 5, "total_tokens": 7},
+        "timings": {"prompt_n": 5, "predicted_n": 2, "predicted_ms": 100.0, "draft_n": 4, "draft_n_accepted": 1},
+    }
+    from openai.types.chat import ChatCompletion
+
+    for raw in (response, ChatCompletion.model_validate({"id": "x", "object": "chat.completion", "created": 0,
+                                                          "model": "t.gguf", **response})):
+        r = parse_response(Prompt("c", "chat", "hello"), raw, 0.5)
+        assert r.text == "Hi there" and r.tokens == ["Hi", " there"]
+        assert r.top_logprobs == [[-0.1, -2.5], [-0.3, -1.3]]
+        assert (r.num_draft_tokens, r.num_accepted_tokens, r.num_target_passes) == (4, 1, None)
+
+
+def test_parse_llama_server_completion_response_and_absent_logprobs():
+    """llama-server's /v1/completions sends logprobs in the chat form; a server may send none at all."""
+    response = {
+        "choices": [{"text": " 8", "index": 0, "finish_reason": "length", "logprobs": {"content": [
+            {"id": 1, "token": " 8", "logprob": -0.1, "top_logprobs": [{"token": " 8", "logprob": -0.1},
+                                                                      {"token": " 9", "logprob": -3.0}]}]}}],
+        "usage": {"completion_tokens": 1},
+        "timings": {"predicted_n": 1},  # plain llama.cpp: no draft counts
+    }
+    r = parse_response(Prompt("m", "completion", "2, 4, 6,"), response, 1.0)
+    assert r.tokens == [" 8"] and top2_margin(r.top_logprobs, 0) == pytest.approx(2.9)
+    assert r.num_draft_tokens is None and r.num_accepted_tokens is None
+    bare = {"choices": [{"message": {"content": "ok"}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"completion_tokens": 1}}
+    r = parse_response(Prompt("c", "chat", "hi"), bare, 1.0)
+    assert (r.text, r.tokens, r.top_logprobs, r.completion_tokens) == ("ok", None, None, 1)
