@@ -97,10 +97,19 @@ def prepare_models(config: Config, announce: Callable[[str], None]) -> PreparedM
     return PreparedModels(target_path, draft_path, tokenizer, eos_token_ids(target_path, tokenizer))
 
 
+# Special tokens that end a generation wherever they appear in a vocabulary (llama.cpp's
+# end-of-generation set): a GGUF names one EOS (Qwen's <|im_end|>), but a completion ends
+# with <|endoftext|>, which the Hugging Face generation_config would also list.
+END_OF_GENERATION_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<end_of_turn>")
+
+
 def eos_token_ids(model_path: Path, tokenizer) -> tuple[int, ...]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    for token_id, token in tokenizer.added_tokens_decoder.items():
+        if token.special and token.content in END_OF_GENERATION_TEXTS:
+            ids.add(token_id)
     for name in ("config.json", "generation_config.json"):
         file = model_path / name
         if file.exists():
