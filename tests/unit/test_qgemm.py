@@ -33,6 +33,14 @@ def reference(x: torch.Tensor, p: QuantParts) -> torch.Tensor:
 
 def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
     g = torch.Generator().manual_seed(seed)
+    if kind == "q4k":  # Q4_K's own layout: six-bit sc, m per 32; d, dmin per 256
+        q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        sc = torch.randint(0, 64, (N, K // 32), generator=g, dtype=torch.uint8)
+        m = torch.randint(0, 64, (N, K // 32), generator=g, dtype=torch.uint8)
+        d, dmin = torch.rand(N, K // 256, generator=g) * 0.01, torch.rand(N, K // 256, generator=g) * 0.01
+        scales = d.repeat_interleave(8, dim=1) * sc.float()
+        offsets = -dmin.repeat_interleave(8, dim=1) * m.float()
+        return QuantParts(q, scales, offsets, 0.0, 32, True, (sc, m, d, dmin))
     if kind == "nibbles":
         q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         return QuantParts(q, torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1, 0.0, 32, True)
@@ -41,12 +49,13 @@ def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
     return QuantParts(q, torch.rand(N, K // group, generator=g) * 0.1, None, zero, group, False)
 
 
-@pytest.mark.parametrize("kind", ["nibbles", "q6k", "q8", "q5"])
+@pytest.mark.parametrize("kind", ["nibbles", "q4k", "q6k", "q8", "q5"])
 @pytest.mark.parametrize("M", [1, 3, 8, 11])
 def test_kernel_equals_its_definition(kind, M):
-    """Catches a wrong weight layout (pack vs kernel), a scale/offset/zero point misapplied, a
-    wrong activation quantization, a padded row (N=40) leaking, or rows past 8 dropped."""
-    N, K = 40, 256
+    """Catches a wrong weight layout (pack vs kernel), a scale/offset/zero point misapplied (or
+    Q4_K's d/dmin super-block scales read from the wrong block), a wrong activation
+    quantization, a padded row (N=40) leaking, or rows past 8 dropped."""
+    N, K = 40, 512
     p = parts(kind, N, K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
     got = QLinear(p, None, torch.float32)(x)
@@ -58,7 +67,7 @@ def test_kernel_equals_its_definition(kind, M):
 def test_rows_do_not_depend_on_the_rest_of_the_pass_nor_on_threads():
     """Batch invariance, which the lossless contract needs (a verification pass must compute a
     row as a decode step does): catches any cross-row or thread-count dependence, bit for bit."""
-    p = parts("nibbles", 96, 512)
+    p = parts("q4k", 96, 512)
     lin = QLinear(p, torch.randn(96), torch.float32)
     x = torch.randn(MAX_ROWS, 512, generator=torch.Generator().manual_seed(2))
     threads = torch.get_num_threads()

@@ -217,6 +217,8 @@ class GGUFFile:
         with their zero point, unpacked from the block bits."""
         from .qlinear import QuantParts
 
+        if self.type_name(hf_name) == "Q4_K":
+            return self._q4_k(hf_name)
         if self.is_int4(hf_name):
             p = self.int4(hf_name)
             return QuantParts(p.q.to(torch.uint8), p.scales, p.zeros - 8 * p.scales, 0.0, GROUP, True)
@@ -230,6 +232,27 @@ class GGUFFile:
         if order is not None:
             scales, q = scales[order], q[order]
         return QuantParts(q, scales, None, zero_point, group, False)
+
+    def _q4_k(self, hf_name: str):
+        """Q4_K as QuantParts with its own scale layout: s = d * sc, o = -dmin * m (exact)."""
+        from .qlinear import QuantParts
+
+        t = self._tensor(hf_name)
+        N, K = self.shape(hf_name)
+        blocks = np.asarray(t.data).reshape(-1, 144)
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # [n, 1]
+        sc, mn = _q4_k_scale_min(blocks[:, 4:16])  # [n, 8] float32 (six-bit integers)
+        b = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = torch.from_numpy(np.ascontiguousarray(b & np.uint8(0x0F)).reshape(N, K))
+        as_rows = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a).reshape(N, -1)).to(dt)  # noqa: E731
+        sc_t, m_t = as_rows(sc, torch.uint8), as_rows(mn, torch.uint8)
+        d_t, dmin_t = as_rows(d, torch.float32), as_rows(dmin, torch.float32)
+        scales = d_t.repeat_interleave(8, dim=1) * sc_t.float()
+        offsets = -dmin_t.repeat_interleave(8, dim=1) * m_t.float()
+        order = self._row_order(hf_name)
+        if order is not None:
+            q, scales, offsets, sc_t, m_t, d_t, dmin_t = (x[order] for x in (q, scales, offsets, sc_t, m_t, d_t, dmin_t))
+        return QuantParts(q, scales, offsets, 0.0, GROUP, True, (sc_t, m_t, d_t, dmin_t))
 
     def get(self, hf_name: str) -> torch.Tensor:
         """The tensor de-quantized to float32, in torch shape."""

@@ -77,7 +77,7 @@ def kernel() -> ctypes.CDLL:
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, i, p, i, p, i]
+    dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i]
     dll.qgemm.restype = i
     return dll
 
@@ -95,6 +95,8 @@ class QuantParts:
     """A quantized weight before packing: w[n, k] = scales[n, g] * q[n, k] + offsets[n, g], g = k // group.
 
     offsets None means offsets = -zero_point * scales (Q6_K, Q5_0, Q8_0: one zero point).
+    q4k: Q4_K's own scale layout (sc, m uint8 [N, K/32]; d, dmin float32 [N, K/256]) from which
+    scales = d * sc and offsets = -dmin * m; the kernel reads it instead (0.09 bytes a weight).
     """
 
     q: torch.Tensor  # [N, K] uint8 (< 16 when nibbles)
@@ -103,6 +105,7 @@ class QuantParts:
     zero_point: float
     group: int
     nibbles: bool
+    q4k: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sc, m, d, dmin
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         N, K = self.q.shape
@@ -112,14 +115,15 @@ class QuantParts:
 
     def kind(self) -> tuple:
         """Parts of one kind can be stacked into one packed weight."""
-        return (self.group, self.nibbles, self.offsets is None, self.zero_point)
+        return (self.group, self.nibbles, self.offsets is None, self.zero_point, self.q4k is not None)
 
     @staticmethod
     def cat(parts: list["QuantParts"]) -> "QuantParts":
         first = parts[0]
         offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
+        q4k = None if first.q4k is None else tuple(torch.cat([p.q4k[i] for p in parts]) for i in range(4))
         return QuantParts(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), offsets,
-                          first.zero_point, first.group, first.nibbles)
+                          first.zero_point, first.group, first.nibbles, q4k)
 
 
 def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -129,9 +133,9 @@ def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((n_pad - t.shape[0], *t.shape[1:]))])
 
 
-def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The kernel's layouts (see qgemm.c): weights [tiles * 16 * K (/2)] uint8, scales/offsets
-    [tiles, K/G, 16] float32."""
+    [tiles, K/G, 16] float32 (Q4_K: sc/m uint8, and super [tiles, K/256, 2, 16] float32)."""
     N, K = parts.q.shape
     n_pad = (N + 15) // 16 * 16
     tiles = n_pad // 16
@@ -142,11 +146,15 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     else:  # byte 4i+j of each 64-byte block = q[i][k+j]
         packed = q.view(tiles, 16, K // 4, 4).permute(0, 2, 1, 3)  # [tiles, K/4, 16, 4]
 
-    def grouped(t: torch.Tensor) -> torch.Tensor:  # [N, K/G] -> [tiles, K/G, 16]
-        return _tiles(t.float(), n_pad).view(tiles, 16, -1).transpose(1, 2).contiguous()
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # [N, G'] -> [tiles, G', 16]
+        return _tiles(t, n_pad).view(tiles, 16, -1).transpose(1, 2).contiguous()
 
-    offsets = None if parts.offsets is None else grouped(parts.offsets)
-    return packed.contiguous().view(-1), grouped(parts.scales), offsets
+    if parts.q4k is not None:
+        sc, m, d, dmin = parts.q4k
+        super_scales = torch.stack([grouped(d.float()), grouped(-dmin.float())], dim=2)  # [tiles, K/256, 2, 16]
+        return packed.contiguous().view(-1), grouped(sc), grouped(m), super_scales.contiguous()
+    offsets = None if parts.offsets is None else grouped(parts.offsets.float())
+    return packed.contiguous().view(-1), grouped(parts.scales.float()), offsets, None
 
 
 class QLinear(nn.Module):
@@ -159,10 +167,11 @@ class QLinear(nn.Module):
         if self.in_features % 32:
             raise ValueError(f"qgemm needs in_features divisible by 32, got {self.in_features}")
         self.group, self.nibbles, self.zero_point = parts.group, parts.nibbles, float(parts.zero_point)
-        weight, scales, offsets = pack(parts)
+        weight, scales, offsets, super_scales = pack(parts)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
+        self.register_buffer("super_scales", super_scales)
         self.tiles = scales.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.scratch_bytes = MAX_ROWS * self.in_features + 64 + MAX_ROWS * (self.in_features // 16) * 8
@@ -174,11 +183,12 @@ class QLinear(nn.Module):
         scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
         threads = torch.get_num_threads()
         offsets = self.offsets.data_ptr() if self.offsets is not None else None
+        super_scales = self.super_scales.data_ptr() if self.super_scales is not None else None
         for start in range(0, M, MAX_ROWS):
             m = min(MAX_ROWS, M - start)
             rc = self.lib.qgemm(
                 rows[start].data_ptr(), m, K, self.weight.data_ptr(), int(self.nibbles), self.group,
-                self.scales.data_ptr(), offsets, self.zero_point, self.tiles,
+                self.scales.data_ptr(), offsets, self.zero_point, super_scales, self.tiles,
                 out[start].data_ptr(), out.shape[1], scratch.data_ptr(), threads,
             )
             if rc != 0:
