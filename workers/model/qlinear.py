@@ -50,19 +50,31 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+
+
+def machine_can_build() -> str | None:
+    """Why this machine cannot run the kernel (None: it can: the CPU flags and a compiler are there)."""
+    if os.environ.get("TANDEM_QGEMM", "1") == "0":
+        return "disabled by TANDEM_QGEMM=0"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C compiler (gcc) to build it"
+    return None
+
+
 @lru_cache(maxsize=1)
 def kernel() -> ctypes.CDLL:
     """The compiled kernel (built once per source version into the cache), or KernelUnavailable."""
     from .embedded import cache_root
 
-    if os.environ.get("TANDEM_QGEMM", "1") == "0":
-        raise KernelUnavailable("disabled by TANDEM_QGEMM=0")
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
-    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if compiler is None:
-        raise KernelUnavailable("no C compiler (gcc) to build it")
+    reason = machine_can_build()
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    compiler = _compiler()
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"qgemm-{digest}.so"
