@@ -75,7 +75,8 @@ def test_launcher_as_pid_1_serves_and_stops_clean(tiny_config):
         roles = set()
         for pid in workers:
             with open(f"/proc/{pid}/cmdline") as f:
-                roles |= {role for role in ("verify", "draft") if f"workers.{role}" in f.read()}
+                argv = f.read().split("\0")
+            roles |= {role for role in ("verify", "draft") if f"workers.{role}" in argv}
         assert roles == {"verify", "draft"}, f"workers under PID 1: {workers}"
 
         sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -94,3 +95,26 @@ def test_launcher_as_pid_1_serves_and_stops_clean(tiny_config):
         if process.poll() is None:
             process.kill()  # --kill-child: SIGKILL to PID 1 ends the namespace
             process.wait(30)
+
+
+@pytest.mark.parametrize("parent_is_launcher", [True, False])
+def test_worker_exits_at_start_when_its_parent_is_not_the_launcher(parent_is_launcher):
+    """Catches: a worker that stays up although the launcher that started it
+    died before PR_SET_PDEATHSIG was set (its parent is then no longer the pid
+    the launcher gave it), and one that exits although its parent is the
+    launcher (the PID-1 bug, in its general form: the check must be against the
+    launcher's pid, not a fixed one)."""
+    launcher = os.getpid() if parent_is_launcher else os.getppid()  # the real parent is this process
+    code = "from workers.shell import become_worker; become_worker('verify'); print('up')"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "TANDEM_LAUNCHER_PID": str(launcher)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if parent_is_launcher:
+        assert (result.returncode, result.stdout) == (0, "up\n"), result.stderr
+    else:
+        assert result.returncode == 1 and "up" not in result.stdout, result.stderr
