@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -36,7 +37,8 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command)
+        # the worker checks that its parent is this pid (workers.shell.become_worker)
+        self.process = subprocess.Popen(self.command, env={**os.environ, "TANDEM_LAUNCHER_PID": str(os.getpid())})
 
     @property
     def pid(self) -> int | None:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
+# The launcher puts its pid here for each worker it starts (server.launcher.WorkerProcess).
+LAUNCHER_PID_ENV = "TANDEM_LAUNCHER_PID"
 
 
 def worker_args(role: str, argv: list[str] | None = None) -> Config:
@@ -50,11 +52,18 @@ def die_with_parent() -> None:
 
 
 def become_worker(role: str) -> None:
-    """Name the process, and die with the launcher so nothing is orphaned."""
+    """Name the process, and die with the launcher so nothing is orphaned.
+
+    PR_SET_PDEATHSIG sends us SIGTERM when the launcher dies; it only covers a
+    launcher that is still alive when it is set, so then we check that our
+    parent is still the launcher whose pid it gave us. Not `getppid() == 1`:
+    in a container the launcher itself is PID 1.
+    """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
     name_process(f"tandem-{role}")
     die_with_parent()
-    if os.getppid() == 1:  # the launcher died before PDEATHSIG was set
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher and os.getppid() != int(launcher):  # the launcher died before PDEATHSIG was set
         sys.exit(1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 

@@ -112,3 +112,18 @@ def test_sigterm_lets_running_requests_finish(restart_config):
             httpx.get(f"{server.url}/health", timeout=2)
     for pid in pids:
         assert not process_alive(pid)
+
+
+def test_killed_launcher_leaves_no_worker(restart_config):
+    """Catches: workers (and easyspec's ranks under the draft worker) that
+    outlive a launcher killed with SIGKILL, which cannot stop them itself: they
+    must die with it through PR_SET_PDEATHSIG (workers.shell.become_worker)."""
+    with launch_server(restart_config, mode="easyspec") as server:
+        workers = server.worker_pids()
+        everything = workers + [pid for worker in workers for pid in child_pids(worker)]
+        assert len(everything) > len(workers) >= 2  # verify, draft, and the draft's rank 1
+        server.process.kill()
+        server.process.wait(10)
+        assert wait_until(lambda: not any(process_alive(pid) for pid in everything), timeout_s=20), [
+            pid for pid in everything if process_alive(pid)
+        ]
