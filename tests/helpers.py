@@ -142,6 +142,25 @@ def launch_server(config: Path, *extra_args: str, mode: str | None = None):
         stop_server(server)
 
 
+def greedy_chat_answers(
+    config: Path, mode: str, model: str, questions: list[str], max_tokens: int, timeout_s: float = 120
+) -> tuple[list[str], list[dict]]:
+    """Serve `config` in float32 in `mode`; the greedy answer to each question and its
+    speculation stats, through the OpenAI SDK."""
+    import openai
+
+    texts, stats = [], []
+    with launch_server(config, "--dtype", "float32", mode=mode) as server:
+        sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=timeout_s)
+        for question in questions:
+            reply = sdk.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+            )
+            texts.append(reply.choices[0].message.content)
+            stats.append(reply.model_extra["speculation"])
+    return texts, stats
+
+
 def stop_server(server: RunningServer, timeout_s: float = 20) -> None:
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)

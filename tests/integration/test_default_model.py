@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import openai
 import pytest
 
-from tests.helpers import launch_server
+from configs.loader import DEFAULT_CONFIG
+from tests.helpers import greedy_chat_answers
 
 pytestmark = pytest.mark.real_model
 
@@ -13,21 +13,7 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that rev
 
 
 def answers(mode: str) -> tuple[list[str], list[dict]]:
-    from configs.loader import DEFAULT_CONFIG
-
-    texts, stats = [], []
-    with launch_server(DEFAULT_CONFIG, "--dtype", "float32", mode=mode) as server:
-        sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
-        for question in QUESTIONS:
-            reply = sdk.chat.completions.create(
-                model="SmolLM2-135M-Instruct",
-                messages=[{"role": "user", "content": question}],
-                max_tokens=32,
-                temperature=0,
-            )
-            texts.append(reply.choices[0].message.content)
-            stats.append(reply.model_extra["speculation"])
-    return texts, stats
+    return greedy_chat_answers(DEFAULT_CONFIG, mode, "SmolLM2-135M-Instruct", QUESTIONS, max_tokens=32)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import openai
 import pytest
 
-from tests.helpers import launch_server
+from tests.helpers import greedy_chat_answers
 
 pytestmark = pytest.mark.real_pair
 
@@ -25,16 +24,7 @@ QUESTIONS = [
 
 
 def answers(mode: str) -> tuple[list[str], list[dict]]:
-    texts, stats = [], []
-    with launch_server(CONFIG, "--dtype", "float32", mode=mode) as server:
-        sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
-        for question in QUESTIONS:
-            reply = sdk.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0
-            )
-            texts.append(reply.choices[0].message.content)
-            stats.append(reply.model_extra["speculation"])
-    return texts, stats
+    return greedy_chat_answers(CONFIG, mode, MODEL, QUESTIONS, max_tokens=40, timeout_s=600)
 
 
 @pytest.fixture(scope="module")
