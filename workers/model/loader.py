@@ -73,10 +73,15 @@ def open_weights(path: Path) -> _Weights | GGUFFile:
     return _Weights(path)
 
 
+def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
+    """Whether "gguf" serves this file's quantized tensors with our qgemm kernel."""
+    return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
+
+
 def _storage(w: _Weights | GGUFFile, name: str, quant: str, device: torch.device):
     """How one weight tensor is served: QuantParts (our qgemm kernel), Int4Parts (torch's int4
     kernel), or None (dense, in the model dtype)."""
-    if quant == "gguf" and device.type == "cpu" and w.is_quantized(name) and kernel_available():
+    if _serves_qgemm(w, quant, device) and w.is_quantized(name):
         return w.quant(name)
     if quant in ("int4", "gguf") and w.is_int4(name):
         return w.int4(name)
@@ -126,10 +131,6 @@ def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None,
             # beside qgemm linears (batch-invariant), keep the whole model batch-invariant
             modules.append(RowWise(dense, MAX_ROWS) if _serves_qgemm(w, quant, device) else dense)
     return modules[0] if len(modules) == 1 else ConcatLinear(modules)
-
-
-def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
-    return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
 
 
 def read_args(path: Path) -> ModelArgs:
