@@ -43,6 +43,12 @@ def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
         scales = d.repeat_interleave(8, dim=1) * sc.float()
         offsets = -dmin.repeat_interleave(8, dim=1) * m.float()
         return QuantParts(q, scales, offsets, 0.0, 32, True, (sc, m, d, dmin))
+    if kind == "q6k-6bit":  # Q6_K's own layout: q in six bits, int8 sc per 16, d per 256
+        q = torch.randint(0, 64, (N, K), generator=g, dtype=torch.uint8)
+        sc = torch.randint(-128, 128, (N, K // 16), generator=g, dtype=torch.int8)
+        d = torch.rand(N, K // 256, generator=g) * 0.001
+        scales = d.repeat_interleave(16, dim=1) * sc.float()
+        return QuantParts(q, scales, None, 32.0, 16, False, None, (sc, d))
     if kind == "nibbles":
         q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         return QuantParts(q, torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1, 0.0, 32, True)
@@ -51,7 +57,7 @@ def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
     return QuantParts(q, torch.rand(N, K // group, generator=g) * 0.1, None, zero, group, False)
 
 
-@pytest.mark.parametrize("kind", ["nibbles", "q4k", "q6k", "q8", "q5"])
+@pytest.mark.parametrize("kind", ["nibbles", "q4k", "q6k", "q6k-6bit", "q8", "q5"])
 @pytest.mark.parametrize("M", [1, 3, 8, 11])
 def test_kernel_equals_its_definition(kind, M):
     """Catches a wrong weight layout (pack vs kernel), a scale/offset/zero point misapplied (or

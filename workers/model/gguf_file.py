@@ -228,10 +228,16 @@ class GGUFFile:
         raw = np.asarray(t.data)
         scales = byte_scales(raw, t.tensor_type.name, N)  # [N, K/group]
         q = torch.from_numpy(np.ascontiguousarray(byte_values(raw, t.tensor_type.name)).reshape(N, K))
+        q6k = None
+        if t.tensor_type.name == "Q6_K":  # its own scales: int8 per 16, d per 256 (see qgemm.c)
+            blocks = raw.reshape(-1, 210)
+            sc = torch.from_numpy(np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(N, K // 16).copy())
+            q6k = (sc, torch.from_numpy(np.ascontiguousarray(_f16(blocks[:, 208:210])).reshape(N, K // 256)))
         order = self._row_order(hf_name)
         if order is not None:
             scales, q = scales[order], q[order]
-        return QuantParts(q, scales, None, zero_point, group, False)
+            q6k = None if q6k is None else (q6k[0][order], q6k[1][order])
+        return QuantParts(q, scales, None, zero_point, group, False, None, q6k)
 
     def _q4_k(self, hf_name: str):
         """Q4_K as QuantParts with its own scale layout: s = d * sc, o = -dmin * m (exact)."""

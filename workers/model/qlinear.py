@@ -109,6 +109,8 @@ class QuantParts:
     offsets None means offsets = -zero_point * scales (Q6_K, Q5_0, Q8_0: one zero point).
     q4k: Q4_K's own scale layout (sc, m uint8 [N, K/32]; d, dmin float32 [N, K/256]) from which
     scales = d * sc and offsets = -dmin * m; the kernel reads it instead (0.09 bytes a weight).
+    q6k: Q6_K's own scale layout (sc int8 [N, K/16], d float32 [N, K/256]; scales = d * sc,
+    zero point 32), with q packed in six bits.
     """
 
     q: torch.Tensor  # [N, K] uint8 (< 16 when nibbles)
@@ -118,6 +120,12 @@ class QuantParts:
     group: int
     nibbles: bool
     q4k: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sc, m, d, dmin
+    q6k: tuple[torch.Tensor, torch.Tensor] | None = None  # sc int8 [N, K/16], d float32 [N, K/256]
+
+    @property
+    def layout(self) -> int:
+        """The kernel's weight layout: 0 bytes, 1 nibbles, 2 six bits (Q6_K, 0.75 bytes a weight)."""
+        return 1 if self.nibbles else 2 if self.q6k is not None else 0
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         N, K = self.q.shape
@@ -127,15 +135,16 @@ class QuantParts:
 
     def kind(self) -> tuple:
         """Parts of one kind can be stacked into one packed weight."""
-        return (self.group, self.nibbles, self.offsets is None, self.zero_point, self.q4k is not None)
+        return (self.group, self.layout, self.offsets is None, self.zero_point, self.q4k is not None)
 
     @staticmethod
     def cat(parts: list["QuantParts"]) -> "QuantParts":
         first = parts[0]
         offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
         q4k = None if first.q4k is None else tuple(torch.cat([p.q4k[i] for p in parts]) for i in range(4))
+        q6k = None if first.q6k is None else tuple(torch.cat([p.q6k[i] for p in parts]) for i in range(2))
         return QuantParts(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), offsets,
-                          first.zero_point, first.group, first.nibbles, q4k)
+                          first.zero_point, first.group, first.nibbles, q4k, q6k)
 
 
 def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -155,12 +164,24 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     if parts.nibbles:  # byte 4i+j of each 64-byte block = q[i][k+j] | q[i][k+4+j] << 4
         q = q.view(tiles, 16, K // 8, 2, 4)
         packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # [tiles, K/8, 16, 4]
+    elif parts.q6k is not None:  # per 16 k: low nibbles of k..k+7, of k+8..k+15, then the 2-bit highs
+        q = q.view(tiles, 16, K // 16, 4, 4)  # [tiles, row, chunk, step of 4 k, j]
+        lo, hi = q & 15, q >> 4
+        blocks = torch.stack([
+            lo[:, :, :, 0] | (lo[:, :, :, 1] << 4),
+            lo[:, :, :, 2] | (lo[:, :, :, 3] << 4),
+            hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6),
+        ], dim=3)  # [tiles, row, chunk, 3, j]
+        packed = blocks.permute(0, 2, 3, 1, 4)  # [tiles, K/16, 3, 16, 4]
     else:  # byte 4i+j of each 64-byte block = q[i][k+j]
         packed = q.view(tiles, 16, K // 4, 4).permute(0, 2, 1, 3)  # [tiles, K/4, 16, 4]
 
     def grouped(t: torch.Tensor) -> torch.Tensor:  # [N, G'] -> [tiles, G', 16]
         return _tiles(t, n_pad).view(tiles, 16, -1).transpose(1, 2).contiguous()
 
+    if parts.q6k is not None:
+        sc, d = parts.q6k
+        return packed.contiguous().view(-1), grouped(sc), None, grouped(d.float())
     if parts.q4k is not None:
         sc, m, d, dmin = parts.q4k
         super_scales = torch.stack([grouped(d.float()), grouped(-dmin.float())], dim=2)  # [tiles, K/256, 2, 16]
@@ -178,7 +199,7 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = parts.q.shape
         if self.in_features % 32:
             raise ValueError(f"qgemm needs in_features divisible by 32, got {self.in_features}")
-        self.group, self.nibbles, self.zero_point = parts.group, parts.nibbles, float(parts.zero_point)
+        self.group, self.layout, self.zero_point = parts.group, parts.layout, float(parts.zero_point)
         weight, scales, offsets, super_scales = pack(parts)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -199,7 +220,7 @@ class QLinear(nn.Module):
         for start in range(0, M, MAX_ROWS):
             m = min(MAX_ROWS, M - start)
             rc = self.lib.qgemm(
-                rows[start].data_ptr(), m, K, self.weight.data_ptr(), int(self.nibbles), self.group,
+                rows[start].data_ptr(), m, K, self.weight.data_ptr(), self.layout, self.group,
                 self.scales.data_ptr(), offsets, self.zero_point, super_scales, self.tiles,
                 out[start].data_ptr(), out.shape[1], scratch.data_ptr(), threads,
             )
@@ -209,5 +230,5 @@ class QLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        kind = "4-bit" if self.nibbles else "8-bit"
+        kind = ("8-bit", "4-bit", "6-bit")[self.layout]
         return f"in={self.in_features}, out={self.out_features}, {kind} group={self.group}, qgemm"
