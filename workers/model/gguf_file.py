@@ -86,16 +86,24 @@ def _q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+def q4_k_fields(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K blocks (144 bytes: d, dmin f16, 12 bytes of six-bit scales/mins, 128 bytes of nibbles)
+    -> q [n, 8, 32] uint8, d [n, 1], dmin [n, 1] float32, sc [n, 8], m [n, 8] float32 (integers);
+    sub-block j of 32 weights is d*sc[j]*q - dmin*m[j]."""
+    blocks = raw.reshape(-1, 144)
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    sc, mn = _q4_k_scale_min(blocks[:, 4:16])
+    # 4 chunks of 32 bytes: sub-block 2c in the low nibbles, 2c+1 in the high ones
+    b = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (b & np.uint8(0x0F)).reshape(-1, 8, 32)
+    return q, d, dmin, sc, mn
+
+
 def int4_parts(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Parts:
     """The int4 parts of a Q4_0/Q4_1/Q4_K tensor: raw [N, bytes per row] uint8, shape (N, K)."""
     N, K = shape
     if type_name == "Q4_K":
-        blocks = raw.reshape(-1, 144)  # d, dmin (f16), 12 bytes of scales/mins, 128 bytes of nibbles
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # [n, 1]
-        sc, mn = _q4_k_scale_min(blocks[:, 4:16])  # [n, 8]
-        # 4 chunks of 32 bytes: sub-block 2c in the low nibbles, 2c+1 in the high ones
-        b = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = b & np.uint8(0x0F)  # [n, 4, 2, 32] = [n, 8 sub-blocks, 32]
+        q, d, dmin, sc, mn = q4_k_fields(raw)
         scales = d * sc
         zeros = 8 * scales - dmin * mn
     elif type_name in ("Q4_0", "Q4_1"):
@@ -243,16 +251,15 @@ class GGUFFile:
         """Q4_K as QuantParts with its own scale layout: s = d * sc, o = -dmin * m (exact)."""
         from .qlinear import QuantParts
 
-        t = self._tensor(hf_name)
         N, K = self.shape(hf_name)
-        blocks = np.asarray(t.data).reshape(-1, 144)
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # [n, 1]
-        sc, mn = _q4_k_scale_min(blocks[:, 4:16])  # [n, 8] float32 (six-bit integers)
-        b = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = torch.from_numpy(np.ascontiguousarray(b & np.uint8(0x0F)).reshape(N, K))
-        as_rows = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a).reshape(N, -1)).to(dt)  # noqa: E731
-        sc_t, m_t = as_rows(sc, torch.uint8), as_rows(mn, torch.uint8)
-        d_t, dmin_t = as_rows(d, torch.float32), as_rows(dmin, torch.float32)
+
+        def rows(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:  # per-block fields -> [N, per row]
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(N, -1)).to(dtype)
+
+        q, d, dmin, sc, mn = q4_k_fields(np.asarray(self._tensor(hf_name).data))
+        q = rows(q, torch.uint8)
+        sc_t, m_t = rows(sc, torch.uint8), rows(mn, torch.uint8)
+        d_t, dmin_t = rows(d, torch.float32), rows(dmin, torch.float32)
         scales = d_t.repeat_interleave(8, dim=1) * sc_t.float()
         offsets = -dmin_t.repeat_interleave(8, dim=1) * m_t.float()
         order = self._row_order(hf_name)
