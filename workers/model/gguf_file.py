@@ -276,6 +276,3 @@ class GGUFFile:
         values = values.reshape(self.shape(hf_name))
         order = self._row_order(hf_name)
         return values if order is None else values[order]
-
-    def maybe(self, hf_name: str) -> torch.Tensor | None:
-        return self.get(hf_name) if hf_name in self else None

@@ -33,7 +33,7 @@ class Positions(NamedTuple):
     start: int  # position of the first new token (= cache length before the pass)
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D], first half negated (see rope_tables)
-    mask: torch.Tensor | None  # [G*T, start+T] bool, True = attend; None when T == 1
+    mask: torch.Tensor | None  # [G*T, start+T] bool, True = attend; None when T <= ROW_WISE_MAX_T
 
 
 class RMSNorm(nn.Module):
@@ -212,7 +212,7 @@ class LlamaModel(nn.Module):
         if start + T > self.rope_cos.shape[0]:
             self.ensure_rope(max(start + T, 2 * self.rope_cos.shape[0]))
         mask = None
-        if T > 1:
+        if T > ROW_WISE_MAX_T:  # shorter passes attend row by row, without a mask
             q_pos = torch.arange(start, start + T, device=self.device)  # [T]
             k_pos = torch.arange(start + T, device=self.device)  # [L]
             mask = k_pos[None, :] <= q_pos[:, None]  # [T, L]: query t sees keys [0, start+t]
