@@ -5,8 +5,9 @@ quantizes every decoder linear (and the output head) for a draft.
 
 Quantization of the decoder linears:
 - "none": every weight in the model dtype (a GGUF file's blocks de-quantized exactly).
-- "int8" / "int4": weight-only, quantized from the float weights; from a GGUF file,
-  its 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they are (see gguf_file.py).
+- "int8": weight-only, quantized from the float weights.
+- "int4": weight-only; a GGUF file's 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they
+  are (see gguf_file.py), every other weight is quantized from its float values.
 - "gguf": serve a GGUF file's own weights, nothing re-quantized. On a CPU with
   AVX512-VNNI, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
   qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
