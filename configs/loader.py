@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import logging
 import os
 import tempfile
 import typing
@@ -21,6 +22,8 @@ from configs.choices import CALIBRATION_POLICIES, CHANNELS, DTYPES, QUANTIZATION
 from configs.modes import MODE_NAMES, Mode, mode_of
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -94,7 +97,7 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class SchedulerConfig:
     max_model_len: int = 2048  # prompt + generated tokens, per request
     max_running_requests: int = 4  # KV cache slots per worker
     max_waiting_requests: int = 64
@@ -128,7 +131,7 @@ class Config:
     speculation: SpeculationConfig = SpeculationConfig()
     # per mode; "default" applies to modes without their own entry
     placement: Mapping[str, RolePlacement] = field(default_factory=lambda: {"default": RolePlacement()})
-    engine: EngineConfig = EngineConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     server: ServerConfig = ServerConfig()
     addresses: AddressConfig = AddressConfig()
     easyspec: EasySpecConfig = EasySpecConfig()
@@ -183,9 +186,25 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
             if not isinstance(node, dict):
                 raise ConfigError(f"{'.'.join(parents[: depth + 1])} is not a section: cannot set {dotted.replace('__', '.')}")
         node[leaf] = value
+    _rename_sections(raw)
     config = _build(Config, raw, "")
     _validate(config)
     return config
+
+
+# Sections that had another name in earlier releases: old -> new.
+RENAMED_SECTIONS = {"engine": "scheduler"}
+
+
+def _rename_sections(raw: dict) -> None:
+    """Read an old section name as its new one (with a warning); both at once is an error."""
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"{old}: renamed {new!r}, and the config has both; keep only {new!r}")
+        log.warning("config section %r is now called %r; rename it in your config", old, new)
+        raw[new] = raw.pop(old)
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -296,12 +315,12 @@ def _validate(config: Config) -> None:
             bad = [c for c in placement.cores if not 0 <= c < available]
             if bad:
                 raise ConfigError(f"{where}.cores: {bad} not on this machine (it has cores 0..{available - 1})")
-    engine = config.engine
-    if engine.max_model_len < 16:
-        raise ConfigError("engine.max_model_len: must be at least 16")
-    if engine.max_running_requests < 1:
-        raise ConfigError("engine.max_running_requests: must be at least 1")
-    if engine.max_waiting_requests < 0:
-        raise ConfigError("engine.max_waiting_requests: must be >= 0")
+    scheduler = config.scheduler
+    if scheduler.max_model_len < 16:
+        raise ConfigError("scheduler.max_model_len: must be at least 16")
+    if scheduler.max_running_requests < 1:
+        raise ConfigError("scheduler.max_running_requests: must be at least 1")
+    if scheduler.max_waiting_requests < 0:
+        raise ConfigError("scheduler.max_waiting_requests: must be >= 0")
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"server.port: {config.server.port} is not a TCP port")

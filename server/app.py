@@ -1,9 +1,9 @@
 """The HTTP app: routes, error handlers, the body-size limit and the API key.
 
-`create_app` is pure: everything an app uses (engine, tokenizer, settings, its
+`create_app` is pure: everything an app uses (backend, tokenizer, settings, its
 own Prometheus registry) hangs off the app it returns, so tests can build
 several side by side. The launcher runs the result with uvicorn and owns the
-engine's lifecycle and health.
+backend's lifecycle and health.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.engine_client import Engine, EngineError, EngineUnavailable
+from server.backend import Backend, BackendError, BackendUnavailable
 from server.errors import APIError, RequestTooLarge, Unauthorized, error_reply
 from server.metrics import Metrics
 from server.serving import AppSettings, ServerContext
@@ -28,10 +28,10 @@ from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
 
 
-def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI:
-    """engine: an EngineClient (or a test's engine with the same interface); tokenizer: a transformers tokenizer."""
-    metrics = Metrics(CollectorRegistry(), engine)
-    ctx = ServerContext(engine=engine, tokenizer=tokenizer, settings=settings, metrics=metrics,
+def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastAPI:
+    """backend: a WorkerBackend (or a test's backend with the same interface); tokenizer: a transformers tokenizer."""
+    metrics = Metrics(CollectorRegistry(), backend)
+    ctx = ServerContext(backend=backend, tokenizer=tokenizer, settings=settings, metrics=metrics,
                         vocab_size=len(tokenizer), created=int(time.time()))
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
 
@@ -53,9 +53,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.healthy:
+        if backend.healthy:
             return JSONResponse({"status": "ok"})
-        return error_reply(EngineUnavailable(f"engine unavailable: {engine.unhealthy_reason}")).response()
+        return error_reply(BackendUnavailable(f"backend unavailable: {backend.unhealthy_reason}")).response()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -80,7 +80,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             metrics.record_failure(reply.reason)
         return reply.response()
 
-    for exc_type in (APIError, RequestValidationError, EngineError):
+    for exc_type in (APIError, RequestValidationError, BackendError):
         app.add_exception_handler(exc_type, counted)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, counted)  # last resort: a 500 in the envelope

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from server.engine_client import EngineError, EngineOverloaded, EngineUnavailable
+from server.backend import BackendError, BackendOverloaded, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ def error_reply(exc: BaseException) -> ErrorReply:
         return _reply(exc.status_code, exc.message, exc.type, exc.reason, exc.param, exc.code)
     if isinstance(exc, (RequestValidationError, ValidationError)):
         return error_reply(validation_error(exc.errors()))
-    # EngineOverloaded / EngineUnavailable subclass EngineError: test them first.
-    if isinstance(exc, EngineOverloaded):
+    # BackendOverloaded / BackendUnavailable subclass BackendError: test them first.
+    if isinstance(exc, BackendOverloaded):
         return _reply(429, str(exc), "rate_limit_error", "overloaded", code="rate_limit_exceeded")
-    if isinstance(exc, EngineUnavailable):
+    if isinstance(exc, BackendUnavailable):
         return _reply(503, str(exc), "service_unavailable_error", "unavailable", code="service_unavailable")
-    if isinstance(exc, EngineError):
+    if isinstance(exc, BackendError):
         return _reply(500, str(exc), "server_error", "engine_error", code="engine_error")
     if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
         return error_reply(body_parse_error(exc.__cause__))  # FastAPI's "error parsing the body"

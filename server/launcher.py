@@ -1,7 +1,7 @@
 """Start the workers, wait for their handshake, serve HTTP, stop everything.
 
 The launcher is the server process: it owns the worker processes, marks the
-engine unhealthy the moment one dies, and stops them all on exit (and the
+backend unhealthy the moment one dies, and stops them all on exit (and the
 workers die with it in any case: see workers.shell.become_worker).
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 from configs.loader import Config, config_to_dict
 from protocol.messages import DraftAvailability, Message, WorkerReady
-from server.engine_client import EngineClient
+from server.backend import WorkerBackend
 
 log = logging.getLogger("tandem.launcher")
 
@@ -59,8 +59,8 @@ class WorkerProcess:
             self.process.wait()
 
 
-class LaunchedEngineClient(EngineClient):
-    """The engine client, plus the workers' ready handshakes."""
+class LaunchedBackend(WorkerBackend):
+    """The backend client, plus the workers' ready handshakes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,18 +120,18 @@ def eos_token_ids(model_path: Path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-async def _wait_ready(engine: LaunchedEngineClient, workers: list[WorkerProcess], timeout_s: float, announce) -> None:
+async def _wait_ready(backend: LaunchedBackend, workers: list[WorkerProcess], timeout_s: float, announce) -> None:
     deadline = time.monotonic() + timeout_s
     announce(f"starting workers: {', '.join(f'{w.role} (pid {w.pid})' for w in workers)}")
-    while len(engine.ready) < len(workers):
+    while len(backend.ready) < len(workers):
         for worker in workers:
             if worker.exit_code is not None:
                 raise LaunchError(f"{worker.role} worker exited with code {worker.exit_code} during start-up")
         if time.monotonic() > deadline:
-            missing = [w.role for w in workers if w.role not in engine.ready]
+            missing = [w.role for w in workers if w.role not in backend.ready]
             raise LaunchError(f"workers not ready after {timeout_s:.0f} s: {', '.join(missing)}")
         await asyncio.sleep(0.05)
-    target, draft = engine.ready.get("verify"), engine.ready.get("draft")
+    target, draft = backend.ready.get("verify"), backend.ready.get("draft")
     if draft is not None and draft.vocab_size != target.vocab_size:
         raise LaunchError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
 
@@ -146,8 +146,8 @@ class Supervisor:
 
     MAX_DELAY_S = 30.0
 
-    def __init__(self, engine: LaunchedEngineClient, workers: list[WorkerProcess], config: Config):
-        self.engine = engine
+    def __init__(self, backend: LaunchedBackend, workers: list[WorkerProcess], config: Config):
+        self.backend = backend
         self.workers = workers
         self.delay_s = config.server.restart_delay_s
         self.ready_timeout_s = config.server.startup_timeout_s
@@ -163,9 +163,9 @@ class Supervisor:
             delay = self.delay_s
             while True:
                 await asyncio.sleep(delay)
-                self.engine.ready.pop(worker.role, None)
+                self.backend.ready.pop(worker.role, None)
                 worker.start()
-                self.engine.restarts[worker.role] = self.engine.restarts.get(worker.role, 0) + 1
+                self.backend.restarts[worker.role] = self.backend.restarts.get(worker.role, 0) + 1
                 log.warning("restarted the %s worker (pid %d)", worker.role, worker.pid)
                 if await self._came_up(worker):
                     break
@@ -176,13 +176,13 @@ class Supervisor:
     async def _went_down(self, worker: WorkerProcess, reason: str) -> None:
         log.error(reason)
         if worker.role == "verify":
-            self.engine.set_unhealthy(reason)
+            self.backend.set_unhealthy(reason)
         else:
-            await self.engine.send_control(DraftAvailability(False))
+            await self.backend.send_control(DraftAvailability(False))
 
     async def _came_up(self, worker: WorkerProcess) -> bool:
         deadline = time.monotonic() + self.ready_timeout_s
-        while worker.role not in self.engine.ready:
+        while worker.role not in self.backend.ready:
             if worker.exit_code is not None or time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -190,9 +190,9 @@ class Supervisor:
 
     async def _back(self, worker: WorkerProcess) -> None:
         if worker.role == "verify":
-            self.engine.set_healthy()
+            self.backend.set_healthy()
         else:
-            await self.engine.send_control(DraftAvailability(True))
+            await self.backend.send_control(DraftAvailability(True))
         log.warning("%s worker is back", worker.role)
 
 
@@ -217,28 +217,28 @@ async def serve(
     config = config.with_addresses()
     mode = config.speculation.mode
     models = await asyncio.to_thread(prepare_models, config, announce)
-    engine = LaunchedEngineClient(
+    backend = LaunchedBackend(
         config.addresses.server,
         config.addresses.verify,
-        max_pending=config.engine.max_running_requests + config.engine.max_waiting_requests,
+        max_pending=config.scheduler.max_running_requests + config.scheduler.max_waiting_requests,
     )
-    await engine.start()
+    await backend.start()
     workers = [WorkerProcess(role, config) for role in config.mode.roles]
     supervisor = None
     try:
         for worker in workers:
             worker.start()
-        await _wait_ready(engine, workers, config.server.startup_timeout_s, announce)
-        engine.set_healthy()
-        supervisor = asyncio.create_task(Supervisor(engine, workers, config).run())
+        await _wait_ready(backend, workers, config.server.startup_timeout_s, announce)
+        backend.set_healthy()
+        supervisor = asyncio.create_task(Supervisor(backend, workers, config).run())
         settings = AppSettings(
             model_name=config.model_name,
-            max_model_len=config.engine.max_model_len,
+            max_model_len=config.scheduler.max_model_len,
             eos_token_ids=models.eos_token_ids,
             api_key=api_key,
             request_timeout_s=request_timeout_s,
         )
-        app = create_app(engine, models.tokenizer, settings)
+        app = create_app(backend, models.tokenizer, settings)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         # uvicorn re-raises the signal that stopped it once it is done: make
@@ -263,7 +263,7 @@ async def serve(
             supervisor.cancel()
         for worker in workers:
             worker.stop()
-        await engine.close()
+        await backend.close()
         announce("stopped")
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics with vLLM's names under the `tandem:` prefix, so existing
 dashboards work. Each app owns its registry (no global state): `Metrics`
 declares every series in one place (adding one is one line), and a
-`RequestTracker` per engine request turns its outputs into observations.
+`RequestTracker` per backend request turns its outputs into observations.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0
 
 
 class Metrics:
-    """Every series the server exports. `engine` provides `.stats`
+    """Every series the server exports. `backend` provides `.stats`
     (num_running, num_waiting), read at scrape time."""
 
-    def __init__(self, registry: CollectorRegistry, engine: Any):
+    def __init__(self, registry: CollectorRegistry, backend: Any):
         self.registry = registry
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -47,33 +47,33 @@ class Metrics:
         self.accepted_per_pos = counter(
             "spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by draft position.", ("position",)
         )
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens submitted to the engine.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens submitted to the workers.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated (returned to clients).")
         self.request_success = counter(
-            "request_success", "Engine requests finished (one per choice).", ("finished_reason",)
+            "request_success", "Backend requests finished (one per choice).", ("finished_reason",)
         )
         self.request_failure = counter(
             "request_failure", "HTTP generation requests that failed, by reason.", ("reason",)
         )
-        self.running = gauge("num_requests_running", "Requests the engine is running.")
-        self.waiting = gauge("num_requests_waiting", "Requests waiting in the engine's queue.")
+        self.running = gauge("num_requests_running", "Requests the verify worker is running.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting in the verify worker's queue.")
         self.ttft = histogram("time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between tokens (a multi-token "
                              "pass's interval divided over its tokens).", ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Engine request latency, submit to finish.",
+        self.e2e = histogram("e2e_request_latency_seconds", "Backend request latency, submit to finish.",
                              REQUEST_BUCKETS)
-        self.queue_time = histogram("request_queue_time_seconds", "Time a request waited in the engine's "
+        self.queue_time = histogram("request_queue_time_seconds", "Time a request waited in the backend's "
                                     "queue.", REQUEST_BUCKETS)
 
         self.run_ahead = histogram("spec_decode_draft_run_ahead", "Draft tokens that had arrived when a "
                                    "verification started (how far ahead the draft was).", RUN_AHEAD_BUCKETS)
-        registry.register(WorkerCollector(engine))
+        registry.register(WorkerCollector(backend))
 
-        self.running.set_function(lambda: engine.stats.num_running)
-        self.waiting.set_function(lambda: engine.stats.num_waiting)
+        self.running.set_function(lambda: backend.stats.num_running)
+        self.waiting.set_function(lambda: backend.stats.num_waiting)
 
     def track(self, num_prompt_tokens: int) -> "RequestTracker":
-        """Start following one engine request (call when it is submitted)."""
+        """Start following one backend request (call when it is submitted)."""
         self.prompt_tokens.inc(num_prompt_tokens)
         return RequestTracker(self)
 
@@ -82,7 +82,7 @@ class Metrics:
 
 
 class RequestTracker:
-    """Timing and speculation counters of one engine request."""
+    """Timing and speculation counters of one backend request."""
 
     def __init__(self, metrics: Metrics):
         self._m = metrics

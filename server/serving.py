@@ -1,5 +1,5 @@
 """What both generation endpoints share: request checks against the
-deployment's limits, one engine request per choice (ChoiceState turns its
+deployment's limits, one backend request per choice (ChoiceState turns its
 TokenOutputs into text deltas), a GenerationRun that drives the choices
 concurrently and merges them, and the two ways to answer (one JSON body, or
 an SSE stream). The endpoint modules only build requests and format output.
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
-from server.engine_client import Engine, EngineError, EngineOverloaded
+from server.backend import Backend, BackendError, BackendOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
 from server.metrics import Metrics, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
@@ -52,7 +52,7 @@ class AppSettings:
 class ServerContext:
     """What the handlers of one app share (built once by create_app)."""
 
-    engine: Engine
+    backend: Backend
     tokenizer: Any
     settings: AppSettings
     metrics: Metrics
@@ -97,21 +97,21 @@ def check_generation_limits(ctx: ServerContext, req: BaseGenerationRequest) -> N
 
 
 def check_capacity(ctx: ServerContext, num_choices: int, param: str) -> None:
-    """Refuse at once what the engine's bound on queued + running requests
+    """Refuse at once what the backend's bound on queued + running requests
     cannot take: 400 if it never could (more choices than the bound), 429 if
     it cannot now. Nothing is submitted in either case."""
-    limit = ctx.engine.max_pending
+    limit = ctx.backend.max_pending
     if limit is None:
         return
     if num_choices > limit:
         raise InvalidRequest(
-            f"this request needs {num_choices} engine requests (prompts x n); this server runs at most "
+            f"this request needs {num_choices} backend requests (prompts x n); this server runs at most "
             f"{limit} at a time",
             param=param,
         )
-    pending = ctx.engine.num_pending
+    pending = ctx.backend.num_pending
     if pending + num_choices > limit:
-        raise EngineOverloaded(
+        raise BackendOverloaded(
             f"server busy: {pending} requests queued or running (the limit is {limit}); retry later"
         )
 
@@ -161,7 +161,7 @@ def base_seed(req: BaseGenerationRequest) -> int:
     return req.seed if req.seed is not None else secrets.randbits(63)
 
 
-# -- one choice = one engine request ------------------------------------------------
+# -- one choice = one backend request ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class ChoiceDelta:
 
 
 class ChoiceState:
-    """Turns one engine request's TokenOutputs into text deltas: incremental
+    """Turns one backend request's TokenOutputs into text deltas: incremental
     detokenization, stop strings, logprobs, usage and speculation counts."""
 
     def __init__(self, index: int, request: GenerateRequest, tokenizer: Any, stops: Sequence[str],
@@ -209,9 +209,9 @@ class ChoiceState:
 
     def process(self, output: TokenOutput) -> ChoiceDelta:
         if output.finish_reason not in (None, "stop", "length"):
-            raise EngineError(f"the engine ended the request ({output.finish_reason})")
+            raise BackendError(f"the backend ended the request ({output.finish_reason})")
         if self.wants_logprobs and len(output.logprobs or ()) < len(output.token_ids):
-            raise EngineError("the engine sent no logprobs for a request that asked for them")
+            raise BackendError("the backend sent no logprobs for a request that asked for them")
         self.num_passes += 1
         self.num_draft_tokens += output.num_draft_tokens
         self.num_accepted_tokens += output.num_accepted_tokens
@@ -295,16 +295,16 @@ class _Failed:
 
 
 class GenerationRun:
-    """One task per choice iterates its engine request; deltas meet in one queue.
+    """One task per choice iterates its backend request; deltas meet in one queue.
 
-    Leaving a task's loop early (stop string, failure, cancel) closes the engine
+    Leaving a task's loop early (stop string, failure, cancel) closes the backend
     generator, which aborts the request in the workers. `cancel()` is safe to
     call at any time and more than once.
     """
 
-    def __init__(self, engine: Any, choices: Sequence[ChoiceState], timeout_s: float | None = None):
+    def __init__(self, backend: Any, choices: Sequence[ChoiceState], timeout_s: float | None = None):
         self.choices = list(choices)
-        self._engine = engine
+        self._engine = backend
         self._queue: asyncio.Queue[ChoiceDelta | _Failed] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._drive(c), name=c.request.request_id) for c in self.choices]
         self._timer = None
@@ -312,7 +312,7 @@ class GenerationRun:
             self._timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, timeout_s)
 
     def _time_out(self, timeout_s: float) -> None:
-        """Past the deadline: abort every choice in the engine, fail the run."""
+        """Past the deadline: abort every choice in the backend, fail the run."""
         self.cancel()
         self._queue.put_nowait(_Failed(-1, RequestTimedOut(
             f"the request did not finish within the server's timeout of {timeout_s:g} s and was aborted"
@@ -326,7 +326,7 @@ class GenerationRun:
                     self._queue.put_nowait(delta)
                     if delta.finish_reason is not None:
                         return
-            raise EngineError("the engine's output stream ended without a finish reason")
+            raise BackendError("the backend's output stream ended without a finish reason")
         except Exception as exc:
             self._queue.put_nowait(_Failed(choice.index, exc))
 
@@ -422,7 +422,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class _ClosingStreamingResponse(StreamingResponse):
     """Starlette stops iterating a body on disconnect but does not close it;
-    closing it here runs the generator's cleanup (aborting the engine) at once."""
+    closing it here runs the generator's cleanup (aborting the backend) at once."""
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -436,10 +436,10 @@ async def answer(ctx: ServerContext, choices: list[ChoiceState], view: ChoicesVi
     """Run the choices; answer with one JSON body, or stream them as SSE.
 
     A stream's headers go out once every choice has produced its first output,
-    so that refusals by the engine (overloaded, unavailable) keep their status
+    so that refusals by the backend (overloaded, unavailable) keep their status
     codes; later failures become an SSE error event.
     """
-    run = GenerationRun(ctx.engine, choices, ctx.settings.request_timeout_s)
+    run = GenerationRun(ctx.backend, choices, ctx.settings.request_timeout_s)
     metrics = ctx.metrics
     deltas = run.deltas() if stream else None
     try:
@@ -487,7 +487,7 @@ async def _event_stream(run: GenerationRun, deltas: AsyncIterator[ChoiceDelta], 
         if include_usage:
             yield sse(formatter.usage_chunk(), include_usage)
         ended = True
-    except Exception as exc:  # the engine failed after the stream began
+    except Exception as exc:  # the backend failed after the stream began
         ended = True
         reply = error_reply(exc)
         metrics.record_failure(reply.reason)

@@ -1,5 +1,5 @@
 """Text <-> token ids for the server: prompt encoding, the chat template, an
-incremental detokenizer and stop-string matching. The engine knows no text;
+incremental detokenizer and stop-string matching. The backend knows no text;
 everything textual happens here.
 """
 

@@ -8,7 +8,7 @@ from typing import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine_client import Engine
+from server.backend import Backend
 
 PREFIX = "tandem:"
 
@@ -41,13 +41,13 @@ COUNTERS = (
 
 
 class WorkerCollector(Collector):
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, backend: Backend):
+        self.backend = backend
 
     def collect(self) -> Iterator[Metric]:
-        stats = dict(self.engine.worker_stats)
+        stats = dict(self.backend.worker_stats)
         restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Worker processes restarted after dying.", labels=["role"])
-        for role, count in sorted(self.engine.restarts.items()):
+        for role, count in sorted(self.backend.restarts.items()):
             restarts.add_metric([role], count)
         yield restarts
 

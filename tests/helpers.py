@@ -33,7 +33,7 @@ def write_config(path: Path, **sections) -> Path:
         "model_name": "tiny",
         "speculation": {"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 10},
         "placement": {"default": {"target": ONE_THREAD, "draft": ONE_THREAD}},
-        "engine": {"max_model_len": 512, "max_running_requests": 4, "max_waiting_requests": 32},
+        "scheduler": {"max_model_len": 512, "max_running_requests": 4, "max_waiting_requests": 32},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -48,8 +48,8 @@ class DraftWorker:
         self.model = draft_model(config, device)
         self.engine = DraftEngine(
             self.model,
-            max_model_len=config.engine.max_model_len,
-            max_requests=config.engine.max_running_requests,
+            max_model_len=config.scheduler.max_model_len,
+            max_requests=config.scheduler.max_running_requests,
             device=device,
         )
         self.inbox = Inbox(config.addresses.draft)
@@ -71,7 +71,7 @@ class DraftWorker:
     def run(self) -> None:
         args = self.model.args
         self.to_server.send(
-            WorkerReady("draft", os.getpid(), self.config.draft.path, args.vocab_size, self.config.engine.max_model_len)
+            WorkerReady("draft", os.getpid(), self.config.draft.path, args.vocab_size, self.config.scheduler.max_model_len)
         )
         started = last_stats = time.monotonic()
         while True:

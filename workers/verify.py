@@ -86,8 +86,8 @@ class VerifyWorker:
         self.engine = VerifyEngine(
             self.model,
             self.draft,
-            max_model_len=config.engine.max_model_len,
-            max_running=config.engine.max_running_requests,
+            max_model_len=config.scheduler.max_model_len,
+            max_running=config.scheduler.max_running_requests,
             device=device,
         )
         self.control: queue.Queue = queue.Queue()
@@ -141,7 +141,7 @@ class VerifyWorker:
         threading.Thread(target=self._read_inbox, name="verify-inbox", daemon=True).start()
         args = self.model.args
         self.to_server.send(
-            WorkerReady("verify", os.getpid(), self.config.target.path, args.vocab_size, self.config.engine.max_model_len)
+            WorkerReady("verify", os.getpid(), self.config.target.path, args.vocab_size, self.config.scheduler.max_model_len)
         )
         self._started = time.monotonic()
         while True:

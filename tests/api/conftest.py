@@ -1,8 +1,8 @@
 """Fixtures for the API tests.
 
-Engine-agnostic tests use only `server_url`, `model_name`, `client` and `http`
+Backend-agnostic tests use only `server_url`, `model_name`, `client` and `http`
 and run twice: against the app from `create_app` in a real uvicorn on top of
-the in-test FakeEngine, and against a real launched `tandem serve` (verify and
+the in-test FakeBackend, and against a real launched `tandem serve` (verify and
 draft worker processes, tiny random model). Tests that steer the fake
 (`app_engine`) live in test_fake_engine_controls.py and use the fake only.
 """
@@ -16,7 +16,7 @@ import pytest
 
 from server.app import create_app
 from server.serving import AppSettings
-from tests.api.fake_engine import FakeEngine
+from tests.api.fake_backend import FakeBackend
 from tests.helpers import UvicornThread
 
 TEST_MODEL_NAME = "tandem-test-model"
@@ -33,8 +33,8 @@ def app_settings(smollm_tokenizer) -> AppSettings:
 
 
 @pytest.fixture(scope="session")
-def app_engine(smollm_tokenizer) -> FakeEngine:
-    return FakeEngine(smollm_tokenizer)
+def app_engine(smollm_tokenizer) -> FakeBackend:
+    return FakeBackend(smollm_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +51,9 @@ def launched_server_url(tiny_config):
         yield server.url
 
 
-@pytest.fixture(scope="session", params=["fake-engine", "real-workers"])
+@pytest.fixture(scope="session", params=["fake-backend", "real-workers"])
 def server_url(request):
-    name = "fake_server_url" if request.param == "fake-engine" else "launched_server_url"
+    name = "fake_server_url" if request.param == "fake-backend" else "launched_server_url"
     return request.getfixturevalue(name)
 
 

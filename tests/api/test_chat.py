@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions through the real OpenAI SDK (engine-agnostic)."""
+"""POST /v1/chat/completions through the real OpenAI SDK (backend-agnostic)."""
 
 from __future__ import annotations
 

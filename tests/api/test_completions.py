@@ -1,4 +1,4 @@
-"""POST /v1/completions through the real OpenAI SDK. Engine-agnostic: shapes,
+"""POST /v1/completions through the real OpenAI SDK. Backend-agnostic: shapes,
 streamed == non-streamed text (greedy), usage arithmetic, stop strings."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GET /health, /v1/models and /metrics (engine-agnostic)."""
+"""GET /health, /v1/models and /metrics (backend-agnostic)."""
 
 from __future__ import annotations
 

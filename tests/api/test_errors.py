@@ -1,4 +1,4 @@
-"""Refusals: status codes and OpenAI's error envelope (engine-agnostic)."""
+"""Refusals: status codes and OpenAI's error envelope (backend-agnostic)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 worker processes) shared by the tests that only need a healthy server; its
 ZeroMQ addresses are explicit so that tests can reach the workers' inboxes.
 Tests that need other limits launch their own. `serve_app` runs the HTTP app
-from create_app on an in-test engine, for what is cheaper to test without
+from create_app on an in-test backend, for what is cheaper to test without
 workers (and for fuzzing at volume).
 """
 
@@ -42,11 +42,11 @@ def base_settings(smollm_tokenizer) -> AppSettings:
 
 @pytest.fixture
 def serve_app(smollm_tokenizer, base_settings):
-    """serve_app(engine, **settings) -> a context manager yielding the base URL."""
+    """serve_app(backend, **settings) -> a context manager yielding the base URL."""
 
     @contextlib.contextmanager
-    def serve(engine, **settings):
-        app = create_app(engine, smollm_tokenizer, replace(base_settings, **settings))
+    def serve(backend, **settings):
+        app = create_app(backend, smollm_tokenizer, replace(base_settings, **settings))
         with UvicornThread(app) as server:
             yield server.url
 

@@ -1,5 +1,5 @@
 """Helpers for the robustness tests: the error envelope, health, process memory,
-and an in-test engine with EngineClient's bound on pending requests."""
+and an in-test backend with WorkerBackend's bound on pending requests."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from server.engine_client import EngineOverloaded
-from tests.api.fake_engine import FakeEngine
+from server.backend import BackendOverloaded
+from tests.api.fake_backend import FakeBackend
 from tests.helpers import RunningServer, write_config
 
 MODEL = "tiny"  # the model name write_config gives
@@ -79,8 +79,8 @@ def tiny_server_config(path: Path, tiny_target_dir: Path, **sections) -> Path:
     )
 
 
-class BoundedFakeEngine(FakeEngine):
-    """The FakeEngine with EngineClient's bound on queued + running requests."""
+class BoundedFakeBackend(FakeBackend):
+    """The FakeBackend with WorkerBackend's bound on queued + running requests."""
 
     def __init__(self, tokenizer, max_pending: int, step_delay_s: float = 0.0):
         super().__init__(tokenizer, step_delay_s)
@@ -93,7 +93,7 @@ class BoundedFakeEngine(FakeEngine):
 
     async def generate(self, request):
         if len(self.pending) >= self.max_pending:
-            raise EngineOverloaded(f"server busy: {len(self.pending)} requests in flight")
+            raise BackendOverloaded(f"server busy: {len(self.pending)} requests in flight")
         self.pending.add(request.request_id)
         try:
             async for output in super().generate(request):

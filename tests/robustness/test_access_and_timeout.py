@@ -1,6 +1,6 @@
 """The optional API key (401 in OpenAI's envelope on every /v1 route without
 it; /health and /metrics open) and the per-request timeout (408, the request
-aborted in the engine). First on the HTTP app over the in-test engine, then
+aborted in the backend). First on the HTTP app over the in-test backend, then
 through `tandem serve --api-key --request-timeout` with real workers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.fake_engine import MARK_SLOW, FakeEngine
+from tests.api.fake_backend import MARK_SLOW, FakeBackend
 from tests.api.helpers import sse_data
 from tests.helpers import UvicornThread, launch_server, wait_until
 from tests.robustness.support import MODEL, assert_envelope, tiny_server_config
@@ -30,9 +30,9 @@ def keyed(smollm_tokenizer, base_settings):
 
     from server.app import create_app
 
-    engine = FakeEngine(smollm_tokenizer)
-    with UvicornThread(create_app(engine, smollm_tokenizer, replace(base_settings, api_key=KEY))) as server:
-        yield server.url, engine
+    backend = FakeBackend(smollm_tokenizer)
+    with UvicornThread(create_app(backend, smollm_tokenizer, replace(base_settings, api_key=KEY))) as server:
+        yield server.url, backend
 
 
 @pytest.mark.parametrize("method,path,body", [
@@ -42,8 +42,8 @@ def keyed(smollm_tokenizer, base_settings):
     ("GET", "/v1/no-such-route", None),  # 401 before 404: the key guards the whole /v1 tree
 ])
 def test_v1_routes_need_the_key(keyed, method, path, body):
-    url, engine = keyed
-    submitted = len(engine.requests)
+    url, backend = keyed
+    submitted = len(backend.requests)
     missing = httpx.request(method, url + path, json=body, timeout=10)
     error = assert_envelope(missing, 401)
     assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
@@ -52,7 +52,7 @@ def test_v1_routes_need_the_key(keyed, method, path, body):
     assert "Incorrect API key" in assert_envelope(wrong, 401)["message"]
     basic = httpx.request(method, url + path, json=body, headers={"Authorization": f"Basic {KEY}"}, timeout=10)
     assert_envelope(basic, 401)
-    assert len(engine.requests) == submitted  # nothing reached the engine
+    assert len(backend.requests) == submitted  # nothing reached the backend
     right = httpx.request(method, url + path, json=body, headers=AUTH, timeout=10)
     assert right.status_code == (404 if "no-such" in path else 200), right.text
 
@@ -87,14 +87,14 @@ def timed(smollm_tokenizer, base_settings):
 
     from server.app import create_app
 
-    engine = FakeEngine(smollm_tokenizer)
-    with UvicornThread(create_app(engine, smollm_tokenizer, replace(base_settings, request_timeout_s=0.4))) as server:
-        yield server.url, engine
+    backend = FakeBackend(smollm_tokenizer)
+    with UvicornThread(create_app(backend, smollm_tokenizer, replace(base_settings, request_timeout_s=0.4))) as server:
+        yield server.url, backend
 
 
 def test_timeout_non_streaming_is_408_and_aborts(timed):
-    url, engine = timed
-    before = len(engine.requests)
+    url, backend = timed
+    before = len(backend.requests)
     start = time.monotonic()
     # MARK_SLOW: 50 ms per output, no EOS: 200 tokens would take seconds
     response = httpx.post(f"{url}/v1/completions", timeout=30, json={
@@ -104,13 +104,13 @@ def test_timeout_non_streaming_is_408_and_aborts(timed):
     assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
     assert "0.4 s" in error["message"]
     assert 0.35 < elapsed < 2.0
-    ids = [r.request_id for r in engine.requests[before:]]
-    assert len(ids) == 2 and wait_until(lambda: set(ids) <= engine.closed_early, timeout_s=5, interval_s=0.01)  # both choices aborted
+    ids = [r.request_id for r in backend.requests[before:]]
+    assert len(ids) == 2 and wait_until(lambda: set(ids) <= backend.closed_early, timeout_s=5, interval_s=0.01)  # both choices aborted
 
 
 def test_timeout_mid_stream_is_an_error_event(timed):
-    url, engine = timed
-    before = len(engine.requests)
+    url, backend = timed
+    before = len(backend.requests)
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={
             "model": MODEL, "messages": [{"role": "user", "content": MARK_SLOW}], "max_tokens": 200,
             "stream": True}) as response:
@@ -119,8 +119,8 @@ def test_timeout_mid_stream_is_an_error_event(timed):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "timeout_error" and "timeout" in error["message"]
-    (request,) = engine.requests[before:]
-    assert wait_until(lambda: request.request_id in engine.closed_early, timeout_s=5, interval_s=0.01)
+    (request,) = backend.requests[before:]
+    assert wait_until(lambda: request.request_id in backend.closed_early, timeout_s=5, interval_s=0.01)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'tandem:request_failure_total{reason="timeout"}' in metrics
 
@@ -135,7 +135,7 @@ def test_requests_within_the_timeout_are_untouched(timed):
 
 
 def test_served_with_key_and_timeout(tmp_path, tiny_target_dir):
-    config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, engine={"max_model_len": 4096})
+    config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, scheduler={"max_model_len": 4096})
     with launch_server(config, "--api-key", KEY, "--request-timeout", "1.0", mode="ar") as server:
         url = server.url
         assert_envelope(httpx.get(f"{url}/v1/models", timeout=10), 401)

@@ -4,7 +4,7 @@ well-formed answer on every 200 (a stream ends with [DONE] and carries no
 error event), and a healthy server afterwards. Bodies mix plausible values of
 every parameter with arbitrary JSON, unknown keys, non-objects and raw bytes.
 
-Against the HTTP app over the in-test engine (many examples, fast; there
+Against the HTTP app over the in-test backend (many examples, fast; there
 every request that reaches the engine must be one the workers can run) and a
 short run against the real launched tiny server (verify + draft workers)."""
 
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import UvicornThread
-from tests.robustness.support import MODEL, BoundedFakeEngine, assert_envelope, assert_serving
+from tests.robustness.support import MODEL, BoundedFakeBackend, assert_envelope, assert_serving
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
@@ -157,23 +157,23 @@ def bounded_for_real_workers(body: bytes) -> bytes:
     return body
 
 
-# -- the HTTP app over the in-test engine ----------------------------------------------------
+# -- the HTTP app over the in-test backend ----------------------------------------------------
 
 
 MAX_MODEL_LEN = 256
 
 
 @pytest.fixture(scope="module")
-def fake_engine(smollm_tokenizer, base_settings):
+def fake_backend(smollm_tokenizer, base_settings):
     from server.app import create_app
 
-    engine = BoundedFakeEngine(smollm_tokenizer, max_pending=16)
-    app = create_app(engine, smollm_tokenizer, replace(base_settings, max_model_len=MAX_MODEL_LEN))
+    backend = BoundedFakeBackend(smollm_tokenizer, max_pending=16)
+    app = create_app(backend, smollm_tokenizer, replace(base_settings, max_model_len=MAX_MODEL_LEN))
     with UvicornThread(app) as server:
-        engine.url = server.url
-        yield engine
+        backend.url = server.url
+        yield backend
         assert_serving_fake(server.url)
-    assert engine.num_pending == 0
+    assert backend.num_pending == 0
 
 
 def assert_serving_fake(url: str) -> None:
@@ -183,8 +183,8 @@ def assert_serving_fake(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fake_client(fake_engine):
-    with httpx.Client(base_url=fake_engine.url, timeout=30) as client:
+def fake_client(fake_backend):
+    with httpx.Client(base_url=fake_backend.url, timeout=30) as client:
         yield client
 
 
@@ -204,19 +204,19 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 
 @FUZZ
 @given(body=raw_bodies(chat=False))
-def test_fuzz_completions_on_the_app(fake_engine, fake_client, smollm_tokenizer, body):
-    submitted = len(fake_engine.requests)
+def test_fuzz_completions_on_the_app(fake_backend, fake_client, smollm_tokenizer, body):
+    submitted = len(fake_backend.requests)
     check_answer(post(fake_client, COMPLETIONS, body))
-    for request in fake_engine.requests[submitted:]:
+    for request in fake_backend.requests[submitted:]:
         assert_runnable(request, len(smollm_tokenizer))
 
 
 @FUZZ
 @given(body=raw_bodies(chat=True))
-def test_fuzz_chat_on_the_app(fake_engine, fake_client, smollm_tokenizer, body):
-    submitted = len(fake_engine.requests)
+def test_fuzz_chat_on_the_app(fake_backend, fake_client, smollm_tokenizer, body):
+    submitted = len(fake_backend.requests)
     check_answer(post(fake_client, CHAT, body))
-    for request in fake_engine.requests[submitted:]:
+    for request in fake_backend.requests[submitted:]:
         assert_runnable(request, len(smollm_tokenizer))
 
 

@@ -1,6 +1,6 @@
 """Garbage on the ZeroMQ inboxes: the codec refuses every malformed frame list
 with DecodeError (never another exception, which would end a reader loop), and
-the server's engine client, the verify worker and the draft worker of a real
+the server's backend, the verify worker and the draft worker of a real
 launched server all survive junk frames and messages of the wrong type, then
 serve exactly as before."""
 

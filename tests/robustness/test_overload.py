@@ -22,7 +22,7 @@ LONG_TOKENS = 1000  # about a second each on the tiny model: the flood lands whi
 def small_server(tmp_path_factory, tiny_target_dir):
     config = tiny_server_config(
         tmp_path_factory.mktemp("overload") / "tiny.yaml", tiny_target_dir,
-        engine={"max_model_len": 1024, "max_running_requests": 1, "max_waiting_requests": 1},
+        scheduler={"max_model_len": 1024, "max_running_requests": 1, "max_waiting_requests": 1},
     )
     with launch_server(config, mode="ar") as server:
         yield server

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.api import ChatCompletionRequest, CompletionRequest, DeltaMessage
-from server.engine_client import EngineError, EngineOverloaded, EngineUnavailable
+from server.backend import BackendError, BackendOverloaded, BackendUnavailable
 from server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, error_reply, validation_error
 
 
@@ -184,9 +184,9 @@ def test_delta_omits_unset_fields():
     (InvalidRequest("bad", param="n"), 400, "invalid_request_error"),
     (ModelNotFound("no such model", param="model"), 404, "invalid_request_error"),
     (RequestTooLarge("big"), 413, "invalid_request_error"),
-    (EngineOverloaded("busy"), 429, "rate_limit_error"),
-    (EngineUnavailable("down"), 503, "service_unavailable_error"),
-    (EngineError("worker crashed"), 500, "server_error"),
+    (BackendOverloaded("busy"), 429, "rate_limit_error"),
+    (BackendUnavailable("down"), 503, "service_unavailable_error"),
+    (BackendError("worker crashed"), 500, "server_error"),
     (ZeroDivisionError("x"), 500, "server_error"),
 ])
 def test_error_reply_envelope(exc, status, type_):

@@ -50,7 +50,7 @@ def test_addresses_are_filled_with_private_ipc_sockets():
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nspeculation: {num_draft_tokens: 0}\n", "num_draft_tokens"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nplacement: {sd: {target: {device: tpu}}}\n", "placement.sd.target.device"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nplacement: {default: {draft: {cores: [999]}}}\n", "placement.default.draft.cores"),
-        ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nengine: {max_running_requests: 0}\n", "max_running_requests"),
+        ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nscheduler: {max_running_requests: 0}\n", "max_running_requests"),
         ("- just\n- a list\n", "mapping"),
         ("model_name: [unclosed\n", "not valid YAML"),
     ],
@@ -117,3 +117,15 @@ def test_serve_flags_and_settings_combine():
     assert config.speculation.mode == "amusd"
     assert config.speculation.num_draft_tokens == 6  # the dedicated flag wins
     assert config.speculation.max_run_ahead == 16
+
+
+def test_the_old_engine_section_is_read_as_scheduler(tmp_path, caplog):
+    """Catches a rename that breaks users' configs written before `engine:` became `scheduler:`."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nengine: {max_running_requests: 3}\n")
+    assert load_config(old).scheduler.max_running_requests == 3
+    assert "now called 'scheduler'" in caplog.text
+    both = tmp_path / "both.yaml"
+    both.write_text(old.read_text() + "scheduler: {max_running_requests: 2}\n")
+    with pytest.raises(ConfigError, match="keep only 'scheduler'"):
+        load_config(both)

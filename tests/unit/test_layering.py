@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HTTP_MODULES = ["server.cli", "server.launcher", "server.app", "server.serving", "server.engine_client",
+HTTP_MODULES = ["server.cli", "server.launcher", "server.app", "server.serving", "server.backend",
                 "configs.loader", "configs.modes", "protocol.codec", "protocol.sockets"]
 
 

@@ -1,4 +1,4 @@
-"""An in-test Engine (server.engine_client's protocol, as EngineClient), so the
+"""An in-test Backend (server.backend's protocol, as WorkerBackend), so the
 HTTP layer can be tested without worker processes.
 
 Outputs are deterministic functions of the prompt (and of the seed when
@@ -16,11 +16,11 @@ import random
 
 from protocol.messages import GenerateRequest, TokenOutput
 from protocol.messages import WorkerStats
-from server.engine_client import EngineError, EngineHealth, EngineOverloaded, EngineStats, EngineUnavailable
+from server.backend import BackendError, BackendHealth, BackendOverloaded, BackendStats, BackendUnavailable
 
-MARK_FAIL = "@@fail@@"  # EngineError after the first output
+MARK_FAIL = "@@fail@@"  # BackendError after the first output
 MARK_SLOW = "@@slow@@"  # 50 ms between outputs, no EOS
-MARK_OVERLOADED = "@@overloaded@@"  # EngineOverloaded at submission
+MARK_OVERLOADED = "@@overloaded@@"  # BackendOverloaded at submission
 MARK_NO_EOS = "@@no-eos@@"  # never emits a stop token
 
 CORPUS = (
@@ -30,7 +30,7 @@ CORPUS = (
 )
 
 
-class FakeEngine(EngineHealth):
+class FakeBackend(BackendHealth):
     max_pending: int | None = None  # unbounded
 
     def __init__(self, tokenizer, step_delay_s: float = 0.0):
@@ -38,7 +38,7 @@ class FakeEngine(EngineHealth):
         self._tokenizer = tokenizer
         self._corpus = tokenizer.encode(CORPUS, add_special_tokens=False)
         self._step_delay_s = step_delay_s
-        self.stats = EngineStats()
+        self.stats = BackendStats()
         self.worker_stats: dict[str, WorkerStats] = {}
         self.restarts: dict[str, int] = {}
         self.requests: list[GenerateRequest] = []  # every submitted request
@@ -56,14 +56,14 @@ class FakeEngine(EngineHealth):
     # -- generation ------------------------------------------------------------------
 
     def _status_changed(self) -> None:
-        self.stats = EngineStats(num_running=len(self._active), num_waiting=0)
+        self.stats = BackendStats(num_running=len(self._active), num_waiting=0)
 
     async def generate(self, request: GenerateRequest):
         if not self.healthy:
-            raise EngineUnavailable(f"engine unavailable: {self._unhealthy_reason}")
+            raise BackendUnavailable(f"backend unavailable: {self._unhealthy_reason}")
         prompt = self._tokenizer.decode(request.prompt_ids)
         if MARK_OVERLOADED in prompt:
-            raise EngineOverloaded("server busy: simulated overload")
+            raise BackendOverloaded("server busy: simulated overload")
         self.requests.append(request)
         self._active.add(request.request_id)
         self._status_changed()
@@ -104,7 +104,7 @@ class FakeEngine(EngineHealth):
                     finish = "length"
                     break
             if MARK_FAIL in prompt and step == 1:
-                raise EngineError("simulated engine failure")
+                raise BackendError("simulated backend failure")
             output = TokenOutput(
                 request_id=request.request_id,
                 token_ids=tokens,

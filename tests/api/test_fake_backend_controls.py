@@ -1,6 +1,6 @@
-"""Tests that steer the in-test FakeEngine (`app_engine`): engine failures,
+"""Tests that steer the in-test FakeBackend (`app_engine`): backend failures,
 overload, health, aborts on disconnect and on stop strings, and exactly what
-the engine was asked for. They need the fake's controls, so they do not run
+the backend was asked for. They need the fake's controls, so they do not run
 against a real launched server."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.api.fake_engine import MARK_FAIL, MARK_OVERLOADED, MARK_SLOW
+from tests.api.fake_backend import MARK_FAIL, MARK_OVERLOADED, MARK_SLOW
 from tests.api.helpers import assert_error, chunks, metric, post_stream, scrape
 from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="session")
 def server_url(fake_server_url):
-    """These tests steer the fake engine: only its server."""
+    """These tests steer the fake backend: only its server."""
     return fake_server_url
 
 
@@ -29,17 +29,17 @@ def model_name():
     return TEST_MODEL_NAME
 
 
-def new_requests(engine, before: int):
-    return engine.requests[before:]
+def new_requests(backend, before: int):
+    return backend.requests[before:]
 
 
-# -- engine failures ---------------------------------------------------------------------
+# -- backend failures ---------------------------------------------------------------------
 
 
 def test_engine_error_non_stream_is_500(http, model_name):
     r = http.post("/v1/completions", json={"model": model_name, "prompt": MARK_FAIL, "max_tokens": 50})
     error = assert_error(r, 500)
-    assert error["type"] == "server_error" and "simulated engine failure" in error["message"]
+    assert error["type"] == "server_error" and "simulated backend failure" in error["message"]
 
 
 def test_engine_error_mid_stream_is_an_sse_error_event(http, model_name):
@@ -52,13 +52,13 @@ def test_engine_error_mid_stream_is_an_sse_error_event(http, model_name):
     payloads = [json.loads(e) for e in events[:-1]]
     assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"  # the stream had begun
     error = payloads[-1]["error"]
-    assert set(error) == {"message", "type", "param", "code"} and "simulated engine failure" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and "simulated backend failure" in error["message"]
     assert all("error" not in p for p in payloads[:-1])
 
 
 def test_engine_error_mid_stream_through_the_sdk(client, model_name):
     stream = client.completions.create(model=model_name, prompt=MARK_FAIL, max_tokens=50, stream=True)
-    with pytest.raises(openai.APIError, match="simulated engine failure"):
+    with pytest.raises(openai.APIError, match="simulated backend failure"):
         list(stream)
 
 
@@ -93,7 +93,7 @@ def test_unhealthy_engine(http, model_name, app_engine):
     assert http.get("/health").status_code == 200
 
 
-# -- aborts: the engine generator is closed early ----------------------------------------
+# -- aborts: the backend generator is closed early ----------------------------------------
 
 
 def test_stream_disconnect_aborts_the_engine_request(server_url, http, model_name, app_engine):
@@ -140,7 +140,7 @@ def test_stop_string_aborts_the_engine_request(client, model_name, app_engine):
     assert r.usage.completion_tokens < 20
 
 
-# -- what the engine is asked for ----------------------------------------------------------
+# -- what the backend is asked for ----------------------------------------------------------
 
 
 def test_generate_request_fields(client, model_name, app_engine, app_settings):
@@ -206,10 +206,10 @@ def test_apps_are_independent(smollm_tokenizer, app_settings):
     from prometheus_client import generate_latest
 
     from server.app import create_app
-    from tests.api.fake_engine import FakeEngine
+    from tests.api.fake_backend import FakeBackend
 
-    a = create_app(FakeEngine(smollm_tokenizer), smollm_tokenizer, app_settings)
-    b = create_app(FakeEngine(smollm_tokenizer), smollm_tokenizer, app_settings)
+    a = create_app(FakeBackend(smollm_tokenizer), smollm_tokenizer, app_settings)
+    b = create_app(FakeBackend(smollm_tokenizer), smollm_tokenizer, app_settings)
     ra, rb = a.state.tandem.metrics.registry, b.state.tandem.metrics.registry
     assert ra is not rb
     a.state.tandem.metrics.record_failure("x")

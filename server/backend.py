@@ -1,7 +1,7 @@
 """The server's side of the ZeroMQ link to the verify worker.
 
 A per-request state object (an asyncio.Queue of outputs) bridges the HTTP
-handlers and the socket reader task, SGLang style. The engine knows no text:
+handlers and the socket reader task, SGLang style. The backend knows no text:
 token ids in, token ids out.
 """
 
@@ -29,15 +29,15 @@ from protocol.messages import (
 log = logging.getLogger(__name__)
 
 
-class EngineError(RuntimeError):
+class BackendError(RuntimeError):
     """A request could not be completed by the workers (answered 500)."""
 
 
-class EngineUnavailable(EngineError):
+class BackendUnavailable(BackendError):
     """The workers are not ready or one has died (answered 503)."""
 
 
-class EngineOverloaded(EngineError):
+class BackendOverloaded(BackendError):
     """Too many requests queued (answered 429)."""
 
 
@@ -48,15 +48,15 @@ class _RequestState:
 
 
 @dataclass
-class EngineStats:
+class BackendStats:
     num_running: int = 0
     num_waiting: int = 0
 
 
-class Engine(Protocol):
-    """What the HTTP layer uses of an engine: EngineClient, or a test's in-process engine."""
+class Backend(Protocol):
+    """What the HTTP layer uses of a backend: WorkerBackend, or a test's in-process backend."""
 
-    stats: EngineStats  # the verify worker's queue
+    stats: BackendStats  # the verify worker's queue
     worker_stats: dict[str, WorkerStats]  # the latest report per role
     restarts: dict[str, int]  # worker restarts per role
 
@@ -77,8 +77,8 @@ class Engine(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
 
 
-class EngineHealth:
-    """Up, or down and why: the health half of an Engine."""
+class BackendHealth:
+    """Up, or down and why: the health half of an Backend."""
 
     def __init__(self, unhealthy_reason: str | None = None):
         self._unhealthy_reason = unhealthy_reason
@@ -98,7 +98,7 @@ class EngineHealth:
         self._unhealthy_reason = reason
 
 
-class EngineClient(EngineHealth):
+class WorkerBackend(BackendHealth):
     """Submit GenerateRequests to the verify worker and stream their outputs.
 
     `inbox_address` is the server's PULL socket (workers push to it);
@@ -115,7 +115,7 @@ class EngineClient(EngineHealth):
         self._reader: asyncio.Task | None = None
         self._push = None
         self._pull = None
-        self.stats = EngineStats()
+        self.stats = BackendStats()
         self.worker_stats: dict[str, WorkerStats] = {}  # latest report per role
         self.restarts: dict[str, int] = {}  # kept by the launcher
 
@@ -128,7 +128,7 @@ class EngineClient(EngineHealth):
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self._verify_address)
-        self._reader = asyncio.create_task(self._read_loop(), name="engine-client-reader")
+        self._reader = asyncio.create_task(self._read_loop(), name="backend-reader")
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -141,7 +141,7 @@ class EngineClient(EngineHealth):
     # -- health ------------------------------------------------------------
 
     def set_unhealthy(self, reason: str) -> None:
-        """Mark the engine down and end every in-flight request with `reason`."""
+        """Mark the backend down and end every in-flight request with `reason`."""
         super().set_unhealthy(reason)
         self.fail_all(reason)
 
@@ -157,23 +157,23 @@ class EngineClient(EngineHealth):
 
     @property
     def max_pending(self) -> int:
-        """The bound on requests queued or running (engine.max_running_requests + max_waiting_requests)."""
+        """The bound on requests queued or running (scheduler.max_running_requests + max_waiting_requests)."""
         return self._max_pending
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """Yield the request's outputs until one carries a finish_reason.
 
-        Raises EngineUnavailable / EngineOverloaded before submitting, and
-        EngineError if the workers fail the request. If the caller stops
+        Raises BackendUnavailable / BackendOverloaded before submitting, and
+        BackendError if the workers fail the request. If the caller stops
         iterating early (client gone, stop string), the request is aborted in
         the workers.
         """
         if not self.healthy:
-            raise EngineUnavailable(f"engine unavailable: {self._unhealthy_reason}")
+            raise BackendUnavailable(f"backend unavailable: {self._unhealthy_reason}")
         if len(self._requests) >= self._max_pending:
-            raise EngineOverloaded(f"server busy: {len(self._requests)} requests in flight")
+            raise BackendOverloaded(f"server busy: {len(self._requests)} requests in flight")
         if request.request_id in self._requests:
-            raise EngineError(f"duplicate request id {request.request_id}")
+            raise BackendError(f"duplicate request id {request.request_id}")
         state = _RequestState()
         self._requests[request.request_id] = state
         try:
@@ -182,7 +182,7 @@ class EngineClient(EngineHealth):
                 output = await state.queue.get()
                 if isinstance(output, RequestFailed):
                     state.finished = True
-                    raise EngineError(output.message)
+                    raise BackendError(output.message)
                 if output.finish_reason is not None:
                     state.finished = True
                 yield output
@@ -225,10 +225,10 @@ class EngineClient(EngineHealth):
         elif isinstance(message, WorkerStats):
             self.worker_stats[message.role] = message
         elif isinstance(message, EngineStatus):
-            self.stats = EngineStats(message.num_running, message.num_waiting)
+            self.stats = BackendStats(message.num_running, message.num_waiting)
         else:
             self.on_other_message(message)
 
     def on_other_message(self, message: Message) -> None:
         """WorkerReady and the like: handled by the launcher, which overrides this."""
-        log.info("engine client got %s", type(message).__name__)
+        log.info("backend got %s", type(message).__name__)
