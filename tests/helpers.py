@@ -196,3 +196,37 @@ class UvicornThread:
         self._server.should_exit = True
         self._thread.join(timeout=5)
         self._sock.close()
+
+
+# Texts that exercise a byte-level BPE tokenizer: whitespace runs, code, non-ASCII, emoji,
+# special tokens written as text, digits.
+TOKENIZER_PROBES = (
+    "Hello world",
+    "  leading spaces\tand tabs\n\nnewlines",
+    "def f(x):\n    return x**2  # ünïcødé 日本語 🤖",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|endoftext|>text",
+    "’curly’ quotes — dash",
+    "1234567890 3.14159",
+    "a" * 50,
+)
+
+
+def assert_same_tokenizer_behaviour(ours, reference) -> None:
+    """`ours` encodes, decodes and renders chats exactly as `reference` does."""
+    assert len(ours) == len(reference) and ours.get_vocab() == reference.get_vocab()
+    assert (ours.eos_token_id, ours.bos_token_id) == (reference.eos_token_id, reference.bos_token_id)
+    assert {k: str(v) for k, v in ours.added_tokens_decoder.items()} == {
+        k: str(v) for k, v in reference.added_tokens_decoder.items()
+    }
+    for text in TOKENIZER_PROBES:
+        ids = reference.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == reference.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == reference.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )

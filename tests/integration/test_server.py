@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -227,3 +228,17 @@ def test_amusd_worker_metrics_show_both_devices_at_work(amusd_server):
         assert value(name) is not None and 0 <= value(name) <= drafted and value(name) == int(value(name)), name
     assert value("tandem:verify_draft_wait_seconds_total") >= 0
     assert value("tandem:spec_decode_draft_run_ahead_count") > 0
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's shared library mapped (so it imported torch)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_http_process_never_loads_torch(sd_server):
+    """Catches an import in the HTTP process (launcher, app, tokenizer loading, checkpoint
+    resolution) that drags in torch: hundreds of MB and seconds of start for a process
+    that only handles text. The workers, which run the models, do map it (so the check can see it)."""
+    workers = sd_server.worker_pids()
+    assert workers and all(_maps_torch(pid) for pid in workers)
+    assert not _maps_torch(sd_server.process.pid)

@@ -55,3 +55,16 @@ def test_draft_and_target_share_the_vocabulary(readers):
     assert _field(draft, "tokenizer.ggml.tokens") == tokens
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id"):
         assert _field(draft, key) == _field(target, key), key
+
+
+def test_torch_free_tokenizer_is_autotokenizer_on_the_pair():
+    """Catches the HTTP process's tokenizer class (tokenizers-backed, no torch) differing from
+    AutoTokenizer's Qwen2Tokenizer on Qwen's vocabulary, for target and draft."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import assert_same_tokenizer_behaviour
+    from workers.model.checkpoints import load_tokenizer, resolve_checkpoint
+
+    for name in (TARGET, DRAFT):
+        path = resolve_checkpoint(name, progress=lambda line: None)
+        assert_same_tokenizer_behaviour(load_tokenizer(path), AutoTokenizer.from_pretrained(path))

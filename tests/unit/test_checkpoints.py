@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from workers.model import check_same_tokenizer, resolve_checkpoint
+from tests.helpers import REPO, assert_same_tokenizer_behaviour
 from tests.tiny_model import make_tiny_checkpoint
 from workers.model import checkpoints as ck
 
@@ -202,3 +205,19 @@ def test_embedded_gguf_served_as_is_matches_transformers():
     got = torch.cat([got, model.forward(ids[-2:-1], cache), model.forward(ids[-1:], cache)])
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
     assert tok.decode(got[-1].argmax()).strip() == "Paris"
+
+
+def test_load_tokenizer_is_autotokenizer_without_torch(smollm_dir):
+    """Catches the torch-free tokenizer class (picked so the HTTP process never imports torch)
+    tokenizing, decoding or templating differently from transformers' AutoTokenizer; and
+    load_tokenizer pulling torch in again."""
+    code = (
+        "import sys; from workers.model.checkpoints import load_tokenizer; "
+        f"load_tokenizer({str(smollm_dir)!r}).apply_chat_template([{{'role': 'user', 'content': 'hi'}}], tokenize=False); "
+        "print('torch' in sys.modules)"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert child.stdout.strip() == "False", child.stderr
+    from transformers import AutoTokenizer
+
+    assert_same_tokenizer_behaviour(ck.load_tokenizer(smollm_dir), AutoTokenizer.from_pretrained(smollm_dir))

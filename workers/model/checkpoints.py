@@ -5,12 +5,18 @@ A GGUF file is served as it is (workers/model/gguf_file.py reads its tensors);
 what the rest of Tandem needs beside it, config.json and the tokenizer files, is
 extracted by transformers ONCE into a cache directory that links to the file
 (`model.gguf`), so later starts do not parse the GGUF metadata again.
+
+Nothing here imports torch: the HTTP process resolves checkpoints and loads the
+tokenizer, and must stay light. transformers' GGUF reader does import it, so the
+extraction runs in a child process (`python -m workers.model.checkpoints`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -71,7 +77,15 @@ def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Write a GGUF file's config.json and tokenizer (read by transformers) beside a link to it."""
+    """Write a GGUF file's config.json and tokenizer beside a link to it, in a child
+    process (transformers' GGUF reader imports torch; the caller may be the HTTP process)."""
+    child = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(out_dir)], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"could not read the config and tokenizer of {gguf}: {child.stderr.strip()[-2000:]}")
+
+
+def _extract_gguf_metadata(gguf: Path, out_dir: Path) -> None:
+    """convert_gguf's work, run in the child: config.json and the tokenizer read by transformers."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
@@ -82,7 +96,17 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def load_tokenizer(path: Path):
-    """The tokenizer of a resolved model directory."""
+    """The tokenizer of a resolved model directory.
+
+    A directory with tokenizer.json loads as transformers' tokenizers-backed class
+    directly: AutoTokenizer would give the same tokenizer (tests/unit/test_checkpoints.py
+    compares them) but imports torch on the way. Without tokenizer.json (a slow,
+    sentencepiece-only tokenizer) AutoTokenizer is the only way.
+    """
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -105,3 +129,7 @@ def check_same_tokenizer(target_tok, draft_tok) -> None:
             problems.append(f"{attr} {a} (target) vs {b} (draft)")
     if problems:
         raise ValueError("draft and target tokenizers differ: " + "; ".join(problems))
+
+
+if __name__ == "__main__":  # convert_gguf's child: python -m workers.model.checkpoints GGUF OUT_DIR
+    _extract_gguf_metadata(Path(sys.argv[1]), Path(sys.argv[2]))
