@@ -11,3 +11,9 @@ QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # weight-only quantization of 
 VARIANTS = ("full", "attention")  # what a parallel group runs side by side: whole layers, or attentions only
 CALIBRATION_POLICIES = ("every_round", "on_mismatch", "never")  # when fuzzy KV is recomputed exactly
 CHANNELS = ("auto", "shm", "gloo", "nccl")  # how ranks exchange hidden states ("auto": shm on CPU, nccl on CUDA)
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming the valid values if `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r} (use one of {', '.join(choices)})")

@@ -24,6 +24,7 @@ from workers.model.qlinear import kernel, machine_can_build
 import gguf  # a dependency of the project (pyproject): no skip if it is missing
 from gguf import GGMLQuantizationType as QT
 
+from server.tokenization import bytes_to_unicode
 from workers.model import load_model
 from workers.model.gguf_file import GGUFFile, int4_parts
 from workers.model.linear import ConcatLinear, Int4Linear, int4_available
@@ -63,22 +64,9 @@ INT4_UNDER_GGUF = [
 # --- building GGUF files -------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _vocabulary() -> tuple[list[str], list[str]]:
     """300 tokens: 256 bytes, 41 merges of letter pairs, 3 special tokens; and the merges."""
-    byte_tokens = [_bytes_to_unicode()[b] for b in range(256)]
+    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
     letters = "etaoinshrdlucm"
     pairs = [(a, b) for a in letters for b in letters if a != b][: VOCAB - 256 - len(SPECIAL)]
     merges = [f"{a} {b}" for a, b in pairs]

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from configs.choices import CALIBRATION_POLICIES
+from configs.choices import CALIBRATION_POLICIES, check_choice
 from configs.loader import EasySpecConfig
 from workers.model import LlamaModel
 
@@ -108,8 +108,7 @@ class LayerParallelDraftModel:
         max_fuzzy_tokens: int = 64,
         max_exact_tokens: int = 4096,
     ):
-        if calibration not in CALIBRATION_POLICIES:
-            raise ValueError(f"unknown calibration policy {calibration!r} (use one of {', '.join(CALIBRATION_POLICIES)})")
+        check_choice("calibration policy", calibration, CALIBRATION_POLICIES)
         self.model = model
         self.executor = executor
         self.calibration = calibration

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from configs.choices import VARIANTS
+from configs.choices import VARIANTS, check_choice
 from workers.model import KVCache, LlamaModel, Positions
 
 from .plan import LayerPlan
@@ -56,8 +56,7 @@ class LayerRunner:
     ):
         if plan.num_layers != model.args.n_layers:
             raise ValueError(f"layer plan covers {plan.num_layers} layers, the draft has {model.args.n_layers}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown EasySpec variant {variant!r} (use one of {', '.join(VARIANTS)})")
+        check_choice("EasySpec variant", variant, VARIANTS)
         if rank is not None and not 0 <= rank < plan.num_devices:
             raise ValueError(f"rank {rank} outside [0, {plan.num_devices})")
         self.model = model

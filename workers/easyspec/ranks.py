@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from configs.choices import CHANNELS, VARIANTS
+from configs.choices import CHANNELS, VARIANTS, check_choice
 from workers.model import LlamaModel
 from workers.shell import apply_placement, die_with_parent, name_process
 
@@ -235,8 +235,7 @@ def _follow(state: RankState) -> None:
 
 
 def _pick_channel(kind: str, device: torch.device) -> str:
-    if kind not in CHANNELS:
-        raise ValueError(f"unknown EasySpec channel {kind!r} (use one of {', '.join(CHANNELS)})")
+    check_choice("EasySpec channel", kind, CHANNELS)
     if kind == "auto":
         return "nccl" if device.type == "cuda" else "shm"
     if kind == "shm" and device.type != "cpu":
@@ -457,8 +456,7 @@ class RankGroup:
             raise ValueError(f"a plan over {plan.num_devices} devices for a group of {self.world} ranks")
         if plan.num_layers != self.model.args.n_layers:
             raise ValueError(f"layer plan covers {plan.num_layers} layers, the draft has {self.model.args.n_layers}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown EasySpec variant {variant!r} (use one of {', '.join(VARIANTS)})")
+        check_choice("EasySpec variant", variant, VARIANTS)
 
         def go():
             self.channel.send_command(pack(configure_command(plan, variant, split_head)))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs.choices import QUANTIZATIONS  # one definition, shared with the config loader
+from configs.choices import QUANTIZATIONS, check_choice  # one definition, shared with the config loader
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12
@@ -271,7 +271,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
             raise ValueError("int4 quantization is not available on this torch build (no _weight_int4pack_mm_for_cpu)")
         return Int4Linear.quantize(weight, bias, dtype, device)
     if quantization != "none":
-        raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
+        check_choice("quantization", quantization, QUANTIZATIONS)
     if mkldnn_packing_ok(device, dtype):
         try:
             return PackedLinear(weight, bias, dtype)

@@ -25,7 +25,9 @@ from torch import nn
 from .args import ModelArgs
 from .checkpoints import GGUF_WEIGHTS
 from .gguf_file import GGUFFile
-from .linear import QUANTIZATIONS, ConcatLinear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
+from configs.choices import QUANTIZATIONS, check_choice
+
+from .linear import ConcatLinear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
 from .model import LlamaModel
 from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
 
@@ -201,8 +203,7 @@ def load_model(
     head_vocab: 0 = logits over the whole vocabulary; N > 0 = a reduced head (FR-Spec, for a
     draft) over the first N token ids plus the tokenizer's added tokens (see SubsetHead).
     """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATIONS)})")
+    check_choice("quantization", quantization, QUANTIZATIONS)
     path = Path(path)
     device = torch.device(device)
     args = read_args(path)
@@ -243,8 +244,7 @@ def load_model(
 
     head_name = "model.embed_tokens.weight" if args.tie_embeddings or "lm_head.weight" not in w else "lm_head.weight"
     head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization == "gguf" else "none")
-    if head_quant not in QUANTIZATIONS:
-        raise ValueError(f"unknown head_quantization {head_quant!r} (use one of {', '.join(QUANTIZATIONS)})")
+    check_choice("head_quantization", head_quant, QUANTIZATIONS)
     if head_vocab:
         ids = subset_vocabulary(path, args.vocab_size, head_vocab)
         rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
