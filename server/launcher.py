@@ -211,7 +211,7 @@ async def serve(
     """
     import uvicorn
 
-    from server.middleware import StartingGate
+    from server.middleware import RequestIdMiddleware, StartingGate
 
     config = config.with_addresses()
     gate = StartingGate("loading models")
@@ -219,7 +219,7 @@ async def serve(
     # SIGTERM an exception then, so the `finally` below still stops the workers
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     uvicorn_config = uvicorn.Config(
-        gate,
+        RequestIdMiddleware(gate),
         host=config.server.host,
         port=config.server.port,
         log_level="warning",

@@ -46,13 +46,15 @@ class RequestIdMiddleware:
     """Each HTTP request gets an id: the client's `X-Request-Id` when it sends a
     plain one (1-128 visible ASCII characters), a fresh uuid4 hex otherwise. It is
     echoed in the response's `X-Request-Id` header and set in `request_id` for
-    the logs (uvicorn's access line included) while the request is served."""
+    the logs (uvicorn's access line included) while the request is served.
+    Under another RequestIdMiddleware (the launcher wraps the starting gate in
+    one) it passes the request through: the outer one has named it."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or request_id.get() != "-":  # not HTTP, or an outer layer gave the id
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
