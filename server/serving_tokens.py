@@ -5,6 +5,9 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
 from server.api import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -32,13 +35,13 @@ class TokenServing:
         """A body with `messages` goes through the chat template; one with `prompt` is encoded as a completion's."""
         ctx = self.ctx
         if isinstance(body, dict) and "messages" in body:
-            chat = TokenizeChatRequest.model_validate(body)
+            chat = _validate(TokenizeChatRequest, body)
             self._check_model(chat.model)
             messages = [m.for_template() for m in chat.messages]
             ids = await tokenize(ctx, sum(len(m["content"]) for m in messages), render_chat, ctx.tokenizer, messages)
             want_strs = chat.return_token_strs
         else:
-            plain = TokenizeCompletionRequest.model_validate(body)
+            plain = _validate(TokenizeCompletionRequest, body)
             self._check_model(plain.model)
             ids = await tokenize(ctx, len(plain.prompt), _encode, ctx.tokenizer, plain.prompt, plain.add_special_tokens)
             want_strs = plain.return_token_strs
@@ -58,6 +61,14 @@ class TokenServing:
     def _check_model(self, model: str | None) -> None:
         if model is not None:  # optional here, as in vLLM
             check_model(self.ctx, model)
+
+
+def _validate(model: type[BaseModel], body: Any) -> Any:
+    """The body as `model`; a bad one is a 400 worded like every other endpoint's."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
