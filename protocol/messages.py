@@ -67,11 +67,11 @@ class TokenOutput(msgspec.Struct, tag=True):
     num_accepted_tokens: int = 0  # of which accepted (a prefix)
     logprobs: list[float] | None = None  # per token, target's raw log-softmax
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    queue_time_s: float | None = None  # on a request's first output: time spent waiting
+    run_ahead: int = 0  # drafts that had arrived when this verification started
     # on the first output of a request that asked: prompt tokens 1..n-1 (token 0 has none)
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
-    queue_time_s: float | None = None  # on a request's first output: time spent waiting
-    run_ahead: int = 0  # drafts that had arrived when this verification started
 
 
 class RequestFailed(msgspec.Struct, tag=True):
