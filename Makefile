@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test test-real bench env clean llamacpp
+.PHONY: serve test test-real bench env clean llamacpp lmeval
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -54,8 +54,25 @@ bench: env
 	$(PY) -m bench --config $(CONFIG) $(if $(MODE),--modes $(MODE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(PEER),--peer $(PEER))
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache $(LMEVAL_VENV)
 
 # llama.cpp (llama-server, llama-bench) for the benchmark's peer rows: built once into the cache
 llamacpp: env
 	$(PY) -m bench.llamacpp build
+
+# lm-evaluation-harness (its loglikelihood requests: echo + logprobs) against a running
+# server: `make serve` in one terminal, `make lmeval` in another (same PORT/HOST/CONFIG).
+# lm-eval lives in a venv of its own (heavy dependencies), on top of the project's venv
+# (torch and transformers are seen through a .pth, not installed twice). Not in `make test`.
+LMEVAL_VENV ?= .lmeval-venv
+LMEVAL_ARGS ?=
+
+$(LMEVAL_VENV)/.ready: $(VENV)/.ready
+	$(PY) -m venv $(LMEVAL_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(LMEVAL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tandem-venv.pth"
+	$(LMEVAL_VENV)/bin/pip install -q 'lm-eval[api]==0.4.13'
+	@touch $@
+
+lmeval: env $(LMEVAL_VENV)/.ready
+	$(PY) -m bench.lmeval --config $(CONFIG) --url http://$(HOST):$(PORT) --lm-eval $(LMEVAL_VENV)/bin/lm_eval $(LMEVAL_ARGS)

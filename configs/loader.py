@@ -113,6 +113,13 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     # a dead worker is restarted after this delay, doubling (up to 30 s) while it keeps dying
     restart_delay_s: float = 1.0
+    # the names the `model` field may give; the first is the one /v1/models and responses
+    # show. () = just model_name
+    served_model_name: tuple[str, ...] = ()
+    # browser origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]; () = no CORS
+    allowed_origins: tuple[str, ...] = ()
+    # uvicorn's access log: one line per HTTP request (with its X-Request-Id) on stderr
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,11 @@ class Config:
     def mode(self) -> Mode:
         """The row of the mode table for speculation.mode."""
         return mode_of(self.speculation.mode)
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """What the `model` field may name: server.served_model_name, else model_name."""
+        return self.server.served_model_name or (self.model_name,)
 
     @property
     def placement_of_mode(self) -> RolePlacement:
@@ -322,5 +334,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("scheduler.max_running_requests: must be at least 1")
     if scheduler.max_waiting_requests < 0:
         raise ConfigError("scheduler.max_waiting_requests: must be >= 0")
+    if any(not name for name in config.server.served_model_name):
+        raise ConfigError("server.served_model_name: names must not be empty")
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"server.port: {config.server.port} is not a TCP port")

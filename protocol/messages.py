@@ -47,6 +47,10 @@ class GenerateRequest(msgspec.Struct, tag=True):
     sampling: SamplingParams
     stop_token_ids: list[int]
     num_logprobs: int | None = None  # None: no logprobs; N: chosen token + top N
+    # None: no prompt logprobs (no cost); N: each prompt token's logprob given the ones
+    # before (from the prefill pass) + top N, sent on the first output. With prompt
+    # logprobs, max_tokens may be 0 (score the prompt, generate nothing).
+    prompt_logprobs: int | None = None
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -65,6 +69,9 @@ class TokenOutput(msgspec.Struct, tag=True):
     top_logprobs: list[list[tuple[int, float]]] | None = None
     queue_time_s: float | None = None  # on a request's first output: time spent waiting
     run_ahead: int = 0  # drafts that had arrived when this verification started
+    # on the first output of a request that asked: prompt tokens 1..n-1 (token 0 has none)
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class RequestFailed(msgspec.Struct, tag=True):

@@ -128,6 +128,17 @@ def _lone_surrogate_path(data: Any) -> str | None:
     return None
 
 
+def _refuse_lone_surrogates(data: Any) -> Any:
+    path = _lone_surrogate_path(data)
+    if path is not None:
+        raise _invalid(
+            f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate "
+            "(an escape such as \\ud800 without its pair), which is not valid Unicode",
+            path,
+        )
+    return data
+
+
 # -- requests ----------------------------------------------------------------------
 
 
@@ -153,14 +164,7 @@ class BaseGenerationRequest(_Request):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        path = _lone_surrogate_path(data)
-        if path is not None:
-            raise _invalid(
-                f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate "
-                "(an escape such as \\ud800 without its pair), which is not valid Unicode",
-                path,
-            )
-        return data
+        return _refuse_lone_surrogates(data)
 
     model: str
     n: int = Field(1, ge=1)
@@ -189,9 +193,9 @@ class BaseGenerationRequest(_Request):
 
 class CompletionRequest(BaseGenerationRequest):
     prompt: Annotated[PromptInput, PlainValidator(_prompt, json_schema_input_type=PromptInput)]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)
     suffix: Annotated[str, _only("")] = ""
 
@@ -201,12 +205,17 @@ class CompletionRequest(BaseGenerationRequest):
             raise _invalid(
                 f"Unsupported parameter 'best_of': only best_of == n ({self.n}) is supported", "best_of"
             )
-        if self.echo and self.logprobs is not None:
-            raise _invalid(
-                "'echo' together with 'logprobs' is not supported: prompt logprobs are not computed",
-                "echo",
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise _invalid("'max_tokens' may be 0 only with 'echo' (the prompt is all the answer)", "max_tokens")
         return self
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the prompt's tokens get logprobs too (top N of each). The
+        workers need the prompt scored to answer max_tokens 0 at all (then top 0)."""
+        if not self.echo or (self.logprobs is None and self.max_tokens > 0):
+            return None
+        return self.logprobs or 0
 
 
 class ChatMessage(_Request):
@@ -281,8 +290,8 @@ class SpeculationInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token under echo
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -386,3 +395,58 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- tokenizer endpoints (vLLM's shapes) ------------------------------------------------
+
+
+class _TextRequest(_Request):
+    """A request whose strings reach the tokenizer: no lone surrogates."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return _refuse_lone_surrogates(data)
+
+
+class TokenizeCompletionRequest(_TextRequest):
+    """POST /tokenize with a prompt: the ids a completion of it would see."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_TextRequest):
+    """POST /tokenize with messages: the ids the chat template gives them."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: Annotated[bool, _only(True)] = True
+    continue_final_message: Annotated[bool, _only(False)] = False
+    add_special_tokens: Annotated[bool, _only(False, hint="; the chat template writes them")] = False
+    return_token_strs: bool = False
+
+
+TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -12,20 +12,32 @@ import secrets
 import time
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+)
 from server.backend import Backend, BackendError, BackendUnavailable
 from server.errors import APIError, RequestTooLarge, Unauthorized, error_reply
 from server.metrics import Metrics
+from server.middleware import REQUEST_ID_HEADER, RequestIdMiddleware
 from server.serving import AppSettings, ServerContext
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
+from server.serving_tokens import TokenServing, version
 
 
 def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastAPI:
@@ -33,7 +45,7 @@ def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastA
     metrics = Metrics(CollectorRegistry(), backend)
     ctx = ServerContext(backend=backend, tokenizer=tokenizer, settings=settings, metrics=metrics,
                         vocab_size=len(tokenizer), created=int(time.time()))
-    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    completions, chat, tokens = CompletionServing(ctx), ChatServing(ctx), TokenServing(ctx)
 
     app = FastAPI(title="Tandem", summary="OpenAI-compatible speculative decoding server")
     app.state.tandem = ctx
@@ -51,6 +63,18 @@ def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastA
         return ModelList(data=[ModelCard(id=settings.model_name, created=ctx.created,
                                          max_model_len=settings.max_model_len)])
 
+    @app.post("/tokenize")
+    async def tokenize(body: dict[str, Any] = Body(...)) -> TokenizeResponse:
+        return await tokens.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokens.detokenize(body)
+
+    @app.get("/version")
+    async def get_version() -> VersionResponse:
+        return version()
+
     @app.get("/health")
     async def health() -> Response:
         if backend.healthy:
@@ -65,6 +89,15 @@ def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastA
     if settings.api_key is not None:  # inside the body limit: a body is drained before any answer
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key, on_reject=metrics.record_failure)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.record_failure)
+    app.add_middleware(RequestIdMiddleware)  # outside the limits: their refusals carry the id too
+    if settings.allowed_origins:  # outermost: a preflight is answered before any check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER],
+        )
     return app
 
 
@@ -138,9 +171,14 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+# paths that need the API key when the server has one (besides everything under /v1)
+KEYED_PATHS = ("/tokenize", "/detokenize")
+
+
 class ApiKeyAuth:
-    """Every path under /v1 needs `Authorization: Bearer <key>`; /health,
-    /metrics and the OpenAPI pages stay open. Keys are compared in constant time."""
+    """Every path under /v1 (and /tokenize, /detokenize) needs `Authorization:
+    Bearer <key>`; /health, /metrics, /version and the OpenAPI pages stay open.
+    Keys are compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str, on_reject: Callable[[str], None] = lambda reason: None):
         self.app = app
@@ -153,7 +191,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path == "/v1" or path.startswith("/v1/"):
+        if path == "/v1" or path.startswith("/v1/") or path in KEYED_PATHS:
             given = dict(scope["headers"]).get(b"authorization")
             if given is None or not self._authorized(given):
                 if given is None:

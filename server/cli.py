@@ -44,6 +44,20 @@ def _parser() -> argparse.ArgumentParser:
         help="abort a generation request after this many seconds and answer 408 "
              "(default: env TANDEM_REQUEST_TIMEOUT, else no timeout)",
     )
+    serve.add_argument(
+        "--served-model-name", nargs="+", metavar="NAME",
+        help="the names the 'model' field may give; the first is the one /v1/models and responses show "
+             "(config: server.served_model_name; default: the config's model_name)",
+    )
+    serve.add_argument(
+        "--allowed-origins", nargs="+", metavar="ORIGIN",
+        help="answer CORS requests from these browser origins, e.g. http://localhost:3000, or '*' for any "
+             "(config: server.allowed_origins; default: no CORS)",
+    )
+    serve.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=None,
+        help="log one line per HTTP request, with its X-Request-Id (config: server.access_log; default: off)",
+    )
     models = commands.add_parser("models", help="manage the embedded models").add_subparsers(
         dest="models_command", required=True
     )
@@ -81,6 +95,9 @@ def config_from_args(args: argparse.Namespace):
         "speculation__num_draft_tokens": args.num_draft_tokens,
         "target__dtype": args.dtype,
         "draft__dtype": args.dtype,
+        "server__served_model_name": args.served_model_name,
+        "server__allowed_origins": args.allowed_origins,
+        "server__access_log": args.access_log,
     }
     settings = dict(parse_setting(text) for text in args.settings)
     return load_config(args.config, **{**settings, **{k: v for k, v in flags.items() if v is not None}})
@@ -146,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "models":
         return models_main(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from server.middleware import log_with_request_ids
+
+    log_with_request_ids(logging.INFO)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

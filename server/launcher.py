@@ -203,75 +203,104 @@ async def serve(
     api_key: str | None = None,
     request_timeout_s: float | None = None,
 ) -> None:
-    """Run the whole server until SIGINT/SIGTERM."""
+    """Run the whole server until SIGINT/SIGTERM.
+
+    The HTTP server listens from the start: while the models load and the
+    workers start, every request (/health included) is answered 503 with the
+    stage (server.middleware.StartingGate); then the app takes over.
+    """
     import uvicorn
 
-    from server.app import create_app
-    from server.serving import AppSettings
-
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn takes these over once it serves
-        loop.add_signal_handler(signum, main_task.cancel)
+    from server.middleware import RequestIdMiddleware, StartingGate
 
     config = config.with_addresses()
-    mode = config.speculation.mode
-    models = await asyncio.to_thread(prepare_models, config, announce)
-    backend = LaunchedBackend(
-        config.addresses.server,
-        config.addresses.verify,
-        max_pending=config.scheduler.max_running_requests + config.scheduler.max_waiting_requests,
+    gate = StartingGate("loading models")
+    # uvicorn re-raises the signal that stopped it once it is done: make
+    # SIGTERM an exception then, so the `finally` below still stops the workers
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    uvicorn_config = uvicorn.Config(
+        RequestIdMiddleware(gate),
+        host=config.server.host,
+        port=config.server.port,
+        log_level="warning",
+        log_config=None,  # uvicorn's loggers go through the process's handler (request ids)
+        access_log=config.server.access_log,
+        lifespan="off",
+        timeout_graceful_shutdown=config.server.shutdown_grace_s,
     )
-    await backend.start()
-    workers = [WorkerProcess(role, config) for role in config.mode.roles]
-    supervisor = None
+    if config.server.access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server = uvicorn.Server(uvicorn_config)
+    startup = _Startup(config, gate, server, announce, api_key=api_key, request_timeout_s=request_timeout_s)
+    starting = asyncio.create_task(startup.run())
     try:
-        for worker in workers:
+        await server.serve()  # until a signal, or until a failed start-up stops it
+    finally:
+        starting.cancel()
+        await startup.stop()
+    if startup.error is not None:
+        raise startup.error
+
+
+class _Startup:
+    """Loads the models and starts the workers while uvicorn already answers
+    (503 through the gate); opens the gate once the workers are ready. A
+    failure stops uvicorn and is kept in `error` for serve() to raise."""
+
+    def __init__(self, config: Config, gate, server, announce, **app_options):
+        self.config, self.gate, self.server, self.announce = config, gate, server, announce
+        self.app_options = app_options
+        self.backend = LaunchedBackend(
+            config.addresses.server,
+            config.addresses.verify,
+            max_pending=config.scheduler.max_running_requests + config.scheduler.max_waiting_requests,
+        )
+        self.workers = [WorkerProcess(role, config) for role in config.mode.roles]
+        self.supervisor: asyncio.Task | None = None
+        self.error: LaunchError | None = None
+
+    async def run(self) -> None:
+        try:
+            await self._start()
+        except LaunchError as exc:
+            self.error = exc
+            self.server.should_exit = True
+
+    async def _start(self) -> None:
+        from server.app import create_app
+        from server.serving import AppSettings
+
+        config = self.config
+        models = await asyncio.to_thread(prepare_models, config, self.announce)
+        await self.backend.start()
+        self.gate.stage = f"starting the workers ({', '.join(w.role for w in self.workers)})"
+        for worker in self.workers:
             worker.start()
-        await _wait_ready(backend, workers, config.server.startup_timeout_s, announce)
-        backend.set_healthy()
-        supervisor = asyncio.create_task(Supervisor(backend, workers, config).run())
+        await _wait_ready(self.backend, self.workers, config.server.startup_timeout_s, self.announce)
+        self.backend.set_healthy()
+        self.supervisor = asyncio.create_task(Supervisor(self.backend, self.workers, config).run())
+        names = config.served_model_names
         settings = AppSettings(
-            model_name=config.model_name,
+            model_name=names[0],
+            model_aliases=names[1:],
             max_model_len=config.scheduler.max_model_len,
             eos_token_ids=models.eos_token_ids,
-            api_key=api_key,
-            request_timeout_s=request_timeout_s,
+            allowed_origins=config.server.allowed_origins,
+            **self.app_options,
         )
-        app = create_app(backend, models.tokenizer, settings)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        # uvicorn re-raises the signal that stopped it once it is done: make
-        # SIGTERM an exception then, so the `finally` below still stops the workers
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=config.server.host,
-                port=config.server.port,
-                log_level="warning",
-                timeout_graceful_shutdown=config.server.shutdown_grace_s,
-            )
-        )
-        announcer = asyncio.create_task(_announce_when_started(server, config, mode, announce))
-        try:
-            await server.serve()
-        finally:
-            announcer.cancel()
-    finally:
-        if supervisor is not None:
-            supervisor.cancel()
-        for worker in workers:
+        self.gate.open(create_app(self.backend, models.tokenizer, settings))
+        while not self.server.started:
+            await asyncio.sleep(0.05)
+        self.announce(f"Tandem ready ({config.speculation.mode}): http://{config.server.host}:{config.server.port}/v1")
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.cancel()
+        for worker in self.workers:
             worker.stop()
-        await backend.close()
-        announce("stopped")
+        await self.backend.close()
+        self.announce("stopped")
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-async def _announce_when_started(server, config: Config, mode: str, announce) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
-    announce(f"Tandem ready ({mode}): http://{config.server.host}:{config.server.port}/v1")

@@ -40,6 +40,14 @@ class AppSettings:
     api_key: str | None = None
     # a generation request still running after this many seconds is aborted (408)
     request_timeout_s: float | None = None
+    # more names the `model` field may give (model_name is the one /v1/models and responses show)
+    model_aliases: tuple[str, ...] = ()
+    # browser origins allowed by CORS (() = no CORS headers; "*" = any)
+    allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.model_aliases)
 
     def __post_init__(self) -> None:
         if self.api_key == "":
@@ -80,10 +88,10 @@ async def tokenize(ctx: ServerContext, num_chars: int, fn: Callable[..., Any], *
 
 
 def check_model(ctx: ServerContext, model: str) -> None:
-    if model != ctx.settings.model_name:
-        raise ModelNotFound(
-            f"The model '{model}' does not exist. Available: '{ctx.settings.model_name}'", param="model"
-        )
+    names = ctx.settings.served_model_names
+    if model not in names:
+        shown = ", ".join(f"'{name}'" for name in names)
+        raise ModelNotFound(f"The model '{model}' does not exist. Available: {shown}", param="model")
 
 
 def check_generation_limits(ctx: ServerContext, req: BaseGenerationRequest) -> None:
@@ -171,7 +179,7 @@ class TokenInfo:
 
     token: str
     bytes: bytes
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing before it to condition on)
     top: tuple["TokenInfo", ...] = ()
 
 
@@ -202,16 +210,32 @@ class ChoiceState:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.finish_reason: str | None = None
+        # echo with logprobs: the prompt's tokens, the first with logprob None
+        self.prompt_tokens: list[TokenInfo] | None = None
 
     @property
     def wants_logprobs(self) -> bool:
         return self.request.num_logprobs is not None
+
+    def _take_prompt_logprobs(self, output: TokenOutput) -> None:
+        if self.request.prompt_logprobs is None or self.prompt_tokens is not None:
+            return
+        prompt = self.request.prompt_ids
+        scores = output.prompt_logprobs
+        if scores is None or len(scores) != len(prompt) - 1:
+            raise BackendError("the backend sent no prompt logprobs for a request that asked for them")
+        tops = output.prompt_top_logprobs or [[] for _ in scores]
+        first = TokenInfo(token_text(self._tokenizer, prompt[0]), token_bytes(self._tokenizer, prompt[0]), None)
+        self.prompt_tokens = [first] + [
+            token_info(self._tokenizer, t, lp, top) for t, lp, top in zip(prompt[1:], scores, tops)
+        ]
 
     def process(self, output: TokenOutput) -> ChoiceDelta:
         if output.finish_reason not in (None, "stop", "length"):
             raise BackendError(f"the backend ended the request ({output.finish_reason})")
         if self.wants_logprobs and len(output.logprobs or ()) < len(output.token_ids):
             raise BackendError("the backend sent no logprobs for a request that asked for them")
+        self._take_prompt_logprobs(output)
         self.num_passes += 1
         self.num_draft_tokens += output.num_draft_tokens
         self.num_accepted_tokens += output.num_accepted_tokens
@@ -222,7 +246,8 @@ class ChoiceState:
         for i, token_id in enumerate(output.token_ids):
             counted += 1
             if self.wants_logprobs:
-                tokens.append(self._token_info(output, i, token_id))
+                top = output.top_logprobs[i] if output.top_logprobs and i < len(output.top_logprobs) else []
+                tokens.append(token_info(self._tokenizer, token_id, output.logprobs[i], top))
             text, hit = self._stops.feed(self._detokenizer.push(token_id))
             pieces.append(text)
             if hit:  # the tokens after the one completing a stop string are dropped
@@ -244,21 +269,21 @@ class ChoiceState:
         self.tokens.extend(tokens)
         return ChoiceDelta(self.index, text, tokens if self.wants_logprobs else None, finish)
 
-    def _token_info(self, output: TokenOutput, i: int, token_id: int) -> TokenInfo:
-        top = output.top_logprobs[i] if output.top_logprobs and i < len(output.top_logprobs) else []
-        return TokenInfo(
-            token=token_text(self._tokenizer, token_id),
-            bytes=token_bytes(self._tokenizer, token_id),
-            logprob=float(output.logprobs[i]),
-            top=tuple(
-                TokenInfo(token_text(self._tokenizer, t), token_bytes(self._tokenizer, t), float(lp))
-                for t, lp in top
-            ),
-        )
+
+
+def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tuple[int, float]] = ()) -> TokenInfo:
+    """A token with its logprob and its top alternatives (id, logprob), as text and bytes."""
+    return TokenInfo(
+        token=token_text(tokenizer, token_id),
+        bytes=token_bytes(tokenizer, token_id),
+        logprob=float(logprob),
+        top=tuple(TokenInfo(token_text(tokenizer, t), token_bytes(tokenizer, t), float(lp)) for t, lp in top),
+    )
 
 
 def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
-               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None) -> ChoiceState:
+               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None,
+               prompt_logprobs: int | None = None) -> ChoiceState:
     request = GenerateRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
@@ -266,6 +291,7 @@ def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list
         sampling=sampling,
         stop_token_ids=list(ctx.settings.eos_token_ids),
         num_logprobs=num_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     return ChoiceState(index, request, ctx.tokenizer, stops, ctx.metrics.track(len(prompt_ids)))
 

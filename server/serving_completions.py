@@ -48,13 +48,17 @@ class Prompt:
 
 
 def completion_logprobs(tokens: Sequence[TokenInfo], start_offset: int) -> CompletionLogprobs:
-    """OpenAI's legacy format; top_logprobs always holds the chosen token too."""
+    """OpenAI's legacy format; top_logprobs always holds the chosen token too. A token
+    without a logprob (the first of an echoed prompt) has None for both, as in vLLM."""
     offsets, offset = [], start_offset
     for t in tokens:
         offsets.append(offset)
         offset += len(t.token)
-    tops = []
+    tops: list[dict[str, float] | None] = []
     for t in tokens:
+        if t.logprob is None:
+            tops.append(None)
+            continue
         top = {a.token: a.logprob for a in t.top}
         top[t.token] = t.logprob  # the chosen token is always there, with its own logprob
         tops.append(top)
@@ -85,7 +89,7 @@ class CompletionServing:
                 index = p * req.n + j
                 choices.append(new_choice(
                     ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
-                    sampling_params(req, index, seed), req.stop, req.logprobs,
+                    sampling_params(req, index, seed), req.stop, req.logprobs, req.prompt_logprobs,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
         return await answer(ctx, choices, view, request, stream=req.stream)
@@ -128,11 +132,23 @@ class _CompletionView(ChoicesView):
     def _chunk(self, choices: list[CompletionChoice]) -> CompletionChunk:
         return CompletionChunk(id=self._id, created=self._created, model=self._model, choices=choices)
 
+    def _echoed_logprobs(self, choice: ChoiceState) -> list[TokenInfo]:
+        """The prompt's tokens that lead the logprobs under echo (none otherwise)."""
+        return choice.prompt_tokens or [] if self._echo and choice.wants_logprobs else []
+
     def opening(self) -> list[CompletionChunk]:
         if not self._echo:
             return []
-        return [self._chunk([CompletionChoice(index=c.index, text=self._prompt_of(c.index).text)])
-                for c in self._choices]
+        chunks = []
+        for c in self._choices:  # the first output of every choice is in: prompt logprobs are known
+            logprobs = None
+            if c.wants_logprobs:
+                prompt_tokens = self._echoed_logprobs(c)
+                logprobs = completion_logprobs(prompt_tokens, 0)
+                self._offsets[c.index] = sum(len(t.token) for t in prompt_tokens)
+            chunks.append(self._chunk([CompletionChoice(index=c.index, text=self._prompt_of(c.index).text,
+                                                        logprobs=logprobs)]))
+        return chunks
 
     def chunk(self, delta: ChoiceDelta) -> CompletionChunk | None:
         if not delta.text and not delta.tokens and delta.finish_reason is None:
@@ -154,7 +170,7 @@ class _CompletionView(ChoicesView):
         choices = []
         for c in self._choices:
             prefix = self._prompt_of(c.index).text if self._echo else ""
-            logprobs = completion_logprobs(c.tokens, 0) if c.wants_logprobs else None
+            logprobs = completion_logprobs(self._echoed_logprobs(c) + c.tokens, 0) if c.wants_logprobs else None
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason))
         return CompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,

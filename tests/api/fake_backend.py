@@ -3,8 +3,8 @@ HTTP layer can be tested without worker processes.
 
 Outputs are deterministic functions of the prompt (and of the seed when
 sampling): tokens are taken from a corpus with multi-byte characters, 1-4 per
-output like a speculative round; max_tokens, stop_token_ids and num_logprobs
-are honoured. Marker strings in the prompt text drive the failure paths.
+output like a speculative round; max_tokens, stop_token_ids, num_logprobs and
+prompt_logprobs are honoured. Marker strings in the prompt text drive the failure paths.
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ class FakeBackend(BackendHealth):
         if request.stop_token_ids and not any(m in prompt for m in markers) and rng.random() < 0.3:
             eos_at = rng.randrange(1, 40)
         emitted = 0
+        if request.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+            output = TokenOutput(request_id=request.request_id, token_ids=[], finish_reason="length")
+            self._score_prompt(request, output)
+            self.finished.add(request.request_id)
+            yield output
+            return
         for step in itertools.count():
             drafted = rng.randint(0, 3)
             tokens: list[int] = []
@@ -116,12 +122,21 @@ class FakeBackend(BackendHealth):
             if request.num_logprobs is not None:
                 output.logprobs = [self._logprob(t) for t in tokens]
                 output.top_logprobs = [self._top(t, request.num_logprobs) for t in tokens]
+            if step == 0:
+                self._score_prompt(request, output)
             await asyncio.sleep(0.05 if slow else self._step_delay_s)
             if finish is not None:
                 self.finished.add(request.request_id)
             yield output
             if finish is not None:
                 return
+
+    def _score_prompt(self, request: GenerateRequest, output: TokenOutput) -> None:
+        """Prompt logprobs, as the verify engine sends them on a request's first output."""
+        if request.prompt_logprobs is not None:
+            scored = request.prompt_ids[1:]
+            output.prompt_logprobs = [self._logprob(t) for t in scored]
+            output.prompt_top_logprobs = [self._top(t, request.prompt_logprobs) for t in scored]
 
     @staticmethod
     def _logprob(token: int) -> float:

@@ -95,9 +95,9 @@ def test_out_of_range(http, model_name, field, value):
     assert_error(http.post(COMPLETIONS, json=completion(model_name, **{field: value})), 400, field)
 
 
-def test_echo_with_logprobs_says_why(http, model_name):
-    error = assert_error(http.post(COMPLETIONS, json=completion(model_name, echo=True, logprobs=1)), 400)
-    assert "prompt logprobs" in error["message"]
+def test_max_tokens_zero_without_echo_says_why(http, model_name):
+    error = assert_error(http.post(COMPLETIONS, json=completion(model_name, max_tokens=0)), 400, "max_tokens")
+    assert "echo" in error["message"]
 
 
 def test_chat_top_logprobs_needs_logprobs(http, model_name):

@@ -50,7 +50,7 @@ VALID = {
     "logit_bias": st.just({}),
 }
 VALID_COMPLETION = {**VALID, "prompt": words | token_ids | st.lists(words, min_size=1, max_size=3),
-                    "echo": st.booleans(), "logprobs": st.integers(0, 5), "best_of": st.just(1)}
+                    "echo": st.booleans(), "logprobs": st.integers(0, 20), "best_of": st.just(1)}
 VALID_CHAT = {**VALID, "messages": messages, "logprobs": st.booleans(), "max_completion_tokens": st.integers(1, 16)}
 
 # what a mutation puts in a parameter: out of range, the wrong type, any JSON

@@ -67,7 +67,7 @@ def test_types_are_strict():
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.1), ("top_k", -2),
-    ("n", 0), ("max_tokens", 0), ("logprobs", 6), ("seed", 2**64),
+    ("n", 0), ("max_tokens", 0), ("logprobs", 21), ("seed", 2**64),
 ])
 def test_ranges(field, value):
     assert refusal(CompletionRequest, {"model": "m", "prompt": "x", field: value}).param == field
@@ -111,10 +111,14 @@ def test_best_of_must_equal_n():
     assert err.param == "best_of" and "best_of" in err.message
 
 
-def test_echo_with_logprobs_refused_with_reason():
-    err = refusal(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
-    assert err.param == "echo" and "prompt logprobs" in err.message
-    assert completion(echo=True).echo
+def test_echo_with_logprobs_asks_for_prompt_logprobs():
+    """Catches: prompt logprobs asked without echo (a cost nobody reads), or not asked
+    for max_tokens 0 (the workers need them to answer at all)."""
+    assert completion(echo=True, logprobs=3).prompt_logprobs == 3
+    assert completion(logprobs=3).prompt_logprobs is None and completion(echo=True).prompt_logprobs is None
+    assert completion(echo=True, max_tokens=0).prompt_logprobs == 0
+    err = refusal(CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0})
+    assert err.param == "max_tokens" and "echo" in err.message
 
 
 def test_stream_options_need_stream():

@@ -129,3 +129,26 @@ def test_the_old_engine_section_is_read_as_scheduler(tmp_path, caplog):
     both.write_text(old.read_text() + "scheduler: {max_running_requests: 2}\n")
     with pytest.raises(ConfigError, match="keep only 'scheduler'"):
         load_config(both)
+
+
+def test_serving_options_from_config_and_flags(tmp_path):
+    """server.served_model_name / allowed_origins / access_log come from the config,
+    and the flags win. Catches: a flag that never reaches the config, a config key
+    the loader refuses, the model_name not being the default served name."""
+    from server.cli import _parser, config_from_args
+
+    default = load_config()
+    assert default.served_model_names == (default.model_name,)
+    assert default.server.allowed_origins == () and default.server.access_log is False
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name: m\ntarget: {path: t}\ndraft: {path: d}\nserver:\n"
+                    "  served_model_name: [main, other]\n  allowed_origins: ['http://a.example']\n  access_log: true\n")
+    from_file = config_from_args(_parser().parse_args(["serve", "--config", str(path)]))
+    assert from_file.served_model_names == ("main", "other")
+    assert from_file.server.allowed_origins == ("http://a.example",) and from_file.server.access_log is True
+    flagged = config_from_args(_parser().parse_args([
+        "serve", "--config", str(path), "--served-model-name", "x", "--allowed-origins", "*", "--no-access-log"]))
+    assert flagged.served_model_names == ("x",)
+    assert flagged.server.allowed_origins == ("*",) and flagged.server.access_log is False
+    with pytest.raises(ConfigError, match="served_model_name"):
+        load_config(server__served_model_name=[""])

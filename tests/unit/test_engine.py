@@ -364,3 +364,44 @@ def test_draft_engine_calls_the_round_hooks_explicitly(models):
     assert model.calls[1:] == [("rollback", n + 2)]
     engine.release("a")
     assert model.calls[-1] == ("rollback", 0)
+
+
+def test_prompt_logprobs_come_from_the_prefill_only_when_asked(models):
+    """Prompt logprobs equal log_softmax of one full forward pass (row i scores token
+    i+1), arrive on the first output only, and max_tokens 0 ends after the prefill.
+    Without them the prefill computes no logits. Catches: an off-by-one row, prompt
+    logits paid by every request, max_tokens 0 generating a token."""
+    target = models["target"]
+    prompt = PROMPTS[3]
+    seen_logits: list[int] = []
+    engine = make_engine(target, models["quantized"])
+    forward = engine._forward
+
+    def spy(tokens, cache, num_logits):
+        seen_logits.append(num_logits)
+        return forward(tokens, cache, num_logits)
+
+    engine._forward = spy
+    asked = GenerateRequest("p", prompt, 6, SamplingParams(), [], num_logprobs=2, prompt_logprobs=3)
+    plain = GenerateRequest("q", prompt, 6, SamplingParams(), [])
+    only = GenerateRequest("z", prompt, 0, SamplingParams(), [], prompt_logprobs=0)
+    results = run(engine, [asked])
+    assert seen_logits[0] == len(prompt) - 1  # the prefill of the one that asked
+    seen_logits.clear()
+    plain_results = run(engine, [plain])
+    assert seen_logits[0] == 0  # no logits for a prefill nobody scores
+    outputs = results["p"][2]
+    assert results["p"][0] == plain_results["q"][0]  # scoring the prompt does not change the output
+    with torch.inference_mode():
+        cache = target.new_cache(MAX_LEN)
+        reference = torch.log_softmax(target.forward(torch.tensor(prompt), cache, len(prompt)), dim=-1)
+    expected = reference[:-1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+    assert outputs[0].prompt_logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+    top = reference[:-1].topk(3, dim=-1)
+    assert [[t for t, _ in row] for row in outputs[0].prompt_top_logprobs] == top.indices.tolist()
+    assert all(o.prompt_logprobs is None for o in outputs[1:])
+    zero = run(engine, [only])["z"]
+    assert zero[0] == [] and zero[1] == "length" and len(zero[2]) == 1
+    assert zero[2][0].prompt_logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+    with pytest.raises(ValueError):  # max_tokens 0 without prompt logprobs: nothing to answer
+        engine.add(GenerateRequest("y", prompt, 0, SamplingParams(), []))

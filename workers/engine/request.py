@@ -16,10 +16,13 @@ class Request:
     sampling: SamplingParams
     stop_token_ids: frozenset[int]
     num_logprobs: int | None
+    prompt_logprobs: int | None = None  # top N for the prompt's logprobs (None: not asked)
     output_ids: list[int] = field(default_factory=list)
     cache: object = None  # the target's KVCache while running
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time_s: float | None = None
+    # (chosen [n-1], top [n-1] of (id, logprob)) from the prefill, until the first output carries them
+    prompt_scores: tuple[list[float], list[list[tuple[int, float]]]] | None = None
 
     @classmethod
     def from_message(cls, message: GenerateRequest) -> "Request":
@@ -30,6 +33,7 @@ class Request:
             sampling=message.sampling,
             stop_token_ids=frozenset(message.stop_token_ids),
             num_logprobs=message.num_logprobs,
+            prompt_logprobs=message.prompt_logprobs,
         )
 
     @property

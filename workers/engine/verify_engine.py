@@ -99,8 +99,8 @@ class VerifyEngine:
             raise RequestRejected(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_model_len}")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestRejected(f"token ids must be in [0, {self.vocab_size})")
-        if message.max_tokens < 1:
-            raise RequestRejected("max_tokens must be at least 1")
+        if message.max_tokens < (0 if message.prompt_logprobs is not None else 1):
+            raise RequestRejected("max_tokens must be at least 1 (0 only with prompt logprobs)")
         if any(r.request_id == message.request_id for r in (*self._running, *self._waiting)):
             raise RequestRejected(f"duplicate request id {message.request_id}")
         self._waiting.append(Request.from_message(message))
@@ -155,9 +155,17 @@ class VerifyEngine:
         request = self._running.popleft()
         if request.cache.length < request.num_tokens - 1:
             self._prefill(request)
-            self._running.appendleft(request)  # its first round comes next
-            return []
-        output = self._round(request)
+            if request.max_tokens > 0:
+                self._running.appendleft(request)  # its first round comes next
+                return []
+        if request.max_tokens > 0:
+            output = self._round(request)
+        else:  # prompt logprobs only: nothing to generate
+            output = TokenOutput(request_id=request.request_id, token_ids=[], finish_reason="length")
+        if request.prompt_logprobs is not None and len(request.output_ids) == len(output.token_ids):  # first output
+            chosen, top = request.prompt_scores or ([], [])
+            output.prompt_logprobs, output.prompt_top_logprobs = chosen, top
+            request.prompt_scores = None
         if output.finish_reason is None:
             self._running.append(request)
         else:
@@ -171,7 +179,15 @@ class VerifyEngine:
         return logits
 
     def _prefill(self, request: Request) -> None:
-        self._forward(request.tokens[request.cache.length : -1], request.cache, num_logits=0)
+        """The prompt but its last token into the cache. When the request asked for
+        prompt logprobs, the same pass also yields the logits of every row: row i
+        scores prompt token i+1 given tokens 0..i (no logits are computed otherwise)."""
+        fed = request.tokens[request.cache.length : -1]
+        wanted = request.prompt_logprobs is not None
+        logits = self._forward(fed, request.cache, num_logits=len(fed) if wanted else 0)
+        if wanted:
+            targets = torch.tensor(request.tokens[1 : len(fed) + 1], device=logits.device)
+            request.prompt_scores = _scores(logits, targets, request.prompt_logprobs)
 
     def _round(self, request: Request) -> TokenOutput:
         num_tokens = request.num_tokens
@@ -213,11 +229,9 @@ class VerifyEngine:
             run_ahead=proposal.available,
         )
         if request.num_logprobs is not None:
-            chosen, top_ids, top_lps = logprobs_of(
+            output.logprobs, output.top_logprobs = _scores(
                 logits[: len(emitted)], torch.tensor(emitted, device=logits.device), request.num_logprobs
             )
-            output.logprobs = chosen.tolist()
-            output.top_logprobs = [list(zip(ids, lps)) for ids, lps in zip(top_ids.tolist(), top_lps.tolist())]
         if request.queue_time_s is not None and len(request.output_ids) == len(emitted):
             output.queue_time_s = request.queue_time_s
         return output
@@ -233,3 +247,19 @@ class VerifyEngine:
             if len(request.output_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
                 return emitted, "length"
         return emitted, None
+
+
+# rows of logits turned into logprobs at a time: a long prompt's log-softmax stays small
+SCORE_ROWS = 256
+
+
+def _scores(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each row's logprob of its token and its top `num_top` (id, logprob), as plain lists."""
+    chosen: list[float] = []
+    top: list[list[tuple[int, float]]] = []
+    for start in range(0, logits.shape[0], SCORE_ROWS):
+        rows = slice(start, start + SCORE_ROWS)
+        lps, top_ids, top_lps = logprobs_of(logits[rows], token_ids[rows], num_top)
+        chosen += lps.tolist()
+        top += [list(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_lps.tolist())]
+    return chosen, top
