@@ -270,7 +270,6 @@ class ChoiceState:
         return ChoiceDelta(self.index, text, tokens if self.wants_logprobs else None, finish)
 
 
-
 def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tuple[int, float]] = ()) -> TokenInfo:
     """A token with its logprob and its top alternatives (id, logprob), as text and bytes."""
     return TokenInfo(

@@ -134,7 +134,9 @@ class _CompletionView(ChoicesView):
 
     def _echoed_logprobs(self, choice: ChoiceState) -> list[TokenInfo]:
         """The prompt's tokens that lead the logprobs under echo (none otherwise)."""
-        return choice.prompt_tokens or [] if self._echo and choice.wants_logprobs else []
+        if not (self._echo and choice.wants_logprobs):
+            return []
+        return choice.prompt_tokens or []
 
     def opening(self) -> list[CompletionChunk]:
         if not self._echo:
