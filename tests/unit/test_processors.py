@@ -135,3 +135,13 @@ def test_min_p_applies_after_temperature_and_before_top_p():
 def test_min_p_out_of_range_is_refused(min_p):
     with pytest.raises(ValueError):
         warp(torch.zeros(1, 3), 1.0, min_p=min_p)
+
+
+def test_the_input_logits_are_never_written():
+    """The verifier reports logprobs from the raw logits after processing them: a stage
+    writing into its input would change the reported logprobs."""
+    logits, rows, _ = random_case(3)
+    before = logits.clone()
+    process_logits(logits, rows, SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=1.0,
+                                                 logit_bias={1: 2.0}, min_tokens=99))
+    assert torch.equal(logits, before)

@@ -14,10 +14,13 @@ row it samples from, with the tokens it drafted as part of ``tokens``. Both
 then compare distributions that went through the same processing, which is
 what keeps speculation lossless (and acceptance high) with the controls on.
 
-Every function is pure: tensors in, tensors out. A stage is
-``(name, active(sampling) -> bool, apply(logits [N, V], rows: Rows, sampling) -> [N, V])``;
-stages that are not active cost nothing, so a request without controls pays
-nothing here. A new per-position control (a grammar's allowed-token mask) is
+:func:`process_logits` is pure (it never writes into its input). A stage is
+``(name, active(sampling) -> bool, apply(logits [N, V], rows: Rows, sampling) -> [N, V])``
+and may write into the float32 logits it is given (the pipeline's own copy:
+one copy of ``[N, V]`` per call, not one per stage); stages work on the few
+columns they change (the tokens that occurred, the biased ones, the stop
+tokens), never a dense ``[N, V]`` temporary. Stages that are not active cost
+nothing, so a request without controls pays nothing here. A new per-position control (a grammar's allowed-token mask) is
 one more row of the table.
 """
 
@@ -56,34 +59,40 @@ class Rows:
 Stage = Callable[[Tensor, Rows, SamplingParams], Tensor]
 
 
-def num_outputs(rows: Rows, num_rows: int) -> Tensor:
-    """``[N]`` int64: how many output tokens come before each row."""
-    return torch.arange(num_rows, dtype=torch.int64) + (len(rows.tokens) - rows.num_prompt)
+def num_outputs(rows: Rows) -> int:
+    """How many output tokens come before row 0 (row i has i more)."""
+    return len(rows.tokens) - rows.num_prompt
 
 
-def output_counts(rows: Rows, num_rows: int, vocab: int, device) -> Tensor:
-    """``[N, V]`` float32: how often each token occurs among the output tokens before each row."""
-    outputs = torch.tensor(list(rows.tokens[rows.num_prompt :]), dtype=torch.int64, device=device)
-    base = torch.bincount(outputs, minlength=vocab)[:vocab].to(torch.float32)  # [V]
-    counts = base.expand(num_rows, vocab).clone()
+def _ids(tokens: Sequence[int], device) -> Tensor:
+    return torch.tensor(list(tokens), dtype=torch.int64, device=device)
+
+
+def output_counts(rows: Rows, num_rows: int, columns: Tensor) -> Tensor:
+    """``[N, U]`` float32: how often each token of ``columns`` (sorted, unique ids) occurs
+    among the output tokens before each row (the drafts before it included)."""
+    device = columns.device
+    outputs = _ids(rows.tokens[rows.num_prompt :], device)
+    counts = torch.bincount(torch.searchsorted(columns, outputs), minlength=columns.numel()).to(torch.float32)
+    counts = counts.expand(num_rows, -1).clone()
     if num_rows > 1:
-        drafts = torch.tensor(list(rows.drafts[: num_rows - 1]), dtype=torch.int64, device=device)
-        steps = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+        drafts = torch.searchsorted(columns, _ids(rows.drafts[: num_rows - 1], device))
+        steps = torch.zeros_like(counts)
         steps[torch.arange(1, num_rows, device=device), drafts] = 1.0  # draft i is seen from row i+1 on
         counts += torch.cumsum(steps, dim=0)
     return counts
 
 
 def apply_min_tokens(logits: Tensor, rows: Rows, sampling: SamplingParams) -> Tensor:
-    """Rows with fewer than ``min_tokens`` outputs before them cannot stop: their stop tokens get -inf."""
+    """Rows with fewer than ``min_tokens`` outputs before them cannot stop: their stop tokens get -inf.
+    Those rows are a prefix (row i has i more outputs before it than row 0)."""
     num_rows, vocab = logits.shape
-    early = num_outputs(rows, num_rows).to(logits.device) < sampling.min_tokens  # [N]
-    stop_ids = [t for t in rows.stop_token_ids if 0 <= t < vocab]
-    if not stop_ids or not bool(early.any()):
+    early = min(num_rows, sampling.min_tokens - num_outputs(rows))
+    stop_ids = sorted(t for t in rows.stop_token_ids if 0 <= t < vocab)
+    if early <= 0 or not stop_ids:
         return logits
-    mask = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logits.device)
-    mask[:, stop_ids] = True
-    return logits.masked_fill(mask & early[:, None], float("-inf"))
+    logits[:early, stop_ids] = float("-inf")
+    return logits
 
 
 def apply_logit_bias(logits: Tensor, rows: Rows, sampling: SamplingParams) -> Tensor:
@@ -92,32 +101,40 @@ def apply_logit_bias(logits: Tensor, rows: Rows, sampling: SamplingParams) -> Te
     items = [(t, b) for t, b in sampling.logit_bias.items() if 0 <= t < vocab]
     if not items:
         return logits
-    bias = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
-    bias[torch.tensor([t for t, _ in items], device=logits.device)] = torch.tensor(
-        [b for _, b in items], dtype=logits.dtype, device=logits.device
-    )
-    return logits + bias
+    ids = _ids([t for t, _ in items], logits.device)
+    bias = torch.tensor([b for _, b in items], dtype=logits.dtype, device=logits.device)
+    return logits.index_add_(1, ids, bias.expand(logits.shape[0], -1))
 
 
 def apply_penalties(logits: Tensor, rows: Rows, sampling: SamplingParams) -> Tensor:
     """vLLM's penalties. Repetition (``r``): a token seen in the prompt or the
     output before the row has its logit divided by ``r`` when positive,
     multiplied by ``r`` otherwise. Frequency (``f``) and presence (``p``):
-    ``logit - f * count - p * (count > 0)``, counting output tokens only."""
+    ``logit - f * count - p * (count > 0)``, counting output tokens only.
+
+    Only the columns of tokens that occur (prompt, outputs, drafts) can change:
+    the work is on those ``U`` columns, not the vocabulary."""
     num_rows, vocab = logits.shape
-    counts = output_counts(rows, num_rows, vocab, logits.device)  # [N, V]
+    device = logits.device
+    seen_any = _ids([*rows.tokens, *rows.drafts[: num_rows - 1]], device)
+    columns = torch.unique(seen_any[(seen_any >= 0) & (seen_any < vocab)])  # sorted
+    if columns.numel() == 0:
+        return logits
+    counts = output_counts(rows, num_rows, columns)  # [N, U]
     seen = counts > 0
+    cols = logits[:, columns]  # [N, U]
     if sampling.repetition_penalty != 1.0:
-        prompt = torch.tensor(list(rows.tokens[: rows.num_prompt]), dtype=torch.int64, device=logits.device)
-        in_prompt = torch.bincount(prompt, minlength=vocab)[:vocab] > 0  # [V]
         r = sampling.repetition_penalty
-        penalized = torch.where(logits > 0, logits / r, logits * r)
-        logits = torch.where(seen | in_prompt, penalized, logits)
+        in_prompt = torch.zeros(columns.numel(), dtype=torch.bool, device=device)
+        prompt = _ids(rows.tokens[: rows.num_prompt], device)
+        in_prompt[torch.searchsorted(columns, prompt[(prompt >= 0) & (prompt < vocab)])] = True
+        penalized = torch.where(cols > 0, cols / r, cols * r)
+        cols = torch.where(seen | in_prompt, penalized, cols)
     if sampling.frequency_penalty != 0.0:
-        logits = logits - sampling.frequency_penalty * counts
+        cols = cols - sampling.frequency_penalty * counts
     if sampling.presence_penalty != 0.0:
-        logits = logits - sampling.presence_penalty * seen.to(logits.dtype)
-    return logits
+        cols = cols - sampling.presence_penalty * seen.to(cols.dtype)
+    return logits.index_copy_(1, columns, cols)
 
 
 def _has_penalties(s: SamplingParams) -> bool:
@@ -140,7 +157,7 @@ def process_logits(logits: Tensor, rows: Rows, sampling: SamplingParams) -> Tens
         return logits
     if len(rows.drafts) < logits.shape[0] - 1:
         raise ValueError(f"{logits.shape[0]} rows need {logits.shape[0] - 1} drafts, got {len(rows.drafts)}")
-    out = logits.float()
+    out = logits.to(torch.float32, copy=True)  # the stages write into it
     for stage in active:
         out = stage(out, rows, sampling)
     return out

@@ -8,6 +8,8 @@ OpenAI ``logprobs`` fields). Every function is pure: tensors in, tensors out.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -51,9 +53,9 @@ def warp(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
         scores = scores / temperature
     vocab = scores.shape[-1]
 
-    if min_p > 0.0:
-        probs = torch.softmax(scores, dim=-1)
-        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    if min_p > 0.0:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p): no softmax needed
+        floor = scores.amax(dim=-1, keepdim=True) + math.log(min_p)
+        scores = scores.masked_fill(scores < floor, float("-inf"))
 
     if 0 < top_k < vocab:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]  # [N, 1]
