@@ -48,7 +48,8 @@ def answers(server, stop_token: int) -> dict[str, tuple[str, int, str]]:
         complete(name, **kwargs)
     complete("stop_token", extra_body={"stop_token_ids": [stop_token]})
     complete("min_tokens", extra_body={"stop_token_ids": [stop_token], "min_tokens": 12})
-    complete("ignore_eos", extra_body={"ignore_eos": True, "logit_bias": {"2": 100}})  # 2: <|im_end|>, an EOS
+    complete("eos_biased", logit_bias={"2": 100})  # 2: <|im_end|>, an EOS
+    complete("ignore_eos", logit_bias={"2": 100}, extra_body={"ignore_eos": True})
     reply = client.chat.completions.create(
         model="tiny", messages=PREFILL, max_tokens=MAX_TOKENS, temperature=0,
         extra_body={"continue_final_message": True, "add_generation_prompt": False, "repetition_penalty": 0.5},
@@ -72,7 +73,8 @@ def test_every_control_changes_ar_output(ar):
         assert got[name][0] != got["plain"][0], name
     assert got["stop_token"][2] == "stop" and got["stop_token"][1] <= 3
     assert got["min_tokens"][1] >= 12
-    assert got["ignore_eos"][1] == MAX_TOKENS and got["ignore_eos"][2] == "length"  # the EOS is biased, not stopping
+    assert got["eos_biased"][1:] == (1, "stop")
+    assert got["ignore_eos"][1:] == (MAX_TOKENS, "length")  # the same EOS, emitted every time, ends nothing
 
 
 @pytest.fixture(scope="module", params=["sd", "amusd", "easyspec", "amusd+easyspec"])
