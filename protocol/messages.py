@@ -27,6 +27,16 @@ import msgspec
 MIN_TEMPERATURE = 1e-5
 
 
+class Grammar(msgspec.Struct, frozen=True):
+    """What a request's output must match (response_format, tool_choice): every
+    logits row of the draft and the target is masked to what it allows
+    (workers/sampling/grammar.py). It may end only with one of stop_token_ids."""
+
+    kind: str  # "json_schema": source is a JSON schema, as JSON text
+    source: str
+    stop_token_ids: tuple[int, ...] = ()
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """A request's warping and randomness. temperature < MIN_TEMPERATURE (0 included) means greedy."""
 
@@ -34,6 +44,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     seed: int = 0  # always set: the server draws one for unseeded requests
+    grammar: Grammar | None = None  # None: unconstrained
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +123,7 @@ class BeginDrafting(msgspec.Struct, tag=True):
     tokens: list[int]
     max_run_ahead: int
     sampling: SamplingParams
+    num_prompt_tokens: int = 0  # tokens[:num_prompt_tokens] are the prompt (a grammar starts after it)
 
 
 class VerifiedPrefix(msgspec.Struct, tag=True):

@@ -31,12 +31,15 @@ def models(tmp_path_factory):
     }
 
 
-def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None):
+def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None, grammars=None):
     """mode sd: each round waits for k drafts. mode amusd: the draft advances by a
-    random number of tokens between verifications (its timing on another device)."""
+    random number of tokens between verifications (its timing on another device).
+    grammars: a workers.sampling.grammar.Grammars for both sides (requests with a grammar)."""
     if draft_model is None:
-        return VerifyEngine(target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running)
-    draft = DraftEngine(PlainDraft(draft_model), max_model_len=MAX_LEN, max_requests=max_running)
+        return VerifyEngine(target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running, grammars=grammars)
+    if not hasattr(draft_model, "after_rollback"):  # a bare model, not a DraftModel
+        draft_model = PlainDraft(draft_model)
+    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running, grammars=grammars)
     if mode == "amusd" and steps is None:
         steps = random_steps(seed=k)
     source = DraftStream(
@@ -46,7 +49,7 @@ def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahe
         mode=mode_of(mode),
         timeout_s=60,
     )
-    return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running)
+    return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running, grammars=grammars)
 
 
 def request(i, prompt, max_tokens=40, sampling=SamplingParams(), stop=()):

@@ -20,6 +20,7 @@ class Request:
     cache: object = None  # the target's KVCache while running
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time_s: float | None = None
+    grammar: object = None  # a GrammarState over output_ids when the request has a grammar
 
     @classmethod
     def from_message(cls, message: GenerateRequest) -> "Request":

@@ -23,6 +23,7 @@ from protocol.messages import GenerateRequest, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
 from workers.sampling import COIN, PICK, accept_greedy, accept_sampled, keyed_uniforms, logprobs_of, warp
+from workers.sampling.grammar import GrammarError, mask_logits
 
 
 class RequestRejected(ValueError):
@@ -65,8 +66,10 @@ class VerifyEngine:
         max_model_len: int,
         max_running: int,
         device="cpu",
+        grammars=None,
     ):
         self.model = model
+        self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.draft = draft
         self.max_model_len = max_model_len
         self.device = torch.device(device)
@@ -103,7 +106,15 @@ class VerifyEngine:
             raise RequestRejected("max_tokens must be at least 1")
         if any(r.request_id == message.request_id for r in (*self._running, *self._waiting)):
             raise RequestRejected(f"duplicate request id {message.request_id}")
-        self._waiting.append(Request.from_message(message))
+        request = Request.from_message(message)
+        if message.sampling.grammar is not None:
+            if self.grammars is None:
+                raise RequestRejected("this worker runs no grammars")
+            try:
+                request.grammar = self.grammars.state(message.sampling.grammar)
+            except GrammarError as exc:
+                raise RequestRejected(f"grammar: {exc}") from None
+        self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
         for queue in (self._waiting, self._running):
@@ -184,11 +195,12 @@ class VerifyEngine:
 
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
+        scores = mask_logits(request.grammar, logits, drafts)  # each row as the grammar allows after the drafts before it
         if sampling.greedy:
-            acceptance = accept_greedy(draft_ids, logits)
+            acceptance = accept_greedy(draft_ids, scores)
         else:
             positions = range(num_tokens, num_tokens + len(drafts) + 1)  # of x1..xk and the bonus
-            target_probs = warp(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            target_probs = warp(scores, sampling.temperature, sampling.top_k, sampling.top_p)
             draft_probs = None if proposal.probs is None else proposal.probs[: len(drafts)].to(self.device)
             acceptance = accept_sampled(
                 draft_ids,
@@ -201,6 +213,8 @@ class VerifyEngine:
         if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self.draft.sampled_bonus:
             new_tokens = new_tokens[:-1]
         emitted, finish_reason = self._emit(request, new_tokens)
+        if request.grammar is not None:
+            request.grammar.append(emitted)
         request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
         if finish_reason is None:
             self.draft.on_verified(request, emitted, self.run_ahead(request))
