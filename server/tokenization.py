@@ -20,10 +20,11 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat messages through the model's chat template, ending with the assistant's turn."""
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Chat messages (and the tools offered, if any) through the model's chat template,
+    ending with the assistant's turn."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # no template, a template's raise_exception, a jinja error
         raise InvalidRequest(f"could not apply the model's chat template: {exc}", param="messages") from exc
     # The template writes the special tokens (BOS included) itself.

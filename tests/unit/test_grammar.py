@@ -15,14 +15,8 @@ from tests.unit.test_engine import _chi2_pvalue, _joint_counts, make_engine, req
 from workers.easyspec import LayerParallelDraftModel, make_layer_plan
 from workers.model import load_model
 from workers.sampling import warp
-from workers.sampling.grammar import (
-    GrammarError,
-    Grammars,
-    apply_bitmask,
-    bitmask_allows,
-    compile_grammar,
-    draft_scores,
-)
+from protocol.grammars import GrammarError, compile_grammar
+from workers.sampling.grammar import Grammars, apply_bitmask, bitmask_allows, draft_scores
 
 SCHEMA = {
     "type": "object",

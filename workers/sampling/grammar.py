@@ -27,9 +27,7 @@ Why llguidance: measured by bench/grammar_libs.py (mask + advance per token).
 
 from __future__ import annotations
 
-import json
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -37,15 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from protocol.grammars import GrammarError, compiled_grammar
 from protocol.messages import Grammar
 
-__all__ = ["GrammarError", "Grammars", "GrammarState", "apply_bitmask", "bitmask_allows", "compile_grammar"]
-
-# Compact JSON: no free whitespace (a model cannot pad forever), OpenAI's separators.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-class GrammarError(ValueError):
-    """A grammar that cannot be compiled, or a token it does not allow."""
+__all__ = ["GrammarError", "Grammars", "GrammarState", "apply_bitmask", "bitmask_allows", "draft_scores", "mask_logits"]
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -62,31 +55,6 @@ def apply_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
     """float32 `logits` [R, V] with the tokens the bitmask forbids at -inf (a new tensor)."""
     allowed = bitmask_allows(bitmask, logits.shape[-1]).to(logits.device)
     return torch.where(allowed, logits.float(), float("-inf"))
-
-
-def compile_grammar(grammar: Grammar) -> str:
-    """The llguidance grammar of a Grammar message (checked: raises GrammarError).
-
-    Needs no tokenizer: the server calls it to refuse a bad schema with a 400
-    before anything reaches a worker."""
-    import llguidance
-
-    if grammar.kind != "json_schema":
-        raise GrammarError(f"unknown grammar kind {grammar.kind!r}")
-    try:
-        schema = json.loads(grammar.source)
-        compiled = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
-        raise GrammarError(f"invalid JSON schema: {exc}") from None
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled)
-    if is_error:
-        raise GrammarError(f"unsupported JSON schema: {messages[0] if messages else 'invalid'}")
-    return compiled
-
-
-@lru_cache(maxsize=64)
-def _compiled(grammar: Grammar) -> str:
-    return compile_grammar(grammar)
 
 
 class Grammars:
@@ -121,7 +89,7 @@ class Grammars:
         if not grammar.stop_token_ids:
             raise GrammarError("a grammar needs at least one stop token")
         stops = tuple(sorted(set(grammar.stop_token_ids)))
-        matcher = llguidance.LLMatcher(self._ll_tokenizer(stops), _compiled(grammar), log_level=0)
+        matcher = llguidance.LLMatcher(self._ll_tokenizer(stops), compiled_grammar(grammar), log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return GrammarState(matcher, self.vocab_size, stops)
