@@ -73,7 +73,9 @@ def _xgrammar(tokenizer, vocab_size: int):
 
     started = time.perf_counter()
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
+        json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":")
+    )
     setup_s = time.perf_counter() - started
     bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
 
