@@ -279,7 +279,8 @@ class ChatMessage(_Request):
         if self.tool_calls is not None and self.role != "assistant":
             raise PydanticCustomError("invalid_parameter", "only assistant messages have 'tool_calls'")
         if (self.tool_call_id is not None) != (self.role == "tool"):
-            raise PydanticCustomError("invalid_parameter", "a 'tool' message needs 'tool_call_id' (and only it has one)")
+            raise PydanticCustomError(
+                "invalid_parameter", "a 'tool' message needs 'tool_call_id' (and only it has one)")
         return self
 
     def for_template(self) -> dict[str, Any]:

@@ -106,7 +106,8 @@ def _tool_format(ctx: ServerContext, tool_choice, tools) -> ToolFormat | None:
 
 def _delta_tool_calls(calls: list[ParsedToolCall]) -> list[DeltaToolCall] | None:
     """A stream sends each call whole: its first (and only) piece has id, name and all arguments."""
-    return [DeltaToolCall(index=i, id=c.id, type="function", function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+    return [DeltaToolCall(index=i, id=c.id, type="function",
+                          function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
             for i, c in enumerate(calls)] or None
 
 

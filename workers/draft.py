@@ -39,7 +39,8 @@ def draft_model(config: Config, device) -> tuple[DraftModel, object]:
     checkpoint = DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization)
     # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
     easyspec = replace(config.easyspec, split_head=config.easyspec.split_head and not config.draft.head_vocab)
-    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, [placement.draft, *placement.draft_ranks]), path
+    ranks = [placement.draft, *placement.draft_ranks]
+    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, ranks), path
 
 
 class DraftWorker:

@@ -25,13 +25,16 @@ def model_name(server_url):
 
 
 def test_response_format_json_schema_validates(client, model_name):
-    """Non-streamed and streamed (greedy: the same text), the content parses and validates."""
+    """Non-streamed and streamed (greedy: the same text), the content parses and validates;
+    an unconstrained draft would be rejected almost always (the random model writes no JSON)."""
     kwargs = dict(model=model_name, messages=[{"role": "user", "content": "A person, please."}],
                   response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
                   max_tokens=120, temperature=0)
     r = client.chat.completions.create(**kwargs)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    spec = r.model_extra["speculation"]  # the draft worker masks too: its drafts are mostly accepted
+    assert spec["num_draft_tokens"] > 0 and spec["num_accepted_tokens"] / spec["num_draft_tokens"] > 0.5
     content, calls, finish = accumulate(client.chat.completions.create(**kwargs, stream=True))
     assert content == r.choices[0].message.content and finish == "stop" and calls == []
     plain = client.chat.completions.create(**{**kwargs, "response_format": None, "max_tokens": 40})

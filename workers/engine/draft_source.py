@@ -122,9 +122,8 @@ class DraftStream:
 
     def _begin(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
         self.transport.send(
-            BeginDrafting(
-                request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling, len(request.prompt_ids)
-            )
+            BeginDrafting(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling,
+                          num_prompt_tokens=len(request.prompt_ids))
         )
 
     def set_available(self, available: bool, run_ahead) -> None:

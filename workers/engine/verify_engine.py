@@ -195,7 +195,7 @@ class VerifyEngine:
 
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
-        scores = mask_logits(request.grammar, logits, drafts)  # each row as the grammar allows after the drafts before it
+        scores = mask_logits(request.grammar, logits, drafts)  # row i: what the grammar allows after drafts[:i]
         if sampling.greedy:
             acceptance = accept_greedy(draft_ids, scores)
         else:
