@@ -31,12 +31,12 @@ PROMPTS = [
 SCHEMA = {
     "type": "object",
     "properties": {
-        "title": {"type": "string", "maxLength": 60},
-        "items": {"type": "array", "maxItems": 6, "items": {
+        "title": {"type": "string", "maxLength": 40},
+        "items": {"type": "array", "maxItems": 3, "items": {
             "type": "object",
-            "properties": {"name": {"type": "string", "maxLength": 40}, "value": {"type": "number"}},
+            "properties": {"name": {"type": "string", "maxLength": 24}, "value": {"type": "integer"}},
             "required": ["name", "value"], "additionalProperties": False}},
-        "summary": {"type": "string", "maxLength": 200},
+        "summary": {"type": "string", "maxLength": 80},
     },
     "required": ["title", "items", "summary"],
     "additionalProperties": False,
@@ -84,6 +84,7 @@ def measure_mode(mode: str, settings: Settings, fmt: dict, schema: dict, log_dir
                 "tokens_per_pass": tokens / passes if passes else float("nan"),
                 "acceptance": accepted / drafted if drafted else None,
                 "valid": sum(_valid(r.text, schema) for r in results), "n": len(results),
+                "stopped": sum(r.finish_reason == "stop" for r in results),
                 "warm_up_s": first_s,
             })
     return rows
@@ -91,14 +92,14 @@ def measure_mode(mode: str, settings: Settings, fmt: dict, schema: dict, log_dir
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| mode | request | tokens | ms / token | vs no grammar | tokens / target pass | acceptance "
-             "| valid JSON | warm-up request s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ended (not cut) | valid JSON | warm-up request s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = {r["mode"]: r["ms_per_token"] for r in rows if r["request"] == "no grammar"}
     for r in rows:
         acceptance = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.1f}%"
         lines.append(f"| {r['mode']} | {r['request']} | {r['tokens']} | {r['ms_per_token']:.1f} | "
                      f"{r['ms_per_token'] / base[r['mode']]:.2f}x | {r['tokens_per_pass']:.2f} | {acceptance} | "
-                     f"{r['valid']}/{r['n']} | {r['warm_up_s']:.2f} |")
+                     f"{r['stopped']}/{r['n']} | {r['valid']}/{r['n']} | {r['warm_up_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="ar,sd")
     parser.add_argument("--config")
     parser.add_argument("--dtype", choices=DTYPES)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--schema", help="a JSON schema file, or json_object (default: a built-in schema)")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))

@@ -275,7 +275,7 @@ class ChatMessage(_Request):
         # no param: the error names the message (messages[i])
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise PydanticCustomError(
-                "invalid_parameter", "a message needs 'content' (an assistant message may have 'tool_calls' instead)")
+                "invalid_parameter", "Missing 'content': every message needs it but an assistant's with 'tool_calls'")
         if self.tool_calls is not None and self.role != "assistant":
             raise PydanticCustomError("invalid_parameter", "only assistant messages have 'tool_calls'")
         if (self.tool_call_id is not None) != (self.role == "tool"):

@@ -60,5 +60,5 @@ def request_grammar(req: ChatCompletionRequest, stop_token_ids: Sequence[int]) -
     try:
         compile_grammar(grammar)
     except GrammarError as exc:
-        raise InvalidRequest(str(exc), param=param) from None
+        raise InvalidRequest(f"Invalid value for '{param}': {exc}", param=param) from None
     return grammar

@@ -75,9 +75,13 @@ CASES = [
     ("too-many-stops", COMPLETIONS, comp(stop=list("abcdefgh")), 400, ["stop"]),
     ("empty-stop", CHAT, chat(stop=[""]), 400, ["stop"]),
     ("unsupported-presence-penalty", COMPLETIONS, comp(presence_penalty=0.5), 400, ["presence_penalty"]),
-    ("unsupported-tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, ["tools"]),
-    ("unsupported-response-format", CHAT, chat(response_format={"type": "json_object"}), 400,
+    ("tool-schema-invalid", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}], tool_choice="required"), 400, ["tools", "schema"]),
+    ("tool-not-a-function", CHAT, chat(tools=[{"type": "retrieval"}]), 400, ["tools"]),
+    ("response-format-schema-invalid", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}}}), 400,
      ["response_format"]),
+    ("response-format-unknown", CHAT, chat(response_format={"type": "xml"}), 400, ["response_format"]),
     ("unknown-parameter", COMPLETIONS, comp(min_p=0.1), 400, ["min_p"]),
     ("deeply-nested-body", COMPLETIONS, DEEP, 400, ["nested too deeply"]),
     ("deeply-nested-field", CHAT, chat()[:-1] + b', "user": ' + DEEP + b"}", 400, ["nested too deeply"]),
@@ -85,7 +89,7 @@ CASES = [
      ["tools"]),
     ("empty-messages", CHAT, chat(messages=[]), 400, ["messages"]),
     ("unknown-role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, ["role"]),
-    ("tool-role", CHAT, chat(messages=[{"role": "tool", "content": "hi"}]), 400, ["role"]),
+    ("tool-role-without-call-id", CHAT, chat(messages=[{"role": "tool", "content": "hi"}]), 400, ["tool_call_id"]),
     ("content-number", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, ["content"]),
     ("content-object", CHAT, chat(messages=[{"role": "user", "content": {"text": "hi"}}]), 400, ["content"]),
     ("content-image-part", CHAT, chat(messages=[{"role": "user", "content": [
