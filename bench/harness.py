@@ -309,13 +309,15 @@ class Client:
         )
         self.model = self.openai.models.list().data[0].id
 
-    def send(self, prompt: Prompt, max_tokens: int | None = None) -> RequestResult:
+    def send(self, prompt: Prompt, max_tokens: int | None = None, extra: dict[str, Any] | None = None) -> RequestResult:
+        """extra: more request parameters (e.g. response_format)."""
         s = self.settings
         common: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens or s.max_tokens,
             "temperature": s.temperature,
             "stream": False,
+            **(extra or {}),
         }
         if s.top_p is not None:
             common["top_p"] = s.top_p

@@ -27,6 +27,16 @@ import msgspec
 MIN_TEMPERATURE = 1e-5
 
 
+class Grammar(msgspec.Struct, frozen=True):
+    """What a request's output must match (response_format, tool_choice): every
+    logits row of the draft and the target is masked to what it allows
+    (workers/sampling/grammar.py). It may end only with one of stop_token_ids."""
+
+    kind: str  # "json_schema": source is a JSON schema, as JSON text
+    source: str
+    stop_token_ids: tuple[int, ...] = ()
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """A request's logits processing, warping and randomness (vLLM's meanings).
     temperature < MIN_TEMPERATURE (0 included) means greedy.
@@ -45,6 +55,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     repetition_penalty: float = 1.0  # > 0; divides positive (multiplies negative) logits of prompt/output tokens
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # the stop tokens are masked until this many tokens are out
+    grammar: Grammar | None = None  # None: unconstrained
 
     @property
     def greedy(self) -> bool:
@@ -132,7 +143,7 @@ class BeginDrafting(msgspec.Struct, tag=True):
     sampling: SamplingParams
     # what the draft's logits processing needs besides `sampling` (penalties
     # count output tokens only; min_tokens masks the stop tokens)
-    num_prompt_tokens: int = 0  # tokens[:num_prompt_tokens] is the prompt
+    num_prompt_tokens: int = 0  # tokens[:num_prompt_tokens] is the prompt (a grammar starts after it)
     stop_token_ids: list[int] = []
 
 

@@ -9,6 +9,7 @@ serving, not here.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import (
@@ -261,19 +262,115 @@ _TEMPLATE_ARGUMENTS = frozenset({
 })
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[
-        str, PlainValidator(_message_content, json_schema_input_type=Union[str, list[dict[str, str]]])
-    ]
-    name: str | None = None
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
 
-    def for_template(self) -> dict[str, str]:
-        """The dict a chat template sees ('developer' is OpenAI's newer name for 'system')."""
-        out = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # accepted; tool_choice "required" or a named function constrains anyway
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # accepted; the output is constrained to the schema either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "invalid_parameter", "'json_schema' is required with (and only with) type 'json_schema'")
+        return self
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[
+        str | None, PlainValidator(_message_content, json_schema_input_type=Union[str, list[dict[str, str]]])
+    ] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _content_by_role(self):
+        # no param: the error names the message (messages[i])
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError(
+                "invalid_parameter", "Missing 'content': every message needs it but an assistant's with 'tool_calls'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("invalid_parameter", "only assistant messages have 'tool_calls'")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise PydanticCustomError(
+                "invalid_parameter", "a 'tool' message needs 'tool_call_id' (and only it has one)")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The dict a chat template sees ('developer' is OpenAI's newer name for 'system');
+        tool-call arguments as objects, as templates (Qwen2.5's, Llama 3's) expect them."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                          "arguments": _arguments_object(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _tool_choice(value: Any) -> str | NamedToolChoice:
+    """'none' | 'auto' | 'required' | {"type": "function", "function": {"name": ...}}, with a message that says so."""
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict):
+        try:
+            return NamedToolChoice.model_validate(value)
+        except ValueError:
+            pass
+    raise _invalid("'tool_choice' must be 'none', 'auto', 'required' or "
+                   '{"type": "function", "function": {"name": ...}}', "tool_choice")
 
 
 class ChatCompletionRequest(BaseGenerationRequest):
@@ -282,12 +379,15 @@ class ChatCompletionRequest(BaseGenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[Any] | None, _only(None, [])] = None
-    tool_choice: Annotated[Any, _only(None, "none")] = None
+    tools: list[Tool] | None = None
+    tool_choice: Annotated[
+        str | NamedToolChoice | None,
+        PlainValidator(_tool_choice, json_schema_input_type=Union[Literal["none", "auto", "required"], dict[str, Any]]),
+    ] = None
     functions: Annotated[list[Any] | None, _only(None, [])] = None
     function_call: Annotated[Any, _only(None, "none")] = None
-    response_format: Annotated[dict[str, Any] | None, _only(None, {"type": "text"})] = None
-    parallel_tool_calls: bool | None = None  # no effect: tools are refused
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes exactly one call
     store: Annotated[bool, _only(False)] = False
     # the chat template (vLLM's extensions)
     add_generation_prompt: bool = True
@@ -315,6 +415,16 @@ class ChatCompletionRequest(BaseGenerationRequest):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise _invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise _invalid("'tool_choice' other than 'none' or 'auto' requires 'tools'", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+            t.function.name for t in self.tools or ()
+        }:
+            raise _invalid(f"'tool_choice' names the function '{self.tool_choice.function.name}', "
+                           "which is not among 'tools'", "tool_choice")
+        if self.forced_tool_choice and self.response_format is not None and self.response_format.type != "text":
+            raise _invalid("'response_format' cannot constrain the output when 'tool_choice' forces a tool call",
+                           "response_format")
         if (
             self.max_tokens is not None
             and self.max_completion_tokens is not None
@@ -333,6 +443,18 @@ class ChatCompletionRequest(BaseGenerationRequest):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: 'auto' when tools are given, else 'none'."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    @property
+    def forced_tool_choice(self) -> bool:
+        """'required' or a named function: the output is a tool call, by grammar."""
+        return self.effective_tool_choice not in ("none", "auto")
 
 
 # -- responses -----------------------------------------------------------------------
@@ -400,10 +522,29 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_made(self, handler):
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -423,9 +564,33 @@ class ChatCompletionResponse(BaseModel):
     speculation: SpeculationInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first piece of call `index` has its id,
+    type and name; arguments arrive as text to concatenate."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):

@@ -7,6 +7,8 @@ import uuid
 from functools import partial
 from typing import Sequence
 
+import msgspec
+
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -18,7 +20,12 @@ from server.api import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatResponseMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    NamedToolChoice,
+    ResponseFunctionCall,
+    ResponseToolCall,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
@@ -42,7 +49,9 @@ from server.serving import (
     tokenize,
     usage,
 )
+from server.structured import request_grammar
 from server.tokenization import render_chat
+from server.tool_calls import ParsedToolCall, ToolCallStream, ToolFormat, forced_format, format_for_template
 
 
 def chat_logprobs(tokens: Sequence[TokenInfo]) -> ChatLogprobs:
@@ -67,33 +76,56 @@ class ChatServing:
         check_generation_limits(ctx, req)
         messages = [m.for_template() for m in req.messages]
         num_chars = sum(len(m["content"]) for m in messages)
+        tool_choice = req.effective_tool_choice
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and tool_choice != "none" else None
         prompt_ids = await tokenize(ctx, num_chars, partial(
-            render_chat, add_generation_prompt=req.add_generation_prompt,
+            render_chat, tools=tools, add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs,
         ), ctx.tokenizer, messages)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
         check_min_tokens(req, max_tokens)
+        grammar = request_grammar(req, ctx.settings.eos_token_ids)
         check_capacity(ctx, req.n, "n")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
         choices = [
-            new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens, sampling_params(req, i, seed),
-                       req, req.num_logprobs)
+            new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens,
+                       msgspec.structs.replace(sampling_params(req, i, seed), grammar=grammar), req, req.num_logprobs)
             for i in range(req.n)
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,
-                         len(prompt_ids), choices)
+                         len(prompt_ids), choices, _tool_format(ctx, tool_choice, tools))
         return await answer(ctx, choices, view, request, stream=req.stream)
+
+
+def _tool_format(ctx: ServerContext, tool_choice, tools) -> ToolFormat | None:
+    """How this request's tool calls are read from the output (None: they are not)."""
+    if isinstance(tool_choice, NamedToolChoice):
+        return forced_format(tool_choice.function.name)
+    if tool_choice == "required":
+        return forced_format(None)
+    if tools:
+        return format_for_template(getattr(ctx.tokenizer, "chat_template", None))
+    return None
+
+
+def _delta_tool_calls(calls: list[ParsedToolCall]) -> list[DeltaToolCall] | None:
+    """A stream sends each call whole: its first (and only) piece has id, name and all arguments."""
+    return [DeltaToolCall(index=i, id=c.id, type="function",
+                          function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+            for i, c in enumerate(calls)] or None
 
 
 class _ChatView(ChoicesView):
 
     def __init__(self, request_id: str, created: int, model: str, include_usage: bool, num_prompt: int,
-                 choices: list[ChoiceState]):
+                 choices: list[ChoiceState], tool_format: ToolFormat | None = None):
         self._id, self._created, self._model = request_id, created, model
         self._num_prompt = num_prompt
         self._choices = choices
         self.include_usage = include_usage
+        self._tool_format = tool_format
+        self._tool_streams = {c.index: ToolCallStream(tool_format) for c in choices} if tool_format else {}
 
     def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self._id, created=self._created, model=self._model, choices=choices)
@@ -103,11 +135,20 @@ class _ChatView(ChoicesView):
                 for c in self._choices]
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk | None:
-        if not delta.text and not delta.tokens and delta.finish_reason is None:
+        text, calls, finish_reason = delta.text, [], delta.finish_reason
+        stream = self._tool_streams.get(delta.index)
+        if stream is not None:
+            text = stream.feed(delta.text)
+            if finish_reason is not None:
+                rest, calls = stream.finish()
+                text += rest
+                finish_reason = "tool_calls" if calls else finish_reason
+        if not text and not delta.tokens and finish_reason is None:
             return None
         logprobs = chat_logprobs(delta.tokens) if delta.tokens is not None else None
-        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
-                                            logprobs=logprobs, finish_reason=delta.finish_reason)])
+        message = DeltaMessage(content=text or None, tool_calls=_delta_tool_calls(calls))
+        return self._chunk([ChatChunkChoice(index=delta.index, delta=message, logprobs=logprobs,
+                                            finish_reason=finish_reason)])
 
     def empty_chunk(self) -> ChatCompletionChunk:
         return self._chunk([])
@@ -116,14 +157,16 @@ class _ChatView(ChoicesView):
         return usage([self._num_prompt], self._choices)
 
     def response(self) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
+        choices = []
+        for c in self._choices:
+            content, calls = self._tool_format.parse(c.text) if self._tool_format else (c.text, [])
+            tool_calls = [ResponseToolCall(id=t.id, function=ResponseFunctionCall(name=t.name, arguments=t.arguments))
+                          for t in calls]
+            choices.append(ChatChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=ChatResponseMessage(content=content, tool_calls=tool_calls or None),
                 logprobs=chat_logprobs(c.tokens) if c.wants_logprobs else None,
-                finish_reason=c.finish_reason,
-            )
-            for c in self._choices
-        ]
+                finish_reason="tool_calls" if calls else c.finish_reason,
+            ))
         return ChatCompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
                                       usage=self.usage_info(), speculation=speculation(self._choices))

@@ -20,14 +20,17 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-                continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Chat messages through the model's chat template, ending with the assistant's turn
-    (a new one, or with continue_final_message the last message, left open: a prefill).
-    template_kwargs are extra variables for the template (e.g. enable_thinking)."""
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages (and the tools offered, if any) through the model's chat template,
+    ending with the assistant's turn (a new one, or with continue_final_message the last
+    message, left open: a prefill). template_kwargs are extra variables for the template
+    (e.g. enable_thinking)."""
     try:
         text = tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,

@@ -94,3 +94,18 @@ def make_tiny_checkpoint(
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(directory)
     return directory
+
+
+def make_digit_tokenizer(directory: Path, num_digits: int = 7) -> Path:
+    """A byte-level tokenizer whose tokens are the digits 0..num_digits-1 and EOS
+    "</s>" (id num_digits): a vocabulary small enough for distribution tests, on
+    which a JSON integer grammar is a non-trivial mask (a leading 0 ends the number)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(vocab={str(i): i for i in range(num_digits)}, merges=[], unk_token=None))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.add_special_tokens([AddedToken("</s>", special=True)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>").save_pretrained(directory)
+    return Path(directory)

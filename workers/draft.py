@@ -19,6 +19,7 @@ from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, Wor
 from protocol.sockets import Inbox, Outbox
 from workers.engine import DraftEngine, DraftModel, PlainDraft
 from workers.engine.draft_engine import Drafted
+from workers.sampling.grammar import Grammars
 from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
 
 log = logging.getLogger("tandem.draft")
@@ -26,31 +27,33 @@ log = logging.getLogger("tandem.draft")
 STATS_INTERVAL_S = 0.5
 
 
-def draft_model(config: Config, device) -> DraftModel:
+def draft_model(config: Config, device) -> tuple[DraftModel, object]:
     """The plain draft, or the layer-parallel one (EasySpec): this process is
     rank 0, the others are spawned on placement.draft_ranks."""
     model, path = load_worker_model(config.draft, device)
     if not config.mode.layer_parallel_draft:
-        return PlainDraft(model)
+        return PlainDraft(model), path
     from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel
 
     placement = config.placement_of_mode
     checkpoint = DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization)
     # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
     easyspec = replace(config.easyspec, split_head=config.easyspec.split_head and not config.draft.head_vocab)
-    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, [placement.draft, *placement.draft_ranks])
+    ranks = [placement.draft, *placement.draft_ranks]
+    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, ranks), path
 
 
 class DraftWorker:
     def __init__(self, config: Config):
         self.config = config
         device = apply_placement(config.placement_of_mode.draft)
-        self.model = draft_model(config, device)
+        self.model, path = draft_model(config, device)
         self.engine = DraftEngine(
             self.model,
             max_model_len=config.scheduler.max_model_len,
             max_requests=config.scheduler.max_running_requests,
             device=device,
+            grammars=Grammars(path, self.model.args.vocab_size),
         )
         self.inbox = Inbox(config.addresses.draft)
         self.to_verify = Outbox(config.addresses.verify)

@@ -29,6 +29,7 @@ from protocol.messages import (
 )
 from protocol.sockets import Inbox, Outbox
 from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
+from workers.sampling.grammar import Grammars
 from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
 
 log = logging.getLogger("tandem.verify")
@@ -79,7 +80,7 @@ class VerifyWorker:
     def __init__(self, config: Config):
         self.config = config
         device = apply_placement(config.placement_of_mode.target)
-        self.model, _ = load_worker_model(config.target, device)
+        self.model, path = load_worker_model(config.target, device)
         self.inbox = Inbox(config.addresses.verify)
         self.to_server = Outbox(config.addresses.server)
         self.draft, self.transport = make_draft_source(config, Outbox)
@@ -89,6 +90,7 @@ class VerifyWorker:
             max_model_len=config.scheduler.max_model_len,
             max_running=config.scheduler.max_running_requests,
             device=device,
+            grammars=Grammars(path, self.model.args.vocab_size),
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)

@@ -22,6 +22,12 @@ MARK_FAIL = "@@fail@@"  # BackendError after the first output
 MARK_SLOW = "@@slow@@"  # 50 ms between outputs, no EOS
 MARK_OVERLOADED = "@@overloaded@@"  # BackendOverloaded at submission
 MARK_NO_EOS = "@@no-eos@@"  # never emits a stop token
+MARK_TOOL_CALL = "@@tool-call@@"  # answers TOOL_CALL_TEXT (a Qwen2.5-style tool call), then EOS
+
+TOOL_CALL_TEXT = (
+    'Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>'
+)
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding drafts a few tokens "
@@ -85,6 +91,10 @@ class FakeBackend(BackendHealth):
         markers = (MARK_FAIL, MARK_SLOW, MARK_NO_EOS)
         if request.stop_token_ids and not any(m in prompt for m in markers) and rng.random() < 0.3:
             eos_at = rng.randrange(1, 40)
+        corpus = self._corpus
+        if MARK_TOOL_CALL in prompt:
+            corpus = self._tokenizer.encode(TOOL_CALL_TEXT, add_special_tokens=False)
+            start, eos_at = 0, len(corpus)
         emitted = 0
         if request.max_tokens == 0:  # echo only: the prompt scored, nothing generated
             output = TokenOutput(request_id=request.request_id, token_ids=[], finish_reason="length")
@@ -100,7 +110,7 @@ class FakeBackend(BackendHealth):
                 if emitted == eos_at:
                     token = request.stop_token_ids[0]
                 else:
-                    token = self._corpus[(start + emitted) % len(self._corpus)]
+                    token = corpus[(start + emitted) % len(corpus)]
                 tokens.append(token)
                 emitted += 1
                 if token in request.stop_token_ids:

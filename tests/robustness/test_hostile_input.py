@@ -77,9 +77,13 @@ CASES = [
     ("unsupported-suffix", COMPLETIONS, comp(suffix="end"), 400, ["suffix"]),
     ("presence-penalty-out-of-range", COMPLETIONS, comp(presence_penalty=2.5), 400, ["presence_penalty"]),
     ("logit-bias-out-of-vocabulary", COMPLETIONS, comp(logit_bias={"1000000": 5}), 400, ["vocabulary"]),
-    ("unsupported-tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, ["tools"]),
-    ("unsupported-response-format", CHAT, chat(response_format={"type": "json_object"}), 400,
+    ("tool-schema-invalid", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}], tool_choice="required"), 400, ["tools", "schema"]),
+    ("tool-not-a-function", CHAT, chat(tools=[{"type": "retrieval"}]), 400, ["tools"]),
+    ("response-format-schema-invalid", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}}}), 400,
      ["response_format"]),
+    ("response-format-unknown", CHAT, chat(response_format={"type": "xml"}), 400, ["response_format"]),
     ("unknown-parameter", COMPLETIONS, comp(use_beam_search=True), 400, ["use_beam_search"]),
     ("deeply-nested-body", COMPLETIONS, DEEP, 400, ["nested too deeply"]),
     ("deeply-nested-field", CHAT, chat()[:-1] + b', "user": ' + DEEP + b"}", 400, ["nested too deeply"]),
@@ -87,7 +91,7 @@ CASES = [
      ["tools"]),
     ("empty-messages", CHAT, chat(messages=[]), 400, ["messages"]),
     ("unknown-role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, ["role"]),
-    ("tool-role", CHAT, chat(messages=[{"role": "tool", "content": "hi"}]), 400, ["role"]),
+    ("tool-role-without-call-id", CHAT, chat(messages=[{"role": "tool", "content": "hi"}]), 400, ["tool_call_id"]),
     ("content-number", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, ["content"]),
     ("content-object", CHAT, chat(messages=[{"role": "user", "content": {"text": "hi"}}]), 400, ["content"]),
     ("content-image-part", CHAT, chat(messages=[{"role": "user", "content": [

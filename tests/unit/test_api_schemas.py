@@ -132,9 +132,7 @@ def test_stream_options_need_stream():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("response_format", {"type": "json_object"}),
-    ("store", True),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("store", True),
 ])
 def test_unsupported_chat_parameters(field, value):
     err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
@@ -155,6 +153,8 @@ def test_chat_messages():
     ]
     assert refusal(ChatCompletionRequest, {"model": "m", "messages": []}).param == "messages"
     assert refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "tool", "content": "x"}]}
+                   ).param == "messages[0]"  # a tool message without tool_call_id
+    assert refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}
                    ).param == "messages[0].role"
     err = refusal(ChatCompletionRequest, {"model": "m", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
@@ -248,3 +248,49 @@ def test_assistant_prefill_is_accepted():
     req = chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "Sure,"}],
                continue_final_message=True, add_generation_prompt=False, chat_template_kwargs={"enable_thinking": False})
     assert req.continue_final_message and req.chat_template_kwargs == {"enable_thinking": False}
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_messages_in_history():
+    """An assistant's tool_calls and the tool's answer reach the template, arguments as objects
+    (templates such as Qwen2.5's apply tojson to them)."""
+    req = chat(messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ], tools=[TOOL])
+    assert [m.for_template() for m in req.messages][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    assert req.effective_tool_choice == "auto" and not req.forced_tool_choice
+    err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "assistant"}]})
+    assert err.param == "messages[0]" and "content" in err.message
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+])
+def test_tool_and_format_combinations_refused(body, param):
+    err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
+    assert err.param == param, err.message
+
+
+def test_response_format_shapes():
+    req = chat(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "integer"},
+                                                                       "strict": True}})
+    assert req.response_format.json_schema.json_schema == {"type": "integer"}
+    assert chat(response_format={"type": "json_object"}).response_format.type == "json_object"
+    named = chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.forced_tool_choice

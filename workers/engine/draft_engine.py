@@ -23,6 +23,7 @@ import torch
 from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, SamplingParams, VerifiedPrefix
 from workers.engine.draft_model import DraftModel
 from workers.sampling import DRAFT, Rows, keyed_uniform, process_logits, sample_from_uniform, warp_with
+from workers.sampling.grammar import GrammarError, draft_scores
 
 log = logging.getLogger("tandem.draft")
 
@@ -40,6 +41,18 @@ class DraftState:
     verified_len: int = 0
     sequence: list[int] = field(default_factory=list)  # verified prefix + drafted tokens
     probs: list[torch.Tensor] = field(default_factory=list)  # q of each drafted token (sampling)
+    grammar: object = None  # a GrammarState over sequence[num_prompt:] when the request has a grammar
+    num_prompt: int = 0
+
+    def sync_grammar(self, common: int) -> None:
+        """The sequence changed after position `common`: move the grammar state along."""
+        if self.grammar is not None:
+            try:
+                self.grammar.truncate(min(max(common - self.num_prompt, 0), self.grammar.num_tokens))
+                self.grammar.append(self.sequence[self.num_prompt + self.grammar.num_tokens :])
+            except GrammarError:  # out of step with the verifier: draft on unconstrained (lossless)
+                log.exception("dropping a request's grammar in the draft")
+                self.grammar = None
 
     @property
     def num_drafted(self) -> int:
@@ -63,8 +76,9 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class DraftEngine:
-    def __init__(self, model: DraftModel, *, max_model_len: int, max_requests: int, device="cpu"):
+    def __init__(self, model: DraftModel, *, max_model_len: int, max_requests: int, device="cpu", grammars=None):
         self.model = model
+        self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.max_model_len = max_model_len
         self.max_requests = max_requests
         self.device = torch.device(device)
@@ -99,6 +113,11 @@ class DraftEngine:
                 self.release(next(iter(self._states)))
             cache = self._spare_caches.pop() if self._spare_caches else self.model.new_cache(self.max_model_len)
             state = self._states[message.request_id] = DraftState(cache, message.sampling)
+            if message.sampling.grammar is not None and self.grammars is not None:
+                try:
+                    state.grammar = self.grammars.state(message.sampling.grammar)
+                except GrammarError:  # drafts unconstrained: still lossless, accepted less often
+                    log.exception("drafting %s without its grammar", message.request_id)
         state.sampling = message.sampling
         state.num_prompt = message.num_prompt_tokens
         state.stop_token_ids = tuple(message.stop_token_ids)
@@ -136,6 +155,7 @@ class DraftEngine:
             self.num_rollbacks += 1  # the verifier parted from our continuation at `common`
         self.model.after_rollback(state.cache, min(state.cache.length, common))
         state.sequence = state.sequence[:start] + list(new_tokens)
+        state.sync_grammar(common)
         state.verified_len = verified_len
         state.probs = []
         return None
@@ -168,8 +188,10 @@ class DraftEngine:
         position = len(state.sequence)
         sampling = state.sampling
         probs = None
-        # the target's processing, seeing this draft's own earlier drafts as the target will
-        scores = process_logits(logits[-1:], Rows(state.sequence, state.num_prompt, (), state.stop_token_ids), sampling)
+        # the target's processing, seeing this draft's own earlier drafts as the target will,
+        # then the grammar's mask
+        rows = Rows(state.sequence, state.num_prompt, (), state.stop_token_ids)
+        scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling))  # [1, V]
         if sampling.greedy:
             token = int(scores[0].argmax())
         else:
@@ -179,5 +201,7 @@ class DraftEngine:
             state.probs.append(q[0])
             probs = q
         state.sequence.append(token)
+        if state.grammar is not None:
+            state.grammar.append([token])
         self.num_drafted += 1
         return Drafted(DraftTokens(request_id, state.epoch, position, [token], probs is not None), probs)

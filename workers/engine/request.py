@@ -24,6 +24,7 @@ class Request:
     queue_time_s: float | None = None
     # (chosen [n-1], top [n-1] of (id, logprob)) from the prefill, until the first output carries them
     prompt_scores: tuple[list[float], list[list[tuple[int, float]]]] | None = None
+    grammar: object = None  # a GrammarState over output_ids when the request has a grammar
 
     @classmethod
     def from_message(cls, message: GenerateRequest) -> "Request":

@@ -32,6 +32,7 @@ from workers.sampling import (
     process_logits,
     warp_with,
 )
+from workers.sampling.grammar import GrammarError, mask_logits
 
 
 class RequestRejected(ValueError):
@@ -74,8 +75,10 @@ class VerifyEngine:
         max_model_len: int,
         max_running: int,
         device="cpu",
+        grammars=None,
     ):
         self.model = model
+        self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.draft = draft
         self.max_model_len = max_model_len
         self.device = torch.device(device)
@@ -112,7 +115,15 @@ class VerifyEngine:
             raise RequestRejected("max_tokens must be at least 1 (0 only with prompt logprobs)")
         if any(r.request_id == message.request_id for r in (*self._running, *self._waiting)):
             raise RequestRejected(f"duplicate request id {message.request_id}")
-        self._waiting.append(Request.from_message(message))
+        request = Request.from_message(message)
+        if message.sampling.grammar is not None:
+            if self.grammars is None:
+                raise RequestRejected("this worker runs no grammars")
+            try:
+                request.grammar = self.grammars.state(message.sampling.grammar)
+            except GrammarError as exc:
+                raise RequestRejected(f"grammar: {exc}") from None
+        self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
         for queue in (self._waiting, self._running):
@@ -210,6 +221,7 @@ class VerifyEngine:
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
         scores = process_logits(logits, request.rows(drafts), sampling)  # row i sees drafts[:i]
+        scores = mask_logits(request.grammar, scores, drafts)  # row i: what the grammar allows after drafts[:i]
         if sampling.greedy:
             acceptance = accept_greedy(draft_ids, scores)
         else:
@@ -227,6 +239,8 @@ class VerifyEngine:
         if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self.draft.sampled_bonus:
             new_tokens = new_tokens[:-1]
         emitted, finish_reason = self._emit(request, new_tokens)
+        if request.grammar is not None:
+            request.grammar.append(emitted)
         request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
         if finish_reason is None:
             self.draft.on_verified(request, emitted, self.run_ahead(request))
