@@ -65,9 +65,7 @@ def test_unknown_field_named(http, model_name, path, make):
     (COMPLETIONS, completion, "logit_bias", {"100": 10}),
     (COMPLETIONS, completion, "best_of", 3),
     (COMPLETIONS, completion, "suffix", " the end"),
-    (CHAT, chat, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    (CHAT, chat, "tool_choice", "required"),
-    (CHAT, chat, "response_format", {"type": "json_object"}),
+    (CHAT, chat, "functions", [{"name": "f", "parameters": {}}]),  # the deprecated form of tools
     (CHAT, chat, "presence_penalty", -0.5),
 ])
 def test_unsupported_parameters_refused(http, model_name, path, make, field, value):
