@@ -316,18 +316,24 @@ class ResponseFormat(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[
-        str | None, PlainValidator(_message_content, json_schema_input_type=Union[str, list[dict[str, str]]])
-    ] = None
+        str, PlainValidator(_message_content, json_schema_input_type=Union[str, list[dict[str, str]]])
+    ]
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
 
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        """An assistant message with tool_calls may leave out 'content' (or send null)."""
+        if isinstance(data, dict) and data.get("role") == "assistant" and data.get("tool_calls") \
+                and data.get("content") is None:
+            return {**data, "content": ""}
+        return data
+
     @model_validator(mode="after")
-    def _content_by_role(self):
+    def _fields_by_role(self):
         # no param: the error names the message (messages[i])
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise PydanticCustomError(
-                "invalid_parameter", "Missing 'content': every message needs it but an assistant's with 'tool_calls'")
         if self.tool_calls is not None and self.role != "assistant":
             raise PydanticCustomError("invalid_parameter", "only assistant messages have 'tool_calls'")
         if (self.tool_call_id is not None) != (self.role == "tool"):
@@ -339,7 +345,7 @@ class ChatMessage(_Request):
         """The dict a chat template sees ('developer' is OpenAI's newer name for 'system');
         tool-call arguments as objects, as templates (Qwen2.5's, Llama 3's) expect them."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                               "content": self.content or ""}
+                               "content": self.content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:

@@ -62,9 +62,7 @@ def test_unknown_field_named(http, model_name, path, make):
 @pytest.mark.parametrize("path,make,field,value", [
     (COMPLETIONS, completion, "best_of", 3),
     (COMPLETIONS, completion, "suffix", " the end"),
-    (CHAT, chat, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    (CHAT, chat, "tool_choice", "required"),
-    (CHAT, chat, "response_format", {"type": "json_object"}),
+    (CHAT, chat, "functions", [{"name": "f", "parameters": {}}]),  # the deprecated form of tools
     (CHAT, chat, "store", True),
 ])
 def test_unsupported_parameters_refused(http, model_name, path, make, field, value):

@@ -270,7 +270,7 @@ def test_tool_messages_in_history():
     ]
     assert req.effective_tool_choice == "auto" and not req.forced_tool_choice
     err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "assistant"}]})
-    assert err.param == "messages[0]" and "content" in err.message
+    assert err.param == "messages[0].content" and "Missing" in err.message
 
 
 @pytest.mark.parametrize("body,param", [
