@@ -211,7 +211,8 @@ def assert_runnable(request, vocab_size: int) -> None:
     assert s.temperature == 0.0 or 1e-5 <= s.temperature <= 2.0, s
     assert 0.0 < s.top_p <= 1.0 and s.top_k >= 0 and 0 <= s.seed < 2**63, s
     assert request.prompt_ids and all(0 <= t < vocab_size for t in request.prompt_ids)
-    assert request.max_tokens >= 1 and len(request.prompt_ids) + request.max_tokens <= MAX_MODEL_LEN
+    assert request.max_tokens >= (0 if request.prompt_logprobs is not None else 1)  # 0: echo scores the prompt
+    assert len(request.prompt_ids) + request.max_tokens <= MAX_MODEL_LEN
     assert request.num_logprobs is None or 0 <= request.num_logprobs <= 20
     assert 0.0 <= s.min_p <= 1.0 and 0.01 <= s.repetition_penalty <= 100, s
     assert -2 <= s.presence_penalty <= 2 and -2 <= s.frequency_penalty <= 2, s
