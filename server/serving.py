@@ -22,7 +22,7 @@ from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, 
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
 from server.backend import Backend, BackendError, BackendOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
-from server.metrics import Metrics, RequestTracker
+from server.metrics import Metrics, PromptTracker, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
 SEED_MODULUS = 2**63
@@ -258,7 +258,9 @@ class ChoiceState:
 
 
 def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
-               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None) -> ChoiceState:
+               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None,
+               prompt: PromptTracker) -> ChoiceState:
+    """One choice of a prompt; `prompt` (from ctx.metrics.track_prompt) follows the prompt's choices."""
     request = GenerateRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
@@ -267,7 +269,7 @@ def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list
         stop_token_ids=list(ctx.settings.eos_token_ids),
         num_logprobs=num_logprobs,
     )
-    return ChoiceState(index, request, ctx.tokenizer, stops, ctx.metrics.track(len(prompt_ids)))
+    return ChoiceState(index, request, ctx.tokenizer, stops, prompt.choice())
 
 
 def usage(prompt_lengths: Sequence[int], choices: Sequence[ChoiceState]) -> UsageInfo:

@@ -364,3 +364,27 @@ def test_draft_engine_calls_the_round_hooks_explicitly(models):
     assert model.calls[1:] == [("rollback", n + 2)]
     engine.release("a")
     assert model.calls[-1] == ("rollback", 0)
+
+
+def test_step_stats_for_metrics(models):
+    """iteration_tokens (vLLM: prompt tokens computed + tokens generated per step)
+    and kv_cache_usage. Catches: prompt tokens counted per round instead of once,
+    emitted tokens missed in the histogram, usage not reading the caches' lengths."""
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=2)
+    prompts = [PROMPTS[1], PROMPTS[3]]
+    for i, prompt in enumerate(prompts):
+        engine.add(request(i, prompt, max_tokens=12))
+    seen_usage, emitted, steps = [], 0, 0
+    while engine.has_work:
+        outputs = engine.step()
+        steps += 1
+        emitted += sum(len(o.token_ids) for o in outputs)
+        seen_usage.append(engine.kv_cache_usage)
+    counts = engine.iteration_tokens
+    assert sum(counts.counts) == steps  # every step observed once
+    assert counts.sum == sum(len(p) for p in prompts) + emitted
+    assert max(seen_usage) > 0 and seen_usage[-1] == 0  # the finished requests' caches were given back
+    # after a prefill, the cache holds all but the prompt's last token, out of 2 caches x MAX_LEN slots
+    engine.add(request(9, PROMPTS[3], max_tokens=4))
+    engine.step()
+    assert engine.kv_cache_usage == (len(PROMPTS[3]) - 1) / (2 * MAX_LEN)
