@@ -46,6 +46,8 @@ COUNTERS = (
 GAUGES = (
     ("verify", "kv_cache_usage", "kv_cache_usage_perc",
      "KV-cache usage: token slots the running requests hold over the slots of all caches. 1 means 100 percent."),
+    ("verify", "kv_cache_usage", "gpu_cache_usage_perc",
+     "KV-cache usage (on any device). DEPRECATED, as in vLLM: use kv_cache_usage_perc (vLLM's dashboard charts this)."),
 )
 # (role, WorkerStats field, series, help): a worker's HistogramCounts, no samples before its first report
 HISTOGRAMS = (

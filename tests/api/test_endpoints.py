@@ -18,6 +18,7 @@ HISTOGRAMS = [
     "tandem:request_prefill_time_seconds", "tandem:request_decode_time_seconds",
     "tandem:request_inference_time_seconds", "tandem:request_prompt_tokens", "tandem:request_generation_tokens",
     "tandem:request_params_n", "tandem:request_params_max_tokens", "tandem:iteration_tokens_total",
+    "tandem:time_per_output_token_seconds", "tandem:request_max_num_generation_tokens",
 ]
 
 
@@ -95,6 +96,8 @@ def test_prompt_tokens_count_once_per_prompt(http, client, model_name):
     assert delta("tandem:request_prompt_tokens_count") == 2 and delta("tandem:request_prompt_tokens_sum") == 8
     assert delta("tandem:request_generation_tokens_sum") == r.usage.completion_tokens == delta(
         "tandem:generation_tokens_total")
+    assert delta("tandem:request_max_num_generation_tokens_count") == 2
+    assert delta("tandem:request_max_num_generation_tokens_sum") <= 10  # the longest choice of each prompt
     assert delta("tandem:request_params_n_count") == 2 and delta("tandem:request_params_n_sum") == 6
     assert delta("tandem:request_params_max_tokens_sum") == 10
     assert delta("tandem:request_params_max_tokens_bucket", le="5.0") == 2
