@@ -26,10 +26,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 DASHBOARD = Path(__file__).resolve().parent / "grafana" / "tandem.json"
 
@@ -62,7 +62,12 @@ def combined(targets: list[tuple[str, str]], model: str, rate_interval: str) -> 
 
 def check(prometheus: str, title: str, expr: str) -> int:
     """Run the query once; the number of series it returns (exits on a query error)."""
-    reply = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=30).json()
+    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            reply = json.load(response)
+    except urllib.error.HTTPError as error:  # a query Prometheus refuses: 400 with the error as JSON
+        reply = json.load(error)
     if reply.get("status") != "success":
         sys.exit(f"{title}: {reply.get('error')}\n{expr}")
     return len(reply["data"]["result"])
