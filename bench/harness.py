@@ -348,13 +348,14 @@ STATS_INTERVAL_S = 0.5  # how often workers report their counters
 
 
 def scrape_counters(port: int) -> dict[str, float]:
-    """The WORKER_COUNTERS now (0 for series the server does not export)."""
+    """The WORKER_COUNTERS now (0 for series the server does not export); one
+    server serves one model, so its model_name label is left out of the match."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }

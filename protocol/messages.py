@@ -101,6 +101,23 @@ class RequestFailed(msgspec.Struct, tag=True):
     message: str
 
 
+class HistogramCounts(msgspec.Struct):
+    """A histogram a worker keeps and reports whole in WorkerStats: how many
+    observations fell in each bucket (upper bounds `bounds`, then +Inf), and their sum."""
+
+    bounds: list[float]
+    counts: list[int] = msgspec.field(default_factory=list)
+    sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))] += 1
+        self.sum += value
+
+
 class WorkerStats(msgspec.Struct, tag=True):
     """Cumulative counters a worker reports every ~0.5 s (for /metrics)."""
 
@@ -112,6 +129,8 @@ class WorkerStats(msgspec.Struct, tag=True):
     stale_drafts: int = 0  # verify: draft tokens dropped for an old epoch
     draft_wait_s: float = 0.0  # verify: time a round waited for drafts to arrive
     easyspec: dict[str, float] | None = None  # draft, easyspec modes: fuzzy/exact passes, calibration, exchange
+    kv_cache_usage: float = 0.0  # verify: KV token slots in use over all slots (0..1)
+    iteration_tokens: HistogramCounts | None = None  # verify: prompt + emitted tokens per engine step
 
 
 class EngineStatus(msgspec.Struct, tag=True):

@@ -42,7 +42,7 @@ from server.serving_tokens import TokenServing, version
 
 def create_app(backend: Backend, tokenizer: Any, settings: AppSettings) -> FastAPI:
     """backend: a WorkerBackend (or a test's backend with the same interface); tokenizer: a transformers tokenizer."""
-    metrics = Metrics(CollectorRegistry(), backend)
+    metrics = Metrics(CollectorRegistry(), backend, settings.model_name, settings.max_model_len)
     ctx = ServerContext(backend=backend, tokenizer=tokenizer, settings=settings, metrics=metrics,
                         vocab_size=len(tokenizer), created=int(time.time()))
     completions, chat, tokens = CompletionServing(ctx), ChatServing(ctx), TokenServing(ctx)

@@ -22,7 +22,7 @@ from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, 
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
 from server.backend import Backend, BackendError, BackendOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
-from server.metrics import Metrics, RequestTracker
+from server.metrics import Metrics, PromptTracker, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
 SEED_MODULUS = 2**63
@@ -333,7 +333,8 @@ def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tupl
 
 def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
                sampling: SamplingParams, req: BaseGenerationRequest, num_logprobs: int | None,
-               prompt_logprobs: int | None = None) -> ChoiceState:
+               prompt: PromptTracker, prompt_logprobs: int | None = None) -> ChoiceState:
+    """One choice of a prompt; `prompt` (from ctx.metrics.track_prompt) follows the prompt's choices."""
     request = GenerateRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
@@ -343,8 +344,7 @@ def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list
         num_logprobs=num_logprobs,
         prompt_logprobs=prompt_logprobs,
     )
-    return ChoiceState(index, request, ctx.tokenizer, req.stop, ctx.metrics.track(len(prompt_ids)),
-                       TextOptions.of(req))
+    return ChoiceState(index, request, ctx.tokenizer, req.stop, prompt.choice(), TextOptions.of(req))
 
 
 def usage(prompt_lengths: Sequence[int], choices: Sequence[ChoiceState]) -> UsageInfo:

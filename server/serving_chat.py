@@ -88,9 +88,10 @@ class ChatServing:
         check_capacity(ctx, req.n, "n")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
+        tracker = ctx.metrics.track_prompt(len(prompt_ids), req.n, max_tokens)
         choices = [
             new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens,
-                       msgspec.structs.replace(sampling_params(req, i, seed), grammar=grammar), req, req.num_logprobs)
+                       msgspec.structs.replace(sampling_params(req, i, seed), grammar=grammar), req, req.num_logprobs, tracker)
             for i in range(req.n)
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,

@@ -87,11 +87,12 @@ class CompletionServing:
         seed = base_seed(req)
         choices = []
         for p, prompt in enumerate(prompts):
+            tracker = ctx.metrics.track_prompt(len(prompt.ids), req.n, max_tokens[p])
             for j in range(req.n):
                 index = p * req.n + j
                 choices.append(new_choice(
                     ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
-                    sampling_params(req, index, seed), req, req.logprobs, req.prompt_logprobs,
+                    sampling_params(req, index, seed), req, req.logprobs, tracker, req.prompt_logprobs,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
         return await answer(ctx, choices, view, request, stream=req.stream)

@@ -98,12 +98,13 @@ class RunningServer:
         return f"{self.url}/v1"
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample as {(name, sorted labels): value}."""
+        """Every sample as {(name, sorted labels but model_name): value} (one server serves one model)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))
+                samples[(sample.name, labels)] = sample.value
         return samples
 
     def metric(self, name: str, **labels) -> float:

@@ -136,6 +136,8 @@ class VerifyWorker:
                     now - self._started,
                     stale_drafts=self.draft.num_stale,
                     draft_wait_s=self.draft.wait_s,
+                    kv_cache_usage=self.engine.kv_cache_usage,
+                    iteration_tokens=self.engine.iteration_tokens,
                 )
             )
 

@@ -328,3 +328,28 @@ def test_parse_llama_server_completion_response_and_absent_logprobs():
             "usage": {"completion_tokens": 1}}
     r = parse_response(Prompt("c", "chat", "hi"), bare, 1.0)
     assert (r.text, r.tokens, r.top_logprobs, r.completion_tokens) == ("ok", None, None, 1)
+
+
+def test_scrape_counters_reads_the_model_labelled_series(smollm_tokenizer):
+    """The bench's worker counters come from /metrics, whose series carry model_name:
+    a match on the exact label set would read 0 for every one of them."""
+    from urllib.parse import urlparse
+
+    from bench.harness import WORKER_COUNTERS, scrape_counters
+    from protocol.messages import WorkerStats
+    from server.app import create_app
+    from server.serving import AppSettings
+    from tests.api.fake_backend import FakeBackend
+    from tests.helpers import UvicornThread
+
+    backend = FakeBackend(smollm_tokenizer)
+    backend.worker_stats = {
+        "verify": WorkerStats("verify", 2.0, 10.0, stale_drafts=3, draft_wait_s=0.5),
+        "draft": WorkerStats("draft", 4.0, 10.0, rollbacks=7),
+    }
+    settings = AppSettings(model_name="m", max_model_len=64, eos_token_ids=(0,))
+    with UvicornThread(create_app(backend, smollm_tokenizer, settings)) as server:
+        counters = scrape_counters(urlparse(server.url).port)
+    assert set(counters) == set(WORKER_COUNTERS)
+    assert counters == {"verify_busy_s": 2.0, "draft_busy_s": 4.0, "rollbacks": 7, "stale_draft_tokens": 3,
+                        "verify_wait_s": 0.5}

@@ -415,3 +415,27 @@ def test_prompt_logprobs_come_from_the_prefill_only_when_asked(models):
     assert zero[2][0].prompt_logprobs == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(ValueError):  # max_tokens 0 without prompt logprobs: nothing to answer
         engine.add(GenerateRequest("y", prompt, 0, SamplingParams(), []))
+
+
+def test_step_stats_for_metrics(models):
+    """iteration_tokens (vLLM: prompt tokens computed + tokens generated per step)
+    and kv_cache_usage. Catches: prompt tokens counted per round instead of once,
+    emitted tokens missed in the histogram, usage not reading the caches' lengths."""
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=2)
+    prompts = [PROMPTS[1], PROMPTS[3]]
+    for i, prompt in enumerate(prompts):
+        engine.add(request(i, prompt, max_tokens=12))
+    seen_usage, emitted, steps = [], 0, 0
+    while engine.has_work:
+        outputs = engine.step()
+        steps += 1
+        emitted += sum(len(o.token_ids) for o in outputs)
+        seen_usage.append(engine.kv_cache_usage)
+    counts = engine.iteration_tokens
+    assert sum(counts.counts) == steps  # every step observed once
+    assert counts.sum == sum(len(p) for p in prompts) + emitted
+    assert max(seen_usage) > 0 and seen_usage[-1] == 0  # the finished requests' caches were given back
+    # after a prefill, the cache holds all but the prompt's last token, out of 2 caches x MAX_LEN slots
+    engine.add(request(9, PROMPTS[3], max_tokens=4))
+    engine.step()
+    assert engine.kv_cache_usage == (len(PROMPTS[3]) - 1) / (2 * MAX_LEN)

@@ -19,7 +19,7 @@ from collections import deque
 
 import torch
 
-from protocol.messages import GenerateRequest, TokenOutput
+from protocol.messages import GenerateRequest, HistogramCounts, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
 from workers.sampling import (
@@ -33,6 +33,10 @@ from workers.sampling import (
     warp_with,
 )
 from workers.sampling.grammar import GrammarError, mask_logits
+
+
+# vLLM's buckets for iteration_tokens_total (tokens per engine step)
+ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
 class RequestRejected(ValueError):
@@ -87,6 +91,7 @@ class VerifyEngine:
         self._waiting: deque[Request] = deque()
         self._running: deque[Request] = deque()
         self.busy_s = 0.0  # time inside target passes
+        self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)  # per step: prompt tokens fed + emitted
 
     # -- queue -------------------------------------------------------------
 
@@ -101,6 +106,12 @@ class VerifyEngine:
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """KV token slots the running requests hold, over the slots of all the caches the pool may hold."""
+        used = sum(r.cache.length for r in self._running if r.cache is not None)
+        return used / (self._caches.size * self.max_model_len)
 
     def add(self, message: GenerateRequest) -> None:
         """Queue a request; raises RequestRejected for one that cannot run."""
@@ -173,15 +184,18 @@ class VerifyEngine:
         if not self._running:
             return []
         request = self._running.popleft()
+        prompt_fed = max(0, len(request.prompt_ids) - request.cache.length)  # prompt tokens this pass feeds
         if request.cache.length < request.num_tokens - 1:
             self._prefill(request)
             if request.max_tokens > 0:
                 self._running.appendleft(request)  # its first round comes next
+                self.iteration_tokens.observe(prompt_fed - 1)  # all but the last, which opens the first round
                 return []
         if request.max_tokens > 0:
             output = self._round(request)
         else:  # prompt logprobs only: nothing to generate
             output = TokenOutput(request_id=request.request_id, token_ids=[], finish_reason="length")
+        self.iteration_tokens.observe(prompt_fed + len(output.token_ids))
         if request.prompt_logprobs is not None and len(request.output_ids) == len(output.token_ids):  # first output
             chosen, top = request.prompt_scores or ([], [])
             output.prompt_logprobs, output.prompt_top_logprobs = chosen, top
