@@ -5,7 +5,8 @@
 
 For each mode, one server: a warm-up of each kind (the first grammar request also
 wraps the tokenizer for llguidance in each worker: reported, not counted), then the
-same JSON-asking chat prompts without a grammar and with `response_format`, greedy.
+same JSON-asking chat prompts with `response_format` and without a grammar, greedy;
+without it each prompt gets as many tokens as its JSON took (the prefill weighs the same).
 Per kind: completion tokens, ms per token (client wall time / tokens), tokens per
 target pass, acceptance, and how many outputs parse and validate against the schema.
 The two kinds write different texts (prose or JSON), so acceptance may differ too;
@@ -66,11 +67,14 @@ def measure_mode(mode: str, settings: Settings, fmt: dict, schema: dict, log_dir
     with ServerProcess(Run(mode, mode), settings, log_path(log_dir, "structured", mode)) as server:
         client = Client(settings)
         client.send(PROMPTS[0], max_tokens=16)  # warm-up (not counted)
-        for kind, extra in (("no grammar", {}), ("response_format", {"response_format": fmt})):
+        lengths: list[int | None] = [None] * len(PROMPTS)
+        for kind, extra in (("response_format", {"response_format": fmt}), ("no grammar", {})):
             started = time.perf_counter()
             client.send(PROMPTS[0], max_tokens=16, extra=extra)  # warm-up of this kind (not counted)
             first_s = time.perf_counter() - started
-            results = [client.send(p, extra=extra) for p in PROMPTS]
+            # without the grammar, each prompt gets as many tokens as its JSON took (same prefill share)
+            results = [client.send(p, max_tokens=n, extra=extra) for p, n in zip(PROMPTS, lengths)]
+            lengths = [r.completion_tokens for r in results]
             if not server.alive():
                 raise RuntimeError(f"[{mode}] the server died")
             tokens = sum(r.completion_tokens for r in results)
@@ -94,6 +98,8 @@ def to_markdown(rows: list[dict]) -> str:
     lines = ["| mode | request | tokens | ms / token | vs no grammar | tokens / target pass | acceptance "
              "| ended (not cut) | valid JSON | warm-up request s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    order = {mode: i for i, mode in reversed(list(enumerate(r["mode"] for r in rows)))}
+    rows = sorted(rows, key=lambda r: (order[r["mode"]], r["request"] != "no grammar"))  # each mode's baseline first
     base = {r["mode"]: r["ms_per_token"] for r in rows if r["request"] == "no grammar"}
     for r in rows:
         acceptance = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.1f}%"
