@@ -1,4 +1,5 @@
-"""How the ranks of a layer-parallel draft talk: commands from rank 0, sums, gathers.
+"""How the ranks of a rank group talk (a layer-parallel draft, a tensor-parallel target):
+commands from rank 0, sums, gathers.
 
 Two implementations of one small interface:
 
@@ -33,7 +34,7 @@ CMD_HEADER = 16  # ints before the tokens in a command
 
 
 class RankError(RuntimeError):
-    """A rank of the layer-parallel draft died, failed or did not answer in time."""
+    """A rank of a rank group died, failed or did not answer in time."""
 
 
 class RankExit(Exception):
