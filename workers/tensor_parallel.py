@@ -207,21 +207,25 @@ class TensorParallelModel(RankGroup):
             raise
 
 
-def target_model(model_config, placements: Sequence, device: torch.device, *, tp_config, max_pass_tokens: int, fatal: bool):
-    """The verify worker's target: a LlamaModel on one device, a TensorParallelModel on several."""
+def target_model(config, device: torch.device):
+    """The verify worker's target (config: a configs.loader.Config): a LlamaModel on one
+    device; on several (`placement.<mode>.target` a list) a TensorParallelModel whose
+    failure ends the worker."""
     from workers.model import resolve_checkpoint
     from workers.shell import load_worker_model
 
+    placements = config.placement_of_mode.targets
     if len(placements) == 1:
-        return load_worker_model(model_config, device)[0]
-    path = resolve_checkpoint(model_config.path, progress=log.info)
-    checkpoint = TargetCheckpoint(str(path), model_config.dtype, model_config.quantization)
+        return load_worker_model(config.target, device)[0]
+    path = resolve_checkpoint(config.target.path, progress=log.info)
+    checkpoint = TargetCheckpoint(str(path), config.target.dtype, config.target.quantization)
     return TensorParallelModel(
         checkpoint,
         placements,
         device,
-        channel=tp_config.channel,
-        timeout_s=tp_config.timeout_s,
-        max_pass_tokens=max_pass_tokens,
-        fatal=fatal,
+        channel=config.tensor_parallel.channel,
+        timeout_s=config.tensor_parallel.timeout_s,
+        startup_timeout_s=config.server.startup_timeout_s,
+        max_pass_tokens=config.scheduler.max_model_len,
+        fatal=True,
     )

@@ -12,9 +12,10 @@ Every layer is split the same way:
   computes logits).
 
 Splits are as even as the units allow (3 KV heads over 2 ranks: 2 and 1). A row-parallel
-weight stored in blocks (int4, GGUF) is cut on block boundaries only: `QUANT_ALIGN` is
-the block of each quantization, and `tensor_splits` refuses a model whose heads do not
-fall on them. int8 is refused: its per-row scales span the whole input row.
+weight stored in blocks (int4, GGUF) must be cut on block boundaries: the MLP is split on
+multiples of `FFN_ALIGN` (the K-quants' 256-weight super-blocks where the size allows),
+and a head boundary that falls inside a block of o_proj is refused when that weight is
+loaded (naming it). int8 is refused: its per-row scales span the whole input row.
 
 `ShardedWeights` serves a rank its slices of the checkpoint's tensors (float, int4 or
 qgemm parts) by Hugging Face name, so the loader builds a rank's model as it builds a
@@ -29,9 +30,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-# The input-dimension block a row-parallel weight is cut on, per quantization ("gguf":
-# the K-quants' 256-weight super-blocks; every other GGUF block divides it).
-QUANT_ALIGN = {"none": 1, "int4": 32, "gguf": 256}
+# The input blocks a row-parallel weight may be cut on, per quantization, best first ("gguf":
+# the K-quants' 256-weight super-blocks, else the 32-weight blocks of the others).
+FFN_ALIGN = {"none": (1,), "int4": (32,), "gguf": (256, 32)}
 
 
 def split_range(total: int, world: int, align: int = 1) -> list[tuple[int, int]]:
@@ -105,28 +106,29 @@ def tensor_splits(args, world: int, quantization: str = "none") -> list[TensorSp
     Raises ValueError (with the reason) for a model that cannot be split so."""
     if world < 1:
         raise ValueError(f"tensor parallelism needs at least 1 rank, got {world}")
-    if quantization not in QUANT_ALIGN:
+    if quantization not in FFN_ALIGN:
         raise ValueError(
             f"a tensor-parallel target cannot be quantized {quantization!r} "
-            f"(supported: {', '.join(QUANT_ALIGN)}; int8's per-row scales span the whole input row)"
+            f"(supported: {', '.join(FFN_ALIGN)}; int8's per-row scales span the whole input row)"
         )
-    align = QUANT_ALIGN[quantization]
     if args.n_kv_heads < world:
         raise ValueError(f"the model's {args.n_kv_heads} KV heads cannot be split over {world} ranks")
     group = args.n_heads // args.n_kv_heads
     heads = split_range(args.n_kv_heads, world)
-    for lo, _ in heads:
-        column = lo * group * args.head_dim
-        if column % align:
-            raise ValueError(
-                f"quantization {quantization!r} stores o_proj in blocks of {align} inputs, and the split of "
-                f"{args.n_kv_heads} KV heads over {world} ranks cuts it at column {column}: use fewer ranks "
-                f"or quantization 'none'"
-            )
-    try:
-        ffn = split_range(args.intermediate_size, world, align)
-    except ValueError as e:
-        raise ValueError(f"the MLP's {args.intermediate_size} features cannot be split over {world} ranks: {e}") from None
+    if quantization == "int4":  # quantized here from float slices: their groups must be the whole model's
+        cuts = [lo * group * args.head_dim for lo, _ in heads]
+        if any(c % 32 for c in cuts):
+            raise ValueError(f"int4 groups 32 inputs of o_proj, and the split of {args.n_kv_heads} KV heads over "
+                             f"{world} ranks cuts it at {cuts}: use fewer ranks or quantization 'none'")
+    ffn, reasons = None, []
+    for align in FFN_ALIGN[quantization]:
+        try:
+            ffn = split_range(args.intermediate_size, world, align)
+            break
+        except ValueError as e:
+            reasons.append(str(e))
+    if ffn is None:
+        raise ValueError(f"the MLP's {args.intermediate_size} features cannot be split over {world} ranks: {'; '.join(reasons)}")
     return [
         TensorSplit(r, world, kv[0], kv[1], f[0], f[1], group, args.head_dim) for r, (kv, f) in enumerate(zip(heads, ffn))
     ]
@@ -148,9 +150,15 @@ class ShardedWeights:
         how, lo, hi = cut
         if how == "bias":
             return t if self.split.rank == 0 else torch.zeros_like(t)
-        if how == "rows" or t.dim() == 1:
+        if how == "rows" or (isinstance(t, torch.Tensor) and t.dim() == 1):
             return rows(t, lo, hi)
-        return cols(t, lo, hi)
+        try:
+            return cols(t, lo, hi)
+        except ValueError as e:  # a quantized weight's blocks straddle this rank's inputs
+            raise ValueError(
+                f"{name} cannot be split over {self.split.world} tensor-parallel ranks as stored: {e} "
+                "(use fewer ranks, or quantization 'none')"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         return self._cut(name, self.weights.get(name), lambda t, lo, hi: t[lo:hi], lambda t, lo, hi: t[:, lo:hi])
