@@ -11,14 +11,18 @@ position, tokens), computing no logits. Each layer costs two all-reduces of
 down_proj) over the rank group's channel: shared memory on CPU ("auto"), gloo,
 or NCCL on CUDA.
 
-A failed rank takes the group down, and with `fatal` the whole process (the
-verify worker exits; the launcher restarts it with its ranks).
+A failed rank takes the group down, and with `fatal` the whole process: at the
+next pass, or within WATCH_INTERVAL_S while idle (the verify worker exits; the
+launcher restarts it with its ranks).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +38,9 @@ from workers.ranks.group import RankGroup, pick_channel
 log = logging.getLogger("tandem.tp")
 
 _cache_ids = itertools.count(1)
+
+# with `fatal`: how often an idle rank 0 checks that its followers live
+WATCH_INTERVAL_S = 0.5
 
 # all-reduce chunks over the shared-memory channel: a prefill's [T, dim] goes in pieces of this many rows
 SHM_CHUNK_TOKENS = 64
@@ -157,6 +164,18 @@ class TensorParallelModel(RankGroup):
             timeout_s=timeout_s,
             startup_timeout_s=startup_timeout_s,
         )
+        if fatal:
+            threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """A follower that dies while rank 0 is idle ends this process too (fatal)."""
+        while not self._closed:
+            dead = [p.pid for p in self._procs if not p.is_alive()]
+            if dead and not self._closed:
+                log.critical("tensor-parallel rank(s) %s died; the worker exits", dead)
+                logging.shutdown()
+                os._exit(1)
+            time.sleep(WATCH_INTERVAL_S)
 
     def _while_followers_start(self) -> None:
         self.model = self.checkpoint.load(self.device, self.splits[0])

@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from tests.helpers import ONE_THREAD, TINY_EASYSPEC_SECTIONS, launch_server, process_alive, wait_until, write_config
+from tests.helpers import ONE_THREAD, TINY_EASYSPEC_SECTIONS, launch_server, process_alive, wait_healthy, wait_until, write_config
 from tests.tiny_model import make_tiny_checkpoint
 from workers.model import load_model
 from workers.ranks import RankError, RankPlacement
@@ -123,7 +123,9 @@ def test_tp2_target_through_the_server_gives_the_single_device_text(tmp_path, ti
     tensor-parallel model, a follower out of step with rank 0 across requests and rounds
     (rollbacks, cache reuse), and in easyspec both rank groups (target and draft) on the
     same devices getting in each other's way. The draft is an int8 copy in sd (drafts that
-    part from the target: rollbacks)."""
+    part from the target: rollbacks). In ar, also a target rank killed while idle: catches a
+    verify worker that lives on with a dead rank (every later request failing) instead of
+    exiting for the launcher to restart it with its ranks."""
     two = [ONE_THREAD, ONE_THREAD]
     sections = TINY_EASYSPEC_SECTIONS if mode == "easyspec" else {}
     placement = {key: dict(value) for key, value in sections.get("placement", {"default": {"draft": ONE_THREAD}}).items()}
@@ -136,11 +138,24 @@ def test_tp2_target_through_the_server_gives_the_single_device_text(tmp_path, ti
     )
     with launch_server(config, mode=mode) as server:
         assert completions(server, QUESTIONS) == single_device_texts
-        verify = [p for p in server.worker_pids() if open(f"/proc/{p}/comm").read().strip() == "tandem-verify"]
-        ranks = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "tandem-tp1"]
-        assert len(verify) == 1 and any(_parent(p) == verify[0] for p in ranks)
+        rank = _target_rank(server)
+        assert rank is not None
         if mode != "ar":
             assert server.metric("tandem:spec_decode_num_draft_tokens_total") > 0
+            return
+        # a target rank killed while idle: the verify worker exits with it and comes back whole
+        os.kill(rank, signal.SIGKILL)
+        assert wait_until(lambda: server.metric("tandem:worker_restarts_total", role="verify") >= 1, 60)
+        assert wait_until(lambda: _target_rank(server) not in (None, rank), 120)
+        wait_healthy(server)
+        assert completions(server, QUESTIONS[:1]) == single_device_texts[:1]
+
+
+def _target_rank(server) -> int | None:
+    """The pid of the verify worker's tensor-parallel rank 1 (tandem-tp1), if there is one."""
+    verify = [p for p in server.worker_pids() if _comm(str(p)) == "tandem-verify"]
+    ranks = [int(p) for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "tandem-tp1" and _parent(p) in verify]
+    return ranks[0] if len(verify) == 1 and len(ranks) == 1 else None
 
 
 def _comm(pid: str) -> str:
