@@ -1,7 +1,7 @@
 """What a tensor-parallel target costs per pass on this machine, against the single process.
 
     python -m bench.tp_cost --config configs/default.yaml [--ranks 2] [--tokens 1,5] \\
-        [--channels shm,gloo] [--context 200] [--rounds 5] [--reps 8]
+        [--channels shm,gloo] [--single-threads 1,2] [--context 200] [--rounds 5] [--reps 8]
 
 The config's target (its dtype and quantization) is timed as the verify engine runs it:
 a pass of T new tokens over a `context`-token KV cache (T=1 a decode step, T=k+1 a
@@ -12,7 +12,9 @@ verification of k drafts), cropped back after each pass. Rows:
 For TP rows also the all-reduces per pass (2 per layer, more when the shared-memory
 channel cuts a long pass in chunks), their bytes per token (2 x layers x hidden x dtype
 bytes: the wire cost per token of any TP-R ring, whatever R), and the share of rank 0's
-pass spent inside them (waiting for the slowest rank included). Prints Markdown; writes
+pass spent inside them (waiting for the slowest rank included). Rank 0's thread CPU
+time per pass is printed too: on a machine shared with other jobs it is the part of the
+wall time that is this rank's own work. Prints Markdown; writes
 bench/results/tp_cost.json.
 """
 
@@ -37,16 +39,18 @@ from workers.tensor_parallel import TargetCheckpoint, TensorParallelModel
 RESULTS = Path(__file__).resolve().parent / "results" / "tp_cost.json"
 
 
-def time_passes(runner: OurRunner, T: int, vocab: int, rounds: int, reps: int, gen) -> list[float]:
-    """Seconds per pass of T random tokens, rounds x reps times (after one warm-up pass)."""
+def time_passes(runner: OurRunner, T: int, vocab: int, rounds: int, reps: int, gen) -> tuple[list[float], list[float]]:
+    """(wall seconds, this thread's CPU seconds) per pass of T random tokens, rounds x reps
+    times (after one warm-up pass)."""
     runner.step(torch.randint(0, vocab, (T,), generator=gen))
-    out = []
+    wall, cpu = [], []
     for _ in range(rounds * reps):
         tokens = torch.randint(0, vocab, (T,), generator=gen)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         runner.step(tokens)
-        out.append(time.perf_counter() - t0)
-    return out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return wall, cpu
 
 
 def allreduce_bytes_per_token(args, dtype: torch.dtype) -> int:
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--tokens", default="1,5", help="new tokens per pass")
     ap.add_argument("--channels", default="shm,gloo")
+    ap.add_argument("--single-threads", default="", help="thread counts of the single-process rows (default: 1,R)")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=8)
@@ -80,10 +85,10 @@ def main() -> None:
             if tp is not None:
                 tp.stats.reset()
             t0 = time.perf_counter()
-            ts = time_passes(runner, T, vocab, a.rounds, a.reps, gen)
+            ts, cpu = time_passes(runner, T, vocab, a.rounds, a.reps, gen)
             wall = time.perf_counter() - t0
             row = dict(setup=label, tokens_per_pass=T, ms_per_pass=round(statistics.median(ts) * 1e3, 2),
-                       min_ms=round(min(ts) * 1e3, 2))
+                       min_ms=round(min(ts) * 1e3, 2), rank0_cpu_ms=round(statistics.median(cpu) * 1e3, 2))
             if tp is not None:
                 snap = tp.stats.snapshot().get("all_reduce", {"count": 0, "seconds": 0.0, "bytes": 0})
                 passes = len(ts) + 1
@@ -99,7 +104,7 @@ def main() -> None:
         context = torch.randint(0, vocab, (a.context,), generator=gen)
         capacity = a.context + max(token_counts) + 1
         runner = OurRunner(model, context, capacity)
-        for threads in (1, R):
+        for threads in [int(n) for n in a.single_threads.split(",")] if a.single_threads else (1, R):
             apply_placement(RankPlacement(cores=tuple(range(threads)), threads=threads))
             record(f"single process, {threads} thread(s)", runner, vocab)
         args = model.args
@@ -120,12 +125,16 @@ def main() -> None:
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}\n")
     print(f"All-reduce bytes per token: 2 x {args.n_layers} layers x {args.dim} x {torch.finfo(dtype).bits // 8} bytes "
           f"= {per_token / 1e3:.1f} KB ({2 * args.n_layers} all-reduces per pass)\n")
-    print("| setup | tokens/pass | ms/pass | min | x single 1 thread | all-reduces/pass | in all-reduce |")
-    print("|---|---|---|---|---|---|---|")
+    print("| setup | tokens/pass | ms/pass | min | x single 1 thread | rank 0 CPU ms | all-reduces/pass | in all-reduce |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else ""
         print(f"| {r['setup']} | {r['tokens_per_pass']} | {r['ms_per_pass']:.1f} | {r['min_ms']:.1f} | "
-              f"{r['ms_per_pass'] / base[r['tokens_per_pass']]:.2f} | {r.get('all_reduces_per_pass', '')} | {share} |")
+              f"{r['ms_per_pass'] / base[r['tokens_per_pass']]:.2f} | {r['rank0_cpu_ms']:.1f} | "
+              f"{r.get('all_reduces_per_pass', '')} | {share} |")
+    print("\n(rank 0 CPU ms: the CPU time of rank 0's own thread per pass: its compute, plus the spinning of a "
+          "shared-memory wait; a gloo wait sleeps. With other jobs on the cores, the wall times mostly measure "
+          "the wait for the other rank to be scheduled.)")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(dict(config=a.config, context=a.context, ranks=R, allreduce_bytes_per_token=per_token,
                                       load_average=[load_start, load_end], rows=rows), indent=2))
