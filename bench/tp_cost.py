@@ -15,7 +15,8 @@ bytes: the wire cost per token of any TP-R ring, whatever R), and the share of r
 pass spent inside them (waiting for the slowest rank included). Rank 0's thread CPU
 time per pass is printed too: on a machine shared with other jobs it is the part of the
 wall time that is this rank's own work. Prints Markdown; writes
-bench/results/tp_cost.json.
+bench/results/tp_cost.json. First, as a check, TP-R's logits of one pass against the
+single process's.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     load_start = os.getloadavg()
     rows = []
+    checks: dict[str, dict] = {}
 
     def record(label: str, runner: OurRunner, vocab: int, tp: TensorParallelModel | None = None):
         for T in token_counts:
@@ -104,6 +106,8 @@ def main() -> None:
         context = torch.randint(0, vocab, (a.context,), generator=gen)
         capacity = a.context + max(token_counts) + 1
         runner = OurRunner(model, context, capacity)
+        probe = context[-8:]
+        reference = model.forward(probe, model.new_cache(16), num_logits=8)  # to check TP's logits against
         for threads in [int(n) for n in a.single_threads.split(",")] if a.single_threads else (1, R):
             apply_placement(RankPlacement(cores=tuple(range(threads)), threads=threads))
             record(f"single process, {threads} thread(s)", runner, vocab)
@@ -115,6 +119,10 @@ def main() -> None:
         for channel in a.channels.split(","):
             with TensorParallelModel(checkpoint, placements, torch.device("cpu"), channel=channel,
                                      max_pass_tokens=capacity) as tp:
+                logits = tp.forward(probe, tp.new_cache(16), num_logits=8)
+                checks[channel] = dict(
+                    max_diff_over_range=round(((logits - reference).abs().max() / reference.abs().max()).item(), 5),
+                    argmax_equal=int((logits.argmax(-1) == reference.argmax(-1)).sum()), rows=len(probe))
                 record(f"TP-{R}, {channel}", OurRunner(tp, context, capacity), vocab, tp)
 
     per_token = allreduce_bytes_per_token(args, dtype)
@@ -125,6 +133,11 @@ def main() -> None:
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}\n")
     print(f"All-reduce bytes per token: 2 x {args.n_layers} layers x {args.dim} x {torch.finfo(dtype).bits // 8} bytes "
           f"= {per_token / 1e3:.1f} KB ({2 * args.n_layers} all-reduces per pass)\n")
+    for channel, check in checks.items():
+        print(f"TP-{R} ({channel}) logits of an 8-token pass vs the single process: max |diff| = "
+              f"{check['max_diff_over_range']:.5f} of the logits' range, argmax equal in "
+              f"{check['argmax_equal']}/{check['rows']} rows")
+    print()
     print("| setup | tokens/pass | ms/pass | min | x single 1 thread | rank 0 CPU ms | all-reduces/pass | in all-reduce |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -137,7 +150,7 @@ def main() -> None:
           "the wait for the other rank to be scheduled.)")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(dict(config=a.config, context=a.context, ranks=R, allreduce_bytes_per_token=per_token,
-                                      load_average=[load_start, load_end], rows=rows), indent=2))
+                                      load_average=[load_start, load_end], rows=rows, logits_check=checks), indent=2))
     print(f"\nwrote {a.json}")
 
 
