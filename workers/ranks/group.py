@@ -154,6 +154,7 @@ class RankGroup:
         self.timeout_s = timeout_s
         self.max_command_tokens = max_command_tokens
         self.slot_bytes = -(-max(slot_bytes, 64) // 4096) * 4096
+        self.startup_timeout_s = startup_timeout_s
         self._failure: str | None = None
         self._closed = False
         self._procs: list = []
@@ -182,7 +183,7 @@ class RankGroup:
                 self._procs.append(proc)
                 self._conns.append(parent)
             if not isinstance(channel_setup, ShmLayout):
-                self.channel = DistChannel(channel_setup, 0, device)
+                self.channel = DistChannel(channel_setup, 0, device, check_peers=self._check_peers)
             self._while_followers_start()
             self._await_ready(startup_timeout_s)
             if self._shm_path:  # everyone has it mapped: no file left behind, whatever happens next
@@ -197,7 +198,8 @@ class RankGroup:
             path = os.path.join(shm_directory(), f"tandem-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             return ShmLayout(path, self.world, self.slot_bytes, max_words(self.max_command_tokens), self.timeout_s, os.getpid())
         init = f"file://{os.path.join(self._rendezvous_dir, 'rendezvous')}"
-        return DistRendezvous(init, self.world, "nccl" if self.channel_kind == "nccl" else "gloo", self.timeout_s)
+        backend = "nccl" if self.channel_kind == "nccl" else "gloo"
+        return DistRendezvous(init, self.world, backend, self.timeout_s, join_timeout_s=self.startup_timeout_s)
 
     # -- lifecycle -----------------------------------------------------------
 
