@@ -71,7 +71,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _exchange_worker(rank, kind, path, ready, shapes, reps, conn):
-    from workers.easyspec.channel import DistChannel, DistRendezvous, ShmChannel, ShmLayout
+    from workers.ranks.channel import DistChannel, DistRendezvous, ShmChannel, ShmLayout
 
     pin({rank}, 1)
     if kind == "shm":

@@ -50,11 +50,19 @@ class DevicePlacement:
 
 @dataclass(frozen=True)
 class RolePlacement:
+    # one device, or (in a config) a list of devices: a tensor-parallel target over them,
+    # rank 0 first; a list is stored as `target` (rank 0) + `target_ranks` (the others)
     target: DevicePlacement = DevicePlacement()
     draft: DevicePlacement = DevicePlacement()
     # easyspec modes: the devices of the draft's other layer-parallel ranks
     # (`draft` is rank 0); D = 1 + len(draft_ranks)
     draft_ranks: tuple[DevicePlacement, ...] = ()
+    target_ranks: tuple[DevicePlacement, ...] = ()  # the tensor-parallel target's ranks 1..R-1
+
+    @property
+    def targets(self) -> tuple[DevicePlacement, ...]:
+        """The target's devices, rank 0 first (one: no tensor parallelism)."""
+        return (self.target, *self.target_ranks)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,20 @@ class EasySpecConfig:
                 raise ConfigError(f"easyspec.{key}: {value!r} is not one of {', '.join(valid)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"easyspec.timeout_s: must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class TensorParallelConfig:
+    """A target over several devices (`placement.<mode>.target` a list); see workers/tensor_parallel.py."""
+
+    channel: str = "auto"  # one of CHANNELS: the all-reduces ("auto": shared memory on CPU, NCCL on CUDA)
+    timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
+
+    def __post_init__(self):
+        if self.channel not in CHANNELS:
+            raise ConfigError(f"tensor_parallel.channel: {self.channel!r} is not one of {', '.join(CHANNELS)}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"tensor_parallel.timeout_s: must be positive, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     addresses: AddressConfig = AddressConfig()
     easyspec: EasySpecConfig = EasySpecConfig()
+    tensor_parallel: TensorParallelConfig = TensorParallelConfig()
 
     @property
     def mode(self) -> Mode:
@@ -199,6 +222,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                 raise ConfigError(f"{'.'.join(parents[: depth + 1])} is not a section: cannot set {dotted.replace('__', '.')}")
         node[leaf] = value
     _rename_sections(raw)
+    _target_lists(raw)
     config = _build(Config, raw, "")
     _validate(config)
     return config
@@ -217,6 +241,22 @@ def _rename_sections(raw: dict) -> None:
             raise ConfigError(f"{old}: renamed {new!r}, and the config has both; keep only {new!r}")
         log.warning("config section %r is now called %r; rename it in your config", old, new)
         raw[new] = raw.pop(old)
+
+
+def _target_lists(raw: dict) -> None:
+    """`placement.<mode>.target` as a list of devices -> target (rank 0) + target_ranks."""
+    placement = raw.get("placement")
+    if not isinstance(placement, dict):
+        return
+    for mode, roles in placement.items():
+        if not isinstance(roles, dict) or not isinstance(roles.get("target"), list):
+            continue
+        devices = roles["target"]
+        if not devices:
+            raise ConfigError(f"placement.{mode}.target: an empty list; give one device or several")
+        if "target_ranks" in roles:
+            raise ConfigError(f"placement.{mode}: a list of target devices and target_ranks; give the list only")
+        roles["target"], roles["target_ranks"] = devices[0], devices[1:]
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -294,6 +334,24 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
+def _validate_target_devices(config: Config, mode: str, roles: RolePlacement) -> None:
+    """A tensor-parallel target: devices of one kind, each GPU once, a quantization it can split."""
+    devices = [p.device for p in roles.targets]
+    if len(devices) < 2:
+        return
+    where = f"placement.{mode}.target"
+    if len({d.split(":")[0] for d in devices}) > 1:
+        raise ConfigError(f"{where}: a tensor-parallel target runs on devices of one kind, got {devices}")
+    gpus = [d for d in devices if d != "cpu"]
+    if len(set(gpus)) < len(gpus):
+        raise ConfigError(f"{where}: each rank needs a GPU of its own, got {devices}")
+    if config.target.quantization == "int8":
+        raise ConfigError(
+            f"{where}: a tensor-parallel target cannot be quantized int8 (its per-row scales span the "
+            "whole input row, which row-parallel layers split); use none, int4 or gguf"
+        )
+
+
 def _validate(config: Config) -> None:
     speculation = config.speculation
     if speculation.mode not in MODE_NAMES:
@@ -315,9 +373,10 @@ def _validate(config: Config) -> None:
     for mode, roles in config.placement.items():
         if mode != "default" and mode not in MODE_NAMES:
             raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODE_NAMES)})")
+        _validate_target_devices(config, mode, roles)
         for role, placement in [("target", roles.target), ("draft", roles.draft)] + [
             (f"draft_ranks[{i}]", p) for i, p in enumerate(roles.draft_ranks)
-        ]:
+        ] + [(f"target[{i}]", p) for i, p in enumerate(roles.target_ranks, start=1)]:
             where = f"placement.{mode}.{role}"
             if placement.device != "cpu" and not placement.device.startswith("cuda"):
                 raise ConfigError(f"{where}.device: expected 'cpu' or 'cuda:N', got {placement.device!r}")

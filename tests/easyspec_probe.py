@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from workers.easyspec import RankGroup
+from workers.easyspec import DraftRankGroup
 
 
 def dump_kv(state, cache_id: int, length: int, directory: str) -> None:
-    """Runs on every follower rank (RankGroup.call): save its twin of the cache."""
+    """Runs on every follower rank (DraftRankGroup.call): save its twin of the cache."""
     cache = state.caches[cache_id]
     path = Path(directory) / f"kv-{state.rank}.pt"
     torch.save({"k": cache.k[:, :, :length].clone(), "v": cache.v[:, :, :length].clone()}, path)
@@ -23,7 +23,7 @@ def fetch_kv(draft, cache, length: int | None = None) -> tuple[torch.Tensor, tor
     length = cache.length if length is None else length
     k, v = cache.k[:, :, :length].clone(), cache.v[:, :, :length].clone()
     group = draft.executor
-    if not isinstance(group, RankGroup):  # the single-process executor: rank 0 holds every layer
+    if not isinstance(group, DraftRankGroup):  # the single-process executor: rank 0 holds every layer
         return k, v
     with tempfile.TemporaryDirectory(prefix="tandem-kv-") as directory:
         group.call(f"{__name__}:dump_kv", cache.cache_id, length, directory)

@@ -1,8 +1,9 @@
 """What every worker process shares: placement, naming, lifetime, model loading.
 
-The verify and draft workers start with `become_worker`; the EasySpec follower
-ranks (workers/easyspec/ranks.py) use the same pieces: `name_process`,
-`die_with_parent`, `apply_placement`.
+The verify and draft workers start with `become_worker`; the follower ranks of
+a rank group (workers/ranks/group.py: EasySpec's draft ranks, a tensor-parallel
+target's ranks) use the same pieces: `name_process`, `die_with_parent`,
+`apply_placement`.
 """
 
 from __future__ import annotations

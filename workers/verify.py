@@ -30,7 +30,8 @@ from protocol.messages import (
 from protocol.sockets import Inbox, Outbox
 from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
 from workers.sampling.grammar import Grammars
-from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
+from workers.shell import apply_placement, become_worker, worker_args
+from workers.tensor_parallel import target_model
 
 log = logging.getLogger("tandem.verify")
 
@@ -80,7 +81,7 @@ class VerifyWorker:
     def __init__(self, config: Config):
         self.config = config
         device = apply_placement(config.placement_of_mode.target)
-        self.model, path = load_worker_model(config.target, device)
+        self.model, path = target_model(config, device)  # one device, or tensor-parallel over several
         self.inbox = Inbox(config.addresses.verify)
         self.to_server = Outbox(config.addresses.server)
         self.draft, self.transport = make_draft_source(config, Outbox)

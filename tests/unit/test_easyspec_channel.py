@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from workers.easyspec.channel import (
+from workers.ranks.channel import (
     DistChannel,
     DistRendezvous,
     ExchangeStats,

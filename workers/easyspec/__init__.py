@@ -5,15 +5,15 @@
 - cache.py: the draft KV cache that knows which entries are exact.
 - draft_model.py: LayerParallelDraftModel, behind DraftEngine's DraftModel
   interface (forward, new_cache, the round hooks), calibration policy, stats.
-- ranks.py, channel.py: the D processes and how they exchange hidden states.
+- ranks.py: the D processes (a rank group, workers/ranks/) and the draft's commands.
 """
 
 from .cache import DraftKVCache
-from .channel import ExchangeStats, RankError
+from workers.ranks.channel import ExchangeStats, RankError
 from .draft_model import LayerParallelDraftModel, LocalExecutor
 from .fuzzy import LayerRunner
 from .plan import LayerPlan, assign_ranks, make_layer_plan, plan_of, validate_groups
-from .ranks import DraftCheckpoint, RankGroup, RankPlacement
+from .ranks import DraftCheckpoint, DraftRankGroup, RankPlacement
 
 __all__ = [
     "DraftKVCache",
@@ -24,7 +24,7 @@ __all__ = [
     "LayerRunner",
     "LocalExecutor",
     "RankError",
-    "RankGroup",
+    "DraftRankGroup",
     "RankPlacement",
     "assign_ranks",
     "make_layer_plan",

@@ -25,7 +25,7 @@ keeping the tokens drafted past `upto`.
 `forward(..., exact=True/False)` overrides the policy for one pass.
 
 Executors: `LocalExecutor` computes every rank's layers in this process (the
-single-process reference of the math); `RankGroup` (ranks.py) runs them on D
+single-process reference of the math); `DraftRankGroup` (ranks.py) runs them on D
 processes.
 """
 
@@ -42,7 +42,7 @@ from configs.loader import EasySpecConfig
 from workers.model import LlamaModel
 
 from .cache import DraftKVCache
-from .channel import ExchangeStats
+from workers.ranks.channel import ExchangeStats
 from .fuzzy import LayerRunner
 from .plan import LayerPlan, plan_of
 
@@ -143,9 +143,9 @@ class LayerParallelDraftModel:
         placements: one per rank (device, cores, threads); placements[0] is not applied
         here: this process is rank 0, placed by its caller.
         """
-        from .ranks import RankGroup
+        from .ranks import DraftRankGroup
 
-        group = RankGroup(
+        group = DraftRankGroup(
             model,
             checkpoint,
             plan,

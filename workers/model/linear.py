@@ -140,6 +140,13 @@ class Int4Parts:
     def rows(self, index: torch.Tensor) -> "Int4Parts":
         return Int4Parts(self.q[index], self.scales[index], self.zeros[index])
 
+    def columns(self, lo: int, hi: int) -> "Int4Parts":
+        """Input features [lo, hi) only (a row-parallel shard), cut on group boundaries."""
+        g = self.group
+        if lo % g or hi % g:
+            raise ValueError(f"an int4 weight is cut on its groups of {g} inputs, not at [{lo}, {hi})")
+        return Int4Parts(*(t[:, lo // per : hi // per].contiguous() for t, per in ((self.q, 1), (self.scales, g), (self.zeros, g))))
+
     @staticmethod
     def cat(parts: list["Int4Parts"]) -> "Int4Parts":
         """Stack along the output dimension (a fused linear); all parts must share their group size."""

@@ -30,6 +30,7 @@ from configs.choices import QUANTIZATIONS, check_choice
 from .linear import ConcatLinear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
 from .model import LlamaModel
 from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
+from .tensor_split import AllReduced, ShardedWeights, TensorSplit
 
 
 class _Weights:
@@ -78,6 +79,7 @@ def open_weights(path: Path) -> _Weights | GGUFFile:
 
 def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
     """Whether "gguf" serves this file's quantized tensors with our qgemm kernel."""
+    w = w.weights if isinstance(w, ShardedWeights) else w
     return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
 
 
@@ -189,6 +191,7 @@ def load_model(
     *,
     head_quantization: str | None = None,
     head_vocab: int = 0,
+    split: TensorSplit | None = None,
 ) -> LlamaModel:
     """Build a LlamaModel from a resolved HF directory (config.json + *.safetensors).
 
@@ -202,6 +205,8 @@ def load_model(
     With tied embeddings and no packing, the head shares the embedding tensor.
     head_vocab: 0 = logits over the whole vocabulary; N > 0 = a reduced head (FR-Spec, for a
     draft) over the first N token ids plus the tokenizer's added tokens (see SubsetHead).
+    split: one tensor-parallel rank's share (tensor_split.py): its slices of every layer, its
+    o_proj and down_proj wrapped in AllReduced (attach_all_reduce before the first forward).
     """
     check_choice("quantization", quantization, QUANTIZATIONS)
     path = Path(path)
@@ -210,6 +215,9 @@ def load_model(
     w = open_weights(path)
     if quantization == "gguf" and not isinstance(w, GGUFFile):
         raise ValueError(f"quantization 'gguf' serves a GGUF file's own weights, but {path} holds safetensors")
+    if split is not None:
+        w = ShardedWeights(w, split)
+    row_parallel = AllReduced if split is not None else (lambda linear: linear)
 
     def linear(weights: list[str], biases: list[str] | None, quant: str) -> nn.Module:
         """One (fused) linear from HF tensors; biases=None means the architecture has none."""
@@ -223,20 +231,22 @@ def load_model(
         return nn.Parameter(w.get(name).to(device=device, dtype=dtype), requires_grad=False)
 
     with torch.device("meta"):
-        model = LlamaModel(args, dtype=dtype)
+        model = LlamaModel(args, dtype=dtype, split=split)
     model.tok_embeddings.weight = norm_weight("model.embed_tokens.weight")
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         qkv = ["q_proj", "k_proj", "v_proj"]
         layer.attention.wqkv = linear(names(attn, qkv, ".weight"), names(attn, qkv, ".bias", args.qkv_bias), quantization)
-        layer.attention.wo = linear([attn + "o_proj.weight"], names(attn, ["o_proj"], ".bias", args.o_bias), quantization)
+        layer.attention.wo = row_parallel(
+            linear([attn + "o_proj.weight"], names(attn, ["o_proj"], ".bias", args.o_bias), quantization)
+        )
         gate_up = ["gate_proj", "up_proj"]
         layer.feed_forward.w13 = linear(
             names(mlp, gate_up, ".weight"), names(mlp, gate_up, ".bias", args.mlp_bias), quantization
         )
-        layer.feed_forward.w2 = linear(
-            [mlp + "down_proj.weight"], names(mlp, ["down_proj"], ".bias", args.mlp_bias), quantization
+        layer.feed_forward.w2 = row_parallel(
+            linear([mlp + "down_proj.weight"], names(mlp, ["down_proj"], ".bias", args.mlp_bias), quantization)
         )
         layer.attention_norm.weight = norm_weight(p + "input_layernorm.weight")
         layer.ffn_norm.weight = norm_weight(p + "post_attention_layernorm.weight")
@@ -245,7 +255,9 @@ def load_model(
     head_name = "model.embed_tokens.weight" if args.tie_embeddings or "lm_head.weight" not in w else "lm_head.weight"
     head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization == "gguf" else "none")
     check_choice("head_quantization", head_quant, QUANTIZATIONS)
-    if head_vocab:
+    if split is not None and split.rank != 0:
+        model.output = None  # a follower rank computes no logits (LlamaModel.head with num_logits=0)
+    elif head_vocab:
         ids = subset_vocabulary(path, args.vocab_size, head_vocab)
         rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)

@@ -8,6 +8,10 @@ Weights are fused at load time: q/k/v into one `wqkv`, gate/up into one `w13`.
 Layers expose `attention_block` and `mlp_block` (residual contributions) so a
 caller can run chosen layers on chosen inputs (EasySpec); `forward` is built
 from `embed`, those blocks and `head`.
+
+A tensor-parallel rank's model (`split`, see tensor_split.py) holds only its
+share of every layer: its KV heads (with their query heads) and a slice of the
+MLP's intermediate features; its KV cache holds those heads only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .cache import KVCache
+from .tensor_split import TensorSplit
 
 
 # Passes of up to this many new tokens (decode steps and verifications) attend row by row,
@@ -70,15 +75,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, n_kv_heads: int | None = None):
+        """n_kv_heads: this rank's KV heads under tensor parallelism (default: all of them)."""
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.group = args.n_heads // args.n_kv_heads
-        self.q_size = args.n_heads * args.head_dim
-        self.kv_size = args.n_kv_heads * args.head_dim
+        self.n_kv_heads = n_kv_heads or args.n_kv_heads
+        self.n_heads, self.head_dim = self.n_kv_heads * self.group, args.head_dim
+        self.q_size = self.n_heads * args.head_dim
+        self.kv_size = self.n_kv_heads * args.head_dim
         self.scale = args.head_dim**-0.5
         self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.wo = nn.Linear(self.q_size, args.dim, bias=args.o_bias)
+        self.wo = nn.Linear(self.q_size, args.dim, bias=args.o_bias)  # tensor-parallel: + all-reduce
 
     def forward(
         self,
@@ -120,11 +127,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden: int | None = None):
+        """hidden: this rank's intermediate features under tensor parallelism (default: all)."""
         super().__init__()
-        self.hidden = args.intermediate_size
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
+        self.hidden = hidden or args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=args.mlp_bias)  # gate, up
+        self.w2 = nn.Linear(self.hidden, args.dim, bias=args.mlp_bias)  # down; tensor-parallel: + all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim] normalized
         gate_up = self.w13(x)  # [T, 2 I]
@@ -133,13 +141,13 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, split: TensorSplit | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, split and split.n_kv_heads)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, split and split.hidden)
 
     def attention_block(self, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], pos: Positions):
         """Residual contribution of attention, [T, dim], for h: [T, dim].
@@ -159,12 +167,13 @@ class TransformerBlock(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, split: TensorSplit | None = None):
         super().__init__()
         self.args = args
         self.dtype = dtype
+        self.split = split  # this rank's share under tensor parallelism; None = the whole model
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, i, split) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # With tied embeddings, load_model points output.weight at tok_embeddings.weight
         # (or at a quantized copy of it).
@@ -195,7 +204,8 @@ class LlamaModel(nn.Module):
                 f"must be <= the model's sliding_window {a.sliding_window}"
             )
         self.ensure_rope(max_seq_len)
-        return cache_type(a.n_layers, a.n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
+        n_kv_heads = self.split.n_kv_heads if self.split else a.n_kv_heads  # tensor-parallel: this rank's heads
+        return cache_type(a.n_layers, n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
 
     # -- pieces ----------------------------------------------------------------
 

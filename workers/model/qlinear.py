@@ -137,6 +137,27 @@ class QuantParts:
         """Parts of one kind can be stacked into one packed weight."""
         return (self.group, self.layout, self.offsets is None, self.zero_point, self.q4k is not None)
 
+    def rows(self, index: torch.Tensor) -> "QuantParts":
+        """These output features only (a column-parallel shard)."""
+        pick = None if self.offsets is None else self.offsets[index]
+        q4k = None if self.q4k is None else tuple(t[index] for t in self.q4k)
+        q6k = None if self.q6k is None else tuple(t[index] for t in self.q6k)
+        return QuantParts(self.q[index], self.scales[index], pick, self.zero_point, self.group, self.nibbles, q4k, q6k)
+
+    def columns(self, lo: int, hi: int) -> "QuantParts":
+        """Input features [lo, hi) only (a row-parallel shard), cut on block boundaries."""
+        block = 256 if self.q4k is not None or self.q6k is not None else self.group
+        if lo % block or hi % block:
+            raise ValueError(f"a quantized weight is cut on its blocks of {block} inputs, not at [{lo}, {hi})")
+
+        def cut(t: torch.Tensor, per: int) -> torch.Tensor:  # t: [N, K / per]
+            return t[:, lo // per : hi // per].contiguous()
+
+        offsets = None if self.offsets is None else cut(self.offsets, self.group)
+        q4k = None if self.q4k is None else (cut(self.q4k[0], 32), cut(self.q4k[1], 32), cut(self.q4k[2], 256), cut(self.q4k[3], 256))
+        q6k = None if self.q6k is None else (cut(self.q6k[0], 16), cut(self.q6k[1], 256))
+        return QuantParts(cut(self.q, 1), cut(self.scales, self.group), offsets, self.zero_point, self.group, self.nibbles, q4k, q6k)
+
     @staticmethod
     def cat(parts: list["QuantParts"]) -> "QuantParts":
         first = parts[0]

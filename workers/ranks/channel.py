@@ -1,4 +1,5 @@
-"""How the ranks of a layer-parallel draft talk: commands from rank 0, sums, gathers.
+"""How the ranks of a rank group talk (a layer-parallel draft, a tensor-parallel target):
+commands from rank 0, sums, gathers.
 
 Two implementations of one small interface:
 
@@ -33,7 +34,7 @@ CMD_HEADER = 16  # ints before the tokens in a command
 
 
 class RankError(RuntimeError):
-    """A rank of the layer-parallel draft died, failed or did not answer in time."""
+    """A rank of a rank group died, failed or did not answer in time."""
 
 
 class RankExit(Exception):
@@ -316,6 +317,7 @@ class DistRendezvous:
     data_backend: str  # "gloo" or "nccl"
     timeout_s: float
     idle_timeout_s: float = 7 * 24 * 3600.0  # commands: a follower may wait this long between rounds
+    join_timeout_s: float = 300.0  # every rank must reach the rendezvous within this (process start-up)
 
 
 def _store(init_method: str, rank: int, world: int, timeout: datetime.timedelta):
@@ -332,7 +334,9 @@ def _store(init_method: str, rank: int, world: int, timeout: datetime.timedelta)
 class DistChannel(Channel):
     """torch.distributed process groups of our own (the process's default group stays free)."""
 
-    def __init__(self, rendezvous: DistRendezvous, rank: int, device: torch.device):
+    def __init__(
+        self, rendezvous: DistRendezvous, rank: int, device: torch.device, check_peers: Callable[[], None] | None = None
+    ):
         import torch.distributed as dist
 
         self._dist = dist
@@ -341,7 +345,8 @@ class DistChannel(Channel):
         self.device = device
         self.stats = ExchangeStats()
         timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
-        store = _store(rendezvous.init_method, rank, rendezvous.world, timeout)
+        store = _store(rendezvous.init_method, rank, rendezvous.world, datetime.timedelta(seconds=rendezvous.join_timeout_s))
+        self._join(store, check_peers or (lambda: None))
         # gloo sends only once the peer has posted its receive, so rank 0's command
         # to a hung follower would wait as long as the group's timeout: rank 0 gets the
         # data timeout, followers (idle between rounds) the long one. Each process's
@@ -359,6 +364,24 @@ class DistChannel(Channel):
             raise ValueError(f"unknown data backend {rendezvous.data_backend!r}")
         self._store = store
         self._header = torch.zeros(CMD_HEADER + MAX_INLINE_TOKENS + 1, dtype=torch.int64)
+
+    def _join(self, store, check_peers: Callable[[], None]) -> None:
+        """Wait until every rank has reached the store (up to join_timeout_s, checking the peers),
+        so that the groups' connections, made next under the short data timeout, do not wait
+        on a peer still starting (importing torch on a busy machine takes seconds)."""
+        store.set(f"joined/{self.rank}", "1")
+        keys = [f"joined/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + self.rendezvous.join_timeout_s
+        while True:
+            try:
+                store.wait(keys, datetime.timedelta(seconds=0.5))
+                return
+            except RuntimeError:  # not everyone yet ("Wait timeout")
+                check_peers()
+                if time.monotonic() > deadline:
+                    raise RankError(
+                        f"rank {self.rank}: not every rank reached the rendezvous within {self.rendezvous.join_timeout_s:.0f} s"
+                    ) from None
 
     def _run(self, kind: str, nbytes: int, fn):
         t0 = time.perf_counter()

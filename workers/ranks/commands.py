@@ -1,11 +1,12 @@
-"""What rank 0 tells the other ranks of a layer-parallel draft: one struct per command.
+"""What rank 0 tells the other ranks of a rank group: one struct per command.
 
 Commands are msgspec structs (like protocol/), encoded as msgpack and carried
 by the channel as int64 words: [byte length, the bytes packed 8 to a word].
 
-    Forward(cache, start, tokens, ...)   run this rank's share of a pass
+    Forward(cache, start, tokens, ...)   draft: run this rank's share of a fuzzy/exact pass
+    Configure(groups, variant, ...)      draft: switch plans without restarting
+    ShardForward(cache, start, tokens)   tensor-parallel target: this rank's heads and MLP slice
     NewCache(cache, capacity)            a KV cache twin per engine cache
-    Configure(groups, variant, ...)      switch plans without restarting
     Call(function, args)                 run a named function on the rank (inspection)
     Barrier / Shutdown
 """
@@ -24,6 +25,15 @@ class Forward(msgspec.Struct, tag=True, array_like=True):
     exact: bool  # layer by layer (every rank runs every layer) instead of the plan's parallel groups
     final_length: int  # the cache length after the pass
     split_head: bool  # every rank computes the logits of a vocabulary slice (else rank 0 alone)
+
+
+class ShardForward(msgspec.Struct, tag=True, array_like=True):
+    """A tensor-parallel target's pass: tokens at positions start.. (the follower's twin of
+    the cache is cut to `start` first: a rollback needs no command of its own)."""
+
+    cache_id: int
+    start: int
+    tokens: list[int]
 
 
 class NewCache(msgspec.Struct, tag=True, array_like=True):
@@ -53,7 +63,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Command = Forward | NewCache | Configure | Call | Barrier | Shutdown
+Command = Forward | ShardForward | NewCache | Configure | Call | Barrier | Shutdown
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Command)
