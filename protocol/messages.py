@@ -79,6 +79,31 @@ class RequestFailed(msgspec.Struct, tag=True):
     message: str
 
 
+# Bounds of the per-pass histograms the workers keep: requests in a model pass, tokens in a target pass.
+BATCH_SIZE_BOUNDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+STEP_TOKENS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class StepHistogram(msgspec.Struct):
+    """A cumulative histogram a worker keeps (not a message: a field of WorkerStats):
+    counts[i] observations <= bounds[i] and above bounds[i-1]; the last count is above them all."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float = 0.0
+
+    @classmethod
+    def of(cls, bounds) -> "StepHistogram":
+        return cls(list(bounds), [0] * (len(bounds) + 1))
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.bounds) and value > self.bounds[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+
+
 class WorkerStats(msgspec.Struct, tag=True):
     """Cumulative counters a worker reports every ~0.5 s (for /metrics)."""
 
@@ -90,6 +115,9 @@ class WorkerStats(msgspec.Struct, tag=True):
     stale_drafts: int = 0  # verify: draft tokens dropped for an old epoch
     draft_wait_s: float = 0.0  # verify: time a round waited for drafts to arrive
     easyspec: dict[str, float] | None = None  # draft, easyspec modes: fuzzy/exact passes, calibration, exchange
+    batch_sizes: StepHistogram | None = None  # requests per model pass (verify: target, draft: draft)
+    step_tokens: StepHistogram | None = None  # verify: tokens per target pass
+    kv_cache_usage: float | None = None  # verify: fraction of the target's KV cache positions in use
 
 
 class EngineStatus(msgspec.Struct, tag=True):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from protocol.messages import StepHistogram
 from server.backend import Backend
 
 PREFIX = "tandem:"
@@ -40,6 +41,15 @@ COUNTERS = (
 )
 
 
+def _buckets(histogram: StepHistogram) -> list[tuple[str, float]]:
+    """Prometheus' cumulative (le, count) pairs of a worker's StepHistogram."""
+    total, out = 0, []
+    for bound, count in zip([*histogram.bounds, float("inf")], histogram.counts):
+        total += count
+        out.append(("+Inf" if bound == float("inf") else f"{float(bound):g}", total))
+    return out
+
+
 class WorkerCollector(Collector):
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -66,6 +76,24 @@ class WorkerCollector(Collector):
         for role, field, name, help_text in COUNTERS:
             report = stats.get(role)
             yield CounterMetricFamily(PREFIX + name, help_text, value=getattr(report, field) if report else 0)
+        batch = HistogramMetricFamily(
+            PREFIX + "batch_size", "Requests in one model pass (continuous batching).", labels=["role"]
+        )
+        tokens = HistogramMetricFamily(PREFIX + "iteration_tokens_total", "Tokens in one target pass.")
+        for role, report in sorted(stats.items()):
+            if report.batch_sizes is not None:
+                batch.add_metric([role], _buckets(report.batch_sizes), report.batch_sizes.sum)
+            if role == "verify" and report.step_tokens is not None:
+                tokens.add_metric([], _buckets(report.step_tokens), report.step_tokens.sum)
+        yield batch
+        yield tokens
+        verify = stats.get("verify")
+        usage = verify.kv_cache_usage if verify is not None else None
+        yield GaugeMetricFamily(
+            PREFIX + "kv_cache_usage_perc",
+            "Fraction of the target's KV cache positions in use (1 = full), as vLLM reports it.",
+            value=usage or 0.0,
+        )
         # EasySpec draft: fuzzy (layer-parallel) vs exact passes, calibration, hidden-state exchange
         draft = stats.get("draft")
         for key, value in sorted(((draft.easyspec or {}) if draft else {}).items()):

@@ -89,6 +89,9 @@ class VerifyWorker:
             max_model_len=config.scheduler.max_model_len,
             max_running=config.scheduler.max_running_requests,
             device=device,
+            max_batch_size=config.scheduler.max_batch_size,
+            max_tokens_per_step=config.scheduler.max_tokens_per_step,
+            prefill_chunk=config.scheduler.prefill_chunk_tokens,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
@@ -134,6 +137,9 @@ class VerifyWorker:
                     now - self._started,
                     stale_drafts=self.draft.num_stale,
                     draft_wait_s=self.draft.wait_s,
+                    batch_sizes=self.engine.batch_sizes,
+                    step_tokens=self.engine.step_tokens,
+                    kv_cache_usage=self.engine.kv_cache_usage,
                 )
             )
 
