@@ -99,12 +99,7 @@ class RunningServer:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample as {(name, sorted labels): value}."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return samples
+        return metric_samples(self.url)
 
     def metric(self, name: str, **labels) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
@@ -112,6 +107,16 @@ class RunningServer:
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         return [int(pid) for pid in out.split()]
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a server's /metrics as {(name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
 
 def wait_healthy(server: RunningServer, timeout_s: float = 180) -> None:

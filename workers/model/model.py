@@ -395,6 +395,8 @@ class LlamaModel(nn.Module):
         Each segment gets bit for bit what `forward` gives it alone: attention runs per
         segment (row by row for T_i <= ROW_WISE_MAX_T), and a linear takes all the segments'
         rows in one call only where it is batch-invariant (see linear_invariance)."""
+        if len(segments) == 1:  # one request: the plain pass (the same rows, less bookkeeping)
+            return [self.forward(segments[0].tokens, segments[0].cache, segments[0].num_logits)]
         if len({id(s.cache) for s in segments}) != len(segments):
             raise ValueError("forward_batch: one segment per cache")
         tokens = [self._tokens(s.tokens, s.cache, s.num_logits) for s in segments]
