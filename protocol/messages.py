@@ -51,6 +51,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     # before (from the prefill pass) + top N, sent on the first output. With prompt
     # logprobs, max_tokens may be 0 (score the prompt, generate nothing).
     prompt_logprobs: int | None = None
+    num_draft_tokens: int | None = None  # most drafts per round for this request (None: the server's; 0: none)
 
 
 class AbortRequest(msgspec.Struct, tag=True):

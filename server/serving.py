@@ -283,7 +283,7 @@ def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tupl
 
 def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
                sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None,
-               prompt_logprobs: int | None = None) -> ChoiceState:
+               prompt_logprobs: int | None = None, num_draft_tokens: int | None = None) -> ChoiceState:
     request = GenerateRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
@@ -292,6 +292,7 @@ def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list
         stop_token_ids=list(ctx.settings.eos_token_ids),
         num_logprobs=num_logprobs,
         prompt_logprobs=prompt_logprobs,
+        num_draft_tokens=num_draft_tokens,
     )
     return ChoiceState(index, request, ctx.tokenizer, stops, ctx.metrics.track(len(prompt_ids)))
 

@@ -72,7 +72,7 @@ class ChatServing:
         seed = base_seed(req)
         choices = [
             new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens, sampling_params(req, i, seed),
-                       req.stop, req.num_logprobs)
+                       req.stop, req.num_logprobs, num_draft_tokens=req.num_draft_tokens)
             for i in range(req.n)
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,

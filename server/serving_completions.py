@@ -90,6 +90,7 @@ class CompletionServing:
                 choices.append(new_choice(
                     ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
                     sampling_params(req, index, seed), req.stop, req.logprobs, req.prompt_logprobs,
+                    num_draft_tokens=req.num_draft_tokens,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
         return await answer(ctx, choices, view, request, stream=req.stream)

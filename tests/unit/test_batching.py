@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protocol.messages import SamplingParams
+from protocol.messages import GenerateRequest, SamplingParams
 from tests.local_draft import random_steps
 from tests.tiny_model import make_tiny_checkpoint
 from tests.unit.test_engine import PROMPTS, make_engine, request, run
@@ -141,3 +141,16 @@ def test_prefill_is_chunked_and_interleaves_with_decoding(models):
     assert tokens["r1"] == run(alone, [request(1, long_prompt, max_tokens=8)])["r1"][0]
     unchunked = make_engine(models["target"], models["quantized"], k=2, max_running=4)
     assert tokens["r1"] == run(unchunked, [request(1, long_prompt, max_tokens=8)])["r1"][0]
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_per_request_draft_cap(models, mode):
+    """A request's own num_draft_tokens caps its rounds' drafts (0: none, the draft never
+    drafts for it) and leaves its tokens unchanged, beside requests that use the default."""
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=4, mode=mode, run_ahead=8)
+    capped = [GenerateRequest(f"c{n}", PROMPTS[1], 30, SamplingParams(), [], num_draft_tokens=n) for n in (0, 2)]
+    out = run(engine, [request(0, PROMPTS[1], max_tokens=30), *capped])
+    assert out["c0"][0] == out["c2"][0] == out["r0"][0]
+    assert all(o.num_draft_tokens == 0 for o in out["c0"][2])
+    assert max(o.num_draft_tokens for o in out["c2"][2]) == 2
+    assert max(o.num_draft_tokens for o in out["r0"][2]) > 2

@@ -171,8 +171,10 @@ class VerifyEngine:
 
     def _num_drafts(self, request: Request, limit: int) -> int:
         """Drafts the next round can verify: they and the correction/bonus token
-        must fit both the token budget and the context."""
+        must fit both the token budget and the context, and the request's own cap."""
         remaining = request.max_tokens - len(request.output_ids)
+        if request.num_draft_tokens is not None:
+            limit = min(limit, request.num_draft_tokens)
         return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
 
     def run_ahead(self, request: Request) -> int:
