@@ -154,3 +154,32 @@ def test_per_request_draft_cap(models, mode):
     assert all(o.num_draft_tokens == 0 for o in out["c0"][2])
     assert max(o.num_draft_tokens for o in out["c2"][2]) == 2
     assert max(o.num_draft_tokens for o in out["r0"][2]) > 2
+
+
+def test_abort_mid_batch_frees_its_slot_and_leaves_the_others_untouched(models):
+    """A request aborted between batched steps (a client gone) gives its KV slot back at
+    once; the requests batched with it finish with the tokens they get alone."""
+    def make():
+        return make_engine(models["target"], models["quantized"], k=3, max_running=3)
+
+    requests = [request(i, p, max_tokens=30) for i, p in enumerate(PROMPTS[:3])]
+    engine = make()
+    for r in requests:
+        engine.add(r)
+    tokens = {r.request_id: [] for r in requests}
+    for _ in range(4):
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    usage = engine.kv_cache_usage
+    assert engine.abort("r1") and engine.num_running == 2
+    assert engine.kv_cache_usage < usage
+    engine.add(request(9, PROMPTS[3], max_tokens=5))  # the freed slot is taken at once
+    first = True
+    while engine.has_work:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        if first:
+            assert engine.num_running == 3 and engine.num_waiting == 0
+            first = False
+    alone = _solo(make, [requests[0], requests[2]])
+    assert tokens["r0"] == alone["r0"][0] and tokens["r2"] == alone["r2"][0]
