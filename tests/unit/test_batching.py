@@ -183,3 +183,22 @@ def test_abort_mid_batch_frees_its_slot_and_leaves_the_others_untouched(models):
             first = False
     alone = _solo(make, [requests[0], requests[2]])
     assert tokens["r0"] == alone["r0"][0] and tokens["r2"] == alone["r2"][0]
+
+
+def test_prompt_logprobs_across_prefill_chunks(models):
+    """Prompt logprobs gathered over several prefill chunks equal the unchunked prefill's
+    (row for row: an off-by-one at a chunk boundary or a chunk's scores dropped would show)."""
+    prompt = [(5 * i + 3) % 256 for i in range(23)]
+
+    def prompt_scores(chunk):
+        engine = make_engine(models["target"], models["quantized"])
+        engine.prefill_chunk = chunk
+        message = GenerateRequest("p", prompt, 3, SamplingParams(), [], prompt_logprobs=2)
+        return run(engine, [message])["p"][2][0]
+
+    whole, chunked = prompt_scores(512), prompt_scores(5)
+    assert len(chunked.prompt_logprobs) == len(prompt) - 1
+    assert chunked.prompt_logprobs == pytest.approx(whole.prompt_logprobs, abs=1e-5)
+    assert [[t for t, _ in row] for row in chunked.prompt_top_logprobs] == [
+        [t for t, _ in row] for row in whole.prompt_top_logprobs
+    ]
