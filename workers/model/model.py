@@ -368,24 +368,28 @@ class LlamaModel(nn.Module):
     # -- batched passes ----------------------------------------------------------
 
     def linear_invariance(self) -> dict[int, int | None]:
-        """id(linear) -> invariant_from (1, 2 or None) up to MAX_BATCH_ROWS rows, probed on
-        layer 0's linears and the head (the other layers' have the same kinds and shapes)."""
+        """id(linear) -> invariant_from (1, 2 or None) up to MAX_BATCH_ROWS rows. Probed once
+        per kind of linear (its repr: class, shapes, quantization; a GGUF file's layers may
+        mix kinds), on random rows."""
         if self._invariant is None:
             a = self.args
-            kinds = [  # (the linear of each layer, its fan-in); the head
-                ([layer.attention.wqkv for layer in self.layers], a.dim),
-                ([layer.attention.wo for layer in self.layers], a.n_heads * a.head_dim),
-                ([layer.feed_forward.w13 for layer in self.layers], a.dim),
-                ([layer.feed_forward.w2 for layer in self.layers], a.intermediate_size),
-                ([self.output], a.dim),
+            linears = [  # (module, fan-in)
+                *((layer.attention.wqkv, a.dim) for layer in self.layers),
+                *((layer.attention.wo, a.n_heads * a.head_dim) for layer in self.layers),
+                *((layer.feed_forward.w13, a.dim) for layer in self.layers),
+                *((layer.feed_forward.w2, a.intermediate_size) for layer in self.layers),
+                (self.output, a.dim),
             ]
             generator = torch.Generator().manual_seed(0)
+            by_kind: dict[str, int | None] = {}
             self._invariant = {}
             with torch.inference_mode():
-                for modules, fan_in in kinds:
-                    x = torch.randn(MAX_BATCH_ROWS, fan_in, generator=generator).to(self.device, self.dtype)
-                    start = invariant_from(modules[0], x)
-                    self._invariant.update({id(m): start for m in modules})
+                for module, fan_in in linears:
+                    kind = repr(module)
+                    if kind not in by_kind:
+                        x = torch.randn(MAX_BATCH_ROWS, fan_in, generator=generator).to(self.device, self.dtype)
+                        by_kind[kind] = invariant_from(module, x)
+                    self._invariant[id(module)] = by_kind[kind]
         return self._invariant
 
     def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
