@@ -28,12 +28,23 @@ MIN_TEMPERATURE = 1e-5
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
-    """A request's warping and randomness. temperature < MIN_TEMPERATURE (0 included) means greedy."""
+    """A request's logits processing, warping and randomness (vLLM's meanings).
+    temperature < MIN_TEMPERATURE (0 included) means greedy.
+
+    Both workers apply them to every position (workers/sampling/processors.py,
+    then warping.py): the verifier to the target's rows, the draft to its own.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     seed: int = 0  # always set: the server draws one for unseeded requests
+    min_p: float = 0.0  # drop tokens less probable than min_p x the most probable (after temperature)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # > 0; divides positive (multiplies negative) logits of prompt/output tokens
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # the stop tokens are masked until this many tokens are out
 
     @property
     def greedy(self) -> bool:
@@ -148,6 +159,10 @@ class BeginDrafting(msgspec.Struct, tag=True):
     tokens: list[int]
     max_run_ahead: int
     sampling: SamplingParams
+    # what the draft's logits processing needs besides `sampling` (penalties
+    # count output tokens only; min_tokens masks the stop tokens)
+    num_prompt_tokens: int = 0  # tokens[:num_prompt_tokens] is the prompt
+    stop_token_ids: list[int] = []
 
 
 class VerifiedPrefix(msgspec.Struct, tag=True):

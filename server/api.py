@@ -82,6 +82,29 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias: [-100, 100]
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """{"token id": bias} -> {id: bias}; ids must be integers (the vocabulary is checked in serving)."""
+    if not isinstance(value, dict):
+        raise _invalid("'logit_bias' must be an object mapping token ids (as strings) to biases", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise _invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise _invalid(f"'logit_bias' values must be numbers, got {bias!r} for token {key}", "logit_bias")
+        if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise _invalid(
+                f"'logit_bias' values must be in [-100, 100], got {bias} for token {key}", "logit_bias"
+            )
+        out[token] = float(bias)
+    return out
+
+
 def _message_content(value: Any) -> str:
     """A message's content: a string, or a list of text parts (joined by newlines)."""
     if isinstance(value, str):
@@ -183,9 +206,21 @@ class BaseGenerationRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, not used
-    presence_penalty: Annotated[float, _only(0.0)] = 0.0
-    frequency_penalty: Annotated[float, _only(0.0)] = 0.0
-    logit_bias: Annotated[dict[str, float] | None, _only(None, {})] = None
+    # the sampling controls (vLLM's meanings; workers/sampling/processors.py)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM takes any r > 0; below 0.01 a positive logit divided by r can overflow to inf
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 is off")
+    logit_bias: Annotated[
+        dict[int, float], PlainValidator(_logit_bias, json_schema_input_type=dict[str, float])
+    ] = {}
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     speculation: SpeculationControl | None = None  # extension: per-request speculation control
 
     @model_validator(mode="after")
@@ -231,6 +266,14 @@ class CompletionRequest(BaseGenerationRequest):
         return self.logprobs or 0
 
 
+# apply_chat_template's own arguments: set through the request's fields, never chat_template_kwargs
+_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[
@@ -259,9 +302,30 @@ class ChatCompletionRequest(BaseGenerationRequest):
     response_format: Annotated[dict[str, Any] | None, _only(None, {"type": "text"})] = None
     parallel_tool_calls: bool | None = None  # no effect: tools are refused
     store: Annotated[bool, _only(False)] = False
+    # the chat template (vLLM's extensions)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _check_combinations(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise _invalid(
+                "'continue_final_message' continues the last assistant message: set 'add_generation_prompt' "
+                "to false with it",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise _invalid(
+                "'continue_final_message' needs the last message to be the assistant's (the prefill)",
+                "continue_final_message",
+            )
+        reserved = sorted(_TEMPLATE_ARGUMENTS & set(self.chat_template_kwargs))
+        if reserved:
+            raise _invalid(
+                f"'chat_template_kwargs' must not set '{reserved[0]}' (use the request's own fields)",
+                "chat_template_kwargs",
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise _invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
         if (

@@ -102,6 +102,16 @@ def check_generation_limits(ctx: ServerContext, req: BaseGenerationRequest) -> N
         raise InvalidRequest(
             f"{len(req.stop)} stop sequences given; at most {s.max_stop_sequences} are allowed", param="stop"
         )
+    check_token_ids(ctx, sorted(req.logit_bias), "logit_bias")
+    check_token_ids(ctx, req.stop_token_ids, "stop_token_ids")
+
+
+def check_min_tokens(req: BaseGenerationRequest, max_tokens: int) -> None:
+    if req.min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"'min_tokens' ({req.min_tokens}) is more than the completion's maximum of {max_tokens} tokens",
+            param="min_tokens",
+        )
 
 
 def check_capacity(ctx: ServerContext, num_choices: int, param: str) -> None:
@@ -162,7 +172,19 @@ def sampling_params(req: BaseGenerationRequest, choice_index: int, base_seed: in
         top_p=float(req.top_p),
         top_k=max(req.top_k, 0),  # -1 means off, like vLLM
         seed=(base_seed + choice_index) % SEED_MODULUS,
+        min_p=float(req.min_p),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
+        repetition_penalty=float(req.repetition_penalty),
+        logit_bias=dict(req.logit_bias),
+        min_tokens=req.min_tokens,
     )
+
+
+def stop_token_ids(ctx: ServerContext, req: BaseGenerationRequest) -> list[int]:
+    """The tokens that end a choice: EOS (unless ignore_eos) and the request's stop_token_ids."""
+    eos = [] if req.ignore_eos else list(ctx.settings.eos_token_ids)
+    return list(dict.fromkeys(eos + req.stop_token_ids))
 
 
 def base_seed(req: BaseGenerationRequest) -> int:
@@ -184,6 +206,21 @@ class TokenInfo:
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """How a choice's tokens become text (vLLM's request options)."""
+
+    include_stop_str: bool = False  # keep the stop string (or stop token's text) in the output
+    min_tokens: int = 0  # stop strings count only from this many tokens on
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    @classmethod
+    def of(cls, req: BaseGenerationRequest) -> "TextOptions":
+        return cls(req.include_stop_str_in_output, req.min_tokens, req.skip_special_tokens,
+                   req.spaces_between_special_tokens)
+
+
+@dataclass(frozen=True)
 class ChoiceDelta:
     index: int
     text: str
@@ -196,12 +233,16 @@ class ChoiceState:
     detokenization, stop strings, logprobs, usage and speculation counts."""
 
     def __init__(self, index: int, request: GenerateRequest, tokenizer: Any, stops: Sequence[str],
-                 tracker: RequestTracker):
+                 tracker: RequestTracker, options: TextOptions = TextOptions()):
         self.index = index
         self.request = request
         self._tokenizer = tokenizer
-        self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
-        self._stops = StopStringMatcher(stops)
+        self._options = options
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer, request.prompt_ids, skip_special_tokens=options.skip_special_tokens,
+            spaces_between_special_tokens=options.spaces_between_special_tokens,
+        )
+        self._stops = StopStringMatcher(stops, options.include_stop_str)
         self._tracker = tracker
         self.text = ""
         self.tokens: list[TokenInfo] = []
@@ -243,12 +284,19 @@ class ChoiceState:
         tokens: list[TokenInfo] = []
         finish: str | None = None
         counted = 0
+        last = len(output.token_ids) - 1
         for i, token_id in enumerate(output.token_ids):
             counted += 1
             if self.wants_logprobs:
                 top = output.top_logprobs[i] if output.top_logprobs and i < len(output.top_logprobs) else []
                 tokens.append(token_info(self._tokenizer, token_id, output.logprobs[i], top))
-            text, hit = self._stops.feed(self._detokenizer.push(token_id))
+            if i == last and self._ended_by_stop_token(output) and not self._options.include_stop_str:
+                break  # the stop token's text is not output (vLLM), unless include_stop_str_in_output
+            text = self._detokenizer.push(token_id)
+            if self.num_tokens + counted < self._options.min_tokens:
+                pieces.append(text)  # stop strings do not count before min_tokens
+                continue
+            text, hit = self._stops.feed(text)
             pieces.append(text)
             if hit:  # the tokens after the one completing a stop string are dropped
                 finish = "stop"
@@ -269,6 +317,8 @@ class ChoiceState:
         self.tokens.extend(tokens)
         return ChoiceDelta(self.index, text, tokens if self.wants_logprobs else None, finish)
 
+    def _ended_by_stop_token(self, output: TokenOutput) -> bool:
+        return output.finish_reason == "stop" and output.token_ids[-1] in self.request.stop_token_ids
 
 
 def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tuple[int, float]] = ()) -> TokenInfo:
@@ -282,19 +332,20 @@ def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tupl
 
 
 def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
-               sampling: SamplingParams, stops: Sequence[str], num_logprobs: int | None,
-               prompt_logprobs: int | None = None, num_draft_tokens: int | None = None) -> ChoiceState:
+               sampling: SamplingParams, req: BaseGenerationRequest, num_logprobs: int | None,
+               prompt_logprobs: int | None = None) -> ChoiceState:
     request = GenerateRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
         sampling=sampling,
-        stop_token_ids=list(ctx.settings.eos_token_ids),
+        stop_token_ids=stop_token_ids(ctx, req),
         num_logprobs=num_logprobs,
         prompt_logprobs=prompt_logprobs,
-        num_draft_tokens=num_draft_tokens,
+        num_draft_tokens=req.num_draft_tokens,
     )
-    return ChoiceState(index, request, ctx.tokenizer, stops, ctx.metrics.track(len(prompt_ids)))
+    return ChoiceState(index, request, ctx.tokenizer, req.stop, ctx.metrics.track(len(prompt_ids)),
+                       TextOptions.of(req))
 
 
 def usage(prompt_lengths: Sequence[int], choices: Sequence[ChoiceState]) -> UsageInfo:

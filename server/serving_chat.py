@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import Sequence
 
 from fastapi import Request
@@ -32,6 +33,7 @@ from server.serving import (
     base_seed,
     check_capacity,
     check_generation_limits,
+    check_min_tokens,
     check_model,
     new_choice,
     resolve_max_tokens,
@@ -65,14 +67,18 @@ class ChatServing:
         check_generation_limits(ctx, req)
         messages = [m.for_template() for m in req.messages]
         num_chars = sum(len(m["content"]) for m in messages)
-        prompt_ids = await tokenize(ctx, num_chars, render_chat, ctx.tokenizer, messages)
+        prompt_ids = await tokenize(ctx, num_chars, partial(
+            render_chat, add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs,
+        ), ctx.tokenizer, messages)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
+        check_min_tokens(req, max_tokens)
         check_capacity(ctx, req.n, "n")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
         choices = [
             new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens, sampling_params(req, i, seed),
-                       req.stop, req.num_logprobs, num_draft_tokens=req.num_draft_tokens)
+                       req, req.num_logprobs)
             for i in range(req.n)
         ]
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,

@@ -29,6 +29,7 @@ from server.serving import (
     base_seed,
     check_capacity,
     check_generation_limits,
+    check_min_tokens,
     check_model,
     check_token_ids,
     new_choice,
@@ -80,6 +81,7 @@ class CompletionServing:
         check_generation_limits(ctx, req)
         prompts = await self._prompts(req)
         max_tokens = [resolve_max_tokens(ctx, len(p.ids), req.max_tokens, "prompt") for p in prompts]
+        check_min_tokens(req, min(max_tokens))
         check_capacity(ctx, len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         seed = base_seed(req)
@@ -89,8 +91,7 @@ class CompletionServing:
                 index = p * req.n + j
                 choices.append(new_choice(
                     ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
-                    sampling_params(req, index, seed), req.stop, req.logprobs, req.prompt_logprobs,
-                    num_draft_tokens=req.num_draft_tokens,
+                    sampling_params(req, index, seed), req, req.logprobs, req.prompt_logprobs,
                 ))
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
         return await answer(ctx, choices, view, request, stream=req.stream)
@@ -135,7 +136,9 @@ class _CompletionView(ChoicesView):
 
     def _echoed_logprobs(self, choice: ChoiceState) -> list[TokenInfo]:
         """The prompt's tokens that lead the logprobs under echo (none otherwise)."""
-        return choice.prompt_tokens or [] if self._echo and choice.wants_logprobs else []
+        if not (self._echo and choice.wants_logprobs):
+            return []
+        return choice.prompt_tokens or []
 
     def opening(self) -> list[CompletionChunk]:
         if not self._echo:

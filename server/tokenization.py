@@ -20,10 +20,19 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat messages through the model's chat template, ending with the assistant's turn."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages through the model's chat template, ending with the assistant's turn
+    (a new one, or with continue_final_message the last message, left open: a prefill).
+    template_kwargs are extra variables for the template (e.g. enable_thinking)."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
+        )
     except Exception as exc:  # no template, a template's raise_exception, a jinja error
         raise InvalidRequest(f"could not apply the model's chat template: {exc}", param="messages") from exc
     # The template writes the special tokens (BOS included) itself.
@@ -89,10 +98,18 @@ class IncrementalDetokenizer:
     emitted [prefix:read]; the difference is the new text. A window that ends
     in U+FFFD is an incomplete UTF-8 sequence (an emoji split over byte
     tokens): hold it back until the bytes that complete it arrive.
+    `skip_special_tokens` / `spaces_between_special_tokens` go to the
+    tokenizer's decode (vLLM's request options; a byte-level tokenizer puts no
+    spaces between special tokens either way).
     """
 
-    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = (), *, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._options = {
+            "skip_special_tokens": skip_special_tokens,
+            "spaces_between_special_tokens": spaces_between_special_tokens,
+        }
         context = list(context_ids)[-CONTEXT_TOKENS:] if CONTEXT_TOKENS else []
         if context and self._decode(context).endswith(REPLACEMENT_CHAR):
             context = []  # a prompt ending mid-character would shift every offset
@@ -102,7 +119,7 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(context)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._tokenizer.decode(list(ids), **self._options)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (maybe empty)."""
@@ -134,25 +151,29 @@ class IncrementalDetokenizer:
 class StopStringMatcher:
     """Cut the output at the first stop string, even one spanning several
     tokens: text that could be the start of a stop string is held back until
-    it either completes one (the output ends before it) or cannot anymore.
+    it either completes one (the output ends before it, or after it with
+    `include_stop`) or cannot anymore.
     """
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include_stop: bool = False):
         self._stops = [s for s in stops if s]
+        self._include_stop = include_stop
         self._pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was hit).
-        After a hit the returned text ends right before the stop string."""
+        After a hit the returned text ends right before the stop string (right
+        after it with include_stop)."""
         if not self._stops:
             return text, False
         buffer = self._pending + text
         # Nothing emitted earlier can start a stop string (it would have been
         # held), so searching the buffer is enough.
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((buffer.find(s), s) for s in self._stops) if i >= 0]
         if hits:
             self._pending = ""
-            return buffer[: min(hits)], True
+            start, length = min(hits)
+            return buffer[: start + length if self._include_stop else start], True
         hold = max(self._partial_suffix(buffer, s) for s in self._stops)
         self._pending = buffer[len(buffer) - hold:] if hold else ""
         return buffer[: len(buffer) - hold], False

@@ -55,20 +55,17 @@ def test_missing_fields(http, model_name, path, body, param):
 
 @pytest.mark.parametrize("path,make", [(COMPLETIONS, completion), (CHAT, chat)])
 def test_unknown_field_named(http, model_name, path, make):
-    error = assert_error(http.post(path, json=make(model_name, min_p=0.1)), 400, "min_p")
-    assert "min_p" in error["message"]
+    error = assert_error(http.post(path, json=make(model_name, use_beam_search=True)), 400, "use_beam_search")
+    assert "use_beam_search" in error["message"]
 
 
 @pytest.mark.parametrize("path,make,field,value", [
-    (COMPLETIONS, completion, "presence_penalty", 0.5),
-    (COMPLETIONS, completion, "frequency_penalty", 1.0),
-    (COMPLETIONS, completion, "logit_bias", {"100": 10}),
     (COMPLETIONS, completion, "best_of", 3),
     (COMPLETIONS, completion, "suffix", " the end"),
     (CHAT, chat, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, chat, "tool_choice", "required"),
     (CHAT, chat, "response_format", {"type": "json_object"}),
-    (CHAT, chat, "presence_penalty", -0.5),
+    (CHAT, chat, "store", True),
 ])
 def test_unsupported_parameters_refused(http, model_name, path, make, field, value):
     error = assert_error(http.post(path, json=make(model_name, **{field: value})), 400, field)
@@ -77,8 +74,8 @@ def test_unsupported_parameters_refused(http, model_name, path, make, field, val
 
 def test_unsupported_parameter_through_the_sdk(client, model_name):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=model_name, prompt="x", max_tokens=2, presence_penalty=1.0)
-    assert "presence_penalty" in str(info.value)
+        client.completions.create(model=model_name, prompt="x", max_tokens=2, suffix=" the end")
+    assert "suffix" in str(info.value)
 
 
 def test_neutral_values_of_unsupported_parameters_accepted(http, model_name):
@@ -89,7 +86,7 @@ def test_neutral_values_of_unsupported_parameters_accepted(http, model_name):
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", 2.5), ("top_p", 0), ("top_k", -5), ("n", 0), ("n", 1000), ("max_tokens", 0),
-    ("logprobs", 9), ("stop", ["a", "b", "c", "d", "e", "f", "g", "h", "i"]),
+    ("logprobs", 21), ("stop", ["a", "b", "c", "d", "e", "f", "g", "h", "i"]),
 ])
 def test_out_of_range(http, model_name, field, value):
     assert_error(http.post(COMPLETIONS, json=completion(model_name, **{field: value})), 400, field)

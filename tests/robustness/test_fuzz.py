@@ -46,8 +46,17 @@ VALID = {
     "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4),
     "stream": st.booleans(),
     "user": texts,
-    "presence_penalty": st.just(0.0),
-    "logit_bias": st.just({}),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.01, 100),
+    "logit_bias": st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100), max_size=3),
+    "min_p": st.floats(0, 1),
+    "min_tokens": st.integers(0, 1),
+    "stop_token_ids": st.lists(st.integers(0, 49151), max_size=3),
+    "ignore_eos": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
 }
 VALID_COMPLETION = {**VALID, "prompt": words | token_ids | st.lists(words, min_size=1, max_size=3),
                     "echo": st.booleans(), "logprobs": st.integers(0, 20), "best_of": st.just(1)}
@@ -77,9 +86,17 @@ JUNK = {
     "echo": json_values,
     "best_of": st.integers(-1, 5),
     "suffix": texts,
-    "presence_penalty": st.floats(-2, 2),
-    "frequency_penalty": st.floats(-2, 2),
-    "logit_bias": st.dictionaries(st.text(max_size=5), json_values, max_size=2),
+    "presence_penalty": st.floats(allow_nan=False) | st.sampled_from([-2.01, 2.01]),
+    "frequency_penalty": st.floats(allow_nan=False) | st.sampled_from([-2.01, 2.01]),
+    "repetition_penalty": st.floats(allow_nan=False) | st.sampled_from([0, -1, 1e-300, 101]),
+    "logit_bias": st.dictionaries(st.text(max_size=5) | st.integers().map(str), json_values, max_size=2),
+    "min_p": st.floats(allow_nan=False) | st.sampled_from([-0.01, 1.01]),
+    "min_tokens": st.integers(),
+    "stop_token_ids": st.lists(st.integers(), max_size=3) | json_values,
+    "ignore_eos": json_values,
+    "chat_template_kwargs": st.dictionaries(st.sampled_from(["tokenize", "enable_thinking", "x"]), json_values),
+    "continue_final_message": st.booleans(),
+    "add_generation_prompt": st.booleans(),
     "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | json_values,
     "tools": st.lists(json_values, max_size=2),
     "tool_choice": st.sampled_from(["none", "auto"]) | json_values,
@@ -196,6 +213,11 @@ def assert_runnable(request, vocab_size: int) -> None:
     assert request.prompt_ids and all(0 <= t < vocab_size for t in request.prompt_ids)
     assert request.max_tokens >= 1 and len(request.prompt_ids) + request.max_tokens <= MAX_MODEL_LEN
     assert request.num_logprobs is None or 0 <= request.num_logprobs <= 20
+    assert 0.0 <= s.min_p <= 1.0 and 0.01 <= s.repetition_penalty <= 100, s
+    assert -2 <= s.presence_penalty <= 2 and -2 <= s.frequency_penalty <= 2, s
+    assert all(0 <= t < vocab_size and -100 <= b <= 100 for t, b in s.logit_bias.items()), s
+    assert all(0 <= t < vocab_size for t in request.stop_token_ids)
+    assert 0 <= s.min_tokens <= request.max_tokens, s
 
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,

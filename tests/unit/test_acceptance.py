@@ -9,6 +9,7 @@ which shows it can fail.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -16,7 +17,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from workers.sampling import Acceptance, accept_greedy, accept_sampled, sample
+from protocol.messages import SamplingParams
+from tests.unit.test_processors import reference
+from workers.sampling import Acceptance, Rows, accept_greedy, accept_sampled, process_logits, sample, warp_with
 
 # ---------------------------------------------------------------- greedy
 
@@ -179,9 +182,10 @@ def rule_resample_from_p(draft_ids, draft_probs, target_probs, g):
     return res
 
 
-def simulate_first_two(lm: ToyLM, rule, k: int, greedy_draft: bool, n: int, seed: int) -> np.ndarray:
+def simulate_first_two(lm: ToyLM, rule, k: int, greedy_draft: bool, n: int, seed: int, target_rows=None) -> np.ndarray:
     """Run n independent generations (one round of k drafts, then k=1 rounds) and
-    count the first two emitted tokens: returns a [V, V] count matrix."""
+    count the first two emitted tokens: returns a [V, V] count matrix.
+    target_rows(ctx, drafts) -> [k+1, V] replaces the rows of lm.p (as a verifier computes them)."""
     g = torch.Generator().manual_seed(seed)
     counts = np.zeros((V, V), dtype=np.int64)
     cache: dict = {}
@@ -197,7 +201,8 @@ def simulate_first_two(lm: ToyLM, rule, k: int, greedy_draft: bool, n: int, seed
         if key not in cache:
             ctxs = [ctx + drafts[:i] for i in range(len(drafts) + 1)]
             qs = None if greedy_draft else torch.stack([lm.q[c] for c in ctxs[:-1]])
-            cache[key] = (torch.tensor(drafts, dtype=torch.int64), qs, torch.stack([lm.p[c] for c in ctxs]))
+            ps = target_rows(ctx, drafts) if target_rows else torch.stack([lm.p[c] for c in ctxs])
+            cache[key] = (torch.tensor(drafts, dtype=torch.int64), qs, ps)
         return cache[key]
 
     us = torch.rand(n, k + 1, generator=g, dtype=torch.float64).numpy()  # the draft's own randomness
@@ -257,3 +262,62 @@ def test_broken_rules_fail_the_same_check(lm, rule, greedy_draft):
     p_first = chi2_pvalue(counts.sum(1), lm.p[()].numpy())
     p_joint = chi2_pvalue(counts, lm.joint2())
     assert min(p_first, p_joint) < 1e-6, (p_first, p_joint)
+
+
+# ---------------------------------------------------------------- with the sampling controls
+
+PROMPT = (1, 1, 3)
+SHIFT = 1.5  # logits = log p + SHIFT: some positive, some negative (the repetition penalty's two branches)
+CONTROLS = SamplingParams(temperature=1.0, min_p=0.05, repetition_penalty=1.5, frequency_penalty=0.7,
+                          presence_penalty=0.4, logit_bias={0: 0.5, 4: -0.5}, min_tokens=1)
+
+
+def processed(lm: ToyLM) -> ToyLM:
+    """The toy target as logits (log p + SHIFT) after the controls, context by context, with the
+    per-row reference (tests/unit/test_processors.py): PROMPT then the context's tokens as output.
+    The draft's q is processed the same way, as the draft worker does."""
+    out = copy.copy(lm)
+
+    def law(rows: dict) -> dict:
+        return {c: warp_with(reference(row.log().view(1, -1) + SHIFT, Rows(PROMPT + c, len(PROMPT), (), {2}), CONTROLS),
+                             CONTROLS)[0] for c, row in rows.items()}
+
+    out.p, out.q = law(lm.p), law(lm.q)
+    out.q_cdf = {c: np.cumsum(row.double().numpy()) for c, row in out.q.items()}
+    out.q_argmax = {c: int(row.argmax()) for c, row in out.q.items()}
+    return out
+
+
+@pytest.mark.parametrize("greedy_draft", [False, True], ids=["sampled_draft", "greedy_draft"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampled_rule_emits_the_processed_target_distribution(lm, k, greedy_draft):
+    """The verifier's rows come from ONE vectorized process_logits call over the raw rows at
+    [ctx, ctx+x1, ..., ctx+x1..xk] (row i seeing drafts[:i]); the first two emitted tokens
+    must follow the processed target's law, computed context by context. A row that saw the
+    wrong drafts (penalties shifted by one position) fails this."""
+    target = processed(lm)
+
+    def target_rows(ctx, drafts):
+        raw = torch.stack([lm.p[ctx + drafts[:i]] for i in range(len(drafts) + 1)]).log() + SHIFT
+        rows = Rows(PROMPT + ctx, len(PROMPT), drafts, {2})
+        return warp_with(process_logits(raw, rows, CONTROLS), CONTROLS)
+
+    assert 0.5 * (target.p[()] - lm.p[()]).abs().sum().item() > 0.1  # the controls move the law
+    counts = simulate_first_two(target, rule_correct, k, greedy_draft, N_TRIALS, seed=7 * k + greedy_draft,
+                                target_rows=target_rows)
+    assert chi2_pvalue(counts.sum(1), target.p[()].numpy()) > 1e-3
+    assert chi2_pvalue(counts, target.joint2()) > 1e-3
+    assert min(chi2_pvalue(counts.sum(1), lm.p[()].numpy()), chi2_pvalue(counts, lm.joint2())) < 1e-6  # power
+
+
+def test_rows_that_ignore_the_drafts_fail_the_same_check(lm):
+    """Broken on purpose: every row processed as if no draft came before it."""
+    target = processed(lm)
+
+    def stale_rows(ctx, drafts):
+        raw = torch.stack([lm.p[ctx + drafts[:i]] for i in range(len(drafts) + 1)]).log() + SHIFT
+        return torch.cat([warp_with(process_logits(raw[i : i + 1], Rows(PROMPT + ctx, len(PROMPT), (), {2}), CONTROLS),
+                                    CONTROLS) for i in range(len(drafts) + 1)])
+
+    counts = simulate_first_two(target, rule_correct, 3, False, N_TRIALS // 2, seed=5, target_rows=stale_rows)
+    assert chi2_pvalue(counts, target.joint2()) < 1e-6

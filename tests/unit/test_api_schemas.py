@@ -80,14 +80,14 @@ def test_top_k_minus_one_means_off():
 def test_missing_and_unknown_fields_are_named():
     err = refusal(CompletionRequest, {"prompt": "x"})
     assert err.param == "model" and err.message == "Missing required parameter: 'model'"
-    err = refusal(CompletionRequest, {"model": "m", "prompt": "x", "repetition_penalty": 1.1})
-    assert err.param == "repetition_penalty" and "Unrecognized request argument" in err.message
+    err = refusal(CompletionRequest, {"model": "m", "prompt": "x", "use_beam_search": True})
+    assert err.param == "use_beam_search" and "Unrecognized request argument" in err.message
     err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x", "x": 1}]})
     assert err.param == "messages[0].x"
 
 
 @pytest.mark.parametrize("field,value", [
-    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"1": 5}), ("suffix", "end"),
+    ("suffix", "end"),
 ])
 def test_unsupported_completion_parameters(field, value):
     err = refusal(CompletionRequest, {"model": "m", "prompt": "x", field: value})
@@ -134,7 +134,7 @@ def test_stream_options_need_stream():
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
     ("functions", [{"name": "f"}]), ("function_call", "auto"), ("response_format", {"type": "json_object"}),
-    ("presence_penalty", 1.0), ("store", True),
+    ("store", True),
 ])
 def test_unsupported_chat_parameters(field, value):
     err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
@@ -208,3 +208,43 @@ def test_malformed_json_message():
     err = validation_error([{"type": "json_invalid", "loc": ("body", 12), "msg": "JSON decode error",
                              "ctx": {"error": "Expecting ',' delimiter"}}])
     assert "Malformed JSON" in err.message and "12" in err.message and err.param is None
+
+
+# -- the sampling controls -------------------------------------------------------------------
+
+
+def test_sampling_controls_are_read():
+    req = completion(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"7": 5, "9": -100},
+                     min_p=0.1, min_tokens=3, stop_token_ids=[4, 5], ignore_eos=True,
+                     include_stop_str_in_output=True, skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert req.logit_bias == {7: 5.0, 9: -100.0}
+    assert (req.presence_penalty, req.frequency_penalty, req.repetition_penalty, req.min_p) == (0.5, -1.0, 1.2, 0.1)
+    assert (req.min_tokens, req.stop_token_ids, req.ignore_eos) == (3, [4, 5], True)
+    assert req.include_stop_str_in_output and not req.skip_special_tokens and not req.spaces_between_special_tokens
+
+
+@pytest.mark.parametrize("field,value", [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", 1e-9), ("min_p", -0.1), ("min_p", 1.5), ("min_tokens", -1), ("stop_token_ids", [-1]),
+    ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"5": "1"}), ("logit_bias", [1]),
+    ("ignore_eos", "yes"),
+])
+def test_sampling_controls_out_of_range(field, value):
+    err = refusal(CompletionRequest, {"model": "m", "prompt": "x", field: value})
+    assert err.param.split("[")[0] == field, err.message
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"continue_final_message": True}, "add_generation_prompt"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, "assistant"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "tokenize"),
+])
+def test_chat_template_options_refused(body, needle):
+    err = refusal(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
+    assert needle in err.message and err.param in ("continue_final_message", "chat_template_kwargs")
+
+
+def test_assistant_prefill_is_accepted():
+    req = chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "Sure,"}],
+               continue_final_message=True, add_generation_prompt=False, chat_template_kwargs={"enable_thinking": False})
+    assert req.continue_final_message and req.chat_template_kwargs == {"enable_thinking": False}

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from protocol.messages import GenerateRequest, SamplingParams, TokenOutput
-from server.serving import ChoiceState
-from server.tokenization import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher, token_bytes
+from server.serving import ChoiceState, TextOptions
+from server.tokenization import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher, render_chat, token_bytes
 
 TRICKY = [
     "Hello world",
@@ -173,3 +173,70 @@ def test_choice_eos_is_not_in_the_text(tok):
     state = choice(tok, [])
     delta = state.process(TokenOutput("r", ids, finish_reason="stop"))
     assert (delta.text, delta.finish_reason, state.num_tokens) == ("bye", "stop", len(ids))
+
+
+# -- the text options (vLLM's include_stop_str_in_output, min_tokens, skip_special_tokens) ----------
+
+
+def options_choice(tok, stops, stop_ids, **options):
+    request = GenerateRequest("r", [1, 2], 100, SamplingParams(), stop_ids)
+    return ChoiceState(0, request, tok, stops, _NullTracker(), TextOptions(**options))
+
+
+def test_include_stop_str_keeps_the_stop_string():
+    """The text runs to the end of the stop string, and nothing after it."""
+    matcher = StopStringMatcher(["a gam"], include_stop=True)
+    assert matcher.feed("alpha beta") == ("alpha bet", False)  # the last "a" could start it: held
+    assert matcher.feed(" gamma") == ("a gam", True)
+
+
+def test_include_stop_str_keeps_the_first_stop_to_complete():
+    matcher = StopStringMatcher(["abc", "ab"], include_stop=True)
+    assert matcher.feed("xabcd") == ("xab", True)
+
+
+def test_stop_token_text_only_with_include_stop_str(tok):
+    """A stop token that is a word (stop_token_ids) ends the text before it, as in vLLM;
+    include_stop_str_in_output keeps it. Catches a stop token leaking into the text."""
+    ids = tok.encode("one two three", add_special_tokens=False)
+    for include, expected in ((False, tok.decode(ids[:-1])), (True, "one two three")):
+        state = options_choice(tok, [], [ids[-1]], include_stop_str=include)
+        delta = state.process(TokenOutput("r", ids, finish_reason="stop"))
+        assert (delta.text, delta.finish_reason, state.num_tokens) == (expected, "stop", len(ids))
+
+
+def test_stop_strings_count_only_from_min_tokens_on(tok):
+    """With min_tokens 3 a stop string inside the first two tokens does not end the output."""
+    ids = tok.encode("stop here, stop there", add_special_tokens=False)
+    assert "stop" in tok.decode(ids[:2]) and len(ids) > 4
+    early = options_choice(tok, ["stop"], [], min_tokens=0).process(TokenOutput("r", ids))
+    assert early.text == "" and early.finish_reason == "stop"
+    state = options_choice(tok, ["stop"], [], min_tokens=3)
+    delta = state.process(TokenOutput("r", ids))
+    assert delta.text == "stop here, " and delta.finish_reason == "stop"
+
+
+def test_skip_special_tokens_false_shows_them(tok):
+    ids = tok.encode("<|im_start|>hi<|im_end|> there", add_special_tokens=False)
+    assert options_choice(tok, [], [], skip_special_tokens=True).process(TokenOutput("r", ids)).text == "hi there"
+    shown = options_choice(tok, [], [], skip_special_tokens=False).process(TokenOutput("r", ids)).text
+    assert shown == "<|im_start|>hi<|im_end|> there"
+
+
+def test_chat_template_options(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
+    prefill = tok.decode(render_chat(tok, messages, add_generation_prompt=False, continue_final_message=True))
+    assert prefill.endswith("<|im_start|>assistant\nSure, here")  # the assistant's turn left open
+    closed = tok.decode(render_chat(tok, messages[:1], add_generation_prompt=False))
+    assert closed.endswith("hi<|im_end|>\n")  # no assistant turn opened
+    assert tok.decode(render_chat(tok, messages[:1])).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_kwargs_reach_the_template(tok):
+    import copy
+
+    custom = copy.copy(tok)
+    custom.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ greeting | default('none') }}"
+    assert tok.decode(render_chat(custom, [{"role": "user", "content": "a"}])) == "anone"
+    with_kwargs = render_chat(custom, [{"role": "user", "content": "a"}], template_kwargs={"greeting": "hello"})
+    assert tok.decode(with_kwargs) == "ahello"

@@ -25,7 +25,7 @@ import torch
 from protocol.messages import BATCH_SIZE_BOUNDS, BeginDrafting, DraftTokens, ReleaseRequest, SamplingParams, StepHistogram, VerifiedPrefix
 from workers.engine.draft_model import DraftModel
 from workers.model.model import Segment
-from workers.sampling import DRAFT, keyed_uniform, sample_from_uniform, warp
+from workers.sampling import DRAFT, Rows, keyed_uniform, process_logits, sample_from_uniform, warp_with
 
 log = logging.getLogger("tandem.draft")
 
@@ -36,6 +36,8 @@ DraftControl = BeginDrafting | VerifiedPrefix | ReleaseRequest  # what the verif
 class DraftState:
     cache: object
     sampling: SamplingParams
+    num_prompt: int = 0  # sequence[:num_prompt] is the prompt
+    stop_token_ids: tuple[int, ...] = ()
     epoch: int = 0
     max_run_ahead: int = 0
     verified_len: int = 0
@@ -105,6 +107,8 @@ class DraftEngine:
             cache = self._spare_caches.pop() if self._spare_caches else self.model.new_cache(self.max_model_len)
             state = self._states[message.request_id] = DraftState(cache, message.sampling)
         state.sampling = message.sampling
+        state.num_prompt = message.num_prompt_tokens
+        state.stop_token_ids = tuple(message.stop_token_ids)
         return self._adopt(message.request_id, state, message.epoch, 0, message.tokens, message.max_run_ahead)
 
     def update(self, message: VerifiedPrefix) -> Drafted | None:
@@ -188,10 +192,12 @@ class DraftEngine:
         position = len(state.sequence)
         sampling = state.sampling
         probs = None
+        # the target's processing, seeing this draft's own earlier drafts as the target will
+        scores = process_logits(logits[-1:], Rows(state.sequence, state.num_prompt, (), state.stop_token_ids), sampling)
         if sampling.greedy:
-            token = int(logits[-1].argmax())
+            token = int(scores[0].argmax())
         else:
-            q = warp(logits[-1:], sampling.temperature, sampling.top_k, sampling.top_p)  # [1, V]
+            q = warp_with(scores, sampling)  # [1, V]
             u = torch.tensor([keyed_uniform(sampling.seed, DRAFT, position)], dtype=torch.float64)
             token = int(sample_from_uniform(q, u.to(q.device))[0])
             state.probs.append(q[0])

@@ -122,7 +122,15 @@ class DraftStream:
 
     def _begin(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
         self.transport.send(
-            BeginDrafting(request.request_id, buffer.epoch, request.tokens, max_run_ahead, request.sampling)
+            BeginDrafting(
+                request.request_id,
+                buffer.epoch,
+                request.tokens,
+                max_run_ahead,
+                request.sampling,
+                num_prompt_tokens=len(request.prompt_ids),
+                stop_token_ids=sorted(request.stop_token_ids),
+            )
         )
 
     def set_available(self, available: bool, run_ahead) -> None:

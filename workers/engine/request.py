@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.messages import GenerateRequest, SamplingParams
+from workers.sampling import Rows
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def rows(self, drafts: list[int]) -> Rows:
+        """The logits processors' view of a pass over the newest token and `drafts`."""
+        return Rows(self.tokens, len(self.prompt_ids), drafts, self.stop_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -32,7 +32,16 @@ from protocol.messages import BATCH_SIZE_BOUNDS, STEP_TOKENS_BOUNDS, GenerateReq
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
 from workers.model.model import Segment
-from workers.sampling import COIN, PICK, accept_greedy, accept_sampled, keyed_uniforms, logprobs_of, warp
+from workers.sampling import (
+    COIN,
+    PICK,
+    accept_greedy,
+    accept_sampled,
+    keyed_uniforms,
+    logprobs_of,
+    process_logits,
+    warp_with,
+)
 
 
 @dataclass
@@ -280,11 +289,12 @@ class VerifyEngine:
         num_tokens = request.num_tokens
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
+        scores = process_logits(logits, request.rows(drafts), sampling)  # row i sees drafts[:i]
         if sampling.greedy:
-            acceptance = accept_greedy(draft_ids, logits)
+            acceptance = accept_greedy(draft_ids, scores)
         else:
             positions = range(num_tokens, num_tokens + len(drafts) + 1)  # of x1..xk and the bonus
-            target_probs = warp(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            target_probs = warp_with(scores, sampling)
             draft_probs = None if proposal.probs is None else proposal.probs[: len(drafts)].to(self.device)
             acceptance = accept_sampled(
                 draft_ids,

@@ -5,6 +5,7 @@ No model code, no processes: tensors in, tensors out, randomness passed in
 """
 
 from workers.sampling.acceptance import Acceptance, accept_greedy, accept_sampled
+from workers.sampling.processors import STAGES, Rows, process_logits, warp_with
 from workers.sampling.randomness import COIN, DRAFT, PICK, keyed_uniform, keyed_uniforms
 from workers.sampling.warping import logprobs_of, sample, sample_from_uniform, warp
 
@@ -16,6 +17,10 @@ __all__ = [
     "sample",
     "sample_from_uniform",
     "warp",
+    "warp_with",
+    "process_logits",
+    "Rows",
+    "STAGES",
     "keyed_uniform",
     "keyed_uniforms",
     "COIN",

@@ -8,13 +8,15 @@ OpenAI ``logprobs`` fields). Every function is pure: tensors in, tensors out.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = ["warp", "sample", "sample_from_uniform", "logprobs_of"]
 
 
-def warp(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def warp(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
     """Return the request's warped distribution over the vocabulary.
 
     Args:
@@ -29,6 +31,9 @@ def warp(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0)
             probable tokens whose mass is ``>= top_p`` (always at least the
             most probable token). ``1.0`` keeps all. Among equal probabilities
             the lower token id comes first (stable sort).
+        min_p: after temperature and before top-k (vLLM's order), drop the
+            tokens whose probability is below ``min_p`` times the most probable
+            one's. ``0.0`` keeps all.
 
     Returns:
         ``[N, V]`` float32 probabilities; each row sums to 1 and removed tokens
@@ -40,11 +45,17 @@ def warp(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
 
     scores = logits.float()  # [N, V]
     if temperature != 1.0:
         scores = scores / temperature
     vocab = scores.shape[-1]
+
+    if min_p > 0.0:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p): no softmax needed
+        floor = scores.amax(dim=-1, keepdim=True) + math.log(min_p)
+        scores = scores.masked_fill(scores < floor, float("-inf"))
 
     if 0 < top_k < vocab:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]  # [N, 1]
