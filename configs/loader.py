@@ -123,6 +123,9 @@ class SchedulerConfig:
     max_model_len: int = 2048  # prompt + generated tokens, per request
     max_running_requests: int = 4  # KV cache slots per worker
     max_waiting_requests: int = 64
+    max_batch_size: int = 0  # requests in one model pass (0: all running ones)
+    max_tokens_per_step: int = 0  # tokens in one target pass, a soft bound: whole rounds (0: no limit)
+    prefill_chunk_tokens: int = 512  # a prompt is prefilled in chunks of this many tokens, mixed into decode steps
 
 
 @dataclass(frozen=True)
@@ -395,5 +398,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("scheduler.max_waiting_requests: must be >= 0")
     if any(not name for name in config.server.served_model_name):
         raise ConfigError("server.served_model_name: names must not be empty")
+    for name in ("max_batch_size", "max_tokens_per_step"):
+        if getattr(scheduler, name) < 0:
+            raise ConfigError(f"scheduler.{name}: must be >= 0 (0: no limit)")
+    if scheduler.prefill_chunk_tokens < 1:
+        raise ConfigError("scheduler.prefill_chunk_tokens: must be at least 1")
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"server.port: {config.server.port} is not a TCP port")

@@ -73,6 +73,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     # before (from the prefill pass) + top N, sent on the first output. With prompt
     # logprobs, max_tokens may be 0 (score the prompt, generate nothing).
     prompt_logprobs: int | None = None
+    num_draft_tokens: int | None = None  # most drafts per round for this request (None: the server's; 0: none)
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -115,6 +116,10 @@ class HistogramCounts(msgspec.Struct):
 
     def observe(self, value: float) -> None:
         self.counts[next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))] += 1
+# Bounds of the batch-size histograms the workers keep: requests in one model pass.
+BATCH_SIZE_BOUNDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
         self.sum += value
 
 
@@ -131,6 +136,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     easyspec: dict[str, float] | None = None  # draft, easyspec modes: fuzzy/exact passes, calibration, exchange
     kv_cache_usage: float = 0.0  # verify: KV token slots in use over all slots (0..1)
     iteration_tokens: HistogramCounts | None = None  # verify: prompt + emitted tokens per engine step
+    batch_sizes: HistogramCounts | None = None  # requests per model pass (verify: target, draft: draft)
 
 
 class EngineStatus(msgspec.Struct, tag=True):

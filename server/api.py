@@ -182,6 +182,13 @@ class StreamOptions(_Request):
     include_obfuscation: Annotated[bool, _only(False, hint="; no obfuscation padding is sent")] = False
 
 
+class SpeculationControl(_Request):
+    """Tandem's extension field `speculation` (OpenAI SDK: extra_body): this request's
+    most drafts per round, 0 for none (the target alone), capped by the server's."""
+
+    num_draft_tokens: int = Field(ge=0, le=64)
+
+
 class BaseGenerationRequest(_Request):
     """The sampling and streaming parameters shared by both endpoints."""
 
@@ -215,6 +222,7 @@ class BaseGenerationRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    speculation: SpeculationControl | None = None  # extension: per-request speculation control
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -225,6 +233,11 @@ class BaseGenerationRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def num_draft_tokens(self) -> int | None:
+        """The request's cap on drafts per round (None: the server's)."""
+        return None if self.speculation is None else self.speculation.num_draft_tokens
 
 
 class CompletionRequest(BaseGenerationRequest):

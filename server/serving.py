@@ -343,6 +343,7 @@ def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list
         stop_token_ids=stop_token_ids(ctx, req),
         num_logprobs=num_logprobs,
         prompt_logprobs=prompt_logprobs,
+        num_draft_tokens=req.num_draft_tokens,
     )
     return ChoiceState(index, request, ctx.tokenizer, req.stop, prompt.choice(), TextOptions.of(req))
 

@@ -107,6 +107,13 @@ class WorkerCollector(Collector):
             if buckets is not None:
                 metric.add_metric([model], buckets, sum_value=counts.sum)
             yield metric
+        batch = HistogramMetricFamily(PREFIX + "batch_size", "Requests in one model pass (continuous batching): "
+                                      "role verify, target passes; role draft, draft passes.", labels=labels)
+        for role, report in sorted(stats.items()):
+            buckets = histogram_buckets(report.batch_sizes) if report.batch_sizes is not None else None
+            if buckets is not None:
+                batch.add_metric([model, role], buckets, sum_value=report.batch_sizes.sum)
+        yield batch
         # EasySpec draft: fuzzy (layer-parallel) vs exact passes, calibration, hidden-state exchange
         draft = stats.get("draft")
         for key, value in sorted(((draft.easyspec or {}) if draft else {}).items()):

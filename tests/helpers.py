@@ -98,14 +98,8 @@ class RunningServer:
         return f"{self.url}/v1"
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample as {(name, sorted labels but model_name): value} (one server serves one model)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))
-                samples[(sample.name, labels)] = sample.value
-        return samples
+        """Every sample as {(name, sorted labels): value}."""
+        return metric_samples(self.url)
 
     def metric(self, name: str, **labels) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
@@ -113,6 +107,18 @@ class RunningServer:
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         return [int(pid) for pid in out.split()]
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a server's /metrics as {(name, sorted labels but model_name): value}
+    (one server serves one model)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
 
 
 def wait_healthy(server: RunningServer, timeout_s: float = 180) -> None:

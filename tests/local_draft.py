@@ -12,8 +12,9 @@ from protocol.messages import DraftTokens
 class LocalTransport:
     """The DraftStream's transport to a DraftEngine in this process.
 
-    Each `receive` advances the draft by `steps()` tokens (default 1): a
-    random `steps` stands in for the timing of a draft running on another device.
+    Each `receive` advances the draft by `steps()` batched steps (default 1), each
+    drafting a token for every request with room to run ahead: a random `steps`
+    stands in for the timing of a draft running on another device.
     """
 
     def __init__(self, engine, steps=None):
@@ -26,7 +27,8 @@ class LocalTransport:
 
     def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
         for _ in range(self.steps()):
-            self._keep(self.engine.step())
+            for drafted in self.engine.step_all():
+                self._keep(drafted)
         out, self._outbox = self._outbox, []
         return out
 

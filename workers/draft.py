@@ -2,8 +2,8 @@
 
     python -m workers.draft --config-json '{...}'   (started by the launcher)
 
-It drafts one token at a time for whichever request has room to run ahead and
-publishes each at once; between tokens it takes in new verified prefixes
+Each step drafts one token for every request with room to run ahead, in one
+batched draft pass, and publishes each at once; between tokens it takes in new verified prefixes
 (rollback or re-tag) and releases. With nothing to draft it blocks on its inbox.
 """
 
@@ -53,7 +53,7 @@ class DraftWorker:
             max_model_len=config.scheduler.max_model_len,
             max_requests=config.scheduler.max_running_requests,
             device=device,
-            grammars=Grammars(path, self.model.args.vocab_size),
+            max_batch_size=config.scheduler.max_batch_size,
         )
         self.inbox = Inbox(config.addresses.draft)
         self.to_verify = Outbox(config.addresses.verify)
@@ -86,12 +86,13 @@ class DraftWorker:
             if self.engine.has_work:
                 step_started = time.monotonic()
                 try:
-                    drafted = self.engine.step()
-                except Exception:  # the verifier times out on this request and goes on target-only
+                    drafted = self.engine.step_all()
+                except Exception:  # the verifier times out on these requests and goes on target-only
                     log.exception("drafting failed")
-                    drafted = None
+                    drafted = []
                 self.busy_s += time.monotonic() - step_started
-                self._publish(drafted)
+                for each in drafted:
+                    self._publish(each)
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now
@@ -110,6 +111,7 @@ class DraftWorker:
                 rollbacks=self.engine.num_rollbacks,
                 draft_tokens=self.engine.num_drafted,
                 easyspec=easyspec,
+                batch_sizes=self.engine.batch_sizes,
             )
         )
 

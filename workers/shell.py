@@ -92,4 +92,5 @@ def load_worker_model(model_config: ModelConfig, device: torch.device):
     model = load_model(
         path, dtype=dtype, quantization=model_config.quantization, device=device, head_vocab=model_config.head_vocab
     )
+    model.linear_invariance()  # probed now, not in the first batched pass (a request's TTFT)
     return model, path

@@ -200,6 +200,11 @@ class TensorParallelModel(RankGroup):
         self._checked(self.send, NewCache(cache.cache_id, max_seq_len))
         return cache
 
+    def forward_batch(self, segments) -> list[torch.Tensor]:
+        """LlamaModel.forward_batch's contract (workers.model.model.Segment each), one pass per
+        segment: the ranks run each in step; batching them into one pass is not done yet."""
+        return [self.forward(s.tokens, s.cache, s.num_logits) for s in segments]
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: ShardKVCache, num_logits: int = 1) -> torch.Tensor:
         """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32, as LlamaModel."""

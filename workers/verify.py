@@ -91,7 +91,9 @@ class VerifyWorker:
             max_model_len=config.scheduler.max_model_len,
             max_running=config.scheduler.max_running_requests,
             device=device,
-            grammars=Grammars(path, self.model.args.vocab_size),
+            max_batch_size=config.scheduler.max_batch_size,
+            max_tokens_per_step=config.scheduler.max_tokens_per_step,
+            prefill_chunk=config.scheduler.prefill_chunk_tokens,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
@@ -139,6 +141,7 @@ class VerifyWorker:
                     draft_wait_s=self.draft.wait_s,
                     kv_cache_usage=self.engine.kv_cache_usage,
                     iteration_tokens=self.engine.iteration_tokens,
+                    batch_sizes=self.engine.batch_sizes,
                 )
             )
 

@@ -83,6 +83,24 @@ def test_speculative_output_equals_ar_output(ar_server, spec_server):
     assert 0 < stats["num_target_passes"] <= sd.usage.completion_tokens
 
 
+def test_per_request_speculation_control(sd_server):
+    """`speculation: {num_draft_tokens: n}` in the body (the SDK's extra_body) caps this
+    request's drafts per round: 0 gives the same text with no drafts counted, 2 at most
+    two a pass. Catches the field not reaching the verifier, or a cap that changes text."""
+    prompt = PROMPTS[3]
+    default = complete(sd_server, prompt)
+    off = complete(sd_server, prompt, extra_body={"speculation": {"num_draft_tokens": 0}})
+    two = complete(sd_server, prompt, extra_body={"speculation": {"num_draft_tokens": 2}})
+    assert off.choices[0].text == two.choices[0].text == default.choices[0].text
+    assert default.model_extra["speculation"]["num_draft_tokens"] > 0
+    assert off.model_extra["speculation"]["num_draft_tokens"] == 0
+    assert off.model_extra["speculation"]["num_target_passes"] == off.usage.completion_tokens
+    stats = two.model_extra["speculation"]
+    assert 0 < stats["num_draft_tokens"] <= 2 * stats["num_target_passes"]
+    with pytest.raises(openai.BadRequestError):
+        complete(sd_server, prompt, extra_body={"speculation": {"num_draft_tokens": -1}})
+
+
 @pytest.mark.parametrize("mode", ["sd", "amusd"])
 def test_a_disagreeing_draft_still_equals_ar(tmp_path, ar_server, tiny_target_dir, tiny_stranger_dir, mode):
     config = write_config(

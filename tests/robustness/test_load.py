@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from bench.load import Plan, format_table, load_prompt_texts, plan_requests, run_load, summarize
-from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, wait_until
+from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, metric_samples, wait_until
 from tests.robustness.support import process_rss, tiny_server_config
 
 CLIENTS = 32
@@ -74,7 +74,22 @@ def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
         assert r.text == solo[solo_key(r.plan)], (r.plan, r.text, solo[solo_key(r.plan)])
     assert set(probe.statuses) == {200}, probe.statuses
     assert max(probe.latencies) < HEALTH_LIMIT_S
+    assert_passes_were_batched(url)
     return summary
+
+
+def assert_passes_were_batched(url: str) -> None:
+    """The verify worker's passes held several requests (continuous batching), as its
+    histogram on /metrics shows; the KV cache usage gauge is a fraction."""
+    def batch_mean() -> float:
+        m = metric_samples(url)
+        count = m.get(("tandem:batch_size_count", (("role", "verify"),)), 0)
+        return m.get(("tandem:batch_size_sum", (("role", "verify"),)), 0) / count if count else 0.0
+
+    assert wait_until(lambda: batch_mean() > 1.5, timeout_s=5, interval_s=0.2), batch_mean()
+    samples = metric_samples(url)
+    assert samples[("tandem:iteration_tokens_total_count", ())] > 0
+    assert 0.0 <= samples[("tandem:kv_cache_usage_perc", ())] <= 1.0
 
 
 def mixed_plans() -> list[Plan]:

@@ -385,13 +385,13 @@ def test_prompt_logprobs_come_from_the_prefill_only_when_asked(models):
     prompt = PROMPTS[3]
     seen_logits: list[int] = []
     engine = make_engine(target, models["quantized"])
-    forward = engine._forward
 
-    def spy(tokens, cache, num_logits):
-        seen_logits.append(num_logits)
-        return forward(tokens, cache, num_logits)
+    class Spy:  # the target, noting each pass's logits rows
+        def forward_batch(self, segments):
+            seen_logits.extend(s.num_logits for s in segments)
+            return target.forward_batch(segments)
 
-    engine._forward = spy
+    engine.model = Spy()
     asked = GenerateRequest("p", prompt, 6, SamplingParams(), [], num_logprobs=2, prompt_logprobs=3)
     plain = GenerateRequest("q", prompt, 6, SamplingParams(), [])
     only = GenerateRequest("z", prompt, 0, SamplingParams(), [], prompt_logprobs=0)

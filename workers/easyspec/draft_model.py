@@ -263,6 +263,10 @@ class LayerParallelDraftModel:
         calibration = start > 0 and not self.plan.is_sequential
         return self._exact(cache, redo_from, feed, num_logits, start + T, start - redo_from, calibration)
 
+    def forward_batch(self, segments) -> list[torch.Tensor]:
+        """One request at a time: the layer-parallel passes are not batched."""
+        return [self.forward(s.tokens, s.cache, s.num_logits) for s in segments]
+
     def after_rollback(self, cache: DraftKVCache, keep: int) -> None:
         """The verifier's answer opens a round: crop to `keep`; the next forward is the
         round's first pass (a calibration pass by the policy)."""

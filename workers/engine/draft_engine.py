@@ -6,8 +6,10 @@ request (its prompt and sampling); `update` brings a new verified prefix (a new
 epoch, as the tokens added since the last one): if it agrees with the
 continuation the draft keeps going (and re-publishes the drafts beyond it under
 the new epoch); if it parts at position j, the model rolls the cache back to j
-and drafting restarts from the verified tokens. `step` drafts one token for the
-next request that is below its run-ahead limit. A synchronous mode sets the
+and drafting restarts from the verified tokens. `step_all` drafts one token for
+every request below its run-ahead limit in one batched draft pass (each request
+its own segment, at its own position, over its own cache); `step` drafts one
+for the next such request alone. A synchronous mode sets the
 limit to k per round; an asynchronous one lets the draft run ahead while the
 target verifies. The model's round hooks (DraftModel) are called explicitly.
 """
@@ -20,8 +22,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, SamplingParams, VerifiedPrefix
+from protocol.messages import (
+    BATCH_SIZE_BOUNDS,
+    BeginDrafting,
+    DraftTokens,
+    HistogramCounts,
+    ReleaseRequest,
+    SamplingParams,
+    VerifiedPrefix,
+)
 from workers.engine.draft_model import DraftModel
+from workers.model.model import Segment
 from workers.sampling import DRAFT, Rows, keyed_uniform, process_logits, sample_from_uniform, warp_with
 from workers.sampling.grammar import GrammarError, draft_scores
 
@@ -76,17 +87,28 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class DraftEngine:
-    def __init__(self, model: DraftModel, *, max_model_len: int, max_requests: int, device="cpu", grammars=None):
+    def __init__(
+        self,
+        model: DraftModel,
+        *,
+        max_model_len: int,
+        max_requests: int,
+        device="cpu",
+        grammars=None,
+        max_batch_size: int | None = None,
+    ):
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.max_model_len = max_model_len
         self.max_requests = max_requests
+        self.max_batch_size = max_batch_size or max_requests
         self.device = torch.device(device)
         # drafting order: round robin; a full table evicts the oldest (it can always recompute)
         self._states: OrderedDict[str, DraftState] = OrderedDict()
         self._spare_caches: list = []
         self.num_rollbacks = 0
         self.num_drafted = 0
+        self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per draft pass
 
     # -- requests ----------------------------------------------------------
 
@@ -162,29 +184,46 @@ class DraftEngine:
 
     # -- drafting ----------------------------------------------------------
 
+    def _has_room(self, state: DraftState) -> bool:
+        return state.num_drafted < state.max_run_ahead and len(state.sequence) < self.max_model_len
+
     def _next_state(self) -> tuple[str, DraftState] | None:
         for request_id, state in self._states.items():
-            if state.num_drafted < state.max_run_ahead and len(state.sequence) < self.max_model_len:
+            if self._has_room(state):
                 self._states.move_to_end(request_id)  # round robin across requests
                 return request_id, state
         return None
 
     @property
     def has_work(self) -> bool:
-        return any(
-            s.num_drafted < s.max_run_ahead and len(s.sequence) < self.max_model_len for s in self._states.values()
-        )
+        return any(self._has_room(s) for s in self._states.values())
 
-    @torch.inference_mode()
     def step(self) -> Drafted | None:
         """Draft one token for the next request with room to run ahead."""
         picked = self._next_state()
-        if picked is None:
-            return None
-        request_id, state = picked
-        # feed everything not yet in the cache (the last token is never fed until now)
-        feed = state.sequence[state.cache.length :]
-        logits = self.model.forward(torch.tensor(feed, dtype=torch.long, device=self.device), state.cache)
+        return None if picked is None else self._draft([picked])[0]
+
+    def step_all(self) -> list[Drafted]:
+        """Draft one token for every request with room to run ahead (up to max_batch_size,
+        round robin), in one draft pass."""
+        picked = [(rid, state) for rid, state in self._states.items() if self._has_room(state)][: self.max_batch_size]
+        for request_id, _ in picked:
+            self._states.move_to_end(request_id)
+        return self._draft(picked) if picked else []
+
+    @torch.inference_mode()
+    def _draft(self, picked: list[tuple[str, DraftState]]) -> list[Drafted]:
+        # feed each request everything not yet in its cache (the last token is never fed until now)
+        segments = [
+            Segment(torch.tensor(state.sequence[state.cache.length :], dtype=torch.long, device=self.device), state.cache)
+            for _, state in picked
+        ]
+        logits = self.model.forward_batch(segments)
+        self.batch_sizes.observe(len(picked))
+        return [self._append(request_id, state, rows) for (request_id, state), rows in zip(picked, logits)]
+
+    def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
+        """Draw the next token from the request's last logits row and append it."""
         position = len(state.sequence)
         sampling = state.sampling
         probs = None

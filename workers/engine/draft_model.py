@@ -8,11 +8,12 @@ draft (workers/easyspec) calibrates its fuzzy KV cache in them.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
 from workers.model import KVCache, LlamaModel, ModelArgs
+from workers.model.model import Segment
 
 
 class DraftModel(Protocol):
@@ -23,6 +24,11 @@ class DraftModel(Protocol):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
         """tokens [T] at positions cache.length.. -> logits [num_logits, V] float32."""
+        ...
+
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """Several requests in one pass, each its own segment (tokens, cache, num_logits)
+        over its own cache: logits [num_logits, V] float32 per segment."""
         ...
 
     def after_rollback(self, cache: KVCache, keep: int) -> None:
@@ -57,6 +63,9 @@ class PlainDraft:
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
         return self.model.forward(tokens, cache, num_logits)
+
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        return self.model.forward_batch(segments)
 
     def after_rollback(self, cache: KVCache, keep: int) -> None:
         cache.crop(keep)

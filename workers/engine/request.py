@@ -18,6 +18,7 @@ class Request:
     stop_token_ids: frozenset[int]
     num_logprobs: int | None
     prompt_logprobs: int | None = None  # top N for the prompt's logprobs (None: not asked)
+    num_draft_tokens: int | None = None  # the request's own cap on drafts per round (None: none)
     output_ids: list[int] = field(default_factory=list)
     cache: object = None  # the target's KVCache while running
     arrival_time: float = field(default_factory=time.monotonic)
@@ -36,6 +37,7 @@ class Request:
             stop_token_ids=frozenset(message.stop_token_ids),
             num_logprobs=message.num_logprobs,
             prompt_logprobs=message.prompt_logprobs,
+            num_draft_tokens=message.num_draft_tokens,
         )
 
     @property

@@ -1,12 +1,20 @@
 """The verify engine: owns the truth (the verified tokens) and runs rounds.
 
-A request first gets a prefill pass (its prompt, all but the last token, into
-the target's cache), so that the draft can prefill at the same time. Then each
-round: take up to k draft tokens from the DraftSource, run ONE target pass over
+A request is first prefilled (its prompt, all but the last token, into the
+target's cache), so that the draft can prefill at the same time. Then each
+round: take up to k draft tokens from the DraftSource, run the target over
 [last verified token, x1..xk], apply the acceptance rule, crop the target cache
 to the accepted length, emit 1..k+1 tokens, tell the DraftSource the new
-verified prefix. Mode `ar` is the same round with k = 0. Requests are
-interleaved round-robin.
+verified prefix. Mode `ar` is the same round with k = 0.
+
+Continuous batching: each `step` runs ONE target pass (LlamaModel.forward_batch)
+over the rounds of all running requests (up to max_batch_size, round robin;
+each its own segment over its own cache) and the prefill chunks of new ones,
+within max_tokens_per_step. A prompt is prefilled in chunks of prefill_chunk
+tokens at fixed boundaries (multiples of the chunk), so a request's passes have
+the same shapes whatever else runs: with the batch-invariant forward, each
+request gets bit for bit what it gets alone. The acceptance rule runs per
+request on its rows.
 
 Invariant between rounds: req.cache.length == req.num_tokens - 1 (the newest
 verified token has not been fed yet: it opens the next round's pass).
@@ -16,12 +24,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
-from protocol.messages import GenerateRequest, HistogramCounts, TokenOutput
+from protocol.messages import BATCH_SIZE_BOUNDS, GenerateRequest, HistogramCounts, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.request import Request
+from workers.model.model import Segment
 from workers.sampling import (
     COIN,
     PICK,
@@ -37,6 +47,17 @@ from workers.sampling.grammar import GrammarError, mask_logits
 
 # vLLM's buckets for iteration_tokens_total (tokens per engine step)
 ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+@dataclass
+class Scheduled:
+    """One request's part of a step: a prefill chunk, or a round (its proposal and drafts)."""
+
+    request: Request
+    tokens: list[int]
+    num_logits: int
+    proposal: Proposal | None = None  # None: a prefill chunk
+    drafts: list[int] | None = None
 
 
 class RequestRejected(ValueError):
@@ -80,6 +101,9 @@ class VerifyEngine:
         max_running: int,
         device="cpu",
         grammars=None,
+        max_batch_size: int | None = None,
+        max_tokens_per_step: int | None = None,
+        prefill_chunk: int = 512,
     ):
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
@@ -90,8 +114,12 @@ class VerifyEngine:
         self._caches = CachePool(model, max_model_len, max_running)
         self._waiting: deque[Request] = deque()
         self._running: deque[Request] = deque()
+        self.max_batch_size = max_batch_size or max_running
+        self.max_tokens_per_step = max_tokens_per_step or None  # None: no limit (a round always runs whole)
+        self.prefill_chunk = prefill_chunk
         self.busy_s = 0.0  # time inside target passes
         self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)  # per step: prompt tokens fed + emitted
+        self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per target pass
 
     # -- queue -------------------------------------------------------------
 
@@ -167,8 +195,10 @@ class VerifyEngine:
 
     def _num_drafts(self, request: Request, limit: int) -> int:
         """Drafts the next round can verify: they and the correction/bonus token
-        must fit both the token budget and the context."""
+        must fit both the token budget and the context, and the request's own cap."""
         remaining = request.max_tokens - len(request.output_ids)
+        if request.num_draft_tokens is not None:
+            limit = min(limit, request.num_draft_tokens)
         return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
 
     def run_ahead(self, request: Request) -> int:
@@ -179,59 +209,101 @@ class VerifyEngine:
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
-        """Run one pass (a prefill or a round) for the next running request."""
+        """Run one target pass over the rounds and prefill chunks scheduled now."""
         self._admit()
-        if not self._running:
-            return []
-        request = self._running.popleft()
-        prompt_fed = max(0, len(request.prompt_ids) - request.cache.length)  # prompt tokens this pass feeds
-        if request.cache.length < request.num_tokens - 1:
-            self._prefill(request)
-            if request.max_tokens > 0:
-                self._running.appendleft(request)  # its first round comes next
-                self.iteration_tokens.observe(prompt_fed - 1)  # all but the last, which opens the first round
-                return []
-        if request.max_tokens > 0:
-            output = self._round(request)
-        else:  # prompt logprobs only: nothing to generate
+        outputs = self._finish_scoring_only()
+        scheduled = self._schedule()
+        if not scheduled:
+            return outputs
+        # prompt tokens each item feeds (a prefill chunk; a first round's pending token)
+        prompt_fed = sum(min(len(s.tokens), max(0, len(s.request.prompt_ids) - s.request.cache.length)) for s in scheduled)
+        started = time.monotonic()
+        logits = self.model.forward_batch(
+            [Segment(torch.tensor(s.tokens, dtype=torch.long, device=self.device), s.request.cache, s.num_logits)
+             for s in scheduled]
+        )
+        self.busy_s += time.monotonic() - started
+        self.batch_sizes.observe(len(scheduled))
+        for item, rows in zip(scheduled, logits):
+            if item.proposal is None:  # a prefill chunk: its first round comes in a later step
+                self._score_prompt(item.request, item.tokens, rows)
+                continue
+            output = self._accept(item.request, item.proposal, item.drafts, rows)
+            self._attach_prompt_scores(item.request, output)
+            if output.finish_reason is not None:
+                self._running.remove(item.request)
+                self._free(item.request)
+            outputs.append(output)
+        self.iteration_tokens.observe(prompt_fed + sum(len(o.token_ids) for o in outputs))
+        return outputs
+
+    def _finish_scoring_only(self) -> list[TokenOutput]:
+        """Requests for prompt logprobs only (max_tokens 0) whose prompt is all in: their one output."""
+        done = [r for r in self._running if r.max_tokens == 0 and r.cache.length == r.num_tokens - 1]
+        outputs = []
+        for request in done:
             output = TokenOutput(request_id=request.request_id, token_ids=[], finish_reason="length")
-        self.iteration_tokens.observe(prompt_fed + len(output.token_ids))
+            self._attach_prompt_scores(request, output)
+            self._running.remove(request)
+            self._free(request)
+            outputs.append(output)
+        return outputs
+
+    def _score_prompt(self, request: Request, fed: list[int], logits: torch.Tensor) -> None:
+        """A prefill chunk's rows, when the request asked for prompt logprobs: row i scores the
+        prompt token after fed[i] (given all before it)."""
+        if request.prompt_logprobs is None:
+            return
+        start = request.cache.length - len(fed)
+        targets = torch.tensor(request.tokens[start + 1 : start + len(fed) + 1], device=logits.device)
+        chosen, top = _scores(logits, targets, request.prompt_logprobs)
+        before = request.prompt_scores or ([], [])
+        request.prompt_scores = (before[0] + chosen, before[1] + top)
+
+    @staticmethod
+    def _attach_prompt_scores(request: Request, output: TokenOutput) -> None:
         if request.prompt_logprobs is not None and len(request.output_ids) == len(output.token_ids):  # first output
             chosen, top = request.prompt_scores or ([], [])
             output.prompt_logprobs, output.prompt_top_logprobs = chosen, top
             request.prompt_scores = None
-        if output.finish_reason is None:
-            self._running.append(request)
-        else:
-            self._free(request)
-        return [output]
 
-    def _forward(self, tokens: list[int], cache, num_logits: int) -> torch.Tensor:
-        started = time.monotonic()
-        logits = self.model.forward(torch.tensor(tokens, dtype=torch.long, device=self.device), cache, num_logits)
-        self.busy_s += time.monotonic() - started
-        return logits
+    def _schedule(self) -> list[Scheduled]:
+        """This step's work: the rounds of up to max_batch_size running requests (round robin),
+        then prefill chunks, while the step's token budget lasts (at least one item a step).
+        A round is never cut to fit: its drafts count is the same under any load."""
+        picked = list(self._running)[: self.max_batch_size]
+        self._running.rotate(-len(picked))  # the next step starts with the ones left out
+        rounds = [r for r in picked if r.cache.length == r.num_tokens - 1 and r.max_tokens > 0]
+        prefills = [r for r in picked if r.cache.length < r.num_tokens - 1]
+        budget = self.max_tokens_per_step
+        scheduled: list[Scheduled] = []
+        for request in rounds:
+            k = self._num_drafts(request, self.draft.num_draft_tokens)
+            if budget is not None and scheduled and 1 + k > budget:
+                break
+            proposal = self.draft.propose(request, k) if k else Proposal.empty()
+            drafts = proposal.token_ids[:k]
+            pending = request.tokens[request.cache.length :]
+            scheduled.append(Scheduled(request, pending + drafts, len(drafts) + 1, proposal, drafts))
+            budget = None if budget is None else budget - len(pending) - k
+        for request in prefills:
+            chunk = self._prefill_chunk(request)
+            if budget is not None and scheduled and len(chunk) > budget:
+                break
+            # all rows' logits only when the request asked for prompt logprobs
+            scheduled.append(Scheduled(request, chunk, len(chunk) if request.prompt_logprobs is not None else 0))
+            budget = None if budget is None else budget - len(chunk)
+        return scheduled
 
-    def _prefill(self, request: Request) -> None:
-        """The prompt but its last token into the cache. When the request asked for
-        prompt logprobs, the same pass also yields the logits of every row: row i
-        scores prompt token i+1 given tokens 0..i (no logits are computed otherwise)."""
-        fed = request.tokens[request.cache.length : -1]
-        wanted = request.prompt_logprobs is not None
-        logits = self._forward(fed, request.cache, num_logits=len(fed) if wanted else 0)
-        if wanted:
-            targets = torch.tensor(request.tokens[1 : len(fed) + 1], device=logits.device)
-            request.prompt_scores = _scores(logits, targets, request.prompt_logprobs)
+    def _prefill_chunk(self, request: Request) -> list[int]:
+        """The prompt's next chunk: up to the next multiple of prefill_chunk (all but the last token)."""
+        start = request.cache.length
+        end = min((start // self.prefill_chunk + 1) * self.prefill_chunk, request.num_tokens - 1)
+        return request.tokens[start:end]
 
-    def _round(self, request: Request) -> TokenOutput:
+    def _accept(self, request: Request, proposal: Proposal, drafts: list[int], logits: torch.Tensor) -> TokenOutput:
+        """The acceptance rule on a round's rows of the pass: logits [len(drafts) + 1, V]."""
         num_tokens = request.num_tokens
-        k = self._num_drafts(request, self.draft.num_draft_tokens)
-        proposal = self.draft.propose(request, k) if k else Proposal.empty()
-        drafts = proposal.token_ids[:k]
-
-        pending = request.tokens[request.cache.length :]
-        logits = self._forward(pending + drafts, request.cache, num_logits=len(drafts) + 1)  # [k+1, V]
-
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
         scores = process_logits(logits, request.rows(drafts), sampling)  # row i sees drafts[:i]

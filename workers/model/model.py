@@ -1,6 +1,8 @@
 """A compact Llama-family transformer (Llama, Mistral, Qwen2, SmolLM2), gpt-fast style.
 
-Batch 1, token ids in, logits out, over a static KV cache. Shapes in comments:
+One sequence per `forward`, token ids in, logits out, over a static KV cache;
+`forward_batch` runs several sequences (ragged segments, each over its own
+cache) in one pass. Shapes in comments:
 T = new tokens in this pass, L = attended length (cache.length + T),
 H = query heads, KV = key/value heads, G = H // KV, D = head_dim.
 
@@ -16,7 +18,7 @@ MLP's intermediate features; its KV cache holds those heads only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,89 @@ class Positions(NamedTuple):
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D], first half negated (see rope_tables)
     mask: torch.Tensor | None  # [G*T, start+T] bool, True = attend; None when T <= ROW_WISE_MAX_T
+
+
+# A batched pass (forward_batch) computes each linear over the rows of many segments at once, in
+# calls of at most this many rows, when the linear is batch-invariant up to it (probed once).
+MAX_BATCH_ROWS = 64
+INVARIANCE_PROBE_ROWS = (2, 3, 5, 8, 9, 16, 17, 31, 32, 33, 48, MAX_BATCH_ROWS)
+
+
+class Segment(NamedTuple):
+    """One sequence's part of a batched pass (LlamaModel.forward_batch): T new tokens at
+    positions cache.length.., over that sequence's own cache."""
+
+    tokens: torch.Tensor  # [T] token ids
+    cache: KVCache
+    num_logits: int = 1  # logits of the last num_logits tokens (0: only fill the cache)
+
+
+def row_spans(lengths: Sequence[int], batchable: Sequence[bool], max_rows: int = MAX_BATCH_ROWS) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of segments laid one after another, one linear call each: consecutive
+    batchable segments share a call of at most max_rows rows (a segment is never split);
+    every other segment gets a call of its own, the shape it has alone. Empty segments get none."""
+    spans: list[tuple[int, int]] = []
+    start, last_batchable = 0, False
+    for length, ok in zip(lengths, batchable):
+        end = start + length
+        if length and ok and last_batchable and end - spans[-1][0] <= max_rows:
+            spans[-1] = (spans[-1][0], end)
+        elif length:
+            spans.append((start, end))
+            last_batchable = ok
+        start = end
+    return spans
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+class RaggedRows:
+    """The rows of a batched pass: where each segment's rows are, their RoPE rows, and how
+    each linear takes them (all rows at once where it is batch-invariant, else each
+    segment's rows alone, so that every segment gets bit for bit what it gets alone)."""
+
+    def __init__(self, lengths: Sequence[int], positions: Sequence["Positions"], min_rows: Callable[[nn.Module], int | None]):
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        self.lengths = list(lengths)
+        self.bounds = [(end - n, end) for n, end in zip(lengths, ends)]  # rows of each segment
+        self.cos = torch.cat([p.cos for p in positions])  # [N, 1, D]
+        self.sin = torch.cat([p.sin for p in positions])
+        self.min_rows = min_rows
+        self._spans: dict[int | None, list[tuple[int, int]]] = {}
+
+    def spans(self, min_rows: int | None) -> list[tuple[int, int]]:
+        """The calls of a linear that is batch-invariant for calls of min_rows rows or more
+        (None: not at all). Prefill segments (longer than ROW_WISE_MAX_T) keep their own calls."""
+        if min_rows not in self._spans:
+            batchable = [min_rows is not None and min_rows <= n <= ROW_WISE_MAX_T for n in self.lengths]
+            self._spans[min_rows] = row_spans(self.lengths, batchable)
+        return self._spans[min_rows]
+
+    def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [N, K] -> [N, N_out]
+        return apply_in_spans(module, x, self.spans(self.min_rows(module)))
+
+
+def apply_in_spans(module: nn.Module, x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    if len(spans) == 1 and spans[0] == (0, x.shape[0]):
+        return module(x)
+    return torch.cat([module(x[a:b]) for a, b in spans])
+
+
+def invariant_from(module: nn.Module, x: torch.Tensor) -> int | None:
+    """From how many rows a call of module gives each row bit for bit what any other call of
+    that many rows or more gives it (x: [MAX_BATCH_ROWS, K], the probe): 1 (any call, single
+    rows included), 2 (calls of 2+ rows agree, a 1-row call takes another kernel: oneDNN's
+    bf16 GEMV for some shapes), or None (the row count changes the sums)."""
+    full = module(x)
+    sizes = [m for m in INVARIANCE_PROBE_ROWS if m <= x.shape[0]]
+    if not all(torch.equal(module(x[:m]), full[:m]) for m in sizes):
+        return None
+    if not torch.equal(module(x[3:12]), full[3:12]):  # rows at an offset in the call
+        return None
+    alone = torch.cat([module(x[i : i + 1]) for i in range(x.shape[0])])
+    return 1 if torch.equal(alone, full) else 2
 
 
 class RMSNorm(nn.Module):
@@ -93,12 +178,27 @@ class Attention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor],  # k, v of this layer: [KV, S, D]
         pos: Positions,
     ) -> torch.Tensor:  # [T, dim]
+        qk, v = self.project(x, pos.cos, pos.sin)
+        return self.wo(self.attend(qk, v, cache, pos))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear=_call):
+        """x: [T, dim] -> qk [T, H + KV, D] with RoPE applied (q and k together), v [T, KV, D]."""
         T = x.shape[0]
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = linear(self.wqkv, x)  # [T, (H + 2 KV) D]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        return qk, qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
+
+    def attend(
+        self,
+        qk: torch.Tensor,  # [T, H + KV, D], RoPE applied
+        v: torch.Tensor,  # [T, KV, D]
+        cache: tuple[torch.Tensor, torch.Tensor],  # k, v of this layer: [KV, S, D]
+        pos: Positions,
+    ) -> torch.Tensor:  # [T, H*D], before the output projection
+        """Write the T new KV entries at pos.start and attend over [0, pos.start + T)."""
+        T = qk.shape[0]
         H, KV, G, D = self.n_heads, self.n_kv_heads, self.group, self.head_dim
-        qkv = self.wqkv(x)  # [T, (H + 2 KV) D]
-        # RoPE on q and k together: [T, H + KV, D]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), pos.cos, pos.sin)
-        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
         k_cache, v_cache = cache
         start = pos.start
         k_cache.narrow(1, start, T).copy_(qk[:, H:].transpose(0, 1))  # [KV, T, D]
@@ -117,13 +217,21 @@ class Attention(nn.Module):
                 ).view(1, H * D)  # [1, KV, G, D] -> [1, H*D]
                 for t in range(T)
             ]
-            return self.wo(rows[0] if T == 1 else torch.cat(rows))
+            return rows[0] if T == 1 else torch.cat(rows)
         q = q.reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * T, D)  # rows ordered (g, t)
         out = F.scaled_dot_product_attention(
             q, keys[None], values[None], attn_mask=pos.mask, scale=self.scale
         )  # [1, KV, G*T, D]
-        out = out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
-        return self.wo(out)
+        return out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+
+    def forward_ragged(self, x: torch.Tensor, caches: list, positions: list[Positions], rows: "RaggedRows"):
+        """x: [N, dim] normalized, the rows of several sequences (segments) one after another;
+        each segment attends over its own cache. Returns [N, dim]."""
+        qk, v = self.project(x, rows.cos, rows.sin, rows.linear)
+        out = torch.cat([
+            self.attend(qk[a:b], v[a:b], cache, pos) for (a, b), cache, pos in zip(rows.bounds, caches, positions)
+        ])
+        return rows.linear(self.wo, out)
 
 
 class FeedForward(nn.Module):
@@ -134,10 +242,10 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=args.mlp_bias)  # gate, up
         self.w2 = nn.Linear(self.hidden, args.dim, bias=args.mlp_bias)  # down; tensor-parallel: + all-reduce
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim] normalized
-        gate_up = self.w13(x)  # [T, 2 I]
+    def forward(self, x: torch.Tensor, linear=_call) -> torch.Tensor:  # x: [T, dim] normalized
+        gate_up = linear(self.w13, x)  # [T, 2 I]
         gate, up = gate_up[:, : self.hidden], gate_up[:, self.hidden :]
-        return self.w2(F.silu(gate) * up)
+        return linear(self.w2, F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -165,6 +273,11 @@ class TransformerBlock(nn.Module):
         h = h + self.attention_block(h, cache, pos)
         return h + self.mlp_block(h)
 
+    def forward_ragged(self, h: torch.Tensor, caches: list, positions: list[Positions], rows: RaggedRows) -> torch.Tensor:
+        """The rows of several segments (see LlamaModel.forward_batch), each over its own cache."""
+        h = h + self.attention.forward_ragged(self.attention_norm(h), caches, positions, rows)
+        return h + self.feed_forward(self.ffn_norm(h), rows.linear)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, split: TensorSplit | None = None):
@@ -180,6 +293,7 @@ class LlamaModel(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope_cos = torch.empty(0)
         self.rope_sin = torch.empty(0)
+        self._invariant: dict[int, int | None] | None = None  # id(linear) -> invariant_from (probed once)
 
     @property
     def device(self) -> torch.device:
@@ -231,11 +345,8 @@ class LlamaModel(nn.Module):
 
     # -- the default path ------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
-        """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32.
-
-        Writes T KV entries and advances cache.length by T. num_logits=0 only fills the cache.
-        """
+    def _tokens(self, tokens: torch.Tensor, cache: KVCache, num_logits: int) -> torch.Tensor:
+        """tokens as a [T] tensor on the model's device, checked against the cache and num_logits."""
         tokens = tokens.reshape(-1)  # accept a 0-d token id too
         if tokens.device != self.device:
             tokens = tokens.to(self.device)
@@ -247,9 +358,76 @@ class LlamaModel(nn.Module):
             raise ValueError(f"KV cache overflow: {start} + {T} tokens > capacity {cache.capacity}")
         if not 0 <= num_logits <= T:
             raise ValueError(f"num_logits must be in [0, {T}], got {num_logits}")
+        return tokens
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
+        """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32.
+
+        Writes T KV entries and advances cache.length by T. num_logits=0 only fills the cache.
+        """
+        tokens = self._tokens(tokens, cache, num_logits)
+        T = tokens.shape[0]
+        start = cache.length
         pos = self.positions(start, T)
         h = self.embed(tokens)
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, layer_cache, pos)
         cache.length = start + T
         return self.head(h, num_logits)
+
+    # -- batched passes ----------------------------------------------------------
+
+    def linear_invariance(self) -> dict[int, int | None]:
+        """id(linear) -> invariant_from (1, 2 or None) up to MAX_BATCH_ROWS rows. Probed once
+        per kind of linear (its repr: class, shapes, quantization; a GGUF file's layers may
+        mix kinds), on random rows."""
+        if self._invariant is None:
+            a = self.args
+            linears = [  # (module, fan-in)
+                *((layer.attention.wqkv, a.dim) for layer in self.layers),
+                *((layer.attention.wo, a.n_heads * a.head_dim) for layer in self.layers),
+                *((layer.feed_forward.w13, a.dim) for layer in self.layers),
+                *((layer.feed_forward.w2, a.intermediate_size) for layer in self.layers),
+                (self.output, a.dim),
+            ]
+            generator = torch.Generator().manual_seed(0)
+            by_kind: dict[str, int | None] = {}
+            self._invariant = {}
+            with torch.inference_mode():
+                for module, fan_in in linears:
+                    kind = repr(module)
+                    if kind not in by_kind:
+                        x = torch.randn(MAX_BATCH_ROWS, fan_in, generator=generator).to(self.device, self.dtype)
+                        by_kind[kind] = invariant_from(module, x)
+                    self._invariant[id(module)] = by_kind[kind]
+        return self._invariant
+
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """One pass over several sequences, each T_i new tokens over its own cache (ragged):
+        logits [num_logits_i, vocab] float32 per segment, and each cache advanced by T_i.
+
+        Each segment gets bit for bit what `forward` gives it alone: attention runs per
+        segment (row by row for T_i <= ROW_WISE_MAX_T), and a linear takes all the segments'
+        rows in one call only where it is batch-invariant (see linear_invariance)."""
+        if len(segments) == 1:  # one request: the plain pass (the same rows, less bookkeeping)
+            return [self.forward(segments[0].tokens, segments[0].cache, segments[0].num_logits)]
+        if len({id(s.cache) for s in segments}) != len(segments):
+            raise ValueError("forward_batch: one segment per cache")
+        tokens = [self._tokens(s.tokens, s.cache, s.num_logits) for s in segments]
+        lengths = [t.shape[0] for t in tokens]
+        positions = [self.positions(s.cache.length, T) for s, T in zip(segments, lengths)]
+        invariance = self.linear_invariance()
+        rows = RaggedRows(lengths, positions, lambda module: invariance.get(id(module)))
+        h = self.embed(torch.cat(tokens))  # [N, dim]
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_ragged(h, [s.cache.layers[i] for s in segments], positions, rows)
+        for s, T in zip(segments, lengths):
+            s.cache.length += T
+        counts = [s.num_logits for s in segments]
+        if not any(counts):
+            return [torch.empty(0, self.args.vocab_size, device=h.device) for _ in segments]
+        picked = torch.cat([h[b - n : b] for (_, b), n in zip(rows.bounds, counts)])  # [R, dim]
+        head_from = invariance.get(id(self.output))
+        spans = row_spans(counts, [head_from is not None and n >= head_from for n in counts])
+        logits = apply_in_spans(self.output, self.norm(picked), spans).float()  # [R, vocab]
+        return list(logits.split(counts))

@@ -1,0 +1,204 @@
+"""Continuous batching: one target pass over many requests, each still what it is alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protocol.messages import GenerateRequest, SamplingParams
+from tests.local_draft import random_steps
+from tests.tiny_model import make_tiny_checkpoint
+from tests.unit.test_engine import PROMPTS, make_engine, request, run
+from workers.model import load_model
+from workers.model.model import ROW_WISE_MAX_T, Segment, row_spans
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("b"), vocab_size=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    return {
+        "target": load_model(tiny_dir, dtype=torch.float32),
+        "quantized": load_model(tiny_dir, dtype=torch.float32, quantization="int8"),
+    }
+
+
+def test_row_spans_merge_batchable_segments_only():
+    """Consecutive batchable segments share a call (never split, at most max_rows); the
+    others keep their own; empty segments get none. A wrong merge would give a
+    non-invariant linear another row count than the segment has alone."""
+    assert row_spans([1, 5, 3], [True, True, True]) == [(0, 9)]
+    assert row_spans([1, 5, 3], [True, False, True]) == [(0, 1), (1, 6), (6, 9)]
+    assert row_spans([2, 0, 2], [True, True, True]) == [(0, 4)]
+    assert row_spans([4, 4, 4], [True] * 3, max_rows=8) == [(0, 8), (8, 12)]
+    assert row_spans([0, 0], [True, True]) == []
+
+
+@pytest.mark.parametrize(
+    "dtype,quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int4"), ("float32", "int8")]
+)
+def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization):
+    """A ragged batch (different cache lengths; a decode token, a verification of drafts,
+    a prefill chunk longer than ROW_WISE_MAX_T, a 1-token prompt) gives every segment
+    bit for bit the logits and KV it gets alone (so greedy tokens are equal). Catches
+    rows attending to another request's cache or positions, a linear whose sums change
+    with the batch's row count, and a wrong split of the logits rows."""
+    model = load_model(tiny_dir, dtype=getattr(torch, dtype), quantization=quantization)
+    gen = torch.Generator().manual_seed(1)
+    prefixes = [11, 0, 30, 4, 7]  # cached positions before the pass
+    news = [1, 5, ROW_WISE_MAX_T + 7, 1, 3]  # tokens in the pass
+    num_logits = [1, 5, 0, 1, 2]
+    batched, alone = [model.new_cache(64) for _ in prefixes], [model.new_cache(64) for _ in prefixes]
+    with torch.inference_mode():
+        for n, a, b in zip(prefixes, batched, alone):
+            if n:
+                prompt = torch.randint(0, 256, (n,), generator=gen)
+                model.forward(prompt, a, 0)
+                model.forward(prompt, b, 0)
+        tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
+        got = model.forward_batch([Segment(t, c, n) for t, c, n in zip(tokens, batched, num_logits)])
+        want = [model.forward(t, c, n) for t, c, n in zip(tokens, alone, num_logits)]
+    for g, w, n in zip(got, want, num_logits):
+        assert g.shape == w.shape == (n, 256) and g.dtype == torch.float32
+        assert torch.equal(g, w)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+    for a, b in zip(batched, alone):
+        assert a.length == b.length
+        assert torch.equal(a.k[:, :, : a.length], b.k[:, :, : b.length])
+        assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])
+
+
+def test_forward_batch_refuses_one_cache_twice(models):
+    model = models["target"]
+    cache = model.new_cache(16)
+    with pytest.raises(ValueError):
+        model.forward_batch([Segment(torch.tensor([1]), cache), Segment(torch.tensor([2]), cache)])
+
+
+def _solo(make, requests):
+    out = {}
+    for r in requests:
+        out.update(run(make(), [r]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "amusd"])
+def test_under_load_every_output_equals_the_request_alone(models, mode):
+    """Greedy and seeded sampled requests served together (batched passes of every size,
+    prefills beside rounds) give token for token what each gives alone; the passes were
+    batched indeed (the histogram saw more than one request per pass)."""
+    steps = random_steps(3) if mode == "amusd" else None
+
+    def make():
+        if mode == "ar":
+            return make_engine(models["target"], max_running=8)
+        return make_engine(models["target"], models["quantized"], k=3, max_running=8, mode=mode, run_ahead=6, steps=steps)
+
+    prompts = PROMPTS + [list(range(40, 70)), [3, 1, 4, 1, 5]]
+    requests = [
+        request(i, p, max_tokens=24, sampling=SamplingParams() if i % 2 else SamplingParams(temperature=0.8, seed=i))
+        for i, p in enumerate(prompts)
+    ]
+    engine = make()
+    together = run(engine, requests)
+    alone = _solo(make, requests)
+    for r in requests:
+        assert together[r.request_id][0] == alone[r.request_id][0], r.request_id
+    sizes = engine.batch_sizes
+    assert sum(sizes.counts[1:]) > 0  # some passes held 2+ requests
+    assert sizes.sum > sum(sizes.counts)  # mean batch size above 1
+
+
+def test_prefill_is_chunked_and_interleaves_with_decoding(models):
+    """A long prompt arriving while another request decodes is prefilled in chunks, one per
+    step, while the other request keeps getting tokens in those same steps (the order of
+    events, not times); its output equals the one it gets alone, unchunked."""
+    chunk = 16
+    long_prompt = [(7 * i) % 256 for i in range(5 * chunk + 3)]
+    engine = make_engine(models["target"], models["quantized"], k=2, max_running=4)
+    engine.prefill_chunk = chunk
+    engine.add(request(0, PROMPTS[0], max_tokens=60))
+    events = []
+    for _ in range(3):  # r0 is prefilled and decoding
+        events += [o.request_id for o in engine.step()]
+    engine.add(request(1, long_prompt, max_tokens=8))
+    tokens = {"r0": [], "r1": []}
+    while engine.has_work:
+        r1 = [r for r in engine._running if r.request_id == "r1"]
+        cached = r1[0].cache.length if r1 else None
+        outs = engine.step()
+        events.append(("step", cached, [o.request_id for o in outs]))
+        for o in outs:
+            tokens[o.request_id] += o.token_ids
+    prefill_steps = [e for e in events if isinstance(e, tuple) and e[1] is not None and e[1] < len(long_prompt) - 1]
+    assert len(prefill_steps) >= 5  # ceil((len - 1) / chunk) chunks, one per step
+    assert all("r0" in outs for _, _, outs in prefill_steps[1:])  # r0 decoded in each of them
+    alone = make_engine(models["target"], models["quantized"], k=2, max_running=4)
+    alone.prefill_chunk = chunk
+    assert tokens["r1"] == run(alone, [request(1, long_prompt, max_tokens=8)])["r1"][0]
+    unchunked = make_engine(models["target"], models["quantized"], k=2, max_running=4)
+    assert tokens["r1"] == run(unchunked, [request(1, long_prompt, max_tokens=8)])["r1"][0]
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_per_request_draft_cap(models, mode):
+    """A request's own num_draft_tokens caps its rounds' drafts (0: none, the draft never
+    drafts for it) and leaves its tokens unchanged, beside requests that use the default."""
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=4, mode=mode, run_ahead=8)
+    capped = [GenerateRequest(f"c{n}", PROMPTS[1], 30, SamplingParams(), [], num_draft_tokens=n) for n in (0, 2)]
+    out = run(engine, [request(0, PROMPTS[1], max_tokens=30), *capped])
+    assert out["c0"][0] == out["c2"][0] == out["r0"][0]
+    assert all(o.num_draft_tokens == 0 for o in out["c0"][2])
+    assert max(o.num_draft_tokens for o in out["c2"][2]) == 2
+    assert max(o.num_draft_tokens for o in out["r0"][2]) > 2
+
+
+def test_abort_mid_batch_frees_its_slot_and_leaves_the_others_untouched(models):
+    """A request aborted between batched steps (a client gone) gives its KV slot back at
+    once; the requests batched with it finish with the tokens they get alone."""
+    def make():
+        return make_engine(models["target"], models["quantized"], k=3, max_running=3)
+
+    requests = [request(i, p, max_tokens=30) for i, p in enumerate(PROMPTS[:3])]
+    engine = make()
+    for r in requests:
+        engine.add(r)
+    tokens = {r.request_id: [] for r in requests}
+    for _ in range(4):
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    usage = engine.kv_cache_usage
+    assert engine.abort("r1") and engine.num_running == 2
+    assert engine.kv_cache_usage < usage
+    engine.add(request(9, PROMPTS[3], max_tokens=5))  # the freed slot is taken at once
+    first = True
+    while engine.has_work:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        if first:
+            assert engine.num_running == 3 and engine.num_waiting == 0
+            first = False
+    alone = _solo(make, [requests[0], requests[2]])
+    assert tokens["r0"] == alone["r0"][0] and tokens["r2"] == alone["r2"][0]
+
+
+def test_prompt_logprobs_across_prefill_chunks(models):
+    """Prompt logprobs gathered over several prefill chunks equal the unchunked prefill's
+    (row for row: an off-by-one at a chunk boundary or a chunk's scores dropped would show)."""
+    prompt = [(5 * i + 3) % 256 for i in range(23)]
+
+    def prompt_scores(chunk):
+        engine = make_engine(models["target"], models["quantized"])
+        engine.prefill_chunk = chunk
+        message = GenerateRequest("p", prompt, 3, SamplingParams(), [], prompt_logprobs=2)
+        return run(engine, [message])["p"][2][0]
+
+    whole, chunked = prompt_scores(512), prompt_scores(5)
+    assert len(chunked.prompt_logprobs) == len(prompt) - 1
+    assert chunked.prompt_logprobs == pytest.approx(whole.prompt_logprobs, abs=1e-5)
+    assert [[t for t, _ in row] for row in chunked.prompt_top_logprobs] == [
+        [t for t, _ in row] for row in whole.prompt_top_logprobs
+    ]
