@@ -14,6 +14,7 @@ import threading
 import time
 
 import torch
+import zmq
 
 from configs.loader import Config
 from protocol.messages import (
@@ -50,7 +51,13 @@ class SocketTransport:
         self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) from the reader thread
 
     def send(self, message) -> None:
-        self.outbox.send(message)
+        # never block the verifier on the draft: with the draft unreachable (gone,
+        # not yet noticed) past the socket's queue, a message is dropped; the draft
+        # is begun anew when it is back
+        try:
+            self.outbox.send(message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a %s for the unreachable draft worker", type(message).__name__)
 
     def receive(self, timeout_s: float):
         try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -29,7 +30,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from tests.netns import missing_requirement, network_namespace
+from bench.netns import missing_requirement, network_namespace
 
 MISSING = missing_requirement()
 if MISSING:  # say it where a CI log shows it, not only in -rs
@@ -46,15 +47,14 @@ def netns():
         yield namespace
 
 
-@pytest.fixture
-def remote_config(tmp_path, tiny_target_dir, netns):
-    """The tiny pair; server and verify inboxes on this side of the veth pair,
-    the draft's in the namespace; every process binds 0.0.0.0 (bind differs from
+def config_with_external(path: Path, tiny_target_dir, netns, external: str) -> Path:
+    """The tiny pair; the `external` role's inbox in the namespace, the others on
+    this side of the veth pair; every process binds 0.0.0.0 (bind differs from
     the address the others connect to); CURVE on, the pair made on first use."""
     ports = {role: free_port() for role in ("server", "verify", "draft")}
-    hosts = {"server": netns.host_ip, "verify": netns.host_ip, "draft": netns.ns_ip}
+    hosts = {role: netns.ns_ip if role == external else netns.host_ip for role in ports}
     return write_config(
-        tmp_path / "remote.yaml",
+        path,
         target={"path": str(tiny_target_dir), "dtype": "float32"},
         draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
         speculation={"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 3},
@@ -63,8 +63,13 @@ def remote_config(tmp_path, tiny_target_dir, netns):
             **{role: f"tcp://{hosts[role]}:{port}" for role, port in ports.items()},
             "bind": {role: f"tcp://0.0.0.0:{port}" for role, port in ports.items()},
         },
-        curve={"enabled": True, "key_file": str(tmp_path / "keys" / "deploy.key_secret"), "create_missing": True},
+        curve={"enabled": True, "key_file": str(path.parent / "keys" / "deploy.key_secret"), "create_missing": True},
     )
+
+
+@pytest.fixture
+def remote_config(tmp_path, tiny_target_dir, netns):
+    return config_with_external(tmp_path / "remote.yaml", tiny_target_dir, netns, "draft")
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +89,20 @@ def complete(server: RunningServer, prompt: str):
     return sdk.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
 
 
-def start_worker(netns, config: Path, log: Path) -> subprocess.Popen:
-    """`tandem worker --role draft` inside the namespace."""
+def start_worker(netns, config: Path, log: Path, role: str = "draft") -> subprocess.Popen:
+    """`tandem worker --role ROLE` inside the namespace."""
     command = netns.command(
-        sys.executable, "-m", "server.cli", "worker", "--role", "draft", "--config", str(config), "--mode", "sd"
+        sys.executable, "-m", "server.cli", "worker", "--role", role, "--config", str(config), "--mode", "sd"
     )
     return subprocess.Popen(command, cwd=REPO, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
-def external_draft_server(config: Path, log: Path):
-    """`tandem serve --external draft`, its log in `log`; healthy once a draft connects."""
+def external_draft_server(config: Path, log: Path, external: str = "draft"):
+    """`tandem serve --external ROLE`, its log in `log`; healthy once the role connects."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port),
-               "--mode", "sd", "--external", "draft"]  # fmt: skip
+               "--mode", "sd", "--external", external]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=REPO, stdout=log.open("a"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -200,3 +205,36 @@ def test_peer_with_wrong_curve_key_gets_nothing(remote_config, netns, tmp_path, 
         stop(worker)
     refusals = [line for line in log.read_text().splitlines() if "refused a ZeroMQ peer" in line]
     assert any(netns.ns_ip in line and report["public"] in line for line in refusals), refusals
+
+
+def test_remote_verify_worker_supervised_by_heartbeats(tmp_path, tiny_target_dir, netns, local_outputs):
+    """Catches: `--external verify` starting a verify worker of its own or not
+    waiting for the remote one; a dead remote verify worker left looking healthy
+    (no heartbeat supervision: requests would hang); and a new one never picked up.
+    The local draft reaches the remote verify worker across the veth pair."""
+    config = config_with_external(tmp_path / "remote-verify.yaml", tiny_target_dir, netns, "verify")
+    log = tmp_path / "run.log"
+    worker = start_worker(netns, config, log, role="verify")
+    try:
+        with external_draft_server(config, log, external="verify") as server:
+            wait_healthy(server, timeout_s=180)
+            roles = {p: Path(f"/proc/{p}/cmdline").read_text() for p in server.worker_pids()}
+            assert [c for c in roles.values() if "workers.draft" in c] and not [c for c in roles.values() if "workers.verify" in c]
+            text, num_drafts = drafted(server)
+            assert text == local_outputs[0] and num_drafts > 0
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+            assert wait_until(lambda: health(server) == 503, timeout_s=20), log.read_text()
+            worker = start_worker(netns, config, log, role="verify")
+            assert wait_until(lambda: health(server) == 200, timeout_s=120), log.read_text()
+            assert drafted(server)[0] == text
+            assert server.metric("tandem:worker_restarts_total", role="verify") == 1
+    finally:
+        stop(worker)
+
+
+def health(server) -> int:
+    try:
+        return httpx.get(f"{server.url}/health", timeout=5).status_code
+    except httpx.HTTPError:
+        return -1
