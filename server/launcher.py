@@ -152,20 +152,20 @@ def eos_token_ids(model_path: Path, tokenizer) -> tuple[int, ...]:
 
 
 async def _wait_ready(
-    backend: LaunchedBackend, workers: list[WorkerProcess], external: dict[str, str], timeout_s: float, announce
+    backend: LaunchedBackend, workers: list[WorkerProcess], waiting: dict[str, str], timeout_s: float, announce
 ) -> None:
-    """Wait for every role's WorkerReady: the local `workers` and the `external`
-    roles (role -> the message that says why it did not connect)."""
+    """Wait for every role's WorkerReady: the local `workers` and the external
+    roles in `waiting` (role -> the message that says why it did not connect)."""
     deadline = time.monotonic() + timeout_s
     announce(f"starting workers: {', '.join(f'{w.role} (pid {w.pid})' for w in workers) or 'none'}")
-    roles = [w.role for w in workers] + list(external)
+    roles = [w.role for w in workers] + list(waiting)
     while not all(role in backend.ready for role in roles):
         for worker in workers:
             if worker.exit_code is not None:
                 raise LaunchError(f"{worker.role} worker exited with code {worker.exit_code} during start-up")
         if time.monotonic() > deadline:
             missing = [role for role in roles if role not in backend.ready]
-            raise LaunchError("; ".join(external.get(role, f"{role} worker not ready after {timeout_s:.0f} s") for role in missing))
+            raise LaunchError("; ".join(waiting.get(role, f"{role} worker not ready after {timeout_s:.0f} s") for role in missing))
         await asyncio.sleep(0.05)
     mismatch = backend.vocab_mismatch()
     if mismatch:
@@ -183,11 +183,15 @@ class Supervisor:
     MAX_DELAY_S = 30.0
 
     def __init__(
-        self, backend: LaunchedBackend, workers: list[WorkerProcess], config: Config, external: tuple[str, ...] = ()
+        self,
+        backend: LaunchedBackend,
+        workers: list[WorkerProcess],
+        config: Config,
+        external_roles: tuple[str, ...] = (),
     ):
         self.backend = backend
         self.workers = workers
-        self.external = external  # roles run elsewhere, watched by heartbeats (server.external)
+        self.external_roles = external_roles  # run elsewhere, watched by heartbeats (server.external)
         self.delay_s = config.server.restart_delay_s
         self.ready_timeout_s = config.server.startup_timeout_s
         self.heartbeat_timeout_s = config.server.heartbeat_timeout_s
@@ -197,7 +201,7 @@ class Supervisor:
             *(self._watch(worker) for worker in self.workers),
             *(
                 external.watch(self.backend, role, self.heartbeat_timeout_s, self._went_down, self._back)
-                for role in self.external
+                for role in self.external_roles
             ),
         )
 
@@ -227,8 +231,9 @@ class Supervisor:
             await self.backend.send_control(DraftAvailability(False))
 
     async def _came_up(self, worker: WorkerProcess) -> bool:
+        """The new process is ready (its own WorkerReady: a late heartbeat of the dead one is not)."""
         deadline = time.monotonic() + self.ready_timeout_s
-        while worker.role not in self.backend.ready:
+        while getattr(self.backend.ready.get(worker.role), "pid", None) != worker.pid:
             if worker.exit_code is not None or time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -266,11 +271,11 @@ async def serve(
 
     config = config.with_addresses()
     mode = config.speculation.mode
-    models = await asyncio.to_thread(prepare_models, config, announce)
     try:
         curve = keys_for(config.curve)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
+    models = await asyncio.to_thread(prepare_models, config, announce)
     backend = LaunchedBackend(
         config.addresses.bind_of("server"),
         config.addresses.verify,
