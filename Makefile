@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test test-real bench env clean llamacpp lmeval
+.PHONY: serve test test-real bench env clean llamacpp lmeval check-image
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -76,3 +76,8 @@ $(LMEVAL_VENV)/.ready: $(VENV)/.ready
 
 lmeval: env $(LMEVAL_VENV)/.ready
 	$(PY) -m bench.lmeval --config $(CONFIG) --url http://$(HOST):$(PORT) --lm-eval $(LMEVAL_VENV)/bin/lm_eval $(LMEVAL_ARGS)
+# Build the CPU image on a private Docker daemon (vfs) and check it serves, stops,
+# and serves with its draft worker in a second container (minutes; root; not in
+# `make test`). On a host without Docker Hub: make check-image BASE=debootstrap WHEELS=/opt/wheels
+check-image:
+	BASE=$(or $(BASE),python:3.11-slim) WHEELS=$(WHEELS) docker/check-cpu-image.sh

@@ -30,6 +30,9 @@ class ConfigError(ValueError):
     pass
 
 
+ADDRESS_SCHEMES = ("tcp://", "ipc://")  # ZeroMQ transports the workers may use
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # a Hugging Face model directory, a .gguf file, or "embedded:smollm2-135m-instruct"
@@ -145,14 +148,51 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     # uvicorn's access log: one line per HTTP request (with its X-Request-Id) on stderr
     access_log: bool = False
+    # an external worker (`tandem serve --external ROLE`) silent this long is taken as gone;
+    # every worker sends a heartbeat each second (server.external)
+    heartbeat_timeout_s: float = 5.0
+
+
+ROLE_ADDRESSES = ("server", "verify", "draft")  # the processes that bind an inbox
+
+
+@dataclass(frozen=True)
+class BindAddresses:
+    """Where each process binds its own inbox when that differs from where the
+    others reach it (a server binds tcp://0.0.0.0:5555, its peers connect to
+    tcp://server-host:5555). Empty = its address in `addresses`."""
+
+    server: str = ""
+    verify: str = ""
+    draft: str = ""
 
 
 @dataclass(frozen=True)
 class AddressConfig:
+    # where the others reach each process's inbox (the connect address);
     # empty = an ipc:// socket in a fresh temporary directory
     server: str = ""
     verify: str = ""
     draft: str = ""
+    bind: BindAddresses = BindAddresses()
+
+    def bind_of(self, process: str) -> str:
+        """The address `process` (one of ROLE_ADDRESSES) binds its inbox at."""
+        return getattr(self.bind, process) or getattr(self, process)
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE authentication and encryption of every ZeroMQ socket (protocol/curve.py)."""
+
+    enabled: bool = False
+    # the deployment's key pair, zmq.auth's NAME.key_secret (`tandem keys` writes it);
+    # every host holds a copy. `~` is expanded; a relative path is from the working directory
+    key_file: str = ""
+    # public key files (NAME.key) of further peers that may connect; the pair's own always may
+    authorized_keys: tuple[str, ...] = ()
+    # make the pair at key_file on first use when it is absent (one host, or a shared volume)
+    create_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +206,7 @@ class Config:
     scheduler: SchedulerConfig = SchedulerConfig()
     server: ServerConfig = ServerConfig()
     addresses: AddressConfig = AddressConfig()
+    curve: CurveConfig = CurveConfig()
     easyspec: EasySpecConfig = EasySpecConfig()
     tensor_parallel: TensorParallelConfig = TensorParallelConfig()
 
@@ -192,7 +233,8 @@ class Config:
         if all((self.addresses.server, self.addresses.verify, self.addresses.draft)):
             return self
         root = tempfile.mkdtemp(prefix="tandem-")
-        filled = AddressConfig(
+        filled = dataclasses.replace(
+            self.addresses,
             server=self.addresses.server or f"ipc://{root}/server.sock",
             verify=self.addresses.verify or f"ipc://{root}/verify.sock",
             draft=self.addresses.draft or f"ipc://{root}/draft.sock",
@@ -405,3 +447,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("scheduler.prefill_chunk_tokens: must be at least 1")
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"server.port: {config.server.port} is not a TCP port")
+    if config.server.heartbeat_timeout_s <= 0:
+        raise ConfigError("server.heartbeat_timeout_s: must be positive")
+    for where, value in [(f"addresses.{p}", getattr(config.addresses, p)) for p in ROLE_ADDRESSES] + [
+        (f"addresses.bind.{p}", getattr(config.addresses.bind, p)) for p in ROLE_ADDRESSES
+    ]:
+        if value and not value.startswith(ADDRESS_SCHEMES):
+            raise ConfigError(f"{where}: expected an address starting with {' or '.join(ADDRESS_SCHEMES)}, got {value!r}")
+    if config.curve.enabled and not config.curve.key_file:
+        raise ConfigError("curve.key_file: required when curve.enabled (write a pair with `tandem keys`)")

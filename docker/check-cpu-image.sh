@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Build the CPU image and check that it serves and stops, with and without an
-# init (`docker run --init`, what compose's `init: true` does). Not part of
-# `make test`: it takes minutes (8.5 min to build on a 2-core box with the vfs
-# storage driver) and needs a Docker daemon and the package registries.
+# init (`docker run --init`, what compose's `init: true` does), and that a draft
+# worker in a second container (`tandem worker --role draft`) serves a server
+# container started with `--external draft` over tcp:// with CURVE
+# (configs/remote-draft.yaml, the key pair made on first use on a shared volume).
+# Not part of `make test`: it takes minutes (8.5 min to build on a 2-core box
+# with the vfs storage driver) and needs a Docker daemon and the package registries.
 #
-#   sudo docker/check-cpu-image.sh
+#   sudo docker/check-cpu-image.sh        (or: sudo make check-image)
 #
 # It starts a private dockerd (vfs storage driver, its own socket and data under
 # $WORK) unless DOCKER_HOST is set, and stops it at the end. Knobs:
@@ -23,7 +26,7 @@ PORT=${PORT:-18731}
 mkdir -p "$WORK"
 pids=()
 cleanup() {
-    docker rm -f tandem-cpu-check >/dev/null 2>&1 || true
+    docker rm -f tandem-cpu-check tandem-remote-server tandem-remote-draft >/dev/null 2>&1 || true
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
@@ -66,32 +69,51 @@ DOCKER_BUILDKIT=0 docker build --network host -f docker/Dockerfile.cpu -t tandem
 echo "built tandem-cpu in $(($(date +%s) - start)) s ($(docker image inspect -f '{{.Size}}' tandem-cpu | numfmt --to=iec))"
 
 docker volume create tandem-cache-check >/dev/null
-check() {  # $1: label, then extra `docker run` arguments
-    local label=$1; shift
-    local t0; t0=$(date +%s)
-    docker run -d --name tandem-cpu-check --network host "$@" -v tandem-cache-check:/cache tandem-cpu \
-        --config configs/default.yaml --host 127.0.0.1 --port "$PORT" >/dev/null
+docker volume create tandem-keys-check >/dev/null
+serves() {  # $1: label, $2: container, $3: python check of the completion (r); healthy and a completion
+    local label=$1 name=$2 assertion=$3 t0; t0=$(date +%s)
     for _ in $(seq 600); do
         curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-        [ "$(docker inspect -f '{{.State.Running}}' tandem-cpu-check)" = true ] || break
+        [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ] || break
         sleep 0.5
     done
     if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then
-        docker logs tandem-cpu-check 2>&1 | tail -5
+        docker logs "$name" 2>&1 | tail -5
         echo "FAIL $label: not healthy" >&2; exit 1
     fi
     echo "$label: healthy after $(($(date +%s) - t0)) s"
     local body='{"model":"SmolLM2-135M-Instruct","prompt":"The capital of France is","max_tokens":12,"temperature":0}'
     curl -sf -m 120 "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "$body" \
-        | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["usage"]["completion_tokens"]==12, r; print("  completion:", repr(r["choices"][0]["text"]))'
-    t0=$(date +%s)
-    docker stop -t 30 tandem-cpu-check >/dev/null
-    local code; code=$(docker inspect -f '{{.State.ExitCode}}' tandem-cpu-check)
-    echo "  docker stop: $(($(date +%s) - t0)) s, exit code $code"
-    [ "$code" = 0 ] || { docker logs tandem-cpu-check 2>&1 | tail -5; echo "FAIL $label: exit code $code" >&2; exit 1; }
-    docker rm tandem-cpu-check >/dev/null
+        | python3 -c "import json,sys; r=json.load(sys.stdin); assert r['usage']['completion_tokens']==12, r; $assertion; print('  completion:', repr(r['choices'][0]['text']), r.get('speculation'))"
+}
+stops() {  # $1: label, $2: container; docker stop ends it with exit code 0
+    local label=$1 name=$2 t0; t0=$(date +%s)
+    docker stop -t 30 "$name" >/dev/null
+    local code; code=$(docker inspect -f '{{.State.ExitCode}}' "$name")
+    echo "  docker stop $name: $(($(date +%s) - t0)) s, exit code $code"
+    [ "$code" = 0 ] || { docker logs "$name" 2>&1 | tail -5; echo "FAIL $label: exit code $code" >&2; exit 1; }
+    docker rm "$name" >/dev/null
+}
+check() {  # $1: label, then extra `docker run` arguments
+    local label=$1; shift
+    docker run -d --name tandem-cpu-check --network host "$@" -v tandem-cache-check:/cache tandem-cpu \
+        --config configs/default.yaml --host 127.0.0.1 --port "$PORT" >/dev/null
+    serves "$label" tandem-cpu-check "None"
+    stops "$label" tandem-cpu-check
+}
+check_remote() {  # the server in one container, the draft worker in another
+    local label="draft worker in its own container (--external draft, tcp://, CURVE)"
+    local keys=(-v tandem-keys-check:/root/.config/tandem -v tandem-cache-check:/cache)
+    docker run -d --name tandem-remote-server --network host --init "${keys[@]}" tandem-cpu \
+        --config configs/remote-draft.yaml --external draft --mode sd --host 127.0.0.1 --port "$PORT" >/dev/null
+    docker run -d --name tandem-remote-draft --network host --init "${keys[@]}" --entrypoint tandem tandem-cpu \
+        worker --role draft --config configs/remote-draft.yaml --mode sd >/dev/null
+    serves "$label" tandem-remote-server "assert r['speculation']['num_draft_tokens'] > 0, r"
+    stops "$label" tandem-remote-draft
+    stops "$label" tandem-remote-server
 }
 check "with --init (compose: init: true)" --init
 check "without an init (the launcher is PID 1)"
-docker volume rm tandem-cache-check >/dev/null
+check_remote
+docker volume rm tandem-cache-check tandem-keys-check >/dev/null
 echo "OK"

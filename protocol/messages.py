@@ -6,7 +6,7 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
     verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest
     draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling)
-    worker  -> server : WorkerReady (the start-up handshake), WorkerStats
+    worker  -> server : WorkerReady (the start-up handshake, then every second: the heartbeat), WorkerStats
 
 Drafting is a stream in every speculative mode: the verifier begins a request
 on the draft once (its prompt and sampling), then publishes each new verified
@@ -116,11 +116,11 @@ class HistogramCounts(msgspec.Struct):
 
     def observe(self, value: float) -> None:
         self.counts[next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))] += 1
+        self.sum += value
+
+
 # Bounds of the batch-size histograms the workers keep: requests in one model pass.
 BATCH_SIZE_BOUNDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-
-
-        self.sum += value
 
 
 class WorkerStats(msgspec.Struct, tag=True):
@@ -147,11 +147,17 @@ class EngineStatus(msgspec.Struct, tag=True):
 
 
 class WorkerReady(msgspec.Struct, tag=True):
+    """A worker is up. Sent once its model is loaded (the handshake), then every
+    second from a thread of its own (the heartbeat that supervises a worker on
+    another host, server/external.py, and lets a restarted server find it)."""
+
     role: str  # "verify" | "draft"
     pid: int
     model: str
     vocab_size: int
     max_model_len: int
+    mode: str = ""  # the speculation mode it was started for
+    instance: str = ""  # random per process start: a restarted worker is a new instance (pids repeat in containers)
 
 
 class BeginDrafting(msgspec.Struct, tag=True):

@@ -10,6 +10,7 @@ import numpy as np
 import zmq
 
 from protocol.codec import DecodeError, Decoded, decode, encode
+from protocol.curve import CurveKeys, curve_client, curve_server
 from protocol.messages import Message
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,16 @@ def prepare_address(address: str) -> None:
 
 
 class Inbox:
-    """A bound PULL socket. Malformed messages are logged and dropped."""
+    """A bound PULL socket. Malformed messages are logged and dropped.
+    With `curve`, a CURVE server that admits only the authorized keys."""
 
-    def __init__(self, address: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, context: zmq.Context | None = None, curve: CurveKeys | None = None):
         self._context = context or zmq.Context.instance()
         prepare_address(address)
         self.socket = self._context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve_server(self.socket, curve)
         self.socket.bind(address)
         self.address = address
         self.num_malformed = 0
@@ -50,17 +54,19 @@ class Inbox:
 
 
 class Outbox:
-    """A PUSH socket connected to a peer's inbox."""
+    """A PUSH socket connected to a peer's inbox (with `curve`, as a CURVE client)."""
 
-    def __init__(self, address: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, context: zmq.Context | None = None, curve: CurveKeys | None = None):
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve_client(self.socket, curve)
         self.socket.connect(address)
         self.address = address
 
-    def send(self, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
-        self.socket.send_multipart(encode(message, arrays), copy=False)
+    def send(self, message: Message, arrays: Sequence[np.ndarray] = (), flags: int = 0) -> None:
+        self.socket.send_multipart(encode(message, arrays), flags=flags, copy=False)
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.codec import DecodeError, decode, encode
+from protocol.curve import CurveKeys, curve_client, curve_server
 from protocol.messages import (
     AbortRequest,
     EngineStatus,
@@ -102,11 +103,13 @@ class WorkerBackend(BackendHealth):
     """Submit GenerateRequests to the verify worker and stream their outputs.
 
     `inbox_address` is the server's PULL socket (workers push to it);
-    `verify_address` is the verify worker's inbox.
+    `verify_address` is the verify worker's inbox; with `curve`, both are
+    CURVE sockets (protocol/curve.py).
     """
 
-    def __init__(self, inbox_address: str, verify_address: str, max_pending: int):
+    def __init__(self, inbox_address: str, verify_address: str, max_pending: int, curve: CurveKeys | None = None):
         super().__init__(unhealthy_reason="starting")
+        self._curve = curve
         self._context = zmq.asyncio.Context.instance()
         self._inbox_address = inbox_address
         self._verify_address = verify_address
@@ -124,9 +127,12 @@ class WorkerBackend(BackendHealth):
     async def start(self) -> None:
         self._pull = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.bind(self._inbox_address)
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            curve_server(self._pull, self._curve)
+            curve_client(self._push, self._curve)
+        self._pull.bind(self._inbox_address)
         self._push.connect(self._verify_address)
         self._reader = asyncio.create_task(self._read_loop(), name="backend-reader")
 

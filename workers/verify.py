@@ -9,12 +9,12 @@ queue, everything else to the engine loop on the main thread.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 
 import torch
+import zmq
 
 from configs.loader import Config
 from protocol.messages import (
@@ -24,13 +24,19 @@ from protocol.messages import (
     EngineStatus,
     GenerateRequest,
     RequestFailed,
-    WorkerReady,
     WorkerStats,
 )
-from protocol.sockets import Inbox, Outbox
+from protocol.sockets import Outbox
 from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
 from workers.sampling.grammar import Grammars
-from workers.shell import apply_placement, become_worker, worker_args
+from workers.shell import (
+    apply_placement,
+    become_worker,
+    open_inbox,
+    open_outbox,
+    start_heartbeat,
+    worker_args,
+)
 from workers.tensor_parallel import target_model
 
 log = logging.getLogger("tandem.verify")
@@ -46,7 +52,13 @@ class SocketTransport:
         self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) from the reader thread
 
     def send(self, message) -> None:
-        self.outbox.send(message)
+        # never block the verifier on the draft: with the draft unreachable (gone,
+        # not yet noticed) past the socket's queue, a message is dropped; the draft
+        # is begun anew when it is back
+        try:
+            self.outbox.send(message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a %s for the unreachable draft worker", type(message).__name__)
 
     def receive(self, timeout_s: float):
         try:
@@ -61,11 +73,12 @@ class SocketTransport:
                 return out
 
 
-def make_draft_source(config: Config, outbox_factory):
+def make_draft_source(config: Config, draft_outbox):
+    """The draft source of config's mode; `draft_outbox()` opens the socket to the draft worker."""
     mode, speculation = config.mode, config.speculation
     if not mode.drafts:
         return NoDraft(), None
-    transport = SocketTransport(outbox_factory(config.addresses.draft))
+    transport = SocketTransport(draft_outbox())
     stream = DraftStream(
         transport,
         num_draft_tokens=speculation.num_draft_tokens,
@@ -82,9 +95,9 @@ class VerifyWorker:
         self.config = config
         device = apply_placement(config.placement_of_mode.target)
         self.model, path = target_model(config, device)  # one device, or tensor-parallel over several
-        self.inbox = Inbox(config.addresses.verify)
-        self.to_server = Outbox(config.addresses.server)
-        self.draft, self.transport = make_draft_source(config, Outbox)
+        self.inbox = open_inbox(config, "verify")
+        self.to_server = open_outbox(config, "server")
+        self.draft, self.transport = make_draft_source(config, lambda: open_outbox(config, "draft"))
         self.engine = VerifyEngine(
             self.model,
             self.draft,
@@ -147,10 +160,7 @@ class VerifyWorker:
 
     def run(self) -> None:
         threading.Thread(target=self._read_inbox, name="verify-inbox", daemon=True).start()
-        args = self.model.args
-        self.to_server.send(
-            WorkerReady("verify", os.getpid(), self.config.target.path, args.vocab_size, self.config.scheduler.max_model_len)
-        )
+        start_heartbeat(self.config, "verify", self.config.target.path, self.model.args.vocab_size)
         self._started = time.monotonic()
         while True:
             try:
@@ -173,10 +183,13 @@ class VerifyWorker:
                 self.to_server.send(output)
 
 
+def run(config: Config) -> None:
+    VerifyWorker(config).run()
+
+
 def main(argv: list[str] | None = None) -> None:
     become_worker("verify")
-    config = worker_args("verify", argv)
-    VerifyWorker(config).run()
+    run(worker_args("verify", argv))
 
 
 if __name__ == "__main__":

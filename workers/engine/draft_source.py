@@ -120,8 +120,14 @@ class DraftStream:
 
     # -- publishing --------------------------------------------------------
 
+    def _send(self, message) -> None:
+        """To the draft, unless it is down: nothing piles up for a worker that is gone
+        (it may be on another host for long), and one that comes back is begun anew."""
+        if self.available:
+            self.transport.send(message)
+
     def _begin(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
-        self.transport.send(
+        self._send(
             BeginDrafting(
                 request.request_id,
                 buffer.epoch,
@@ -160,11 +166,11 @@ class DraftStream:
         previous = buffer.start
         buffer.start = request.num_tokens
         buffer.epoch += 1
-        self.transport.send(VerifiedPrefix(request.request_id, buffer.epoch, previous, list(emitted), max_run_ahead))
+        self._send(VerifiedPrefix(request.request_id, buffer.epoch, previous, list(emitted), max_run_ahead))
 
     def release(self, request_id: str) -> None:
         if self._buffers.pop(request_id, None) is not None:
-            self.transport.send(ReleaseRequest(request_id))
+            self._send(ReleaseRequest(request_id))
 
     # -- receiving ---------------------------------------------------------
 
