@@ -59,6 +59,7 @@ class DraftWorker:
             max_model_len=config.scheduler.max_model_len,
             max_requests=config.scheduler.max_running_requests,
             device=device,
+            grammars=Grammars(path, self.model.args.vocab_size),
             max_batch_size=config.scheduler.max_batch_size,
         )
         self.inbox = open_inbox(config, "draft")

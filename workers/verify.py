@@ -104,6 +104,7 @@ class VerifyWorker:
             max_model_len=config.scheduler.max_model_len,
             max_running=config.scheduler.max_running_requests,
             device=device,
+            grammars=Grammars(path, self.model.args.vocab_size),
             max_batch_size=config.scheduler.max_batch_size,
             max_tokens_per_step=config.scheduler.max_tokens_per_step,
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
