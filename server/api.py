@@ -493,6 +493,23 @@ class SpeculationInfo(BaseModel):
     num_target_passes: int = 0
 
 
+class _OmitUnset(BaseModel):
+    """A streamed piece: fields left at None are not sent (OpenAI's deltas)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class _Envelope(BaseModel):
+    """What every completion response and chunk starts with; `object` names the kind."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]  # None: the first prompt token under echo
@@ -507,21 +524,15 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
     speculation: SpeculationInfo
 
 
-class CompletionChunk(BaseModel):
-    id: str
+class CompletionChunk(_Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -573,26 +584,19 @@ class ChatChoice(BaseModel):
     finish_reason: str
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
     speculation: SpeculationInfo
 
 
-class DeltaFunctionCall(BaseModel):
+class DeltaFunctionCall(_OmitUnset):
     name: str | None = None
     arguments: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_OmitUnset):
     """A piece of a streamed tool call: the first piece of call `index` has its id,
     type and name; arguments arrive as text to concatenate."""
 
@@ -601,19 +605,11 @@ class DeltaToolCall(BaseModel):
     type: Literal["function"] | None = None
     function: DeltaFunctionCall
 
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class DeltaMessage(BaseModel):
+class DeltaMessage(_OmitUnset):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
@@ -623,11 +619,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
 

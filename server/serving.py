@@ -14,15 +14,16 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from protocol.messages import MIN_TEMPERATURE, GenerateRequest, SamplingParams, TokenOutput
+from protocol.messages import MIN_TEMPERATURE, GenerateRequest, Grammar, SamplingParams, TokenOutput
 from server.api import BaseGenerationRequest, SpeculationInfo, UsageInfo
 from server.backend import Backend, BackendError, BackendOverloaded
 from server.errors import ClientDisconnected, InvalidRequest, ModelNotFound, RequestTimedOut, error_reply
-from server.metrics import Metrics, PromptTracker, RequestTracker
+from server.metrics import Metrics, RequestTracker
 from server.tokenization import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
 SEED_MODULUS = 2**63
@@ -85,6 +86,13 @@ async def tokenize(ctx: ServerContext, num_chars: int, fn: Callable[..., Any], *
 
 
 # -- checks against the deployment's limits ----------------------------------------
+
+
+def check_request(ctx: ServerContext, req: BaseGenerationRequest) -> None:
+    """What every generation request must pass before its prompt is read: a served model, and
+    n / stop / logprobs within this server's limits."""
+    check_model(ctx, req.model)
+    check_generation_limits(ctx, req)
 
 
 def check_model(ctx: ServerContext, model: str) -> None:
@@ -331,21 +339,28 @@ def token_info(tokenizer: Any, token_id: int, logprob: float, top: Sequence[tupl
     )
 
 
-def new_choice(ctx: ServerContext, index: int, request_id: str, prompt_ids: list[int], max_tokens: int,
-               sampling: SamplingParams, req: BaseGenerationRequest, num_logprobs: int | None,
-               prompt: PromptTracker, prompt_logprobs: int | None = None) -> ChoiceState:
-    """One choice of a prompt; `prompt` (from ctx.metrics.track_prompt) follows the prompt's choices."""
-    request = GenerateRequest(
-        request_id=request_id,
-        prompt_ids=prompt_ids,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        stop_token_ids=stop_token_ids(ctx, req),
-        num_logprobs=num_logprobs,
-        prompt_logprobs=prompt_logprobs,
-        num_draft_tokens=req.num_draft_tokens,
-    )
-    return ChoiceState(index, request, ctx.tokenizer, req.stop, prompt.choice(), TextOptions.of(req))
+def prompt_choices(ctx: ServerContext, req: BaseGenerationRequest, request_id: str, first_index: int,
+                   prompt_ids: list[int], max_tokens: int, seed: int, *, num_logprobs: int | None,
+                   prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> list[ChoiceState]:
+    """The `req.n` choices of one prompt, numbered from `first_index`, followed together in
+    the metrics (one prompt, its n choices); each choice draws its own seed (seed + index)."""
+    prompt = ctx.metrics.track_prompt(len(prompt_ids), req.n, max_tokens)
+    stops, options = stop_token_ids(ctx, req), TextOptions.of(req)
+    choices = []
+    for index in range(first_index, first_index + req.n):
+        sampling = sampling_params(req, index, seed)
+        request = GenerateRequest(
+            request_id=f"{request_id}-{index}",
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampling=sampling if grammar is None else msgspec.structs.replace(sampling, grammar=grammar),
+            stop_token_ids=stops,
+            num_logprobs=num_logprobs,
+            prompt_logprobs=prompt_logprobs,
+            num_draft_tokens=req.num_draft_tokens,
+        )
+        choices.append(ChoiceState(index, request, ctx.tokenizer, req.stop, prompt.choice(), options))
+    return choices
 
 
 def usage(prompt_lengths: Sequence[int], choices: Sequence[ChoiceState]) -> UsageInfo:

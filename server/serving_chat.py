@@ -7,8 +7,6 @@ import uuid
 from functools import partial
 from typing import Sequence
 
-import msgspec
-
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -30,25 +28,8 @@ from server.api import (
     TopLogprob,
     UsageInfo,
 )
-from server.serving import (
-    ChoiceDelta,
-    ChoicesView,
-    ChoiceState,
-    ServerContext,
-    TokenInfo,
-    answer,
-    base_seed,
-    check_capacity,
-    check_generation_limits,
-    check_min_tokens,
-    check_model,
-    new_choice,
-    resolve_max_tokens,
-    sampling_params,
-    speculation,
-    tokenize,
-    usage,
-)
+from server import serving
+from server.serving import ChoiceDelta, ChoicesView, ChoiceState, ServerContext, TokenInfo
 from server.structured import request_grammar
 from server.tokenization import render_chat
 from server.tool_calls import ParsedToolCall, ToolCallStream, ToolFormat, forced_format, format_for_template
@@ -72,31 +53,25 @@ class ChatServing:
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        check_model(ctx, req.model)
-        check_generation_limits(ctx, req)
+        serving.check_request(ctx, req)
         messages = [m.for_template() for m in req.messages]
         num_chars = sum(len(m["content"]) for m in messages)
         tool_choice = req.effective_tool_choice
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and tool_choice != "none" else None
-        prompt_ids = await tokenize(ctx, num_chars, partial(
+        prompt_ids = await serving.tokenize(ctx, num_chars, partial(
             render_chat, tools=tools, add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs,
         ), ctx.tokenizer, messages)
-        max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
-        check_min_tokens(req, max_tokens)
+        max_tokens = serving.resolve_max_tokens(ctx, len(prompt_ids), req.completion_limit, "messages")
+        serving.check_min_tokens(req, max_tokens)
         grammar = request_grammar(req, ctx.settings.eos_token_ids)
-        check_capacity(ctx, req.n, "n")
+        serving.check_capacity(ctx, req.n, "n")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        seed = base_seed(req)
-        tracker = ctx.metrics.track_prompt(len(prompt_ids), req.n, max_tokens)
-        choices = [
-            new_choice(ctx, i, f"{request_id}-{i}", prompt_ids, max_tokens,
-                       msgspec.structs.replace(sampling_params(req, i, seed), grammar=grammar), req, req.num_logprobs, tracker)
-            for i in range(req.n)
-        ]
+        choices = serving.prompt_choices(ctx, req, request_id, 0, prompt_ids, max_tokens, serving.base_seed(req),
+                                 num_logprobs=req.num_logprobs, grammar=grammar)
         view = _ChatView(request_id, int(time.time()), ctx.settings.model_name, req.include_usage,
                          len(prompt_ids), choices, _tool_format(ctx, tool_choice, tools))
-        return await answer(ctx, choices, view, request, stream=req.stream)
+        return await serving.answer(ctx, choices, view, request, stream=req.stream)
 
 
 def _tool_format(ctx: ServerContext, tool_choice, tools) -> ToolFormat | None:
@@ -155,7 +130,7 @@ class _ChatView(ChoicesView):
         return self._chunk([])
 
     def usage_info(self) -> UsageInfo:
-        return usage([self._num_prompt], self._choices)
+        return serving.usage([self._num_prompt], self._choices)
 
     def response(self) -> ChatCompletionResponse:
         choices = []
@@ -170,4 +145,4 @@ class _ChatView(ChoicesView):
                 finish_reason="tool_calls" if calls else c.finish_reason,
             ))
         return ChatCompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
-                                      usage=self.usage_info(), speculation=speculation(self._choices))
+                                      usage=self.usage_info(), speculation=serving.speculation(self._choices))

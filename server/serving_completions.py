@@ -19,26 +19,8 @@ from server.api import (
     UsageInfo,
 )
 from server.errors import InvalidRequest
-from server.serving import (
-    ChoiceDelta,
-    ChoicesView,
-    ChoiceState,
-    ServerContext,
-    TokenInfo,
-    answer,
-    base_seed,
-    check_capacity,
-    check_generation_limits,
-    check_min_tokens,
-    check_model,
-    check_token_ids,
-    new_choice,
-    resolve_max_tokens,
-    sampling_params,
-    speculation,
-    tokenize,
-    usage,
-)
+from server import serving
+from server.serving import ChoiceDelta, ChoicesView, ChoiceState, ServerContext, TokenInfo
 from server.tokenization import decode_prompt, encode_prompt
 
 
@@ -77,25 +59,19 @@ class CompletionServing:
 
     async def create(self, req: CompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        check_model(ctx, req.model)
-        check_generation_limits(ctx, req)
+        serving.check_request(ctx, req)
         prompts = await self._prompts(req)
-        max_tokens = [resolve_max_tokens(ctx, len(p.ids), req.max_tokens, "prompt") for p in prompts]
-        check_min_tokens(req, min(max_tokens))
-        check_capacity(ctx, len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        max_tokens = [serving.resolve_max_tokens(ctx, len(p.ids), req.max_tokens, "prompt") for p in prompts]
+        serving.check_min_tokens(req, min(max_tokens))
+        serving.check_capacity(ctx, len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        seed = base_seed(req)
+        seed = serving.base_seed(req)
         choices = []
         for p, prompt in enumerate(prompts):
-            tracker = ctx.metrics.track_prompt(len(prompt.ids), req.n, max_tokens[p])
-            for j in range(req.n):
-                index = p * req.n + j
-                choices.append(new_choice(
-                    ctx, index, f"{request_id}-{index}", prompt.ids, max_tokens[p],
-                    sampling_params(req, index, seed), req, req.logprobs, tracker, req.prompt_logprobs,
-                ))
+            choices += serving.prompt_choices(ctx, req, request_id, p * req.n, prompt.ids, max_tokens[p], seed,
+                                      num_logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs)
         view = _CompletionView(request_id, int(time.time()), ctx.settings.model_name, req, prompts, choices)
-        return await answer(ctx, choices, view, request, stream=req.stream)
+        return await serving.answer(ctx, choices, view, request, stream=req.stream)
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
         raw = req.prompt
@@ -106,13 +82,13 @@ class CompletionServing:
             if isinstance(item, str):
                 if item == "":
                     raise InvalidRequest("the prompt is empty", param="prompt")
-                ids = await tokenize(self.ctx, len(item), encode_prompt, self.ctx.tokenizer, item)
+                ids = await serving.tokenize(self.ctx, len(item), encode_prompt, self.ctx.tokenizer, item)
                 prompts.append(Prompt(ids, item))
             else:
-                check_token_ids(self.ctx, item, "prompt")
+                serving.check_token_ids(self.ctx, item, "prompt")
                 text = ""
                 if req.echo:
-                    text = await tokenize(self.ctx, len(item), decode_prompt, self.ctx.tokenizer, item)
+                    text = await serving.tokenize(self.ctx, len(item), decode_prompt, self.ctx.tokenizer, item)
                 prompts.append(Prompt(list(item), text))
         return prompts
 
@@ -169,7 +145,7 @@ class _CompletionView(ChoicesView):
         return self._chunk([])
 
     def usage_info(self) -> UsageInfo:
-        return usage([len(p.ids) for p in self._prompts], self._choices)
+        return serving.usage([len(p.ids) for p in self._prompts], self._choices)
 
     def response(self) -> CompletionResponse:
         choices = []
@@ -179,4 +155,4 @@ class _CompletionView(ChoicesView):
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason))
         return CompletionResponse(id=self._id, created=self._created, model=self._model, choices=choices,
-                                  usage=self.usage_info(), speculation=speculation(self._choices))
+                                  usage=self.usage_info(), speculation=serving.speculation(self._choices))
