@@ -17,16 +17,17 @@ Quantization of the decoder linears:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from configs.choices import QUANTIZATIONS, check_choice
+
 from .args import ModelArgs
 from .checkpoints import GGUF_WEIGHTS
 from .gguf_file import GGUFFile
-from configs.choices import QUANTIZATIONS, check_choice
-
 from .linear import ConcatLinear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
 from .model import LlamaModel
 from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
@@ -183,6 +184,47 @@ def subset_vocabulary(path: Path, vocab_size: int, n: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+@dataclass
+class _Parts:
+    """The modules of one checkpoint's decoder, built from its tensors `w` on one device and dtype."""
+
+    w: object  # _Weights, GGUFFile or ShardedWeights: .get(name) -> tensor
+    args: ModelArgs
+    dtype: torch.dtype
+    device: torch.device
+
+    def linear(self, weights: list[str], biases: list[str] | None, quant: str) -> nn.Module:
+        """One (fused) linear from HF tensors; biases=None means the architecture has none."""
+        bias = None if biases is None else torch.cat([self.w.get(n) for n in biases], dim=0)
+        return _linear(self.w, weights, bias, quant, self.dtype, self.device)
+
+    def norm(self, name: str) -> nn.Parameter:
+        return nn.Parameter(self.w.get(name).to(device=self.device, dtype=self.dtype), requires_grad=False)
+
+    def fill_layer(self, i: int, layer: nn.Module, quant: str, row_parallel: bool) -> None:
+        """Layer i's linears and norms; row_parallel: o_proj and down_proj all-reduce (tensor parallel)."""
+        args = self.args
+        wrap = AllReduced if row_parallel else (lambda linear: linear)
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+
+        def names(prefix: str, parts: list[str], suffix: str, present: bool = True) -> list[str] | None:
+            return [prefix + p + suffix for p in parts] if present else None
+
+        qkv, gate_up = ["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]
+        layer.attention.wqkv = self.linear(names(attn, qkv, ".weight"), names(attn, qkv, ".bias", args.qkv_bias), quant)
+        layer.attention.wo = wrap(
+            self.linear([attn + "o_proj.weight"], names(attn, ["o_proj"], ".bias", args.o_bias), quant)
+        )
+        layer.feed_forward.w13 = self.linear(
+            names(mlp, gate_up, ".weight"), names(mlp, gate_up, ".bias", args.mlp_bias), quant
+        )
+        layer.feed_forward.w2 = wrap(
+            self.linear([mlp + "down_proj.weight"], names(mlp, ["down_proj"], ".bias", args.mlp_bias), quant)
+        )
+        layer.attention_norm.weight = self.norm(f"model.layers.{i}.input_layernorm.weight")
+        layer.ffn_norm.weight = self.norm(f"model.layers.{i}.post_attention_layernorm.weight")
+
+
 def load_model(
     path: Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -217,41 +259,13 @@ def load_model(
         raise ValueError(f"quantization 'gguf' serves a GGUF file's own weights, but {path} holds safetensors")
     if split is not None:
         w = ShardedWeights(w, split)
-    row_parallel = AllReduced if split is not None else (lambda linear: linear)
-
-    def linear(weights: list[str], biases: list[str] | None, quant: str) -> nn.Module:
-        """One (fused) linear from HF tensors; biases=None means the architecture has none."""
-        bias = None if biases is None else torch.cat([w.get(n) for n in biases], dim=0)
-        return _linear(w, weights, bias, quant, dtype, device)
-
-    def names(prefix: str, parts: list[str], suffix: str, present: bool = True) -> list[str] | None:
-        return [prefix + p + suffix for p in parts] if present else None
-
-    def norm_weight(name: str) -> nn.Parameter:
-        return nn.Parameter(w.get(name).to(device=device, dtype=dtype), requires_grad=False)
-
+    parts = _Parts(w, args, dtype, device)
     with torch.device("meta"):
         model = LlamaModel(args, dtype=dtype, split=split)
-    model.tok_embeddings.weight = norm_weight("model.embed_tokens.weight")
+    model.tok_embeddings.weight = parts.norm("model.embed_tokens.weight")
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        qkv = ["q_proj", "k_proj", "v_proj"]
-        layer.attention.wqkv = linear(names(attn, qkv, ".weight"), names(attn, qkv, ".bias", args.qkv_bias), quantization)
-        layer.attention.wo = row_parallel(
-            linear([attn + "o_proj.weight"], names(attn, ["o_proj"], ".bias", args.o_bias), quantization)
-        )
-        gate_up = ["gate_proj", "up_proj"]
-        layer.feed_forward.w13 = linear(
-            names(mlp, gate_up, ".weight"), names(mlp, gate_up, ".bias", args.mlp_bias), quantization
-        )
-        layer.feed_forward.w2 = row_parallel(
-            linear([mlp + "down_proj.weight"], names(mlp, ["down_proj"], ".bias", args.mlp_bias), quantization)
-        )
-        layer.attention_norm.weight = norm_weight(p + "input_layernorm.weight")
-        layer.ffn_norm.weight = norm_weight(p + "post_attention_layernorm.weight")
-    model.norm.weight = norm_weight("model.norm.weight")
-
+        parts.fill_layer(i, layer, quantization, row_parallel=split is not None)
+    model.norm.weight = parts.norm("model.norm.weight")
     head_name = "model.embed_tokens.weight" if args.tie_embeddings or "lm_head.weight" not in w else "lm_head.weight"
     head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization == "gguf" else "none")
     check_choice("head_quantization", head_quant, QUANTIZATIONS)
@@ -262,7 +276,7 @@ def load_model(
         rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
     else:
-        model.output = linear([head_name], None, head_quant)
+        model.output = parts.linear([head_name], None, head_quant)
     if head_name == "model.embed_tokens.weight" and type(model.output) is nn.Linear:
         model.output.weight = model.tok_embeddings.weight  # tied and unpacked: share one tensor
 
