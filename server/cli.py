@@ -119,18 +119,23 @@ def app_options(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The config file with --set settings applied, then the dedicated flags (which win)."""
+    """The config file with --set settings applied, then the dedicated flags (which win).
+    `tandem worker` has only the config flags; the server's own (host, port, names, CORS,
+    access log) are `tandem serve`'s."""
     flags = {
-        "server__host": getattr(args, "host", None),
-        "server__port": getattr(args, "port", None),
         "speculation__mode": args.mode,
         "speculation__num_draft_tokens": args.num_draft_tokens,
         "target__dtype": args.dtype,
         "draft__dtype": args.dtype,
-        "server__served_model_name": args.served_model_name,
-        "server__allowed_origins": args.allowed_origins,
-        "server__access_log": args.access_log,
     }
+    serve_flags = {
+        "server__host": "host",
+        "server__port": "port",
+        "server__served_model_name": "served_model_name",
+        "server__allowed_origins": "allowed_origins",
+        "server__access_log": "access_log",
+    }
+    flags.update({key: getattr(args, name, None) for key, name in serve_flags.items()})
     settings = dict(parse_setting(text) for text in args.settings)
     return load_config(args.config, **{**settings, **{k: v for k, v in flags.items() if v is not None}})
 

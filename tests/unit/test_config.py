@@ -152,3 +152,13 @@ def test_serving_options_from_config_and_flags(tmp_path):
     assert flagged.server.allowed_origins == ("*",) and flagged.server.access_log is False
     with pytest.raises(ConfigError, match="served_model_name"):
         load_config(server__served_model_name=[""])
+
+
+def test_worker_command_line_builds_a_config():
+    """Catches config_from_args reading a flag only `tandem serve` has (e.g. --served-model-name):
+    `tandem worker` then dies with AttributeError before loading anything."""
+    from server.cli import _parser, config_from_args
+
+    args = _parser().parse_args(["worker", "--role", "draft", "--mode", "amusd", "--set", "scheduler.max_model_len=64"])
+    config = config_from_args(args)
+    assert (config.speculation.mode, config.scheduler.max_model_len) == ("amusd", 64)
