@@ -80,13 +80,15 @@ def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
 
 def assert_passes_were_batched(url: str) -> None:
     """The verify worker's passes held several requests (continuous batching), as its
-    histogram on /metrics shows; the KV cache usage gauge is a fraction."""
-    def batch_mean() -> float:
+    histogram on /metrics shows: passes of one request are not all of them (how many more
+    depends on timing, so no mean is asserted); the KV cache usage gauge is a fraction."""
+    def batched_passes() -> float:
         m = metric_samples(url)
-        count = m.get(("tandem:batch_size_count", (("role", "verify"),)), 0)
-        return m.get(("tandem:batch_size_sum", (("role", "verify"),)), 0) / count if count else 0.0
+        total = m[("tandem:batch_size_count", (("role", "verify"),))]
+        single = m[("tandem:batch_size_bucket", (("le", "1.0"), ("role", "verify")))]  # passes of 1 request
+        return total - single
 
-    assert wait_until(lambda: batch_mean() > 1.5, timeout_s=5, interval_s=0.2), batch_mean()
+    assert wait_until(lambda: batched_passes() > 0, timeout_s=5, interval_s=0.2), metric_samples(url)
     samples = metric_samples(url)
     assert samples[("tandem:iteration_tokens_total_count", ())] > 0
     assert 0.0 <= samples[("tandem:kv_cache_usage_perc", ())] <= 1.0
