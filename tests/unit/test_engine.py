@@ -31,15 +31,21 @@ def models(tmp_path_factory):
     }
 
 
-def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None, grammars=None):
+def make_engine(
+    target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None, grammars=None,
+    prefix_caching=True, prefill_chunk=512,
+):
     """mode sd: each round waits for k drafts. mode amusd: the draft advances by a
     random number of tokens between verifications (its timing on another device).
     grammars: a workers.sampling.grammar.Grammars for both sides (requests with a grammar)."""
+    caching = dict(prefix_caching=prefix_caching, prefill_chunk=prefill_chunk)
     if draft_model is None:
-        return VerifyEngine(target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running, grammars=grammars)
+        return VerifyEngine(
+            target, NoDraft(), max_model_len=MAX_LEN, max_running=max_running, grammars=grammars, **caching
+        )
     if not hasattr(draft_model, "after_rollback"):  # a bare model, not a DraftModel
         draft_model = PlainDraft(draft_model)
-    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running, grammars=grammars)
+    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running, grammars=grammars, **caching)
     if mode == "amusd" and steps is None:
         steps = random_steps(seed=k)
     source = DraftStream(
@@ -49,7 +55,7 @@ def make_engine(target, draft_model=None, k=4, max_running=3, mode="sd", run_ahe
         mode=mode_of(mode),
         timeout_s=60,
     )
-    return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running, grammars=grammars)
+    return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running, grammars=grammars, **caching)
 
 
 def request(i, prompt, max_tokens=40, sampling=SamplingParams(), stop=()):
@@ -384,7 +390,7 @@ def test_prompt_logprobs_come_from_the_prefill_only_when_asked(models):
     target = models["target"]
     prompt = PROMPTS[3]
     seen_logits: list[int] = []
-    engine = make_engine(target, models["quantized"])
+    engine = make_engine(target, models["quantized"], prefix_caching=False)  # the second prompt is prefilled again
 
     class Spy:  # the target, noting each pass's logits rows
         def forward_batch(self, segments):
@@ -421,7 +427,8 @@ def test_step_stats_for_metrics(models):
     """iteration_tokens (vLLM: prompt tokens computed + tokens generated per step)
     and kv_cache_usage. Catches: prompt tokens counted per round instead of once,
     emitted tokens missed in the histogram, usage not reading the caches' lengths."""
-    engine = make_engine(models["target"], models["quantized"], k=4, max_running=2)
+    # without prefix caching: the last request prefills its prompt again
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=2, prefix_caching=False)
     prompts = [PROMPTS[1], PROMPTS[3]]
     for i, prompt in enumerate(prompts):
         engine.add(request(i, prompt, max_tokens=12))

@@ -32,6 +32,7 @@ from protocol.messages import (
     VerifiedPrefix,
 )
 from workers.engine.draft_model import DraftModel
+from workers.engine.prefix_cache import KVPool, best_source, common_prefix_len, reusable_prefix
 from workers.model.model import Segment
 from workers.sampling import DRAFT, Rows, keyed_uniform, process_logits, sample_from_uniform, warp_with
 from workers.sampling.grammar import GrammarError, draft_scores
@@ -69,6 +70,11 @@ class DraftState:
     def num_drafted(self) -> int:
         return len(self.sequence) - self.verified_len
 
+    @property
+    def prefill_end(self) -> int:
+        """The prompt's prefill covers positions [0, prefill_end): all but its last token."""
+        return max(self.num_prompt - 1, 0)
+
 
 @dataclass
 class Drafted:
@@ -76,14 +82,6 @@ class Drafted:
 
     message: DraftTokens
     probs: torch.Tensor | None
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class DraftEngine:
@@ -96,7 +94,12 @@ class DraftEngine:
         device="cpu",
         grammars=None,
         max_batch_size: int | None = None,
+        prefix_caching: bool = False,
+        prefill_chunk: int = 512,
     ):
+        """prefix_caching: a new request takes the prompt prefix a free or running cache holds
+        (workers/engine/prefix_cache.py), and prompts are prefilled in chunks at multiples of
+        prefill_chunk (as the verifier does; without it a prompt goes in one pass)."""
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.max_model_len = max_model_len
@@ -105,7 +108,11 @@ class DraftEngine:
         self.device = torch.device(device)
         # drafting order: round robin; a full table evicts the oldest (it can always recompute)
         self._states: OrderedDict[str, DraftState] = OrderedDict()
-        self._spare_caches: list = []
+        self._caches = KVPool(lambda: model.new_cache(max_model_len), max_requests, prefill_chunk, prefix_caching)
+        self.prefix_caching = prefix_caching
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache_queries = 0  # prompt tokens to prefill
+        self.prefix_cache_hits = 0  # of those, tokens taken from a cache instead of computed
         self.num_rollbacks = 0
         self.num_drafted = 0
         self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per draft pass
@@ -115,8 +122,9 @@ class DraftEngine:
     def release(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
         if state is not None:
-            self.model.after_rollback(state.cache, 0)
-            self._spare_caches.append(state.cache)
+            if not self.prefix_caching:
+                self.model.after_rollback(state.cache, 0)
+            self._caches.release(state.cache, state.sequence, state.prefill_end)
 
     def handle(self, message: DraftControl) -> Drafted | None:
         """A message from the verifier; returns drafts to publish, if any."""
@@ -133,8 +141,14 @@ class DraftEngine:
         if state is None:
             if len(self._states) >= self.max_requests:
                 self.release(next(iter(self._states)))
-            cache = self._spare_caches.pop() if self._spare_caches else self.model.new_cache(self.max_model_len)
-            state = self._states[message.request_id] = DraftState(cache, message.sampling)
+            prompt = message.tokens[: message.num_prompt_tokens]
+            state = DraftState(None, message.sampling, num_prompt=message.num_prompt_tokens)
+            state.cache, reused = self._caches.acquire(prompt, state.prefill_end)
+            if self.prefix_caching:
+                self.prefix_cache_queries += state.prefill_end
+                self.prefix_cache_hits += reused
+            state.sequence = list(prompt[:reused])  # what the cache holds: _adopt keeps it
+            self._states[message.request_id] = state
             if message.sampling.grammar is not None and self.grammars is not None:
                 try:
                     state.grammar = self.grammars.state(message.sampling.grammar)
@@ -201,7 +215,8 @@ class DraftEngine:
     def step(self) -> Drafted | None:
         """Draft one token for the next request with room to run ahead."""
         picked = self._next_state()
-        return None if picked is None else self._draft([picked])[0]
+        drafted = [] if picked is None else self._draft([picked])
+        return drafted[0] if drafted else None
 
     def step_all(self) -> list[Drafted]:
         """Draft one token for every request with room to run ahead (up to max_batch_size,
@@ -211,16 +226,61 @@ class DraftEngine:
             self._states.move_to_end(request_id)
         return self._draft(picked) if picked else []
 
+    def _feed(self, state: DraftState) -> list[int]:
+        """What the next pass feeds a request: with prefix caching, its prompt's next prefill
+        chunk while the prefill lasts (no token is drafted then); else everything not yet in
+        its cache (the last token is never fed until now)."""
+        start, end = state.cache.length, state.prefill_end
+        if self.prefix_caching and start < end:
+            return state.sequence[start : min((start // self.prefill_chunk + 1) * self.prefill_chunk, end)]
+        return state.sequence[start:]
+
+    def _share_prefixes(self, picked: list[tuple[str, DraftState]]) -> None:
+        """A request still prefilling copies the longest reusable prefix another request's cache holds."""
+        for _, state in picked:
+            if state.cache.length < state.prefill_end:
+                others = [(s.cache, s.sequence, s.prefill_end) for s in self._states.values() if s is not state]
+                source, n = best_source(others, state.sequence, state.prefill_end, self.prefill_chunk)
+                if n > state.cache.length:
+                    self.prefix_cache_hits += n - state.cache.length
+                    state.cache.copy_prefix(source, n)
+
+    def _computed_by_others(self, state: DraftState, feed: list[int], fed: list[tuple[DraftState, list[int]]]) -> bool:
+        """A prefill chunk of this pass computes this one exactly: it waits a pass and copies it."""
+        end = state.cache.length + len(feed)
+        return end <= state.prefill_end and any(
+            other.cache.length + len(chunk) <= other.prefill_end
+            and reusable_prefix(other.sequence[: other.cache.length + len(chunk)], other.prefill_end,
+                                state.sequence, state.prefill_end, self.prefill_chunk) >= end
+            for other, chunk in fed
+        )
+
     @torch.inference_mode()
     def _draft(self, picked: list[tuple[str, DraftState]]) -> list[Drafted]:
-        # feed each request everything not yet in its cache (the last token is never fed until now)
+        if self.prefix_caching:
+            self._share_prefixes(picked)
+        fed: list[tuple[DraftState, list[int]]] = []
+        passing = []
+        for request_id, state in picked:
+            feed = self._feed(state)
+            if self.prefix_caching and self._computed_by_others(state, feed, fed):
+                continue
+            fed.append((state, feed))
+            passing.append((request_id, state))
+        if not fed:
+            return []
+        prefilling = [state.cache.length + len(feed) <= state.prefill_end for state, feed in fed]
         segments = [
-            Segment(torch.tensor(state.sequence[state.cache.length :], dtype=torch.long, device=self.device), state.cache)
-            for _, state in picked
+            Segment(torch.tensor(feed, dtype=torch.long, device=self.device), state.cache, 0 if chunk else 1)
+            for (state, feed), chunk in zip(fed, prefilling)
         ]
         logits = self.model.forward_batch(segments)
-        self.batch_sizes.observe(len(picked))
-        return [self._append(request_id, state, rows) for (request_id, state), rows in zip(picked, logits)]
+        self.batch_sizes.observe(len(segments))
+        return [
+            self._append(request_id, state, rows)
+            for (request_id, state), rows, chunk in zip(passing, logits, prefilling)
+            if not chunk
+        ]
 
     def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
         """Draw the next token from the request's last logits row and append it."""

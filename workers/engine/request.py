@@ -49,5 +49,15 @@ class Request:
         return Rows(self.tokens, len(self.prompt_ids), drafts, self.stop_token_ids)
 
     @property
+    def prefill_end(self) -> int:
+        """The prompt's prefill covers positions [0, prefill_end): all but its last token."""
+        return len(self.prompt_ids) - 1
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """May take a cached prefix: not when it needs the prompt's logits (prompt logprobs)."""
+        return self.prompt_logprobs is None
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

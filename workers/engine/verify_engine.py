@@ -30,8 +30,9 @@ import torch
 
 from protocol.messages import BATCH_SIZE_BOUNDS, GenerateRequest, HistogramCounts, TokenOutput
 from workers.engine.draft_source import DraftSource, Proposal
+from workers.engine.prefix_cache import KVPool, best_source, reusable_prefix
 from workers.engine.request import Request
-from workers.model.model import Segment
+from workers.model.model import LlamaModel, Segment
 from workers.sampling import (
     COIN,
     PICK,
@@ -64,33 +65,6 @@ class RequestRejected(ValueError):
     """A request the engine cannot run (answered with RequestFailed)."""
 
 
-class CachePool:
-    """Reuses KV caches: one per running request, at most `size`."""
-
-    def __init__(self, model, max_model_len: int, size: int):
-        self._model = model
-        self._max_model_len = max_model_len
-        self._free: list = []
-        self._created = 0
-        self.size = size
-
-    @property
-    def available(self) -> bool:
-        return bool(self._free) or self._created < self.size
-
-    def acquire(self):
-        if self._free:
-            return self._free.pop()
-        if self._created >= self.size:
-            raise RuntimeError("no KV cache free")
-        self._created += 1
-        return self._model.new_cache(self._max_model_len)
-
-    def release(self, cache) -> None:
-        cache.crop(0)
-        self._free.append(cache)
-
-
 class VerifyEngine:
     def __init__(
         self,
@@ -104,6 +78,7 @@ class VerifyEngine:
         max_batch_size: int | None = None,
         max_tokens_per_step: int | None = None,
         prefill_chunk: int = 512,
+        prefix_caching: bool = True,
     ):
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
@@ -111,7 +86,11 @@ class VerifyEngine:
         self.max_model_len = max_model_len
         self.device = torch.device(device)
         self.vocab_size = model.args.vocab_size
-        self._caches = CachePool(model, max_model_len, max_running)
+        self._caches = KVPool(lambda: model.new_cache(max_model_len), max_running, prefill_chunk, prefix_caching)
+        # a running request's prefix is copied between caches only where a cache is all in this process
+        self._copies_prefixes = prefix_caching and isinstance(model, LlamaModel)
+        self.prefix_cache_queries = 0  # prompt tokens to prefill of the requests that may reuse a prefix
+        self.prefix_cache_hits = 0  # of those, tokens taken from a cache instead of computed
         self._waiting: deque[Request] = deque()
         self._running: deque[Request] = deque()
         self.max_batch_size = max_batch_size or max_running
@@ -182,14 +161,18 @@ class VerifyEngine:
     def _admit(self) -> None:
         while self._waiting and self._caches.available:
             request = self._waiting.popleft()
-            request.cache = self._caches.acquire()
+            prompt = request.prompt_ids if request.reuses_prefix and self._caches.prefix_caching else None
+            request.cache, reused = self._caches.acquire(prompt, request.prefill_end)
+            if prompt is not None:
+                self.prefix_cache_queries += request.prefill_end
+                self.prefix_cache_hits += reused
             request.queue_time_s = time.monotonic() - request.arrival_time
             self._running.append(request)
             self.draft.on_admit(request, self.run_ahead(request))
 
     def _free(self, request: Request) -> None:
         if request.cache is not None:
-            self._caches.release(request.cache)
+            self._caches.release(request.cache, request.tokens, request.prefill_end)
             request.cache = None
             self.draft.release(request.request_id)
 
@@ -212,6 +195,8 @@ class VerifyEngine:
         """Run one target pass over the rounds and prefill chunks scheduled now."""
         self._admit()
         outputs = self._finish_scoring_only()
+        if self._copies_prefixes:
+            self._share_prefixes()
         scheduled = self._schedule()
         if not scheduled:
             return outputs
@@ -236,6 +221,31 @@ class VerifyEngine:
             outputs.append(output)
         self.iteration_tokens.observe(prompt_fed + sum(len(o.token_ids) for o in outputs))
         return outputs
+
+    def _share_prefixes(self) -> None:
+        """A request still prefilling copies the longest reusable prefix of its prompt that
+        another running request's cache holds beyond its own (n > 1 choices, requests that
+        arrive together with the same system prompt)."""
+        for request in self._running:
+            if not request.reuses_prefix or request.cache.length >= request.prefill_end:
+                continue
+            others = [(r.cache, r.tokens, r.prefill_end) for r in self._running if r is not request]
+            source, n = best_source(others, request.prompt_ids, request.prefill_end, self.prefill_chunk)
+            if n > request.cache.length:
+                self.prefix_cache_hits += n - request.cache.length
+                request.cache.copy_prefix(source, n)
+
+    def _computed_by_others(self, request: Request, end: int, scheduled: list[Scheduled]) -> bool:
+        """Whether a prefill chunk scheduled this step computes this request's next chunk (up to
+        `end`) exactly as its own would: then it waits a step and copies it (_share_prefixes)."""
+        if not (self._copies_prefixes and request.reuses_prefix):
+            return False
+        return any(
+            s.proposal is None
+            and reusable_prefix(s.request.tokens[: s.request.cache.length + len(s.tokens)], s.request.prefill_end,
+                                request.prompt_ids, request.prefill_end, self.prefill_chunk) >= end
+            for s in scheduled
+        )
 
     def _finish_scoring_only(self) -> list[TokenOutput]:
         """Requests for prompt logprobs only (max_tokens 0) whose prompt is all in: their one output."""
@@ -288,6 +298,8 @@ class VerifyEngine:
             budget = None if budget is None else budget - len(pending) - k
         for request in prefills:
             chunk = self._prefill_chunk(request)
+            if self._computed_by_others(request, request.cache.length + len(chunk), scheduled):
+                continue
             if budget is not None and scheduled and len(chunk) > budget:
                 break
             # all rows' logits only when the request asked for prompt logprobs

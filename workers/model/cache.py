@@ -55,6 +55,15 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {self.length} + {n} > capacity {self.capacity}")
         self.length += n
 
+    def copy_prefix(self, source: "KVCache", end: int) -> None:
+        """Take positions [length, end) from `source`, which holds them for the same tokens
+        (prefix caching); length becomes end."""
+        if not self.length <= end <= source.length or end > self.capacity:
+            raise ValueError(f"cannot copy positions [{self.length}, {end}) of a cache of length {source.length}")
+        self.k[:, :, self.length : end].copy_(source.k[:, :, self.length : end])
+        self.v[:, :, self.length : end].copy_(source.v[:, :, self.length : end])
+        self.length = end
+
     def reset(self) -> None:
         self.length = 0
 
