@@ -129,6 +129,7 @@ class SchedulerConfig:
     max_batch_size: int = 0  # requests in one model pass (0: all running ones)
     max_tokens_per_step: int = 0  # tokens in one target pass, a soft bound: whole rounds (0: no limit)
     prefill_chunk_tokens: int = 512  # a prompt is prefilled in chunks of this many tokens, mixed into decode steps
+    prefix_caching: bool = True  # reuse the KV of a prompt prefix another request computed (at chunk boundaries)
 
 
 @dataclass(frozen=True)

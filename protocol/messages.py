@@ -137,6 +137,8 @@ class WorkerStats(msgspec.Struct, tag=True):
     kv_cache_usage: float = 0.0  # verify: KV token slots in use over all slots (0..1)
     iteration_tokens: HistogramCounts | None = None  # verify: prompt + emitted tokens per engine step
     batch_sizes: HistogramCounts | None = None  # requests per model pass (verify: target, draft: draft)
+    prefix_cache_queries: int = 0  # prompt tokens to prefill, of requests that may reuse a cached prefix
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was taken from a cache
 
 
 class EngineStatus(msgspec.Struct, tag=True):

@@ -42,6 +42,13 @@ COUNTERS = (
     ("verify", "stale_drafts", "spec_decode_stale_draft_tokens",
      "Draft tokens dropped by the verifier because they were drafted from an old prefix."),
 )
+# (WorkerStats field, series, help): cumulative counters of every worker, with its role label
+ROLE_COUNTERS = (
+    ("prefix_cache_queries", "prefix_cache_queries",
+     "Prompt tokens to prefill, of requests that may reuse a cached prefix (vLLM's prefix_cache_queries)."),
+    ("prefix_cache_hits", "prefix_cache_hits",
+     "Of those prompt tokens, the ones whose KV was reused from the prefix cache (vLLM's prefix_cache_hits)."),
+)
 # (role, WorkerStats field, series, help): a worker's latest value, 0 before its first report
 GAUGES = (
     ("verify", "kv_cache_usage", "kv_cache_usage_perc",
@@ -94,6 +101,11 @@ class WorkerCollector(Collector):
         yield busy
         yield fraction
 
+        for field, name, help_text in ROLE_COUNTERS:
+            metric = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
+            for role, report in sorted(stats.items()):
+                metric.add_metric([model, role], getattr(report, field))
+            yield metric
         for table, family in ((COUNTERS, CounterMetricFamily), (GAUGES, GaugeMetricFamily)):
             for role, field, name, help_text in table:
                 report = stats.get(role)

@@ -61,6 +61,9 @@ class DraftWorker:
             device=device,
             grammars=Grammars(path, self.model.args.vocab_size),
             max_batch_size=config.scheduler.max_batch_size,
+            # not the EasySpec draft: its cache tracks fuzzy and exact positions of its own passes
+            prefix_caching=config.scheduler.prefix_caching and isinstance(self.model, PlainDraft),
+            prefill_chunk=config.scheduler.prefill_chunk_tokens,
         )
         self.inbox = open_inbox(config, "draft")
         self.to_verify = open_outbox(config, "verify")
@@ -116,6 +119,8 @@ class DraftWorker:
                 draft_tokens=self.engine.num_drafted,
                 easyspec=easyspec,
                 batch_sizes=self.engine.batch_sizes,
+                prefix_cache_queries=self.engine.prefix_cache_queries,
+                prefix_cache_hits=self.engine.prefix_cache_hits,
             )
         )
 

@@ -108,6 +108,7 @@ class VerifyWorker:
             max_batch_size=config.scheduler.max_batch_size,
             max_tokens_per_step=config.scheduler.max_tokens_per_step,
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
+            prefix_caching=config.scheduler.prefix_caching,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
@@ -156,6 +157,8 @@ class VerifyWorker:
                     kv_cache_usage=self.engine.kv_cache_usage,
                     iteration_tokens=self.engine.iteration_tokens,
                     batch_sizes=self.engine.batch_sizes,
+                    prefix_cache_queries=self.engine.prefix_cache_queries,
+                    prefix_cache_hits=self.engine.prefix_cache_hits,
                 )
             )
 

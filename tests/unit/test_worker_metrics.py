@@ -53,6 +53,19 @@ def test_collector_renders_reports_with_the_model_name():
     assert samples[("tandem:worker_busy_fraction", m + (("role", "verify"),))] == 0.25
     assert samples[("tandem:worker_restarts_total", m + (("role", "draft"),))] == 1
 
+
+def test_prefix_cache_counters_per_role():
+    """vLLM's prefix_cache_queries / _hits (tokens) with a role label, from each worker's report.
+    Catches: the fields not wired, one role's counts shown under the other's label."""
+    samples = scrape({
+        "verify": WorkerStats("verify", 1.0, 4.0, prefix_cache_queries=100, prefix_cache_hits=64),
+        "draft": WorkerStats("draft", 1.0, 4.0, prefix_cache_queries=100, prefix_cache_hits=32),
+    })
+    m = (("model_name", "m"),)
+    assert samples[("tandem:prefix_cache_queries_total", m + (("role", "verify"),))] == 100
+    assert samples[("tandem:prefix_cache_hits_total", m + (("role", "verify"),))] == 64
+    assert samples[("tandem:prefix_cache_hits_total", m + (("role", "draft"),))] == 32
+
     broken = HistogramCounts([1, 8], counts=[1, 2])  # one count short: dropped, the rest still served
     samples = scrape({"verify": WorkerStats("verify", 1.0, 4.0, iteration_tokens=broken)})
     assert ("tandem:iteration_tokens_total_count", m) not in samples
