@@ -230,7 +230,7 @@ class DraftEngine:
         # the target's processing, seeing this draft's own earlier drafts as the target will,
         # then the grammar's mask
         rows = Rows(state.sequence, state.num_prompt, (), state.stop_token_ids)
-        scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling))  # [1, V]
+        scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling), raw=logits[-1:])  # [1, V]
         if sampling.greedy:
             token = int(scores[0].argmax())
         else:
