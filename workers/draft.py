@@ -61,6 +61,7 @@ class DraftWorker:
             device=device,
             grammars=Grammars(path, self.model.args.vocab_size),
             max_batch_size=config.scheduler.max_batch_size,
+            prefill_chunk=config.scheduler.prefill_chunk_tokens,
         )
         self.inbox = open_inbox(config, "draft")
         self.to_verify = open_outbox(config, "verify")

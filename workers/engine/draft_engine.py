@@ -96,8 +96,10 @@ class DraftEngine:
         device="cpu",
         grammars=None,
         max_batch_size: int | None = None,
+        prefill_chunk: int | None = None,
     ):
         self.model = model
+        self.prefill_chunk = prefill_chunk  # step_all feeds a long prompt this many tokens a step (None: whole)
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.max_model_len = max_model_len
         self.max_requests = max_requests
@@ -199,28 +201,39 @@ class DraftEngine:
         return any(self._has_room(s) for s in self._states.values())
 
     def step(self) -> Drafted | None:
-        """Draft one token for the next request with room to run ahead."""
+        """Draft one token for the next request with room to run ahead (its prompt fed whole)."""
         picked = self._next_state()
-        return None if picked is None else self._draft([picked])[0]
+        return None if picked is None else self._draft([picked], None)[0]
 
     def step_all(self) -> list[Drafted]:
         """Draft one token for every request with room to run ahead (up to max_batch_size,
-        round robin), in one draft pass."""
+        round robin), in one draft pass. A request with more than prefill_chunk tokens
+        to feed (a new prompt) feeds the next chunk of them instead and drafts nothing
+        this step, so a long prompt does not hold up the others' drafts."""
         picked = [(rid, state) for rid, state in self._states.items() if self._has_room(state)][: self.max_batch_size]
         for request_id, _ in picked:
             self._states.move_to_end(request_id)
-        return self._draft(picked) if picked else []
+        return self._draft(picked, self.prefill_chunk) if picked else []
 
     @torch.inference_mode()
-    def _draft(self, picked: list[tuple[str, DraftState]]) -> list[Drafted]:
-        # feed each request everything not yet in its cache (the last token is never fed until now)
+    def _draft(self, picked: list[tuple[str, DraftState]], chunk: int | None) -> list[Drafted]:
+        # feed each request what is not yet in its cache (the last token is never fed until now),
+        # at most `chunk` tokens of it
+        feeds = [state.sequence[state.cache.length :] for _, state in picked]
+        whole = [chunk is None or len(feed) <= chunk for feed in feeds]
         segments = [
-            Segment(torch.tensor(state.sequence[state.cache.length :], dtype=torch.long, device=self.device), state.cache)
-            for _, state in picked
+            Segment(torch.tensor(feed if done else feed[:chunk], dtype=torch.long, device=self.device), state.cache)
+            for (_, state), feed, done in zip(picked, feeds, whole)
         ]
         logits = self.model.forward_batch(segments)
         self.batch_sizes.observe(len(picked))
-        return [self._append(request_id, state, rows) for (request_id, state), rows in zip(picked, logits)]
+        drafted = []
+        for (request_id, state), rows, done in zip(picked, logits, whole):
+            if done:
+                drafted.append(self._append(request_id, state, rows))
+            else:  # a prompt chunk: what follows it is verified too, so the next pass opens a round
+                self.model.after_rollback(state.cache, state.cache.length)
+        return drafted
 
     def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
         """Draw the next token from the request's last logits row and append it."""
