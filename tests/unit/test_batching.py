@@ -71,6 +71,21 @@ def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization
         assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])
 
 
+def test_one_row_calls_are_made_as_batched_rows(models):
+    """float32 oneDNN linears take another kernel for 1 row than for 2+ (the probe sees it):
+    load_model makes their 1-row calls 2-row ones, so every linear batches every request
+    and a row alone equals the same row in a batch. Catches ar steps (1 row per request)
+    falling back to one call per request, or a 1-row call rounding differently."""
+    model = models["target"]
+    assert set(model.linear_invariance().values()) == {1}
+    w2 = model.layers[0].feed_forward.w2
+    x = torch.randn(8, model.args.intermediate_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        batched = w2(x)
+        alone = torch.cat([w2(x[i : i + 1]) for i in range(8)])
+    assert torch.equal(alone, batched)
+
+
 def test_forward_batch_refuses_one_cache_twice(models):
     model = models["target"]
     cache = model.new_cache(16)
