@@ -105,8 +105,7 @@ def load_worker_model(model_config: ModelConfig, device: torch.device):
     model = load_model(
         path, dtype=dtype, quantization=model_config.quantization, device=device, head_vocab=model_config.head_vocab
     )
-    model.linear_invariance()  # probed now, not in the first batched pass (a request's TTFT)
-    return model, path
+    return model, path  # load_model probed its linears' batch invariance (workers.model.model.TwoRowFloor)
 
 
 @cache

@@ -8,7 +8,7 @@ import torch
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.local_draft import random_steps
 from tests.tiny_model import make_tiny_checkpoint
-from tests.unit.test_engine import PROMPTS, make_engine, request, run
+from tests.unit.test_engine import PROMPTS, begin, make_engine, request, run
 from workers.model import load_model
 from workers.model.model import ROW_WISE_MAX_T, Segment, row_spans
 
@@ -69,6 +69,21 @@ def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization
         assert a.length == b.length
         assert torch.equal(a.k[:, :, : a.length], b.k[:, :, : b.length])
         assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])
+
+
+def test_one_row_calls_are_made_as_batched_rows(models):
+    """float32 oneDNN linears take another kernel for 1 row than for 2+ (the probe sees it):
+    load_model makes their 1-row calls 2-row ones, so every linear batches every request
+    and a row alone equals the same row in a batch. Catches ar steps (1 row per request)
+    falling back to one call per request, or a 1-row call rounding differently."""
+    model = models["target"]
+    assert set(model.linear_invariance().values()) == {1}
+    w2 = model.layers[0].feed_forward.w2
+    x = torch.randn(8, model.args.intermediate_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        batched = w2(x)
+        alone = torch.cat([w2(x[i : i + 1]) for i in range(8)])
+    assert torch.equal(alone, batched)
 
 
 def test_forward_batch_refuses_one_cache_twice(models):
@@ -141,6 +156,38 @@ def test_prefill_is_chunked_and_interleaves_with_decoding(models):
     assert tokens["r1"] == run(alone, [request(1, long_prompt, max_tokens=8)])["r1"][0]
     unchunked = make_engine(models["target"], models["quantized"], k=2, max_running=4)
     assert tokens["r1"] == run(unchunked, [request(1, long_prompt, max_tokens=8)])["r1"][0]
+
+
+def test_draft_prefill_is_chunked_and_interleaves_with_drafting(models):
+    """The draft feeds a long prompt a chunk per step_all while a running request gets a
+    draft token in each of those steps; the long request's drafts equal those of a draft
+    that fed its prompt whole. Catches a draft worker whose first pass over a 1,500-token
+    prompt holds every other stream's drafts (sd rounds wait for them) for that long."""
+    from workers.engine import DraftEngine
+    from workers.engine.draft_model import PlainDraft
+
+    chunk = 16
+    long_prompt = [(7 * i) % 256 for i in range(4 * chunk + 5)]
+
+    def engine(prefill_chunk):
+        return DraftEngine(PlainDraft(models["quantized"]), max_model_len=256, max_requests=4, prefill_chunk=prefill_chunk)
+
+    chunked = engine(chunk)
+    chunked.begin(begin(PROMPTS[0], run_ahead=40, request_id="short"))
+    chunked.step_all()
+    chunked.begin(begin(long_prompt, run_ahead=3, request_id="long"))
+    steps = []
+    while chunked.has_work:
+        steps.append(sorted(d.message.request_id for d in chunked.step_all()))
+    fed_in_chunks = steps.index(["long", "short"])  # the first step that drafts for "long"
+    assert fed_in_chunks == 4  # (len - 1) // chunk chunks before it, one per step
+    assert all(step == ["short"] for step in steps[:fed_in_chunks])  # "short" drafted in each of them
+    whole = engine(None)
+    whole.begin(begin(long_prompt, run_ahead=3, request_id="long"))
+    drafts = []
+    while whole.has_work:
+        drafts += [d.message.token_ids[0] for d in whole.step_all()]
+    assert chunked._states["long"].sequence[len(long_prompt):] == drafts
 
 
 @pytest.mark.parametrize("mode", ["sd", "amusd"])

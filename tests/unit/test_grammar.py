@@ -234,3 +234,22 @@ def test_sampling_with_a_grammar_matches_the_constrained_target(tmp_path_factory
 
     assert _chi2_pvalue(observed, joint(masked=True)) > 1e-3
     assert _chi2_pvalue(observed, joint(masked=False)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_grammar_wins_over_min_tokens(tmp_path_factory, digit_dir, mode, greedy):
+    """min_tokens holds back the stop token, but a finished document allows only it: the
+    grammar wins and the request stops at the end of its document. Without the rule every
+    score of that row is -inf: greedy picks token 0 (out of the grammar), sampling draws NaN."""
+    vocab = DIGITS + 1
+    target_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("mt-t"), tokenizer_dir=digit_dir, seed=3)
+    draft_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("mt-d"), tokenizer_dir=digit_dir, seed=4)
+    target, draft = (load_model(d, dtype=torch.float32) for d in (target_dir, draft_dir))
+    engine = make_engine(target, None if mode == "ar" else draft, k=2, max_running=4, mode=mode, run_ahead=3,
+                         grammars=Grammars(digit_dir, vocab))
+    sampling = dict(min_tokens=5, grammar=json_grammar({"enum": [3]}, [EOS]))
+    if not greedy:
+        sampling.update(temperature=1.0, seed=7)
+    results = run(engine, [request(0, [1, 2, 3], max_tokens=8, sampling=SamplingParams(**sampling), stop=[EOS])])
+    assert results["r0"][:2] == ([3, EOS], "stop")

@@ -166,3 +166,33 @@ def test_prompt_logprobs_are_computed_whole_after_a_hit(models):
     cold = run(_engine(models, "ar", prefix_caching=False), [asked])["p"][2][0].prompt_logprobs
     assert len(scored) == len(prompt) - 1 and scored == cold
     assert engine.prefix_cache_queries == len(prompt) - 1  # the scored one was no query
+
+
+def test_draft_requests_begun_together_share_chunks_and_draft_as_cold(models):
+    """Two draft requests with one long prompt, begun together: the second skips the chunk
+    the first computes in the same pass and copies it next pass, and each drafts what a
+    draft without prefix caching drafts for it alone (float32, greedy). Catches a copied
+    chunk that differs from the computed one, the whole prompt taken (its logits are
+    needed), or both computing every chunk."""
+    from protocol.messages import BeginDrafting
+    from workers.engine import DraftEngine
+    from workers.engine.draft_model import PlainDraft
+
+    prompt = SYSTEM + [70] * 12  # 49 tokens: chunks [0, 16), [16, 32), [32, 48), then [48, 49) drafts
+
+    def drafts(engine, ids):
+        for rid in ids:
+            engine.begin(BeginDrafting(rid, 0, prompt, 4, SamplingParams(), num_prompt_tokens=len(prompt)))
+        while engine.has_work:
+            engine.step_all()
+        return {rid: engine._states[rid].sequence[len(prompt):] for rid in ids}
+
+    def make(caching):
+        return DraftEngine(PlainDraft(models["quantized"]), max_model_len=128, max_requests=4, prefill_chunk=CHUNK,
+                           prefix_caching=caching)
+
+    shared = make(True)
+    got = drafts(shared, ["a", "b"])
+    assert shared.prefix_cache_hits == 3 * CHUNK  # b copied every chunk, fed only the last token itself
+    assert shared.prefix_cache_queries == 2 * (len(prompt) - 1)
+    assert got["a"] == got["b"] == drafts(make(False), ["a"])["a"] and len(got["a"]) == 4

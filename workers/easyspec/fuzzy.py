@@ -26,6 +26,7 @@ import torch
 
 from configs.choices import VARIANTS, check_choice
 from workers.model import KVCache, LlamaModel, Positions
+from workers.model.model import TwoRowFloor
 
 from .plan import LayerPlan
 
@@ -104,7 +105,8 @@ class LayerRunner:
 
 def head_quantization_of(model: LlamaModel) -> str:
     """The quantization of the model's output head ("none", "int8" or "int4")."""
-    name = type(model.output).__name__
+    head = model.output.inner if isinstance(model.output, TwoRowFloor) else model.output
+    name = type(head).__name__
     return {"Int8Linear": "int8", "Int4Linear": "int4"}.get(name, "none")
 
 

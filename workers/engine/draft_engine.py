@@ -94,13 +94,13 @@ class DraftEngine:
         device="cpu",
         grammars=None,
         max_batch_size: int | None = None,
+        prefill_chunk: int | None = None,
         prefix_caching: bool = False,
-        prefill_chunk: int = 512,
     ):
-        """prefix_caching: a new request takes the prompt prefix a free or running cache holds
-        (workers/engine/prefix_cache.py), and prompts are prefilled in chunks at multiples of
-        prefill_chunk (as the verifier does; without it a prompt goes in one pass)."""
+        """prefix_caching (with a prefill_chunk): a new request takes the prompt prefix that a
+        free or running cache holds, at a multiple of prefill_chunk (workers/engine/prefix_cache.py)."""
         self.model = model
+        self.prefill_chunk = prefill_chunk  # step_all feeds a long prompt this many tokens a step (None: whole)
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.max_model_len = max_model_len
         self.max_requests = max_requests
@@ -108,9 +108,10 @@ class DraftEngine:
         self.device = torch.device(device)
         # drafting order: round robin; a full table evicts the oldest (it can always recompute)
         self._states: OrderedDict[str, DraftState] = OrderedDict()
-        self._caches = KVPool(lambda: model.new_cache(max_model_len), max_requests, prefill_chunk, prefix_caching)
-        self.prefix_caching = prefix_caching
-        self.prefill_chunk = prefill_chunk
+        self.prefix_caching = prefix_caching and prefill_chunk is not None
+        self._caches = KVPool(
+            lambda: model.new_cache(max_model_len), max_requests, prefill_chunk or 1, self.prefix_caching, whole=False
+        )
         self.prefix_cache_queries = 0  # prompt tokens to prefill
         self.prefix_cache_hits = 0  # of those, tokens taken from a cache instead of computed
         self.num_rollbacks = 0
@@ -124,7 +125,7 @@ class DraftEngine:
         if state is not None:
             if not self.prefix_caching:
                 self.model.after_rollback(state.cache, 0)
-            self._caches.release(state.cache, state.sequence, state.prefill_end)
+            self._caches.release(state.cache, state.sequence, state.num_prompt)
 
     def handle(self, message: DraftControl) -> Drafted | None:
         """A message from the verifier; returns drafts to publish, if any."""
@@ -213,74 +214,69 @@ class DraftEngine:
         return any(self._has_room(s) for s in self._states.values())
 
     def step(self) -> Drafted | None:
-        """Draft one token for the next request with room to run ahead."""
+        """Draft one token for the next request with room to run ahead (its prompt fed whole)."""
         picked = self._next_state()
-        drafted = [] if picked is None else self._draft([picked])
+        drafted = [] if picked is None else self._draft([picked], self.prefill_chunk if self.prefix_caching else None)
         return drafted[0] if drafted else None
 
     def step_all(self) -> list[Drafted]:
         """Draft one token for every request with room to run ahead (up to max_batch_size,
-        round robin), in one draft pass."""
+        round robin), in one draft pass. A request with more than prefill_chunk tokens
+        to feed (a new prompt) feeds the next chunk of them instead and drafts nothing
+        this step, so a long prompt does not hold up the others' drafts."""
         picked = [(rid, state) for rid, state in self._states.items() if self._has_room(state)][: self.max_batch_size]
         for request_id, _ in picked:
             self._states.move_to_end(request_id)
-        return self._draft(picked) if picked else []
-
-    def _feed(self, state: DraftState) -> list[int]:
-        """What the next pass feeds a request: with prefix caching, its prompt's next prefill
-        chunk while the prefill lasts (no token is drafted then); else everything not yet in
-        its cache (the last token is never fed until now)."""
-        start, end = state.cache.length, state.prefill_end
-        if self.prefix_caching and start < end:
-            return state.sequence[start : min((start // self.prefill_chunk + 1) * self.prefill_chunk, end)]
-        return state.sequence[start:]
+        return self._draft(picked, self.prefill_chunk) if picked else []
 
     def _share_prefixes(self, picked: list[tuple[str, DraftState]]) -> None:
-        """A request still prefilling copies the longest reusable prefix another request's cache holds."""
+        """A request still feeding its prompt copies the longest reusable prefix that another
+        request's cache holds (positions before that one's prompt end were fed in chunks)."""
         for _, state in picked:
             if state.cache.length < state.prefill_end:
-                others = [(s.cache, s.sequence, s.prefill_end) for s in self._states.values() if s is not state]
-                source, n = best_source(others, state.sequence, state.prefill_end, self.prefill_chunk)
+                others = [(s.cache, s.sequence, s.num_prompt) for s in self._states.values() if s is not state]
+                source, n = best_source(others, state.sequence, state.prefill_end, self.prefill_chunk, whole=False)
                 if n > state.cache.length:
                     self.prefix_cache_hits += n - state.cache.length
                     state.cache.copy_prefix(source, n)
 
     def _computed_by_others(self, state: DraftState, feed: list[int], fed: list[tuple[DraftState, list[int]]]) -> bool:
-        """A prefill chunk of this pass computes this one exactly: it waits a pass and copies it."""
+        """A chunk of this pass computes this request's next chunk exactly: it waits a pass and copies it."""
         end = state.cache.length + len(feed)
-        return end <= state.prefill_end and any(
-            other.cache.length + len(chunk) <= other.prefill_end
-            and reusable_prefix(other.sequence[: other.cache.length + len(chunk)], other.prefill_end,
-                                state.sequence, state.prefill_end, self.prefill_chunk) >= end
+        return any(
+            reusable_prefix(other.sequence[: other.cache.length + len(chunk)], other.num_prompt,
+                            state.sequence, state.prefill_end, self.prefill_chunk, whole=False) >= end
             for other, chunk in fed
         )
 
     @torch.inference_mode()
-    def _draft(self, picked: list[tuple[str, DraftState]]) -> list[Drafted]:
+    def _draft(self, picked: list[tuple[str, DraftState]], chunk: int | None) -> list[Drafted]:
+        # feed each request what is not yet in its cache (the last token is never fed until now),
+        # at most `chunk` tokens of it
         if self.prefix_caching:
             self._share_prefixes(picked)
         fed: list[tuple[DraftState, list[int]]] = []
         passing = []
         for request_id, state in picked:
-            feed = self._feed(state)
+            feed = state.sequence[state.cache.length :]
+            feed = feed if chunk is None else feed[:chunk]
             if self.prefix_caching and self._computed_by_others(state, feed, fed):
                 continue
             fed.append((state, feed))
             passing.append((request_id, state))
         if not fed:
             return []
-        prefilling = [state.cache.length + len(feed) <= state.prefill_end for state, feed in fed]
-        segments = [
-            Segment(torch.tensor(feed, dtype=torch.long, device=self.device), state.cache, 0 if chunk else 1)
-            for (state, feed), chunk in zip(fed, prefilling)
-        ]
+        whole = [state.cache.length + len(feed) == len(state.sequence) for state, feed in fed]
+        segments = [Segment(torch.tensor(feed, dtype=torch.long, device=self.device), state.cache) for state, feed in fed]
         logits = self.model.forward_batch(segments)
         self.batch_sizes.observe(len(segments))
-        return [
-            self._append(request_id, state, rows)
-            for (request_id, state), rows, chunk in zip(passing, logits, prefilling)
-            if not chunk
-        ]
+        drafted = []
+        for (request_id, state), rows, done in zip(passing, logits, whole):
+            if done:
+                drafted.append(self._append(request_id, state, rows))
+            else:  # a prompt chunk: what follows it is verified too, so the next pass opens a round
+                self.model.after_rollback(state.cache, state.cache.length)
+        return drafted
 
     def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
         """Draw the next token from the request's last logits row and append it."""
@@ -290,7 +286,7 @@ class DraftEngine:
         # the target's processing, seeing this draft's own earlier drafts as the target will,
         # then the grammar's mask
         rows = Rows(state.sequence, state.num_prompt, (), state.stop_token_ids)
-        scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling))  # [1, V]
+        scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling), raw=logits[-1:])  # [1, V]
         if sampling.greedy:
             token = int(scores[0].argmax())
         else:

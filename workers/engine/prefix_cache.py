@@ -1,23 +1,25 @@
 """Prefix caching: a request reuses the KV another request computed for the same prompt prefix.
 
-Both engines prefill a prompt (all but its last token: the newest token opens the
-next pass) in chunks at fixed boundaries: multiples of the chunk size, the last one
-ending at len(prompt) - 1. The KV of a position depends on the extent of the chunk
-that computed it: measured on this CPU, a chunk cut at another start (SmolLM2 in
-float32: [10, 64) instead of [0, 64)) rounds differently, and a rest of up to 8
-tokens takes the row-by-row attention path instead of the masked one. So reuse is
-exact by construction, not by a probe: a prefix is reused only up to a boundary
-that a cold prefill of the new prompt also has, where the source computed it with
-the same chunks, i.e. a multiple of the chunk up to both prompts' prefill ends, or
-the whole prefill when both prompts' prefills end at the same position (n > 1
-choices, a repeated prompt). The rest is prefilled as a cold run prefills it, so
-every output is bit for bit the cold run's. The cost: up to chunk - 1 shared tokens
-are computed again, and a shared prefix shorter than a chunk is reused only by a
-prompt of the same length (scheduler.prefill_chunk_tokens sets the grain).
+Both engines feed a prompt in chunks at fixed boundaries, multiples of the chunk size
+(scheduler.prefill_chunk_tokens): the verifier prefills all but the prompt's last token
+(the newest token opens the first round), the draft feeds chunks until what is left
+fits one, which it feeds and drafts from. The KV of a position depends on the extent
+of the chunk that computed it: measured on this CPU, a chunk cut at another start
+(SmolLM2 in float32: [10, 64) instead of [0, 64)) rounds differently, and a rest of up
+to 8 tokens takes the row-by-row attention path instead of the masked one. So reuse
+is exact by construction, not by a probe: a prefix is reused only up to a boundary
+that a cold run of the new prompt also has, where the source computed it with the
+same chunks, i.e. a multiple of the chunk within both prompts, or (the verifier) the
+whole prefill when both prompts' prefills end at the same position (n > 1 choices, a
+repeated prompt). The rest is fed as a cold run feeds it, so every output is bit for
+bit the cold run's. The cost: up to chunk - 1 shared tokens are computed again, and a
+shared prefix shorter than a chunk is reused only by the verifier, for a prompt of the
+same length.
 
 A cache remembers what it holds (`Held`) when its request ends; `KVPool` hands a
 new request the free cache that holds the longest reusable prefix of its prompt
-(least recently used among ties), cropped to it.
+(least recently used among ties), cropped to it; `best_source` finds one among the
+running requests' caches, to copy.
 """
 
 from __future__ import annotations
@@ -34,13 +36,18 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def reusable_prefix(held: Sequence[int], held_end: int, prompt: Sequence[int], prefill_end: int, chunk: int) -> int:
+def reusable_prefix(
+    held: Sequence[int], held_end: int, prompt: Sequence[int], prefill_end: int, chunk: int, whole: bool = True
+) -> int:
     """How many positions of a cache holding the KV of `held` (positions [0, len(held)),
     those before `held_end` computed by its prompt's prefill chunks) a prompt whose
-    prefill ends at `prefill_end` may take: a boundary of both chunk schedules."""
+    prefill ends at `prefill_end` may take: a boundary of both chunk schedules.
+    whole: a prefill that ended where the new one ends is taken whole (the verifier's,
+    which stops before the last token; not the draft's, whose last chunk runs past the
+    prompt's end and must be fed again for its logits)."""
     limit = min(len(held), held_end, prefill_end)
     common = common_prefix_len(held[:limit], prompt[:limit])
-    if held_end == prefill_end and common == prefill_end:
+    if whole and held_end == prefill_end and common == prefill_end:
         return prefill_end
     return common // chunk * chunk
 
@@ -57,11 +64,12 @@ class KVPool:
     """KV caches, at most `size`, made on first use. With prefix caching a released cache
     keeps its KV and what it holds; `acquire` reuses the best one for a prompt."""
 
-    def __init__(self, new_cache: Callable[[], object], size: int, chunk: int, prefix_caching: bool):
+    def __init__(self, new_cache: Callable[[], object], size: int, chunk: int, prefix_caching: bool, whole: bool = True):
         self._new_cache = new_cache
         self.size = size
         self.chunk = chunk
         self.prefix_caching = prefix_caching
+        self.whole = whole  # see reusable_prefix
         self._free: list[tuple[object, Held]] = []  # least recently released first
         self._created = 0
 
@@ -75,7 +83,7 @@ class KVPool:
         best, reused = None, 0
         if self.prefix_caching and prompt is not None:
             for i, (_, held) in enumerate(self._free):
-                n = reusable_prefix(held.tokens, held.prefill_end, prompt, prefill_end, self.chunk)
+                n = reusable_prefix(held.tokens, held.prefill_end, prompt, prefill_end, self.chunk, self.whole)
                 if n > reused:
                     best, reused = i, n
         if best is None:
@@ -97,12 +105,12 @@ class KVPool:
         self._free.append((cache, Held(list(tokens[: cache.length]), prefill_end)))
 
 
-def best_source(sources, prompt: Sequence[int], prefill_end: int, chunk: int) -> tuple[object, int]:
+def best_source(sources, prompt: Sequence[int], prefill_end: int, chunk: int, whole: bool = True) -> tuple[object, int]:
     """Among running sequences (cache, tokens whose KV it holds, prefill end), the cache that
     holds the longest reusable prefix of the prompt, and its length (None, 0: none)."""
     best, reused = None, 0
     for cache, tokens, held_end in sources:
-        n = reusable_prefix(tokens[: cache.length], held_end, prompt, prefill_end, chunk)
+        n = reusable_prefix(tokens[: cache.length], held_end, prompt, prefill_end, chunk, whole)
         if n > reused:
             best, reused = cache, n
     return best, reused

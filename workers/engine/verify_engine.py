@@ -319,7 +319,7 @@ class VerifyEngine:
         draft_ids = torch.tensor(drafts, dtype=torch.long, device=self.device)
         sampling = request.sampling
         scores = process_logits(logits, request.rows(drafts), sampling)  # row i sees drafts[:i]
-        scores = mask_logits(request.grammar, scores, drafts)  # row i: what the grammar allows after drafts[:i]
+        scores = mask_logits(request.grammar, scores, drafts, raw=logits)  # row i: what the grammar allows after drafts[:i]
         if sampling.greedy:
             acceptance = accept_greedy(draft_ids, scores)
         else:

@@ -284,4 +284,6 @@ def load_model(
     if missing:
         raise ValueError(f"checkpoint {path} did not provide: {', '.join(missing)}")
     model.ensure_rope(min(args.max_position_embeddings, 4096))
+    if split is None:  # a rank's row-parallel linears all-reduce: its group probes them (or not)
+        model.linear_invariance()  # before any pass: it may make 1-row calls 2-row ones
     return model.eval()

@@ -111,6 +111,22 @@ def apply_in_spans(module: nn.Module, x: torch.Tensor, spans: list[tuple[int, in
     return torch.cat([module(x[a:b]) for a, b in spans])
 
 
+class TwoRowFloor(nn.Module):
+    """A linear whose 1-row calls take another kernel than its calls of 2+ rows (which all
+    agree: invariant_from gave 2; oneDNN's float32 linears, some bf16 shapes): each 1-row
+    call is made as a 2-row one (the row and a zero row), so a request's row is bit for bit
+    the same alone as batched with others, and such linears batch every request."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K]
+        if x.shape[0] != 1:
+            return self.inner(x)
+        return self.inner(torch.cat([x, torch.zeros_like(x)]))[:1]
+
+
 def invariant_from(module: nn.Module, x: torch.Tensor) -> int | None:
     """From how many rows a call of module gives each row bit for bit what any other call of
     that many rows or more gives it (x: [MAX_BATCH_ROWS, K], the probe): 1 (any call, single
@@ -378,28 +394,34 @@ class LlamaModel(nn.Module):
     # -- batched passes ----------------------------------------------------------
 
     def linear_invariance(self) -> dict[int, int | None]:
-        """id(linear) -> invariant_from (1, 2 or None) up to MAX_BATCH_ROWS rows. Probed once
+        """id(linear) -> invariant_from (1 or None) up to MAX_BATCH_ROWS rows. Probed once
         per kind of linear (its repr: class, shapes, quantization; a GGUF file's layers may
-        mix kinds), on random rows."""
+        mix kinds), on random rows; a linear whose calls of 2+ rows agree but whose 1-row
+        call does not is replaced by a TwoRowFloor of it (then invariant from 1). Done when
+        the model is loaded, before any pass (a pass before it would round otherwise)."""
         if self._invariant is None:
             a = self.args
-            linears = [  # (module, fan-in)
-                *((layer.attention.wqkv, a.dim) for layer in self.layers),
-                *((layer.attention.wo, a.n_heads * a.head_dim) for layer in self.layers),
-                *((layer.feed_forward.w13, a.dim) for layer in self.layers),
-                *((layer.feed_forward.w2, a.intermediate_size) for layer in self.layers),
-                (self.output, a.dim),
+            linears = [  # (owner, attribute, fan-in)
+                *((layer.attention, "wqkv", a.dim) for layer in self.layers),
+                *((layer.attention, "wo", a.n_heads * a.head_dim) for layer in self.layers),
+                *((layer.feed_forward, "w13", a.dim) for layer in self.layers),
+                *((layer.feed_forward, "w2", a.intermediate_size) for layer in self.layers),
+                (self, "output", a.dim),
             ]
             generator = torch.Generator().manual_seed(0)
             by_kind: dict[str, int | None] = {}
             self._invariant = {}
             with torch.inference_mode():
-                for module, fan_in in linears:
+                for owner, name, fan_in in linears:
+                    module = getattr(owner, name)
                     kind = repr(module)
                     if kind not in by_kind:
                         x = torch.randn(MAX_BATCH_ROWS, fan_in, generator=generator).to(self.device, self.dtype)
                         by_kind[kind] = invariant_from(module, x)
-                    self._invariant[id(module)] = by_kind[kind]
+                    if by_kind[kind] == 2:
+                        module = TwoRowFloor(module)
+                        setattr(owner, name, module)
+                    self._invariant[id(module)] = 1 if by_kind[kind] == 2 else by_kind[kind]
         return self._invariant
 
     def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:

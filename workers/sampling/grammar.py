@@ -175,22 +175,36 @@ def _signed_bit(bit: int) -> int:
     return -(2**31) if bit == 31 else 1 << bit
 
 
-def mask_logits(state: GrammarState | None, logits: Tensor, drafts: Sequence[int] = ()) -> Tensor:
-    """The grammar stage of a verification: `logits` [k+1, V] (or [1, V] to draft from),
-    masked row by row; a copy (the raw logits still serve logprobs). No state: unchanged."""
+def mask_logits(state: GrammarState | None, logits: Tensor, drafts: Sequence[int] = (), raw: Tensor | None = None) -> Tensor:
+    """The grammar stage of a verification: `logits` [k+1, V] (the processed scores)
+    masked row by row; a copy (the raw logits still serve logprobs). No state: unchanged.
+
+    The grammar wins over the processors: a row where every token the grammar allows
+    was forbidden by an earlier stage (min_tokens holds back the stop tokens of a
+    finished document) takes the grammar's tokens over the `raw` logits instead."""
     if state is None:
         return logits
-    return apply_bitmask(logits, state.mask_rows(drafts))
+    bitmask = state.mask_rows(drafts)
+    masked = apply_bitmask(logits, bitmask)
+    if raw is not None:
+        dead = ~(masked.amax(dim=-1) > float("-inf"))
+        if bool(dead.any()):
+            masked[dead] = apply_bitmask(raw[dead], bitmask[dead])
+    return masked
 
 
-def draft_scores(state: GrammarState | None, logits: Tensor) -> Tensor:
-    """The grammar stage of a draft step: the last row of `logits` masked ([1, V]). Where
-    the mask leaves no finite logit (a reduced head), uniform over the allowed tokens."""
+def draft_scores(state: GrammarState | None, logits: Tensor, raw: Tensor | None = None) -> Tensor:
+    """The grammar stage of a draft step: the last row of `logits` (processed) masked
+    ([1, V]). Where the mask leaves no finite score, the grammar wins as in mask_logits
+    (the `raw` row masked); where that too has none (a reduced head), uniform over the
+    allowed tokens."""
     row = logits[-1:]
     if state is None:
         return row
     bitmask = state.next_mask()
     masked = apply_bitmask(row, bitmask)
-    if not bool(masked.amax() > float("-inf")):  # one pass (logits are never +inf or NaN)
+    if raw is not None and not bool(masked.amax() > float("-inf")):  # one pass (logits are never +inf or NaN)
+        masked = apply_bitmask(raw[-1:], bitmask)
+    if not bool(masked.amax() > float("-inf")):
         masked = apply_bitmask(torch.zeros_like(masked), bitmask)
     return masked
