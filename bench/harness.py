@@ -140,6 +140,8 @@ class ServerProcess:
             cmd += ["--dtype", s.dtype]
         if s.num_draft_tokens is not None:
             cmd += ["--num-draft-tokens", str(s.num_draft_tokens)]
+        # every request computes its whole prompt, as the llama.cpp peers do (a variant may turn it on)
+        cmd += ["--set", "scheduler.prefix_caching=false"]
         for setting in self.run.settings:
             cmd += ["--set", setting]
         return cmd
