@@ -196,3 +196,4 @@ def test_draft_requests_begun_together_share_chunks_and_draft_as_cold(models):
     assert shared.prefix_cache_hits == 3 * CHUNK  # b copied every chunk, fed only the last token itself
     assert shared.prefix_cache_queries == 2 * (len(prompt) - 1)
     assert got["a"] == got["b"] == drafts(make(False), ["a"])["a"] and len(got["a"]) == 4
+
