@@ -208,3 +208,25 @@ def test_served_with_a_rank_in_another_namespace(tmp_path, tiny_target_dir, netn
             assert server.metric("tandem:spec_decode_num_draft_tokens_total") > 0
     assert f"waits up to 120 s (server.startup_timeout_s) for its external rank(s) [1] at {address}" in capfd.readouterr().out
     assert "ready: following rank 0" in log.read_text(), log.read_text()
+
+
+def test_a_killed_external_rank_is_noticed_by_its_heartbeats(tiny, tmp_path):
+    """An external rank's process killed while rank 0 is idle: rank 0 has no process to
+    watch, so only the store heartbeats tell. Catches an external rank that is never
+    supervised (a verify worker living on with a dead rank: every later pass hanging
+    for the gloo timeout), and a dead rank not failing the next pass at once."""
+    path, _ = tiny
+    address = f"tcp://127.0.0.1:{free_port()}"
+    config = rank_config(tmp_path / "tp.yaml", path, address)
+    with external_rank(config, tmp_path / "rank.log"):
+        with rank0(path, RendezvousConfig(address=address, external_ranks=(1,)), startup_timeout_s=60,
+                   heartbeat_timeout_s=2, timeout_s=30) as tp:  # fmt: skip
+            cache = tp.new_cache(64)
+            tp.forward(PROMPT[:4], cache)
+            assert tp.lost_ranks() == []
+            os.kill(int(tp.channel.store.get("ready/1")), signal.SIGKILL)  # the rank's own process
+            assert wait_until(lambda: tp.lost_ranks() == ["external rank 1: no heartbeat for 2 s"], 10), tp.lost_ranks()
+            t0 = time.monotonic()
+            with pytest.raises(RankError, match="rank 1"):
+                tp.forward(PROMPT[4:5], cache)
+            assert time.monotonic() - t0 < 5

@@ -342,17 +342,15 @@ class RankGroup:
         self._guard()
         try:
             return fn(*args)
-        except RankError as e:
-            self._failure = str(e)
-            raise
         except BaseException as e:
-            # a follower crashing mid-exchange can surface here as another error; blame it if so
+            # a follower crashing mid-exchange surfaces here as the channel's error (gloo:
+            # "connection closed"), or as another one; name the follower if it is known to be gone
             try:
                 self._check_peers()
             except RankError as dead:
                 self._failure = str(dead)
                 raise dead from e
-            self._failure = f"rank 0 failed during a command: {e!r}"
+            self._failure = str(e) if isinstance(e, RankError) else f"rank 0 failed during a command: {e!r}"
             raise
 
     def send(self, command: Command) -> None:
