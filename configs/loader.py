@@ -136,7 +136,7 @@ class EasySpecConfig:
 class TensorParallelConfig:
     """A target over several devices (`placement.<mode>.target` a list); see workers/tensor_parallel.py."""
 
-    channel: str = "auto"  # one of CHANNELS: the all-reduces ("auto": shared memory on CPU, NCCL on CUDA)
+    channel: str = "auto"  # one of CHANNELS: the all-reduces ("auto": shared memory on CPU, gloo across hosts, NCCL on CUDA)
     timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
     rendezvous: RendezvousConfig = RendezvousConfig()  # target ranks on other hosts
 

@@ -16,15 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
 from bench.netns import missing_requirement, network_namespace
 from configs.loader import RendezvousConfig, load_config
 from tests.helpers import ONE_THREAD, REPO, TINY_EASYSPEC_SECTIONS, free_port, launch_server, wait_until, write_config
-from tests.tiny_model import make_tiny_checkpoint
-from workers.model import load_model
+from tests.integration.test_tensor_parallel import (  # the TP tests' model, passes, prompts and reference texts
+    PROMPT,
+    QUESTIONS,
+    completions,
+    engine_like_passes,
+    single_device_texts,  # noqa: F401 - a fixture
+    tiny,  # noqa: F401 - a fixture
+)
 from workers.ranks import RankError, RankPlacement
 from workers.ranks.rendezvous import deployment_secret
 from workers.tensor_parallel import TargetCheckpoint, TensorParallelModel
@@ -34,19 +39,7 @@ if MISSING:  # say it where a CI log shows it, not only in -rs
     print(f"\n*** tests/integration/test_remote_ranks.py: namespace tests NOT RUN: {MISSING} ***", file=sys.stderr)
 needs_netns = pytest.mark.skipif(MISSING is not None, reason=f"NOT RUN, network namespaces unavailable: {MISSING}")
 
-PROMPT = torch.tensor([5, 17, 42, 9, 1, 3, 200, 77, 4, 8, 9, 10, 11, 12])
 TWO_RANKS = [RankPlacement(threads=1)] * 2
-QUESTIONS = ["The quick brown fox", "def fibonacci(n):"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """3 KV heads (2 + 1 over the ranks) and biases on every attention projection."""
-    path = make_tiny_checkpoint(
-        tmp_path_factory.mktemp("xhost"), n_layers=3, dim=96, n_heads=6, n_kv_heads=3,
-        intermediate_size=160, vocab_size=256, seed=2, attention_bias=True,
-    )  # fmt: skip
-    return path, load_model(path, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +81,6 @@ def rank0(checkpoint, rendezvous: RendezvousConfig, **kwargs) -> TensorParallelM
     return TensorParallelModel(
         TargetCheckpoint(str(checkpoint), "float32"), TWO_RANKS, torch.device("cpu"), rendezvous=rendezvous, **kwargs
     )
-
-
-def engine_like_passes(model, cache) -> list[torch.Tensor]:
-    """A prefill, decode steps, a rollback, a verification of 3 (what the verify engine does)."""
-    out = [model.forward(PROMPT[:10], cache, 10)]
-    for t in PROMPT[10:12]:
-        out.append(model.forward(t[None], cache))
-    cache.crop(8)
-    out.append(model.forward(PROMPT[8:11], cache, 3))
-    return out
 
 
 @needs_netns
@@ -157,25 +140,6 @@ def test_a_rank_without_the_key_pair_is_refused(tiny, tmp_path):
 
 
 # -- through the server ----------------------------------------------------------------
-
-
-def completions(server, prompts, max_tokens=16) -> list[str]:
-    sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
-    return [
-        sdk.completions.create(model="tiny", prompt=p, max_tokens=max_tokens, temperature=0).choices[0].text
-        for p in prompts
-    ]
-
-
-@pytest.fixture(scope="module")
-def single_device_texts(tmp_path_factory, tiny_target_dir):
-    config = write_config(
-        tmp_path_factory.mktemp("xhost-ar") / "ar.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32"},
-    )
-    with launch_server(config, mode="ar") as server:
-        return completions(server, QUESTIONS)
 
 
 @needs_netns

@@ -8,7 +8,8 @@ Two implementations of one small interface:
   a semaphore (no CPU use while the target verifies on the same cores).
   Measured on the 2-core box: ~10-16 us for an all-reduce of [1, 576], against
   0.25-2.8 ms for gloo's (see bench/easyspec.py), so it is the CPU default.
-- `DistChannel`: torch.distributed. Commands on a gloo group (a follower's idle
+- `DistChannel`: torch.distributed, met at a file store (one host) or rank 0's
+  TCPStore (tcp://, ranks on other hosts; rendezvous.py). Commands on a gloo group (a follower's idle
   wait never times out, rank 0's send does; a dead peer closes its sockets, which
   gloo reports), data on a group of the data backend (gloo on CPU, NCCL on CUDA)
   with a timeout.

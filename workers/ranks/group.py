@@ -9,10 +9,16 @@ of the model) and then follows: every command rank 0 sends (commands.py) is
 decoded and handed to the program's state, except the generic ones (Call,
 Barrier, Shutdown), which are handled here.
 
+Ranks on other hosts: with a tcp:// `rendezvous` address, the ranks in its
+`external_ranks` are not spawned but started on their own (`run_external_rank`,
+behind `tandem worker --role verify-rank|draft-rank --rank N`) and meet rank 0
+there (rendezvous.py: handshake, ready/error keys, heartbeats).
+
 Failures: a follower that dies or raises is noticed by rank 0 at its next
-exchange (process liveness checks while waiting, and a timeout), which raises
-RankError; the group is then down (`healthy` is False) and every later call
-raises at once. Followers exit when rank 0 goes away.
+exchange (process liveness checks while waiting, heartbeats for an external
+rank, and a timeout), which raises RankError; the group is then down
+(`healthy` is False) and every later call raises at once. Followers exit when
+rank 0 goes away (an external rank's command then waits for the next rank 0).
 """
 
 from __future__ import annotations
