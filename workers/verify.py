@@ -28,6 +28,7 @@ from protocol.messages import (
 )
 from protocol.sockets import Outbox
 from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
+from workers.engine.prompt_lookup import PromptLookup
 from workers.sampling.grammar import Grammars
 from workers.shell import (
     apply_placement,
@@ -76,6 +77,12 @@ class SocketTransport:
 def make_draft_source(config: Config, draft_outbox):
     """The draft source of config's mode; `draft_outbox()` opens the socket to the draft worker."""
     mode, speculation = config.mode, config.speculation
+    if mode.lookup:
+        return PromptLookup(
+            num_draft_tokens=speculation.num_draft_tokens,
+            min_n=speculation.prompt_lookup_min,
+            max_n=speculation.prompt_lookup_max,
+        ), None
     if not mode.drafts:
         return NoDraft(), None
     transport = SocketTransport(draft_outbox())
