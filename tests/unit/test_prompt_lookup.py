@@ -95,3 +95,16 @@ def test_prompt_lookup_source_follows_the_request():
     source.release("r")  # twice: harmless
     with pytest.raises(KeyError):
         source.propose(request, 2)
+
+
+def test_mode_lookup_in_the_config():
+    """Mode lookup starts the verify worker alone; its n-gram bounds are validated.
+    Catches a lookup row that would start (and wait for) a draft worker."""
+    from configs.loader import ConfigError, load_config
+
+    config = load_config(speculation__mode="lookup", speculation__prompt_lookup_max=5)
+    assert config.mode.roles == ("verify",) and config.mode.lookup
+    assert (config.speculation.prompt_lookup_min, config.speculation.prompt_lookup_max) == (2, 5)
+    for low, high in [(0, 3), (4, 3)]:
+        with pytest.raises(ConfigError, match="prompt_lookup"):
+            load_config(speculation__prompt_lookup_min=low, speculation__prompt_lookup_max=high)
