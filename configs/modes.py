@@ -39,6 +39,7 @@ _TABLE = (
     Mode("easyspec", drafts=True, synchronous=True, layer_parallel_draft=True, sampled_bonus=True),
     Mode("amusd+easyspec", drafts=True, synchronous=False, layer_parallel_draft=True, sampled_bonus=False),
     Mode("lookup", drafts=False, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
+    Mode("sd+lookup", drafts=True, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
 )
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in _TABLE}

@@ -1,5 +1,6 @@
-"""Mode `lookup` through real processes: the launcher, one verify worker (no draft
-worker), uvicorn, the OpenAI SDK; the tiny random model in float32.
+"""Modes `lookup` and `sd+lookup` through real processes: the launcher, the verify
+worker (and in sd+lookup the draft worker), uvicorn, the OpenAI SDK; the tiny random
+model in float32 (its int8 copy drafts in sd+lookup).
 
 The random model does not repeat itself on its own; a repetition penalty below 1
 makes it (the control runs in the target's rows), so the lookup finds matches in the
@@ -26,6 +27,12 @@ def ar_server(tiny_config):
 @pytest.fixture(scope="module")
 def lookup_server(tiny_config):
     with launch_server(tiny_config, mode="lookup") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hybrid_server(tiny_config):
+    with launch_server(tiny_config, mode="sd+lookup") as server:
         yield server
 
 
@@ -67,3 +74,16 @@ def test_lookup_seeded_sampling_is_reproducible(lookup_server):
     assert sampled(7)[0] == first
     assert sampled(8)[0] != first
     assert stats["num_draft_tokens"] > 0
+
+
+def test_hybrid_greedy_equals_ar(ar_server, hybrid_server):
+    """sd+lookup: the same text as ar, plain (mostly the model's drafts) and looping
+    (mostly the lookup's), drafts verified in both. Catches a draft worker left
+    behind by the rounds it did not draft (its next drafts would part from the target
+    and, worse, a stale run-ahead could stall a round until the draft timeout)."""
+    for extra in ({}, REPEAT):
+        ar = complete(ar_server, PROMPTS[1], temperature=0, extra_body=extra)
+        got = complete(hybrid_server, PROMPTS[1], temperature=0, extra_body=extra)
+        assert got.choices[0].text == ar.choices[0].text, extra
+        assert got.model_extra["speculation"]["num_accepted_tokens"] > 0
+    assert len(hybrid_server.worker_pids()) == 2

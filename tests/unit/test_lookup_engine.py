@@ -9,8 +9,10 @@ import torch
 from protocol.messages import SamplingParams
 from tests.tiny_model import make_tiny_checkpoint
 from tests.unit.test_engine import MAX_LEN, _chi2_pvalue, _joint_counts, make_engine, models, request, run  # noqa: F401
-from workers.engine import VerifyEngine
-from workers.engine.prompt_lookup import PromptLookup
+from configs.modes import mode_of
+from tests.local_draft import LocalTransport
+from workers.engine import DraftEngine, PlainDraft, VerifyEngine
+from workers.engine.prompt_lookup import LookupFirst, PromptLookup
 from workers.model import load_model
 from workers.sampling import warp
 
@@ -99,3 +101,31 @@ def test_sampling_matches_target_distribution(tmp_path_factory):
         rows = [warp(target.forward(torch.tensor(prompt + [t]), target.new_cache(16)), **params)[0] for t in range(vocab)]
     law = (first[:, None] * torch.stack(rows)).ravel().numpy().astype("float64")
     assert _chi2_pvalue(observed, law) > 1e-3
+
+
+def test_lookup_first_hybrid_equals_ar_greedy(models):
+    """sd+lookup: rounds take lookup drafts where the tokens match, the draft model's
+    elsewhere; greedy text equals ar's. The draft model spends no pass on a lookup
+    round (it is told to run 0 ahead). Catches a hybrid that lets the model draft
+    anyway (wasted draft passes) or verifies one source's drafts with the other's
+    bookkeeping (text parting from ar's)."""
+    k = 4
+    requests = [request(i, p, max_tokens=60) for i, p in enumerate(PROMPTS)]
+    ar = run(make_engine(models["target"]), requests)
+    draft = DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=3)
+    source = LookupFirst(
+        LocalTransport(draft),
+        lookup=PromptLookup(num_draft_tokens=k, min_n=1, max_n=3),
+        num_draft_tokens=k,
+        max_run_ahead=k,
+        mode=mode_of("sd+lookup"),
+        timeout_s=60,
+    )
+    results = run(VerifyEngine(models["target"], source, max_model_len=MAX_LEN, max_running=3), requests)
+    for r in requests:
+        assert results[r.request_id][:2] == (ar[r.request_id][0], "length"), r.request_id
+    outputs = _outputs(results)
+    model_rounds = sum(1 for o in outputs if o.num_draft_tokens) - source.num_lookup_rounds
+    assert source.num_lookup_rounds > 0 and model_rounds > 0
+    assert 0 < draft.num_drafted <= k * model_rounds
+    assert sum(o.num_accepted_tokens for o in outputs) > 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workers.engine.draft_source import Proposal
+from workers.engine.draft_source import DraftStream, Proposal
 from workers.engine.request import Request
 
 
@@ -114,3 +114,44 @@ class PromptLookup:
 
     def release(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
+
+
+class LookupFirst(DraftStream):
+    """The DraftSource of mode `sd+lookup`: a round takes the lookup's proposal where
+    the request's tokens have a match, else the draft model's (a DraftStream).
+
+    The choice for the next round is made when the prefix before it is verified: with
+    a lookup proposal the draft worker is told to run 0 ahead (it only follows the
+    verified tokens and spends no pass); without one it drafts the round's k."""
+
+    def __init__(self, transport, *, lookup: PromptLookup, **stream_args):
+        super().__init__(transport, **stream_args)
+        self.lookup = lookup
+        self._planned: dict[str, list[int]] = {}  # per request: the next round's lookup drafts
+        self.num_lookup_rounds = 0  # rounds that took the lookup's proposal
+
+    def _model_run_ahead(self, request: Request, max_run_ahead: int) -> int:
+        planned = self.lookup.propose(request, max_run_ahead).token_ids
+        self._planned[request.request_id] = planned
+        return 0 if planned else max_run_ahead
+
+    def on_admit(self, request: Request, max_run_ahead: int) -> None:
+        self.lookup.on_admit(request, max_run_ahead)
+        super().on_admit(request, self._model_run_ahead(request, max_run_ahead))
+
+    def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
+        self.lookup.on_verified(request, emitted, max_run_ahead)
+        super().on_verified(request, emitted, self._model_run_ahead(request, max_run_ahead))
+
+    def propose(self, request: Request, num_tokens: int) -> Proposal:
+        planned = self._planned.get(request.request_id)
+        if planned:
+            self.num_lookup_rounds += 1
+            token_ids = planned[:num_tokens]
+            return Proposal(token_ids, None, len(token_ids))
+        return super().propose(request, num_tokens)
+
+    def release(self, request_id: str) -> None:
+        self.lookup.release(request_id)
+        self._planned.pop(request_id, None)
+        super().release(request_id)
