@@ -12,16 +12,11 @@ import openai
 import pytest
 
 from tests.helpers import launch_server
+from tests.integration.test_server import ar_server  # noqa: F401  (a fixture)
 
 PROMPTS = ["The quick brown fox", "one two three one two three one two"]
 REPEAT = {"repetition_penalty": 0.3}  # rewards repeats: the output loops
 MAX_TOKENS = 40
-
-
-@pytest.fixture(scope="module")
-def ar_server(tiny_config):
-    with launch_server(tiny_config, mode="ar") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
