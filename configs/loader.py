@@ -155,6 +155,10 @@ class SpeculationConfig:
     max_run_ahead: int = 8  # amusd: the most drafts the draft holds past the verified prefix
     # a draft that does not answer in time is skipped: the round runs target-only
     draft_timeout_s: float = 30.0
+    # mode lookup: the longest and shortest n-gram of the request's last tokens looked up
+    # in its earlier tokens (vLLM's names); a match proposes what followed it
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
 
 
 @dataclass(frozen=True)
@@ -458,6 +462,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {speculation.max_run_ahead}")
     if speculation.draft_timeout_s <= 0:
         raise ConfigError("speculation.draft_timeout_s: must be positive")
+    if not 1 <= speculation.prompt_lookup_min <= speculation.prompt_lookup_max:
+        raise ConfigError(
+            "speculation.prompt_lookup_min/max: need 1 <= min <= max, got "
+            f"{speculation.prompt_lookup_min}, {speculation.prompt_lookup_max}"
+        )
     for role in ("target", "draft"):
         model: ModelConfig = getattr(config, role)
         if model.dtype not in DTYPES:

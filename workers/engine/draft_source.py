@@ -7,6 +7,8 @@ A mode (a row of configs/modes.py) is a choice of DraftSource:
 - `DraftStream` for an asynchronous mode (`amusd`, `amusd+easyspec`): the draft
   runs ahead up to its limit while the target verifies; a round takes whatever
   has arrived (at least one token, unless the draft is silent past the timeout).
+- `PromptLookup` (`lookup`) and `LookupFirst` (`sd+lookup`, a DraftStream that
+  prefers it): drafts copied from the request's own tokens (workers/engine/prompt_lookup.py).
 
 The stream keeps, per request, the epoch (version) of the verified prefix and
 a buffer of draft tokens for the positions right after it. Draft messages of
