@@ -119,6 +119,9 @@ class SpeculationConfig:
     max_run_ahead: int = 8  # amusd: the most drafts the draft holds past the verified prefix
     # a draft that does not answer in time is skipped: the round runs target-only
     draft_timeout_s: float = 30.0
+    # each step chooses the drafts per request (0..num_draft_tokens) from measured acceptance
+    # and pass costs (workers/engine/speculation_policy.py); False: always num_draft_tokens
+    adaptive: bool = False
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ class VerifyWorker:
             max_batch_size=config.scheduler.max_batch_size,
             max_tokens_per_step=config.scheduler.max_tokens_per_step,
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
+            adaptive=config.speculation.adaptive,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
