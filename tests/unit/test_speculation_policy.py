@@ -15,6 +15,7 @@ from workers.engine.speculation_policy import (
     Round,
     SpeculationPolicy,
     expected_tokens,
+    isotonic,
     plan,
 )
 
@@ -146,6 +147,23 @@ def test_cost_curve_interpolates_and_never_invents_a_saving():
     assert curve(8) == pytest.approx(3.0)
 
 
+def test_cost_curve_does_not_fall_with_more_work():
+    """A noisy low measurement at 16 tokens (another process stole the cores at 8) does
+    not make 16 tokens look cheaper than 8: the two are pooled."""
+    curve = CostCurve(weight=0.5)
+    for count, seconds in [(4, 1.0), (8, 3.0), (16, 2.0), (32, 5.0)]:
+        curve.observe(count, seconds)
+    assert curve(8) == curve(16) == pytest.approx(2.5)
+    assert curve(12) == pytest.approx(2.5)
+    assert [curve(n) for n in range(1, 40)] == sorted(curve(n) for n in range(1, 40))
+
+
+def test_isotonic_pools_violators_by_weight():
+    assert isotonic([1.0, 3.0, 2.0, 4.0], [1, 1, 1, 1]) == pytest.approx([1.0, 2.5, 2.5, 4.0])
+    assert isotonic([1.0, 3.0, 2.0], [1, 3, 1]) == pytest.approx([1.0, 2.75, 2.75])
+    assert isotonic([3.0, 2.0, 1.0], [1, 1, 1]) == pytest.approx([2.0, 2.0, 2.0])
+
+
 def filled_policy(serial: bool, fixed=0.2, per_token=0.1, draft_pass=0.0) -> SpeculationPolicy:
     policy = SpeculationPolicy(serial_draft=serial, prior_acceptance=0.7)
     for n in range(1, 200):
@@ -162,8 +180,15 @@ def test_policy_uses_caps_until_costs_are_measured():
     assert policy.plan(rounds, 2) == {"a": 4, "b": 2}
     policy.observe_step(6, 1.0)
     assert policy.plan(rounds, 2) == {"a": 4, "b": 2}  # the serial draft's cost is not known yet
-    policy.observe_draft_wait([4, 2], 0.4)
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 0.4)
+    assert not policy.draft_cost  # their first rounds: the draft also prefilled their prompts
+    policy.observe_round("a", 4, 4)
+    policy.observe_round("b", 2, 1)
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 0.4)  # 4 passes: 2 of batch 2, 2 of batch 1
     assert policy.draft_cost(2) == pytest.approx(0.1) and policy.draft_cost(1) == pytest.approx(0.1)
+    policy.observe_round("b", 0, 0)
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 4.0)  # b resumes: the draft caught up on it too
+    assert policy.draft_cost(2) == pytest.approx(0.1)
 
 
 def test_policy_probes_a_request_held_at_zero():

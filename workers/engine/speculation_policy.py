@@ -16,9 +16,10 @@ torch, no clocks): the engine feeds it what it measures and asks it for a plan.
   A round that accepted n of k drafts saw n successes and, if n < k, one
   failure; n / k would underestimate a (k = 4, a = 0.5 gives 0.23).
 - `CostCurve`: a cost measured online as a function of a count (the target's
-  pass by its tokens; a draft pass by its batch), an EMA per count,
-  interpolated between counts seen, and pessimistic outside them (more tokens
-  cost proportionally more; fewer cost no less) so that it never invents a saving.
+  step by the tokens in its pass; a draft pass by its batch), an EMA per count,
+  made non-decreasing (noise must not make more work look cheaper), interpolated
+  between counts seen and pessimistic outside them (more tokens cost
+  proportionally more; fewer cost no less) so that it never invents a saving.
 - `SpeculationPolicy`: the state the engine keeps: estimates per request, a
   global one that new requests start from, the two cost curves, and probing:
   a request held at k = 0 for PROBE_ROUNDS rounds gets a draft again, so its
@@ -139,12 +140,17 @@ class AcceptanceEstimate:
 
 
 class CostCurve:
-    """Seconds as a function of a count, from measurements (an EMA per count)."""
+    """Seconds as a function of a count, from measurements: an EMA per count, made
+    non-decreasing in the count (more work never costs less: a noisy measurement
+    must not invent a saving) by pooling neighbours that disagree (isotonic regression,
+    each count weighted by its measurements, up to 1 / weight)."""
 
     def __init__(self, weight: float = EMA_WEIGHT):
         self.weight = weight
         self._counts: list[int] = []  # sorted
         self._values: dict[int, float] = {}
+        self._seen: dict[int, int] = {}
+        self._fitted: list[float] | None = None  # non-decreasing values at _counts
 
     def __bool__(self) -> bool:
         return bool(self._counts)
@@ -157,23 +163,48 @@ class CostCurve:
         else:
             bisect.insort(self._counts, count)
             self._values[count] = seconds
+        self._seen[count] = self._seen.get(count, 0) + 1
+        self._fitted = None
+
+    def _fit(self) -> list[float]:
+        if self._fitted is None:
+            cap = 1.0 / self.weight
+            self._fitted = isotonic(
+                [self._values[c] for c in self._counts], [min(self._seen[c], cap) for c in self._counts]
+            )
+        return self._fitted
 
     def __call__(self, count: int) -> float:
         """Interpolated between the counts seen; above them proportional to the
         largest, below them the smallest's value (never a saving not measured)."""
         if not self._counts:
             raise ValueError("no measurements")
-        if count in self._values:
-            return self._values[count]
+        fitted = self._fit()
         i = bisect.bisect_left(self._counts, count)
+        if i < len(self._counts) and self._counts[i] == count:
+            return fitted[i]
         if i == 0:
-            return self._values[self._counts[0]]
+            return fitted[0]
         low = self._counts[i - 1]
         if i == len(self._counts):
-            return self._values[low] * count / low
+            return fitted[-1] * count / low
         high = self._counts[i]
-        t = (count - low) / (high - low)
-        return self._values[low] + t * (self._values[high] - self._values[low])
+        return fitted[i - 1] + (count - low) / (high - low) * (fitted[i] - fitted[i - 1])
+
+
+def isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in weighted least squares (pool
+    adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, w, n = blocks.pop()
+            prev = blocks[-1]
+            total = prev[1] + w
+            prev[0] = (prev[0] * prev[1] + mean * w) / total
+            prev[1], prev[2] = total, prev[2] + n
+    return [mean for mean, _, n in blocks for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -220,10 +251,15 @@ class SpeculationPolicy:
         """A step whose target pass had `tokens` tokens took `seconds` (without waiting for drafts)."""
         self.target_cost.observe(tokens, seconds)
 
-    def observe_draft_wait(self, drafts: list[int], seconds: float) -> None:
-        """A step waited `seconds` for the drafts of its rounds (`drafts`: each round's k).
-        The wait is split over the draft passes behind it (one per depth j, batch: the
-        rounds with k >= j) in proportion to their estimated costs (equally at first)."""
+    def observe_draft_wait(self, rounds: list[tuple[str, int]], seconds: float) -> None:
+        """A step waited `seconds` for the drafts of its rounds ((request id, k) each), before
+        their outcomes are observed. The wait is split over the draft passes behind it (one
+        per depth j, batch: the rounds with k >= j) in proportion to their estimated costs
+        (equally at first). Not measured when a round's request did not draft in its
+        previous round: the draft then also prefilled (a prompt, tokens it missed)."""
+        if any(self._idle_rounds.get(request_id, 1) for request_id, k in rounds if k):
+            return
+        drafts = [k for _, k in rounds]
         batches = [sum(1 for k in drafts if k >= j) for j in range(1, max(drafts, default=0) + 1)]
         if not batches:
             return

@@ -124,9 +124,12 @@ class VerifyEngine:
         self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per target pass
         # adaptive speculation: each step's drafts per request from measured acceptance and costs
         self.policy = SpeculationPolicy(draft.wait_for_all) if adaptive and draft.num_draft_tokens else None
-        # with k varying, a sampled round whose drafts were all accepted emits no bonus token
-        # (see DraftSource.sampled_bonus): seeded text then does not depend on the plans
-        self.sampled_bonus = draft.sampled_bonus and self.policy is None
+
+    @property
+    def sampled_bonus(self) -> bool:
+        """With k varying by plan, a sampled round whose drafts were all accepted emits no
+        bonus token (see DraftSource.sampled_bonus): seeded text does not depend on the plans."""
+        return self.draft.sampled_bonus and self.policy is None
 
     # -- queue -------------------------------------------------------------
 
@@ -241,6 +244,9 @@ class VerifyEngine:
         self._admit()
         outputs = self._finish_scoring_only()
         scheduled = self._schedule()
+        if self.policy is not None and self.draft.wait_for_all:
+            self.policy.observe_draft_wait([(s.request.request_id, len(s.drafts)) for s in scheduled if s.drafts],
+                                           self.draft.wait_s - waited)
         if not scheduled:
             return outputs
         # prompt tokens each item feeds (a prefill chunk; a first round's pending token)
@@ -264,16 +270,10 @@ class VerifyEngine:
             outputs.append(output)
         self.iteration_tokens.observe(prompt_fed + sum(len(o.token_ids) for o in outputs))
         if self.policy is not None:
-            self._measure(scheduled, time.monotonic() - step_started, self.draft.wait_s - waited)
+            # the step's cost by the tokens in its pass: its own time, without waiting for drafts
+            seconds = time.monotonic() - step_started - (self.draft.wait_s - waited)
+            self.policy.observe_step(sum(len(s.tokens) for s in scheduled), seconds)
         return outputs
-
-    def _measure(self, scheduled: list[Scheduled], seconds: float, waited: float) -> None:
-        """Adaptive speculation: the step's cost by the tokens in its pass (its own time,
-        without waiting for drafts), and the wait by the drafts it waited for."""
-        self.policy.observe_step(sum(len(s.tokens) for s in scheduled), seconds - waited)
-        drafts = [len(s.drafts) for s in scheduled if s.drafts]
-        if drafts and self.draft.wait_for_all:
-            self.policy.observe_draft_wait(drafts, waited)
 
     def _finish_scoring_only(self) -> list[TokenOutput]:
         """Requests for prompt logprobs only (max_tokens 0) whose prompt is all in: their one output."""
@@ -316,7 +316,7 @@ class VerifyEngine:
         budget = self.max_tokens_per_step
         scheduled: list[Scheduled] = []
         caps = [self._num_drafts(request, self.draft.num_draft_tokens) for request in rounds]
-        drafts = caps if self.policy is None else self._plan(rounds, caps, prefills)
+        drafts = caps if self.policy is None or not rounds else self._plan(rounds, caps, prefills)
         for request, k in zip(rounds, drafts):
             if budget is not None and scheduled and 1 + k > budget:
                 break
