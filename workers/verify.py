@@ -145,15 +145,6 @@ class VerifyWorker:
             self._last_status = status
             self.to_server.send(EngineStatus(*status))
         now = time.monotonic()
-        import os
-        if os.environ.get("TANDEM_DEBUG_POLICY") and self.engine.policy is not None and now - getattr(self, "_dbg", 0) > 3:
-            self._dbg = now
-            p = self.engine.policy
-            t = {n: round(p.target_cost(n), 4) for n in (1, 2, 4, 5, 8, 16, 20, 32, 48, 64, 80)} if p.target_cost else None
-            d = {b: round(p.draft_cost(b), 4) for b in (1, 2, 4, 8, 16)} if p.draft_cost else None
-            from collections import Counter
-            log.warning("POLICY acc=%.3f plan=%s T=%s D=%s accs=%s", p.overall.value, sorted(Counter(p.last_plan.values()).items()), t, d,
-                        [round(p.acceptance(r), 2) for r in p.last_plan])
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
             self.to_server.send(
