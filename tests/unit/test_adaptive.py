@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from protocol.messages import GenerateRequest, SamplingParams
+from protocol.messages import BeginDrafting, GenerateRequest, SamplingParams, VerifiedPrefix
 from tests.unit.test_engine import PROMPTS, make_engine, models, request, run
-from workers.engine import VerifyEngine
+from workers.engine import DraftEngine, PlainDraft, VerifyEngine
 from workers.engine.speculation_policy import PROBE_ROUNDS, Round, SpeculationPolicy
 
 __all__ = ["models"]  # the module-scoped fixture, shared with test_engine
@@ -173,9 +173,6 @@ def test_the_draft_catches_up_on_a_request_without_drafts(models):
     to do, feeds its verified tokens (all but the newest) into the cache, so drafting
     again costs one token's pass; its drafts then equal a fresh draft's. Catches a
     draft that idles forever on has_work, or one that feeds the newest token twice."""
-    from protocol.messages import BeginDrafting, VerifiedPrefix
-    from workers.engine import DraftEngine, PlainDraft
-
     prompt, more = PROMPTS[1], [9, 8, 7, 6, 5]
     used = DraftEngine(PlainDraft(models["quantized"]), max_model_len=64, max_requests=1)
     used.begin(BeginDrafting("a", 0, prompt, 0, SamplingParams()))
