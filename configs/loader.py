@@ -159,6 +159,9 @@ class SpeculationConfig:
     # in its earlier tokens (vLLM's names); a match proposes what followed it
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    # each step chooses the drafts per request (0..num_draft_tokens) from measured acceptance
+    # and pass costs (workers/engine/speculation_policy.py); False: always num_draft_tokens
+    adaptive: bool = False
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ class VerifyWorker:
             max_tokens_per_step=config.scheduler.max_tokens_per_step,
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
             prefix_caching=config.scheduler.prefix_caching,
+            adaptive=config.speculation.adaptive,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)

@@ -50,6 +50,9 @@ class DraftSource(Protocol):
     sampled_bonus: bool
     num_stale: int  # draft tokens dropped for an old epoch
     wait_s: float  # time rounds spent blocked for drafts
+    # a round waits for all its drafts (a synchronous mode): the draft's passes add to
+    # the step's time; False: the draft runs beside the target
+    wait_for_all: bool
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
@@ -68,6 +71,7 @@ class NoDraft:
     sampled_bonus = True
     num_stale = 0
     wait_s = 0.0
+    wait_for_all = True
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass

@@ -95,6 +95,7 @@ class PromptLookup:
     sampled_bonus = True  # proposals depend on the tokens only: seeded runs reproduce anyway
     num_stale = 0
     wait_s = 0.0
+    wait_for_all = False  # a proposal costs no pass (adaptive speculation counts only its rows)
 
     def __init__(self, *, num_draft_tokens: int, min_n: int, max_n: int):
         self.num_draft_tokens = num_draft_tokens
