@@ -8,7 +8,9 @@ a pass of T new tokens over a `context`-token KV cache (T=1 a decode step, T=k+1
 verification of k drafts), cropped back after each pass. Rows:
 - single process, 1 thread on core 0, and R threads on cores 0..R-1 (the same cores TP uses);
 - TP-R over each channel: rank r in its own process on core r, 1 thread each (rank 0 is
-  this process).
+  this process). Channel `gloo-veth`: gloo with ranks 1..R-1 started alone (`tandem worker
+  --role verify-rank`) in a network namespace, across a veth pair from rank 0 (a tcp://
+  rendezvous; needs root: bench/netns.py), i.e. the TCP path of ranks on other hosts.
 For TP rows also the all-reduces per pass (2 per layer, more when the shared-memory
 channel cuts a long pass in chunks), their bytes per token (2 x layers x hidden x dtype
 bytes: the wire cost per token of any TP-R ring, whatever R), and the share of rank 0's
@@ -22,7 +24,11 @@ single process's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
+import subprocess
+import sys
 import os
 import statistics
 import time
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.runtime_cost import OurRunner
-from configs.loader import load_config
+from configs.loader import RendezvousConfig, load_config
 from workers.model import load_model, resolve_checkpoint
 from workers.ranks import RankPlacement
 from workers.shell import apply_placement
@@ -57,6 +63,38 @@ def time_passes(runner: OurRunner, T: int, vocab: int, rounds: int, reps: int, g
 def allreduce_bytes_per_token(args, dtype: torch.dtype) -> int:
     """2 all-reduces per layer of a [1, hidden] row in the model dtype."""
     return 2 * args.n_layers * args.dim * (torch.finfo(dtype).bits // 8)
+
+
+@contextlib.contextmanager
+def tensor_parallel(channel: str, checkpoint: TargetCheckpoint, placements, capacity: int, config: str):
+    """TP over `channel`; `gloo-veth`: ranks 1.. alone in a network namespace (see the docstring)."""
+    if channel != "gloo-veth":
+        with TensorParallelModel(checkpoint, placements, torch.device("cpu"), channel=channel, max_pass_tokens=capacity) as tp:
+            yield tp
+        return
+    from bench.netns import network_namespace
+
+    with network_namespace() as ns:
+        with socket.socket() as probe:
+            probe.bind((ns.host_ip, 0))
+            port = probe.getsockname()[1]
+        ranks = tuple(range(1, len(placements)))
+        rendezvous = RendezvousConfig(address=f"tcp://{ns.host_ip}:{port}", external_ranks=ranks)
+        devices = ", ".join(f"{{device: cpu, cores: [{r}], threads: 1}}" for r in range(len(placements)))
+        settings = [f"placement.ar.target=[{devices}]", "tensor_parallel.channel=gloo",
+                    f"tensor_parallel.rendezvous={{address: '{rendezvous.address}', external_ranks: {list(ranks)}}}"]
+        procs = [subprocess.Popen(ns.command(sys.executable, "-m", "server.cli", "worker", "--role", "verify-rank",
+                                             "--rank", str(r), "--config", config, "--mode", "ar",
+                                             *[x for setting in settings for x in ("--set", setting)]))
+                 for r in ranks]  # fmt: skip
+        try:
+            with TensorParallelModel(checkpoint, placements, torch.device("cpu"), channel="gloo",
+                                     max_pass_tokens=capacity, rendezvous=rendezvous) as tp:  # fmt: skip
+                yield tp
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(10)
 
 
 def main() -> None:
@@ -117,8 +155,7 @@ def main() -> None:
         apply_placement(placements[0])
         checkpoint = TargetCheckpoint(str(path), section.dtype, section.quantization)
         for channel in a.channels.split(","):
-            with TensorParallelModel(checkpoint, placements, torch.device("cpu"), channel=channel,
-                                     max_pass_tokens=capacity) as tp:
+            with tensor_parallel(channel, checkpoint, placements, capacity, a.config) as tp:
                 logits = tp.forward(probe, tp.new_cache(16), num_logits=8)
                 checks[channel] = dict(
                     max_diff_over_range=round(((logits - reference).abs().max() / reference.abs().max()).item(), 5),

@@ -10,7 +10,7 @@ QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # weight-only quantization of 
 # EasySpec (workers/easyspec)
 VARIANTS = ("full", "attention")  # what a parallel group runs side by side: whole layers, or attentions only
 CALIBRATION_POLICIES = ("every_round", "on_mismatch", "never")  # when fuzzy KV is recomputed exactly
-CHANNELS = ("auto", "shm", "gloo", "nccl")  # how ranks exchange hidden states ("auto": shm on CPU, nccl on CUDA)
+CHANNELS = ("auto", "shm", "gloo", "nccl")  # how ranks exchange hidden states ("auto": shm on CPU, gloo when ranks span hosts, nccl on CUDA)
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

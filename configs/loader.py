@@ -10,6 +10,7 @@ import collections.abc
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,37 @@ class RolePlacement:
 
 
 @dataclass(frozen=True)
+class RendezvousConfig:
+    """Where a rank group's ranks meet when some run elsewhere, e.g. on another host
+    (torch.distributed's TCPStore, served by rank 0; workers/ranks/rendezvous.py).
+    Empty: every rank is spawned by rank 0 on its host."""
+
+    address: str = ""  # tcp://HOST:PORT: where every rank reaches rank 0's store
+    bind: str = ""  # tcp://IP:PORT: where rank 0 listens (0.0.0.0: every interface); "" = address
+    # ranks rank 0 does not spawn: each started on its host with
+    # `tandem worker --role verify-rank|draft-rank --rank N --config FILE`
+    external_ranks: tuple[int, ...] = ()
+
+    @property
+    def bind_address(self) -> str:
+        return self.bind or self.address
+
+    def check(self, section: str, channel: str) -> None:
+        where = f"{section}.rendezvous"
+        for key, value in (("address", self.address), ("bind", self.bind)):
+            if value and not re.fullmatch(r"tcp://[^/\s]+:\d{1,5}", value):
+                raise ConfigError(f"{where}.{key}: expected tcp://HOST:PORT, got {value!r}")
+        if self.bind and not self.address:
+            raise ConfigError(f"{where}.bind: needs {where}.address (where the other ranks reach it)")
+        if self.external_ranks and not self.address:
+            raise ConfigError(f"{where}.external_ranks: needs {where}.address (tcp://HOST:PORT of rank 0)")
+        if any(r < 1 for r in self.external_ranks) or len(set(self.external_ranks)) < len(self.external_ranks):
+            raise ConfigError(f"{where}.external_ranks: distinct ranks >= 1 (rank 0 is the worker), got {list(self.external_ranks)}")
+        if self.address and channel == "shm":
+            raise ConfigError(f"{section}.channel: shm cannot reach ranks on other hosts; use gloo, nccl or auto")
+
+
+@dataclass(frozen=True)
 class EasySpecConfig:
     """Layer-parallel drafting (modes with a layer-parallel draft); see workers/easyspec.
 
@@ -85,8 +117,10 @@ class EasySpecConfig:
     channel: str = "auto"  # one of CHANNELS: the hidden-state exchange
     split_head: bool = True  # each rank computes a vocabulary slice of the logits
     timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
+    rendezvous: RendezvousConfig = RendezvousConfig()  # draft ranks on other hosts
 
     def __post_init__(self):
+        self.rendezvous.check("easyspec", self.channel)
         for key, value, valid in (
             ("variant", self.variant, VARIANTS),
             ("calibration", self.calibration, CALIBRATION_POLICIES),
@@ -102,10 +136,12 @@ class EasySpecConfig:
 class TensorParallelConfig:
     """A target over several devices (`placement.<mode>.target` a list); see workers/tensor_parallel.py."""
 
-    channel: str = "auto"  # one of CHANNELS: the all-reduces ("auto": shared memory on CPU, NCCL on CUDA)
+    channel: str = "auto"  # one of CHANNELS: the all-reduces ("auto": shared memory on CPU, gloo across hosts, NCCL on CUDA)
     timeout_s: float = 60.0  # a rank silent this long during a pass is declared dead
+    rendezvous: RendezvousConfig = RendezvousConfig()  # target ranks on other hosts
 
     def __post_init__(self):
+        self.rendezvous.check("tensor_parallel", self.channel)
         if self.channel not in CHANNELS:
             raise ConfigError(f"tensor_parallel.channel: {self.channel!r} is not one of {', '.join(CHANNELS)}")
         if self.timeout_s <= 0:
@@ -119,6 +155,13 @@ class SpeculationConfig:
     max_run_ahead: int = 8  # amusd: the most drafts the draft holds past the verified prefix
     # a draft that does not answer in time is skipped: the round runs target-only
     draft_timeout_s: float = 30.0
+    # mode lookup: the longest and shortest n-gram of the request's last tokens looked up
+    # in its earlier tokens (vLLM's names); a match proposes what followed it
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # each step chooses the drafts per request (0..num_draft_tokens) from measured acceptance
+    # and pass costs (workers/engine/speculation_policy.py); False: always num_draft_tokens
+    adaptive: bool = False
 
 
 @dataclass(frozen=True)
@@ -398,6 +441,20 @@ def _validate_target_devices(config: Config, mode: str, roles: RolePlacement) ->
         )
 
 
+def _validate_external_ranks(config: Config, mode: str, roles: RolePlacement) -> None:
+    """External ranks must be ranks of the groups this mode's placement makes."""
+    for section, world, devices in (
+        ("tensor_parallel", len(roles.targets), "target"),
+        ("easyspec", 1 + len(roles.draft_ranks), "draft + draft_ranks"),
+    ):
+        external = getattr(config, section).rendezvous.external_ranks
+        if world > 1 and external and max(external) >= world:
+            raise ConfigError(
+                f"{section}.rendezvous.external_ranks: {list(external)}, but placement.{mode}.{devices} "
+                f"makes a group of {world} ranks (0..{world - 1})"
+            )
+
+
 def _validate(config: Config) -> None:
     speculation = config.speculation
     if speculation.mode not in MODE_NAMES:
@@ -408,6 +465,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"speculation.max_run_ahead: must be in 1..256, got {speculation.max_run_ahead}")
     if speculation.draft_timeout_s <= 0:
         raise ConfigError("speculation.draft_timeout_s: must be positive")
+    if not 1 <= speculation.prompt_lookup_min <= speculation.prompt_lookup_max:
+        raise ConfigError(
+            "speculation.prompt_lookup_min/max: need 1 <= min <= max, got "
+            f"{speculation.prompt_lookup_min}, {speculation.prompt_lookup_max}"
+        )
     for role in ("target", "draft"):
         model: ModelConfig = getattr(config, role)
         if model.dtype not in DTYPES:
@@ -420,6 +482,7 @@ def _validate(config: Config) -> None:
         if mode != "default" and mode not in MODE_NAMES:
             raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODE_NAMES)})")
         _validate_target_devices(config, mode, roles)
+        _validate_external_ranks(config, mode, roles)
         for role, placement in [("target", roles.target), ("draft", roles.draft)] + [
             (f"draft_ranks[{i}]", p) for i, p in enumerate(roles.draft_ranks)
         ] + [(f"target[{i}]", p) for i, p in enumerate(roles.target_ranks, start=1)]:

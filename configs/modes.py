@@ -21,6 +21,10 @@ class Mode:
     # False keeps each position's token a function of that position's draw alone,
     # reproducible when the number of drafts per round depends on timing
     sampled_bonus: bool
+    # drafts from prompt lookup: n-gram matches in the request's own tokens, no model
+    # (workers/engine/prompt_lookup.py); with `drafts` too, the draft model fills in
+    # where no n-gram matches
+    lookup: bool = False
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -34,6 +38,8 @@ _TABLE = (
     Mode("amusd", drafts=True, synchronous=False, layer_parallel_draft=False, sampled_bonus=False),
     Mode("easyspec", drafts=True, synchronous=True, layer_parallel_draft=True, sampled_bonus=True),
     Mode("amusd+easyspec", drafts=True, synchronous=False, layer_parallel_draft=True, sampled_bonus=False),
+    Mode("lookup", drafts=False, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
+    Mode("sd+lookup", drafts=True, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
 )
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in _TABLE}

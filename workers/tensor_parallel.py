@@ -140,6 +140,7 @@ class TensorParallelModel(RankGroup):
         startup_timeout_s: float = 600.0,
         max_pass_tokens: int = 8192,
         fatal: bool = False,
+        **group_options,  # RankGroup's: rendezvous (ranks on other hosts), secret, heartbeat_timeout_s
     ):
         from workers.model.loader import read_args
 
@@ -151,7 +152,8 @@ class TensorParallelModel(RankGroup):
         element = torch.finfo(getattr(torch, checkpoint.dtype)).bits // 8
         slot_bytes = SHM_CHUNK_TOKENS * read_args(Path(checkpoint.path)).dim * element
         # shared memory moves at most a slot at a time; gloo and NCCL take any size
-        self._chunk = slot_bytes // element if pick_channel(channel, self.device) == "shm" else None
+        across_hosts = bool(group_options.get("rendezvous") and group_options["rendezvous"].address)
+        self._chunk = slot_bytes // element if pick_channel(channel, self.device, across_hosts) == "shm" else None
         self.model: LlamaModel | None = None
         super().__init__(
             ShardFollower(checkpoint, self.splits, self._chunk),
@@ -163,6 +165,7 @@ class TensorParallelModel(RankGroup):
             max_command_tokens=max_pass_tokens,
             timeout_s=timeout_s,
             startup_timeout_s=startup_timeout_s,
+            **group_options,
         )
         if fatal:
             threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
@@ -170,7 +173,7 @@ class TensorParallelModel(RankGroup):
     def _watch(self) -> None:
         """A follower that dies while rank 0 is idle ends this process too (fatal)."""
         while not self._closed:
-            dead = [p.pid for p in self._procs if not p.is_alive()]
+            dead = self.lost_ranks()
             if dead and not self._closed:
                 log.critical("tensor-parallel rank(s) %s died; the worker exits", dead)
                 logging.shutdown()
@@ -231,18 +234,36 @@ class TensorParallelModel(RankGroup):
             raise
 
 
+def _checkpoint(config) -> TargetCheckpoint:
+    from workers.model import resolve_checkpoint
+
+    path = resolve_checkpoint(config.target.path, progress=log.info)
+    return TargetCheckpoint(str(path), config.target.dtype, config.target.quantization)
+
+
+def external_rank(config, rank: int):
+    """What `tandem worker --role verify-rank --rank N` runs: (program, placement,
+    rendezvous), built from the config as rank 0 builds them (workers.ranks.run_external_rank)."""
+    from workers.ranks.group import external_rank_setup
+
+    placements = config.placement_of_mode.targets
+    checkpoint = _checkpoint(config)
+    program = ShardFollower(checkpoint, tuple(checkpoint.splits(len(placements))), None)
+    return external_rank_setup(program, placements, rank, config.tensor_parallel, config)
+
+
 def target_model(config, device: torch.device):
     """The verify worker's target (config: a configs.loader.Config) and its resolved
     checkpoint directory: a LlamaModel on one device; on several (`placement.<mode>.target`
     a list) a TensorParallelModel whose failure ends the worker."""
-    from workers.model import resolve_checkpoint
     from workers.shell import load_worker_model
 
     placements = config.placement_of_mode.targets
     if len(placements) == 1:
         return load_worker_model(config.target, device)
-    path = resolve_checkpoint(config.target.path, progress=log.info)
-    checkpoint = TargetCheckpoint(str(path), config.target.dtype, config.target.quantization)
+    from workers.ranks.rendezvous import deployment_secret
+
+    checkpoint = _checkpoint(config)
     model = TensorParallelModel(
         checkpoint,
         placements,
@@ -252,5 +273,8 @@ def target_model(config, device: torch.device):
         startup_timeout_s=config.server.startup_timeout_s,
         max_pass_tokens=config.scheduler.max_model_len,
         fatal=True,
+        rendezvous=config.tensor_parallel.rendezvous,
+        secret=deployment_secret(config.curve),
+        heartbeat_timeout_s=config.server.heartbeat_timeout_s,
     )
-    return model, path
+    return model, Path(checkpoint.path)

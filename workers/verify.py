@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 
 import torch
 import zmq
@@ -28,6 +29,7 @@ from protocol.messages import (
 )
 from protocol.sockets import Outbox
 from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
+from workers.engine.prompt_lookup import LookupFirst, PromptLookup
 from workers.sampling.grammar import Grammars
 from workers.shell import (
     apply_placement,
@@ -76,10 +78,15 @@ class SocketTransport:
 def make_draft_source(config: Config, draft_outbox):
     """The draft source of config's mode; `draft_outbox()` opens the socket to the draft worker."""
     mode, speculation = config.mode, config.speculation
+    lookup = PromptLookup(
+        num_draft_tokens=speculation.num_draft_tokens,
+        min_n=speculation.prompt_lookup_min,
+        max_n=speculation.prompt_lookup_max,
+    )
     if not mode.drafts:
-        return NoDraft(), None
+        return (lookup if mode.lookup else NoDraft()), None
     transport = SocketTransport(draft_outbox())
-    stream = DraftStream(
+    stream = (partial(LookupFirst, lookup=lookup) if mode.lookup else DraftStream)(
         transport,
         num_draft_tokens=speculation.num_draft_tokens,
         # synchronous: the draft drafts exactly the next round's k; else it runs ahead
@@ -109,6 +116,7 @@ class VerifyWorker:
             max_tokens_per_step=config.scheduler.max_tokens_per_step,
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
             prefix_caching=config.scheduler.prefix_caching,
+            adaptive=config.speculation.adaptive,
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)

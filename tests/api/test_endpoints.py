@@ -19,6 +19,7 @@ HISTOGRAMS = [
     "tandem:request_inference_time_seconds", "tandem:request_prompt_tokens", "tandem:request_generation_tokens",
     "tandem:request_params_n", "tandem:request_params_max_tokens", "tandem:iteration_tokens_total",
     "tandem:time_per_output_token_seconds", "tandem:request_max_num_generation_tokens",
+    "tandem:spec_decode_round_draft_tokens",
 ]
 
 
@@ -66,6 +67,8 @@ def test_counters_move_after_requests(http, client, model_name):
     assert delta("tandem:spec_decode_num_accepted_tokens_total") == spec["num_accepted_tokens"]
     assert delta("tandem:spec_decode_num_accepted_tokens_per_pos_total") == spec["num_accepted_tokens"]
     assert delta("tandem:spec_decode_num_drafts_total") <= spec["num_target_passes"]
+    assert delta("tandem:spec_decode_round_draft_tokens_count") == spec["num_target_passes"]
+    assert delta("tandem:spec_decode_round_draft_tokens_sum") == spec["num_draft_tokens"]
     # Every token after the first pass observes one inter-token latency.
     assert 0 <= delta("tandem:inter_token_latency_seconds_count") < r.usage.completion_tokens
 

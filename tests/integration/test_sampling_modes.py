@@ -77,7 +77,7 @@ def test_every_control_changes_ar_output(ar):
     assert got["ignore_eos"][1:] == (MAX_TOKENS, "length")  # the same EOS, emitted every time, ends nothing
 
 
-@pytest.fixture(scope="module", params=["sd", "amusd", "easyspec", "amusd+easyspec"])
+@pytest.fixture(scope="module", params=["sd", "amusd", "easyspec", "amusd+easyspec", "lookup"])
 def spec_server(request, tiny_config, tiny_target_dir, tmp_path_factory):
     config = tiny_config
     if "easyspec" in request.param:

@@ -73,6 +73,34 @@ def complete(server, prompt, max_tokens=32, **kwargs):
     return client(server).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_adaptive_speculation_through_the_server(tiny_config, ar_server, mode):
+    """speculation.adaptive reaches the verify worker through the config: six concurrent
+    greedy requests give ar's text, each response's drafts are what its rounds used
+    (the round histogram's sum and count move by the responses' drafts and passes),
+    and a seeded sampled request gives the same text twice."""
+    with launch_server(tiny_config, "--set", "speculation.adaptive=true", mode=mode) as server:
+        before = server.metrics()
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda p: complete(server, p, max_tokens=24), PROMPTS))
+        after = server.metrics()
+        for prompt, reply in zip(PROMPTS, got):
+            assert reply.choices[0].text == complete(ar_server, prompt, max_tokens=24).choices[0].text, prompt
+        spec = [reply.model_extra["speculation"] for reply in got]
+
+        def delta(name):
+            return after[(name, ())] - before.get((name, ()), 0.0)
+
+        assert delta("tandem:spec_decode_round_draft_tokens_sum") == sum(s["num_draft_tokens"] for s in spec) > 0
+        assert delta("tandem:spec_decode_round_draft_tokens_count") == sum(s["num_target_passes"] for s in spec)
+        sampled = [
+            client(server).completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=1.0, seed=11)
+            .choices[0].text
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]
+
+
 def test_speculative_output_equals_ar_output(ar_server, spec_server):
     for prompt in PROMPTS:
         ar, sd = complete(ar_server, prompt), complete(spec_server, prompt)

@@ -137,7 +137,7 @@ def test_32_clients_lose_nothing_and_memory_stays_flat(robust_server):
     assert wait_until(lambda: idle(robust_server), timeout_s=10, interval_s=0.05)  # the gauge follows the last output
 
 
-@pytest.mark.parametrize("mode", ["ar", "amusd", "easyspec"])
+@pytest.mark.parametrize("mode", ["ar", "amusd", "easyspec", "lookup"])
 def test_32_clients_lose_nothing_in_every_mode(tmp_path, tiny_target_dir, mode):
     sections = TINY_EASYSPEC_SECTIONS if mode == "easyspec" else {}
     config = tiny_server_config(tmp_path / "tiny.yaml", tiny_target_dir, **sections)

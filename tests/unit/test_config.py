@@ -48,6 +48,7 @@ def test_addresses_are_filled_with_private_ipc_sockets():
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nspeculation: {mode: turbo}\n", "speculation.mode"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nspeculation: {num_draft_tokens: many}\n", "expected an integer"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nspeculation: {num_draft_tokens: 0}\n", "num_draft_tokens"),
+        ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nspeculation: {adaptive: sometimes}\n", "speculation.adaptive"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nplacement: {sd: {target: {device: tpu}}}\n", "placement.sd.target.device"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nplacement: {default: {draft: {cores: [999]}}}\n", "placement.default.draft.cores"),
         ("model_name: x\ntarget: {path: a}\ndraft: {path: a}\nscheduler: {max_running_requests: 0}\n", "max_running_requests"),
@@ -70,10 +71,12 @@ def test_command_line_settings_are_dotted_yaml():
             "speculation.max_run_ahead=16",
             "placement.amusd.draft={device: cpu, cores: [1], threads: 1}",
             "easyspec.calibration=never",
+            "speculation.adaptive=true",
         )
     )
     config = load_config(**settings)
     assert config.speculation.max_run_ahead == 16
+    assert config.speculation.adaptive is True and load_config().speculation.adaptive is False
     assert config.placement_for("amusd").draft.cores == (1,)
     assert config.easyspec.calibration == "never"
 

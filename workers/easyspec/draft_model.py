@@ -159,8 +159,9 @@ class LayerParallelDraftModel:
         return cls(model, group, calibration=calibration, max_fuzzy_tokens=group.max_fuzzy_tokens)
 
     @classmethod
-    def from_config(cls, model: LlamaModel, checkpoint, config: EasySpecConfig, placements: Sequence):
-        """The draft a worker builds from its `easyspec` config and its D placements."""
+    def from_config(cls, model: LlamaModel, checkpoint, config: EasySpecConfig, placements: Sequence, secret=None, **group_options):
+        """The draft a worker builds from its `easyspec` config and its D placements
+        (`secret`, group_options: workers.ranks.RankGroup's, for ranks on other hosts)."""
         plan = plan_of(config, model.args.n_layers, len(placements))
         if len(placements) < 2:
             return cls.local(model, plan, variant=config.variant, calibration=config.calibration)
@@ -174,6 +175,9 @@ class LayerParallelDraftModel:
             channel=config.channel,
             split_head=config.split_head,
             timeout_s=config.timeout_s,
+            rendezvous=config.rendezvous,
+            secret=secret,
+            **group_options,
         )
 
     def configure(self, plan: LayerPlan | None = None, variant: str | None = None, *, calibration=None, split_head=None):

@@ -182,6 +182,7 @@ class DraftRankGroup(RankGroup):
         max_fuzzy_tokens: int = 64,
         max_head_rows: int = 4,
         max_command_tokens: int = 8192,
+        **group_options,  # RankGroup's: rendezvous (ranks on other hosts), secret, heartbeat_timeout_s
     ):
         world = plan.num_devices
         self.model = model
@@ -201,6 +202,7 @@ class DraftRankGroup(RankGroup):
             max_command_tokens=max_command_tokens,
             timeout_s=timeout_s,
             startup_timeout_s=startup_timeout_s,
+            **group_options,
         )
         try:
             self.state = RankState(model, checkpoint, 0, self.channel)

@@ -209,9 +209,14 @@ class DraftEngine:
                 return request_id, state
         return None
 
+    def _lags(self, state: DraftState) -> bool:
+        """Verified tokens not in the cache besides the newest (which a draft pass feeds), for a
+        request with no room to draft: one the verifier runs without drafts (adaptive speculation)."""
+        return state.cache.length < state.verified_len - 1 and not self._has_room(state)
+
     @property
     def has_work(self) -> bool:
-        return any(self._has_room(s) for s in self._states.values())
+        return any(self._has_room(s) or self._lags(s) for s in self._states.values())
 
     def step(self) -> Drafted | None:
         """Draft one token for the next request with room to run ahead (its prompt fed whole)."""
@@ -223,10 +228,13 @@ class DraftEngine:
         """Draft one token for every request with room to run ahead (up to max_batch_size,
         round robin), in one draft pass. A request with more than prefill_chunk tokens
         to feed (a new prompt) feeds the next chunk of them instead and drafts nothing
-        this step, so a long prompt does not hold up the others' drafts."""
+        this step, so a long prompt does not hold up the others' drafts. With none to
+        draft for, catch up instead."""
         picked = [(rid, state) for rid, state in self._states.items() if self._has_room(state)][: self.max_batch_size]
         for request_id, _ in picked:
             self._states.move_to_end(request_id)
+        if not picked:
+            self._catch_up()
         return self._draft(picked, self.prefill_chunk) if picked else []
 
     def _share_prefixes(self, picked: list[tuple[str, DraftState]]) -> None:
@@ -248,6 +256,24 @@ class DraftEngine:
                             state.sequence, state.prefill_end, self.prefill_chunk, whole=False) >= end
             for other, chunk in fed
         )
+
+    @torch.inference_mode()
+    def _catch_up(self) -> None:
+        """Feed the verified tokens of lagging requests into their caches (one batched pass of
+        at most prefill_chunk tokens each, its logits unused) while there is nothing to draft:
+        drafting for one again then costs one token's pass, not a prefill of all it missed."""
+        lagging = [s for s in self._states.values() if self._lags(s)][: self.max_batch_size]
+        if not lagging:
+            return
+        self.model.forward_batch(
+            [
+                Segment(torch.tensor(s.sequence[s.cache.length : s.verified_len - 1][: self.prefill_chunk],
+                                     dtype=torch.long, device=self.device), s.cache)
+                for s in lagging
+            ]
+        )
+        for state in lagging:  # verified tokens: the next pass opens a round (as after a prompt chunk)
+            self.model.after_rollback(state.cache, state.cache.length)
 
     @torch.inference_mode()
     def _draft(self, picked: list[tuple[str, DraftState]], chunk: int | None) -> list[Drafted]:

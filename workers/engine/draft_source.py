@@ -7,6 +7,8 @@ A mode (a row of configs/modes.py) is a choice of DraftSource:
 - `DraftStream` for an asynchronous mode (`amusd`, `amusd+easyspec`): the draft
   runs ahead up to its limit while the target verifies; a round takes whatever
   has arrived (at least one token, unless the draft is silent past the timeout).
+- `PromptLookup` (`lookup`) and `LookupFirst` (`sd+lookup`, a DraftStream that
+  prefers it): drafts copied from the request's own tokens (workers/engine/prompt_lookup.py).
 
 The stream keeps, per request, the epoch (version) of the verified prefix and
 a buffer of draft tokens for the positions right after it. Draft messages of
@@ -48,6 +50,9 @@ class DraftSource(Protocol):
     sampled_bonus: bool
     num_stale: int  # draft tokens dropped for an old epoch
     wait_s: float  # time rounds spent blocked for drafts
+    # a round waits for all its drafts (a synchronous mode): the draft's passes add to
+    # the step's time; False: the draft runs beside the target
+    wait_for_all: bool
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
@@ -66,6 +71,7 @@ class NoDraft:
     sampled_bonus = True
     num_stale = 0
     wait_s = 0.0
+    wait_for_all = True
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass

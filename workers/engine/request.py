@@ -19,6 +19,8 @@ class Request:
     num_logprobs: int | None
     prompt_logprobs: int | None = None  # top N for the prompt's logprobs (None: not asked)
     num_draft_tokens: int | None = None  # the request's own cap on drafts per round (None: none)
+    planned_drafts: int | None = None  # adaptive speculation: drafts the latest plan gave its round
+    draft_run_ahead: int = 0  # the run-ahead the draft was last told: a round takes no more drafts
     output_ids: list[int] = field(default_factory=list)
     cache: object = None  # the target's KVCache while running
     arrival_time: float = field(default_factory=time.monotonic)

@@ -32,6 +32,7 @@ from protocol.messages import BATCH_SIZE_BOUNDS, GenerateRequest, HistogramCount
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.prefix_cache import KVPool, best_source, reusable_prefix
 from workers.engine.request import Request
+from workers.engine.speculation_policy import Round, SpeculationPolicy
 from workers.model.model import LlamaModel, Segment
 from workers.sampling import (
     COIN,
@@ -79,6 +80,7 @@ class VerifyEngine:
         max_tokens_per_step: int | None = None,
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
+        adaptive: bool = False,
     ):
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
@@ -99,6 +101,14 @@ class VerifyEngine:
         self.busy_s = 0.0  # time inside target passes
         self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)  # per step: prompt tokens fed + emitted
         self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per target pass
+        # adaptive speculation: each step's drafts per request from measured acceptance and costs
+        self.policy = SpeculationPolicy(draft.wait_for_all) if adaptive and draft.num_draft_tokens else None
+
+    @property
+    def sampled_bonus(self) -> bool:
+        """With k varying by plan, a sampled round whose drafts were all accepted emits no
+        bonus token (see DraftSource.sampled_bonus): seeded text does not depend on the plans."""
+        return self.draft.sampled_bonus and self.policy is None
 
     # -- queue -------------------------------------------------------------
 
@@ -175,6 +185,8 @@ class VerifyEngine:
             self._caches.release(request.cache, request.tokens, request.prefill_end)
             request.cache = None
             self.draft.release(request.request_id)
+            if self.policy is not None:
+                self.policy.forget(request.request_id)
 
     def _num_drafts(self, request: Request, limit: int) -> int:
         """Drafts the next round can verify: they and the correction/bonus token
@@ -184,20 +196,42 @@ class VerifyEngine:
             limit = min(limit, request.num_draft_tokens)
         return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
 
+    @staticmethod
+    def _min_drafts(request: Request) -> int:
+        """Adaptive speculation: the fewest drafts a round verifies. A sampled round always
+        verifies one, so that every position's token is decided by the same draws (the
+        draft's, then the verifier's coin and pick) whatever the plans were: reproducible."""
+        return 0 if request.sampling.greedy else 1
+
     def run_ahead(self, request: Request) -> int:
-        """How far the draft may run past this request's verified prefix now."""
-        return self._num_drafts(request, self.draft.max_run_ahead)
+        """How far the draft may run past this request's verified prefix now (kept on the
+        request: its next round takes no more drafts than the draft was told to make).
+        Adaptive: the planned drafts, plus the slack the mode runs ahead beyond a round's
+        drafts (amusd); none for a request whose round is planned without drafts."""
+        limit = self.draft.max_run_ahead
+        if self.policy is not None:
+            planned = request.planned_drafts
+            if planned is None:  # not planned yet: its first round
+                planned = self.policy.new_request_drafts(self.draft.num_draft_tokens)
+            planned = max(planned, self._min_drafts(request))
+            limit = planned + self.draft.max_run_ahead - self.draft.num_draft_tokens if planned else 0
+        request.draft_run_ahead = self._num_drafts(request, limit)
+        return request.draft_run_ahead
 
     # -- rounds ------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
         """Run one target pass over the rounds and prefill chunks scheduled now."""
+        step_started, waited = time.monotonic(), self.draft.wait_s
         self._admit()
         outputs = self._finish_scoring_only()
         if self._copies_prefixes:
             self._share_prefixes()
         scheduled = self._schedule()
+        if self.policy is not None and self.draft.wait_for_all:
+            self.policy.observe_draft_wait([(s.request.request_id, len(s.drafts)) for s in scheduled if s.drafts],
+                                           self.draft.wait_s - waited)
         if not scheduled:
             return outputs
         # prompt tokens each item feeds (a prefill chunk; a first round's pending token)
@@ -220,6 +254,10 @@ class VerifyEngine:
                 self._free(item.request)
             outputs.append(output)
         self.iteration_tokens.observe(prompt_fed + sum(len(o.token_ids) for o in outputs))
+        if self.policy is not None:
+            # the step's cost by the tokens in its pass: its own time, without waiting for drafts
+            seconds = time.monotonic() - step_started - (self.draft.wait_s - waited)
+            self.policy.observe_step(sum(len(s.tokens) for s in scheduled), seconds)
         return outputs
 
     def _share_prefixes(self) -> None:
@@ -287,8 +325,9 @@ class VerifyEngine:
         prefills = [r for r in picked if r.cache.length < r.num_tokens - 1]
         budget = self.max_tokens_per_step
         scheduled: list[Scheduled] = []
-        for request in rounds:
-            k = self._num_drafts(request, self.draft.num_draft_tokens)
+        caps = [self._num_drafts(request, self.draft.num_draft_tokens) for request in rounds]
+        drafts = caps if self.policy is None or not rounds else self._plan(rounds, caps, prefills)
+        for request, k in zip(rounds, drafts):
             if budget is not None and scheduled and 1 + k > budget:
                 break
             proposal = self.draft.propose(request, k) if k else Proposal.empty()
@@ -306,6 +345,21 @@ class VerifyEngine:
             scheduled.append(Scheduled(request, chunk, len(chunk) if request.prompt_logprobs is not None else 0))
             budget = None if budget is None else budget - len(chunk)
         return scheduled
+
+    def _plan(self, rounds: list[Request], caps: list[int], prefills: list[Request]) -> list[int]:
+        """Adaptive speculation: the policy's drafts for each round (also what the draft is
+        told to make for its next round), within what the draft was told for this one."""
+        base = len(rounds) + sum(len(self._prefill_chunk(r)) for r in prefills)
+        plan = self.policy.plan(
+            [
+                Round(r.request_id, cap, min(cap, self._min_drafts(r)), bonus=r.sampling.greedy)
+                for r, cap in zip(rounds, caps)
+            ],
+            base,
+        )
+        for request in rounds:
+            request.planned_drafts = plan[request.request_id]
+        return [min(plan[r.request_id], r.draft_run_ahead) for r in rounds]
 
     def _prefill_chunk(self, request: Request) -> list[int]:
         """The prompt's next chunk: up to the next multiple of prefill_chunk (all but the last token)."""
@@ -334,12 +388,14 @@ class VerifyEngine:
                 keyed_uniforms(sampling.seed, PICK, positions),
             )
         new_tokens = acceptance.token_ids
-        if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self.draft.sampled_bonus:
+        if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self.sampled_bonus:
             new_tokens = new_tokens[:-1]
         emitted, finish_reason = self._emit(request, new_tokens)
         if request.grammar is not None:
             request.grammar.append(emitted)
         request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
+        if self.policy is not None:
+            self.policy.observe_round(request.request_id, len(drafts), acceptance.num_accepted)
         if finish_reason is None:
             self.draft.on_verified(request, emitted, self.run_ahead(request))
         output = TokenOutput(

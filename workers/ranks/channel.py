@@ -8,7 +8,8 @@ Two implementations of one small interface:
   a semaphore (no CPU use while the target verifies on the same cores).
   Measured on the 2-core box: ~10-16 us for an all-reduce of [1, 576], against
   0.25-2.8 ms for gloo's (see bench/easyspec.py), so it is the CPU default.
-- `DistChannel`: torch.distributed. Commands on a gloo group (a follower's idle
+- `DistChannel`: torch.distributed, met at a file store (one host) or rank 0's
+  TCPStore (tcp://, ranks on other hosts; rendezvous.py). Commands on a gloo group (a follower's idle
   wait never times out, rank 0's send does; a dead peer closes its sockets, which
   gloo reports), data on a group of the data backend (gloo on CPU, NCCL on CUDA)
   with a timeout.
@@ -318,17 +319,27 @@ class DistRendezvous:
     timeout_s: float
     idle_timeout_s: float = 7 * 24 * 3600.0  # commands: a follower may wait this long between rounds
     join_timeout_s: float = 300.0  # every rank must reach the rendezvous within this (process start-up)
+    bind: str = ""  # tcp://IP:PORT rank 0 listens at ("" = init_method's)
+    external: tuple[int, ...] = ()  # ranks rank 0 did not spawn (started on their own, perhaps elsewhere)
+    identity: str = ""  # what the followers run: a follower that runs something else is refused
+    secret: bytes | None = None  # the deployment's secret the followers prove they hold (rendezvous.py)
+
+    def describe_missing(self, ranks: list[int]) -> str:
+        external = [r for r in ranks if r in self.external]
+        where = f" at {self.init_method}" if self.init_method.startswith("tcp://") else ""
+        return f"rank(s) {ranks}{' (external: ' + str(external) + ')' if external else ''} did not join the rendezvous{where}"
 
 
-def _store(init_method: str, rank: int, world: int, timeout: datetime.timedelta):
+def _gloo(store, rank: int, world: int, timeout: datetime.timedelta, device):
+    """A gloo group on `device` (None: gloo's default device)."""
     import torch.distributed as dist
 
-    if init_method.startswith("file://"):
-        return dist.FileStore(init_method[len("file://") :], world)
-    if init_method.startswith("tcp://"):
-        host, port = init_method[len("tcp://") :].rsplit(":", 1)
-        return dist.TCPStore(host, int(port), world, rank == 0, timeout)
-    raise ValueError(f"unsupported init_method {init_method!r} (use file://... or tcp://host:port)")
+    if device is None:
+        return dist.ProcessGroupGloo(store, rank, world, timeout)
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [device]
+    options._timeout = timeout
+    return dist.ProcessGroupGloo(store, rank, world, options)
 
 
 class DistChannel(Channel):
@@ -344,44 +355,62 @@ class DistChannel(Channel):
         self.rank, self.world = rank, rendezvous.world
         self.device = device
         self.stats = ExchangeStats()
+        from .rendezvous import gloo_device, open_store
+
         timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
-        store = _store(rendezvous.init_method, rank, rendezvous.world, datetime.timedelta(seconds=rendezvous.join_timeout_s))
+        join_timeout = datetime.timedelta(seconds=rendezvous.join_timeout_s)
+        store = open_store(rendezvous.init_method, rendezvous.bind, rank, rendezvous.world, join_timeout)
+        self.store = store
         self._join(store, check_peers or (lambda: None))
+        device = gloo_device(rendezvous.init_method)
         # gloo sends only once the peer has posted its receive, so rank 0's command
         # to a hung follower would wait as long as the group's timeout: rank 0 gets the
         # data timeout, followers (idle between rounds) the long one. Each process's
         # group object carries its own timeout.
         cmd_timeout = timeout if rank == 0 else datetime.timedelta(seconds=rendezvous.idle_timeout_s)
-        self._cmd = dist.ProcessGroupGloo(dist.PrefixStore("cmd/", store), rank, rendezvous.world, cmd_timeout)
+        self._cmd = _gloo(dist.PrefixStore("cmd/", store), rank, rendezvous.world, cmd_timeout, device)
         data_store = dist.PrefixStore("data/", store)
         if rendezvous.data_backend == "gloo":
-            self._data = dist.ProcessGroupGloo(data_store, rank, rendezvous.world, timeout)
+            self._data = _gloo(data_store, rank, rendezvous.world, timeout, device)
         elif rendezvous.data_backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self._data = dist.ProcessGroupNCCL(data_store, rank, rendezvous.world, options)
         else:
             raise ValueError(f"unknown data backend {rendezvous.data_backend!r}")
-        self._store = store
         self._header = torch.zeros(CMD_HEADER + MAX_INLINE_TOKENS + 1, dtype=torch.int64)
 
     def _join(self, store, check_peers: Callable[[], None]) -> None:
-        """Wait until every rank has reached the store (up to join_timeout_s, checking the peers),
-        so that the groups' connections, made next under the short data timeout, do not wait
-        on a peer still starting (importing torch on a busy machine takes seconds)."""
+        """Meet every rank at the store (up to join_timeout_s, checking the peers): followers
+        claim their rank and rank 0 admits them (rendezvous.py), so that the groups'
+        connections, made next under the short data timeout, do not wait on a peer still
+        starting (importing torch on a busy machine takes seconds)."""
+        from .rendezvous import Admission, introduce
+
+        r = self.rendezvous
+        deadline = time.monotonic() + r.join_timeout_s
+        admission = Admission(store, self.world, r.identity, r.secret) if self.rank == 0 else None
+        if admission is None:
+            introduce(store, self.rank, r.identity, r.secret, r.join_timeout_s)
         store.set(f"joined/{self.rank}", "1")
-        keys = [f"joined/{r}" for r in range(self.world)]
-        deadline = time.monotonic() + self.rendezvous.join_timeout_s
-        while True:
-            try:
-                store.wait(keys, datetime.timedelta(seconds=0.5))
-                return
-            except RuntimeError:  # not everyone yet ("Wait timeout")
-                check_peers()
-                if time.monotonic() > deadline:
-                    raise RankError(
-                        f"rank {self.rank}: not every rank reached the rendezvous within {self.rendezvous.join_timeout_s:.0f} s"
-                    ) from None
+        keys = [f"joined/{rank}" for rank in range(self.world)]
+        while not store.check(keys):  # polled: a store's wait() logs a warning each time it times out
+            if admission is not None:
+                admission.admit_pending()
+            check_peers()
+            if time.monotonic() > deadline:
+                missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
+                refusals = admission.refusals if admission is not None else {}
+                refused = "".join(f"; rank {k} was refused: {v}" for k, v in sorted(refusals.items()))
+                raise RankError(f"{r.describe_missing(missing)} within {r.join_timeout_s:.0f} s{refused}")
+            time.sleep(0.05)
+
+    def report_error(self, text: str) -> None:
+        """Tell rank 0 (through the store) why this follower fails: an external rank's only way."""
+        try:
+            self.store.set(f"error/{self.rank}", text)
+        except Exception:  # noqa: BLE001 - the store may be gone too
+            pass
 
     def _run(self, kind: str, nbytes: int, fn):
         t0 = time.perf_counter()
@@ -460,4 +489,4 @@ class DistChannel(Channel):
                 pg.shutdown()
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
-        self._data = self._cmd = self._store = None
+        self._data = self._cmd = self.store = None

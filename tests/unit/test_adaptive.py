@@ -1,0 +1,189 @@
+"""Adaptive speculation in the engine loops, in-process on tiny float32 models.
+
+Whatever the plans (drafts per request per step), greedy text is the target's
+own and seeded sampled text is the same run to run; a request planned without
+drafts makes the draft draft nothing for it; under a load where drafts do not
+pay the rounds go without them, and probes keep coming.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from protocol.messages import BeginDrafting, GenerateRequest, SamplingParams, VerifiedPrefix
+from tests.unit.test_engine import PROMPTS, make_engine, models, request, run
+from workers.engine import DraftEngine, PlainDraft, VerifyEngine
+from workers.engine.speculation_policy import PROBE_ROUNDS, Round, SpeculationPolicy
+
+__all__ = ["models"]  # the module-scoped fixture, shared with test_engine
+
+
+class ScriptedPolicy(SpeculationPolicy):
+    """Plans drawn at random within each round's floor and cap: decisions as varied as timing could make them."""
+
+    def __init__(self, serial_draft: bool, seed: int):
+        super().__init__(serial_draft)
+        self.rng = random.Random(seed)
+        self.plans: list[dict[str, int]] = []
+
+    def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
+        self.last_plan = {r.request_id: self.rng.randint(r.floor, r.cap) for r in rounds}
+        self.plans.append(dict(self.last_plan))
+        return dict(self.last_plan)
+
+
+class FrozenPolicy(SpeculationPolicy):
+    """The real policy over fixed costs: a pass of up to 4 tokens costs 1, each token more
+    1 more (batching free up to 4 rows, then by the row); a draft pass 0.05. Alone,
+    3 drafts ride free; at four requests none fit. Measurements are ignored: the plans
+    depend on the acceptance seen only, not on this machine's timing."""
+
+    def __init__(self, serial_draft: bool):
+        super().__init__(serial_draft, prior_acceptance=0.7)
+        for n in range(1, 400):
+            self.target_cost.observe(n, max(1.0, n - 3.0))
+        for b in range(1, 16):
+            self.draft_cost.observe(b, 0.05)
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_draft_wait(self, rounds: list[tuple[str, int]], seconds: float) -> None:
+        pass
+
+
+def adaptive_engine(models, mode, policy=None, max_running=4):
+    run_ahead = 8 if mode == "amusd" else None  # sd: the draft runs exactly k ahead
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=max_running, mode=mode, run_ahead=run_ahead)
+    engine.policy = policy or SpeculationPolicy(engine.draft.wait_for_all)
+    return engine
+
+
+def drafts_per_round(results, request_id):
+    return [o.num_draft_tokens for o in results[request_id][2]]
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+@pytest.mark.parametrize("policy", ["measured", "scripted"])
+def test_greedy_text_is_the_targets_whatever_the_plans(models, mode, policy):
+    """Catches a round verifying drafts the draft was not told to make (a stale or short
+    continuation), a draft left behind by a round without drafts, and a plan for one
+    request applied to another."""
+    requests = [request(i, p) for i, p in enumerate(PROMPTS)]
+    ar = run(make_engine(models["target"]), requests)
+    engine = adaptive_engine(models, mode, ScriptedPolicy(mode == "sd", seed=1) if policy == "scripted" else None)
+    got = run(engine, requests)
+    for r in requests:
+        assert got[r.request_id][0] == ar[r.request_id][0], r.request_id
+    used = {k for r in requests for k in drafts_per_round(got, r.request_id)}
+    assert 0 in used and max(used) >= 2  # rounds with and without drafts
+    if policy == "scripted":
+        assert len(used) >= 4
+
+
+class BonusKeepingEngine(VerifyEngine):
+    """The bug the no-bonus rule prevents: a sampled all-accepted round emits its bonus while k varies."""
+
+    @property
+    def sampled_bonus(self) -> bool:
+        return True
+
+
+def sampled_run(models, mode, policy_seed, keep_bonus=False):
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=7)
+    engine = adaptive_engine(models, mode, ScriptedPolicy(mode == "sd", seed=policy_seed))
+    if keep_bonus:
+        engine.__class__ = BonusKeepingEngine
+    results = run(engine, [request(i, p, max_tokens=30, sampling=sampling) for i, p in enumerate(PROMPTS[:2])])
+    return {r: tokens for r, (tokens, _, _) in results.items()}, results
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_seeded_sampling_does_not_depend_on_the_plans(models, mode):
+    """Two seeded runs whose plans differ give the same text: no bonus token while k varies,
+    and a sampled round always verifies a draft (its floor), so each position's token
+    comes from the same draws. With the bonus kept (sd's fixed-k rule) the texts part."""
+    texts = []
+    for policy_seed in range(3):
+        text, results = sampled_run(models, mode, policy_seed)
+        texts.append(text)
+        assert all(k >= 1 for k in drafts_per_round(results, "r0")[:-1])  # the floor (the last round has cap 0)
+    assert texts[0] == texts[1] == texts[2]
+    if mode == "sd":
+        with_bonus = {tuple(sampled_run(models, mode, s, keep_bonus=True)[0]["r0"]) for s in range(3)}
+        assert len(with_bonus) > 1
+
+
+@pytest.mark.parametrize("mode", ["sd", "amusd"])
+def test_under_load_rounds_go_without_drafts_and_the_draft_idles(models, mode):
+    """Four greedy requests where drafts do not pay: after their first rounds they go
+    without drafts (but for probes every PROBE_ROUNDS), the draft drafts almost nothing,
+    and the text is the target's. Alone, the same request drafts in every round. A
+    sampled request beside them keeps its one draft per round (its floor)."""
+    requests = [request(i, p, max_tokens=40) for i, p in enumerate(PROMPTS[:3])]
+    sampled = GenerateRequest("s", PROMPTS[3], 40, SamplingParams(temperature=0.8, seed=3), [])
+    ar = run(make_engine(models["target"]), requests)
+    engine = adaptive_engine(models, mode, FrozenPolicy(mode == "sd"))
+    got = run(engine, [*requests, sampled])
+    drafted_loaded = engine.draft.transport.engine.num_drafted
+    for r in requests:
+        assert got[r.request_id][0] == ar[r.request_id][0]
+        ks = drafts_per_round(got, r.request_id)
+        later = ks[2:]
+        assert sum(1 for k in later if k) <= len(later) // PROBE_ROUNDS + 1  # probes only
+        assert any(later), "no probe"
+    assert all(k >= 1 for k in drafts_per_round(got, "s")[:-1])
+    alone = adaptive_engine(models, mode, FrozenPolicy(mode == "sd"))
+    solo = run(alone, [request(0, PROMPTS[0], max_tokens=40)])
+    assert solo["r0"][0] == ar["r0"][0]
+    assert all(k >= 1 for k in drafts_per_round(solo, "r0")[:-1])
+    # the draft worked for the sampled request and the probes, not for every round of all four
+    rounds_loaded = sum(len(got[r][2]) for r in got)
+    assert drafted_loaded < 2 * rounds_loaded
+
+
+def test_the_draft_is_told_the_planned_drafts(models):
+    """sd: the run-ahead sent to the draft after a round is that request's plan (capped by
+    its remaining tokens; 0: the draft does not draft for it), and a round never takes
+    more drafts than the draft was told to make (it would wait for drafts never coming)."""
+    max_tokens = 30
+    policy = ScriptedPolicy(True, seed=4)
+    engine = adaptive_engine(models, "sd", policy)
+    sent = []
+    transport = engine.draft.transport
+    send = transport.send
+    transport.send = lambda message: (sent.append(message), send(message))
+    results = run(engine, [request(0, PROMPTS[1], max_tokens=max_tokens)])
+    told = [m.max_run_ahead for m in sent if hasattr(m, "max_run_ahead")]  # BeginDrafting, then a prefix per round
+    outputs = results["r0"][2]
+    assert len(told) == len(outputs)  # the last round sends no prefix: the request is done
+    emitted = 0
+    for i, output in enumerate(outputs):
+        assert output.num_draft_tokens == min(told[i], policy.plans[i]["r0"])
+        emitted += len(output.token_ids)
+        if i + 1 < len(outputs):
+            assert told[i + 1] == min(policy.plans[i]["r0"], max_tokens - emitted - 1)
+    assert 0 in told[1:] and max(told) == 4
+
+
+def test_the_draft_catches_up_on_a_request_without_drafts(models):
+    """Told to run 0 ahead, the draft drafts nothing for the request but, with nothing else
+    to do, feeds its verified tokens (all but the newest) into the cache, so drafting
+    again costs one token's pass; its drafts then equal a fresh draft's. Catches a
+    draft that idles forever on has_work, or one that feeds the newest token twice."""
+    prompt, more = PROMPTS[1], [9, 8, 7, 6, 5]
+    used = DraftEngine(PlainDraft(models["quantized"]), max_model_len=64, max_requests=1)
+    used.begin(BeginDrafting("a", 0, prompt, 0, SamplingParams()))
+    assert used.has_work and used.step_all() == [] and not used.has_work
+    state = used._states["a"]
+    assert state.cache.length == len(prompt) - 1 and used.num_drafted == 0
+    used.update(VerifiedPrefix("a", 1, len(prompt), more, 0))
+    assert used.step_all() == [] and state.cache.length == len(prompt + more) - 1
+    used.update(VerifiedPrefix("a", 2, len(prompt + more), [], 3))
+    drafted = [t for d in used.step_all() + used.step_all() + used.step_all() for t in d.message.token_ids]
+    fresh = DraftEngine(PlainDraft(models["quantized"]), max_model_len=64, max_requests=1)
+    fresh.begin(BeginDrafting("a", 0, prompt + more, 3, SamplingParams()))
+    assert drafted == [t for d in fresh.step_all() + fresh.step_all() + fresh.step_all() for t in d.message.token_ids]
+    assert len(drafted) == 3 and not used.has_work

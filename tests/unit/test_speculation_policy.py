@@ -1,0 +1,218 @@
+"""The adaptive speculation policy as pure math: expected tokens, plans, estimates, costs."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from workers.engine.speculation_policy import (
+    PROBE_ROUNDS,
+    AcceptanceEstimate,
+    Candidate,
+    CostCurve,
+    Round,
+    SpeculationPolicy,
+    expected_tokens,
+    isotonic,
+    plan,
+)
+
+
+def simulated_tokens(a: float, k: int, bonus: bool, rounds: int = 40000, seed: int = 0) -> float:
+    """Mean tokens per round by simulation: drafts accepted independently with probability a."""
+    rng = random.Random(seed)
+    total = 0
+    for _ in range(rounds):
+        accepted = next((i for i in range(k) if rng.random() >= a), k)
+        total += accepted + 1 if accepted < k or bonus or k == 0 else k
+    return total / rounds
+
+
+@pytest.mark.parametrize("a,k", [(0.5, 2), (0.9, 4), (0.3, 1), (0.8, 0), (1.0, 3)])
+@pytest.mark.parametrize("bonus", [True, False])
+def test_expected_tokens_matches_simulation(a, k, bonus):
+    """Catches an off-by-one in the geometric sum, and a no-bonus round counted with its bonus."""
+    assert expected_tokens(a, k, bonus) == pytest.approx(simulated_tokens(a, k, bonus), abs=0.03)
+
+
+def test_expected_tokens_closed_forms():
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.7, 1, bonus=False) == pytest.approx(1.0)  # one draft, no bonus: always one token
+    assert expected_tokens(0.5, 3, bonus=False) == pytest.approx(1.75)
+
+
+def affine(fixed: float, per_token: float):
+    return lambda n: fixed + per_token * n
+
+
+def rate(candidates, ks, base, target_cost, draft_pass_cost=None):
+    tokens = sum(expected_tokens(c.acceptance, k, c.bonus) for c, k in zip(candidates, ks))
+    draft = 0.0
+    if draft_pass_cost is not None:
+        for j in range(1, max(ks, default=0) + 1):
+            draft += draft_pass_cost(sum(1 for k in ks if k >= j))
+    return tokens / (target_cost(base + sum(ks)) + draft)
+
+
+def test_speculation_backs_off_under_load():
+    """A pass whose cost is a fixed part plus a part per token: alone, drafts ride on the
+    fixed part and pay; at 16 requests the rows dominate and the plan drafts nothing."""
+    cost = affine(0.2, 0.1)
+    one = plan([Candidate(0.7, 4)], 1, cost)
+    many = plan([Candidate(0.7, 4)] * 16, 16, cost)
+    assert one == [2]  # 4.38 tokens/s; 0 drafts: 3.33, 4: 3.96
+    assert many == [0] * 16
+
+
+def test_free_rows_and_a_beside_draft_always_speculate():
+    """A pass that costs the same whatever its tokens (batching free) with a draft running
+    beside it: every draft is worth taking."""
+    assert plan([Candidate(0.6, 5), Candidate(0.2, 3)], 2, lambda n: 1.0) == [5, 3]
+
+
+def test_a_serial_draft_counts():
+    """The same plan with a costly serial draft pass drafts less (none when a pass costs
+    more than a whole round emits)."""
+    cands = [Candidate(0.8, 4)] * 4
+    beside = plan(cands, 4, affine(1.0, 0.02))
+    serial = plan(cands, 4, affine(1.0, 0.02), lambda b: 0.3)
+    expensive = plan(cands, 4, affine(1.0, 0.02), lambda b: 5.0)
+    assert sum(serial) < sum(beside) == 16
+    assert expensive == [0, 0, 0, 0]
+
+
+def test_the_better_drafted_request_gets_more_drafts():
+    ks = plan([Candidate(0.95, 6), Candidate(0.3, 6)], 2, affine(1.0, 0.15))
+    assert ks[0] > ks[1]
+
+
+def test_floor_and_cap_hold():
+    """A floor (a sampled request's one draft) holds even where drafts do not pay; a cap is never passed."""
+    ks = plan([Candidate(0.5, 4, floor=1, bonus=False), Candidate(0.5, 4), Candidate(0.6, 2)], 3, affine(0.1, 1.0))
+    assert ks == [1, 0, 0]
+    assert plan([Candidate(0.99, 2), Candidate(0.99, 0)], 2, lambda n: 1.0) == [2, 0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_is_at_least_as_good_as_any_uniform_k(seed):
+    """Requests of equal acceptance: the plan's rate is at least the best rate of one k for
+    all (the plans vLLM and SmartSpec choose among), and no worse than brute force by
+    more than a few percent. Catches a plan that stops at a local dip of the rate."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 4)
+    a = rng.uniform(0.2, 0.98)
+    cands = [Candidate(a, 4)] * n
+    fixed, per_token = rng.uniform(0.1, 2.0), rng.uniform(0.01, 0.5)
+    cost = lambda tokens: fixed + per_token * tokens + (0.05 * max(0, tokens - 8) ** 1.5)  # noqa: E731
+    draft = (lambda b: 0.2 + 0.02 * b) if seed % 2 else None
+    got = rate(cands, plan(cands, n, cost, draft), n, cost, draft)
+    uniform = max(rate(cands, [k] * n, n, cost, draft) for k in range(5))
+    best = max(rate(cands, list(ks), n, cost, draft) for ks in itertools.product(range(5), repeat=n))
+    assert got >= uniform - 1e-12
+    assert got >= 0.97 * best
+
+
+def test_acceptance_estimate_is_per_token_not_per_draft():
+    """Rounds of 4 drafts accepted independently with a = 0.7: successes over trials finds
+    0.7; accepted / drafted would say about 0.44."""
+    rng = random.Random(3)
+    estimate = AcceptanceEstimate(prior=0.5)
+    for _ in range(5000):
+        accepted = next((i for i in range(4) if rng.random() >= 0.7), 4)
+        estimate.observe(4, accepted, decay=1.0)
+    assert estimate.value == pytest.approx(0.7, abs=0.02)
+
+
+def test_acceptance_estimate_follows_a_change():
+    estimate = AcceptanceEstimate(prior=0.9)
+    for _ in range(40):
+        estimate.observe(4, 0)
+    assert estimate.value < 0.1
+    estimate.observe(0, 0)  # a round without drafts says nothing
+    assert estimate.value < 0.1
+
+
+def test_cost_curve_interpolates_and_never_invents_a_saving():
+    curve = CostCurve(weight=0.5)
+    assert not curve
+    curve.observe(4, 1.0)
+    curve.observe(8, 2.0)
+    assert curve(6) == pytest.approx(1.5)
+    assert curve(16) == pytest.approx(4.0)  # above: proportional to the largest
+    assert curve(1) == pytest.approx(1.0)  # below: no cheaper than the smallest seen
+    curve.observe(8, 4.0)  # an EMA: half way to the new measurement
+    assert curve(8) == pytest.approx(3.0)
+
+
+def test_cost_curve_does_not_fall_with_more_work():
+    """A noisy low measurement at 16 tokens (another process stole the cores at 8) does
+    not make 16 tokens look cheaper than 8: the two are pooled."""
+    curve = CostCurve(weight=0.5)
+    for count, seconds in [(4, 1.0), (8, 3.0), (16, 2.0), (32, 5.0)]:
+        curve.observe(count, seconds)
+    assert curve(8) == curve(16) == pytest.approx(2.5)
+    assert curve(12) == pytest.approx(2.5)
+    assert [curve(n) for n in range(1, 40)] == sorted(curve(n) for n in range(1, 40))
+
+
+def test_isotonic_pools_violators_by_weight():
+    assert isotonic([1.0, 3.0, 2.0, 4.0], [1, 1, 1, 1]) == pytest.approx([1.0, 2.5, 2.5, 4.0])
+    assert isotonic([1.0, 3.0, 2.0], [1, 3, 1]) == pytest.approx([1.0, 2.75, 2.75])
+    assert isotonic([3.0, 2.0, 1.0], [1, 1, 1]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def filled_policy(serial: bool, fixed=0.2, per_token=0.1, draft_pass=0.0) -> SpeculationPolicy:
+    policy = SpeculationPolicy(serial_draft=serial, prior_acceptance=0.7)
+    for n in range(1, 200):
+        policy.observe_step(n, fixed + per_token * n)
+    if serial:
+        for b in range(1, 64):
+            policy.draft_cost.observe(b, draft_pass)
+    return policy
+
+
+def test_policy_uses_caps_until_costs_are_measured():
+    policy = SpeculationPolicy(serial_draft=True)
+    rounds = [Round("a", 4), Round("b", 2)]
+    assert policy.plan(rounds, 2) == {"a": 4, "b": 2}
+    policy.observe_step(6, 1.0)
+    assert policy.plan(rounds, 2) == {"a": 4, "b": 2}  # the serial draft's cost is not known yet
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 0.4)
+    assert not policy.draft_cost  # their first rounds: the draft also prefilled their prompts
+    policy.observe_round("a", 4, 4)
+    policy.observe_round("b", 2, 1)
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 0.4)  # 4 passes: 2 of batch 2, 2 of batch 1
+    assert policy.draft_cost(2) == pytest.approx(0.1) and policy.draft_cost(1) == pytest.approx(0.1)
+    policy.observe_round("b", 0, 0)
+    policy.observe_draft_wait([("a", 4), ("b", 2)], 4.0)  # b resumes: the draft caught up on it too
+    assert policy.draft_cost(2) == pytest.approx(0.1)
+
+
+def test_policy_probes_a_request_held_at_zero():
+    """Under load every request is planned 0 drafts; after PROBE_ROUNDS rounds without
+    drafts a request drafts one again, so its acceptance estimate does not freeze."""
+    policy = filled_policy(serial=False)
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    for _ in range(PROBE_ROUNDS):
+        assert set(policy.plan(rounds, 16).values()) == {0}
+        for r in rounds:
+            policy.observe_round(r.request_id, 0, 0)
+    probed = policy.plan(rounds, 16)
+    assert set(probed.values()) == {1}
+    policy.observe_round("r0", 1, 0)
+    policy.observe_round("r1", 1, 1)
+    again = policy.plan(rounds, 16)
+    assert again["r0"] == again["r1"] == 0 and again["r2"] == 1
+    assert policy.acceptance("r0") < policy.acceptance("r1")
+
+
+def test_policy_starts_new_requests_from_the_last_plan():
+    policy = filled_policy(serial=False)
+    assert policy.new_request_drafts(4) == 4  # no plan yet
+    policy.plan([Round(f"r{i}", 4) for i in range(16)], 16)
+    assert policy.new_request_drafts(4) == 0  # under load
+    policy.forget("r0")
+    assert "r0" not in policy.last_plan

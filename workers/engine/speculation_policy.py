@@ -1,0 +1,295 @@
+"""Speculation that adapts to load: how many drafts each request verifies in a step.
+
+A step's worth is the tokens it emits over the time it takes. Drafts raise the
+tokens (a round verifying k drafts with per-token acceptance a emits
+(1 - a^(k+1)) / (1 - a) tokens on average) and the time (k more rows in the
+target's pass; in a synchronous mode also k serial draft passes). Under load
+the target's pass is already wide, extra rows stop being free, and the best k
+falls, down to none. This module is pure bookkeeping and arithmetic (no
+torch, no clocks): the engine feeds it what it measures and asks it for a plan.
+
+- `expected_tokens`, `plan`: the math. `plan` starts every request at its floor
+  and adds drafts one at a time, best expected gain first (the gain of a k-th
+  draft is a^k, falling in k), keeping the prefix of additions whose emitted
+  tokens per second of the step is highest (SmartSpec's goodput, per request).
+- `AcceptanceEstimate`: per-token acceptance from rounds, discounted (an EMA).
+  A round that accepted n of k drafts saw n successes and, if n < k, one
+  failure; n / k would underestimate a (k = 4, a = 0.5 gives 0.23).
+- `CostCurve`: a cost measured online as a function of a count (the target's
+  step by the tokens in its pass; a draft pass by its batch), an EMA per count,
+  made non-decreasing (noise must not make more work look cheaper), interpolated
+  between counts seen and pessimistic outside them (more tokens cost
+  proportionally more; fewer cost no less) so that it never invents a saving.
+- `SpeculationPolicy`: the state the engine keeps: estimates per request, a
+  global one that new requests start from, the two cost curves, and probing:
+  a request held at k = 0 for PROBE_ROUNDS rounds gets a draft again, so its
+  acceptance estimate (and the cost curve around the current step) do not freeze.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+from typing import Callable
+
+EMA_WEIGHT = 0.2  # weight of a new measurement in a cost curve's value at its count
+ACCEPTANCE_DECAY = 0.9  # per round: how much of a request's acceptance evidence is kept
+PRIOR_TRIALS = 4.0  # weight (in draft trials) of the global estimate in a new request's
+PROBE_ROUNDS = 16  # rounds at k = 0 (held there by the plan) before a request drafts again
+
+
+def expected_tokens(a: float, k: int, bonus: bool = True) -> float:
+    """Expected tokens a round emits verifying k drafts of per-token acceptance a.
+    Without a bonus token (sampling, when k varies: see DraftSource.sampled_bonus)
+    a round whose k drafts were all accepted emits k, not k + 1."""
+    if k == 0:
+        return 1.0
+    tokens = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+    return tokens if bonus else tokens - a**k
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One request's round in the next step."""
+
+    acceptance: float  # per-token acceptance estimate
+    cap: int  # most drafts (the server's k, the request's own, its remaining tokens)
+    floor: int = 0  # fewest drafts (<= cap)
+    bonus: bool = True  # False: an all-accepted round emits no bonus token
+
+
+def plan(
+    candidates: list[Candidate],
+    base_tokens: int,
+    target_cost: Callable[[int], float],
+    draft_pass_cost: Callable[[int], float] | None = None,
+) -> list[int]:
+    """Drafts per candidate maximizing expected emitted tokens per second of the step.
+
+    base_tokens: tokens in the target's pass besides the drafts (each round's
+    pending token, prefill chunks). target_cost(n): seconds of a step whose pass
+    has n tokens. draft_pass_cost(b): seconds of one draft pass over b requests,
+    paid serially before the step (a synchronous draft: the j-th draft of every
+    request with k >= j comes from one batched pass); None when the draft runs
+    beside the target and costs the step nothing.
+    """
+    ks = [min(c.floor, c.cap) for c in candidates]
+    depth: dict[int, int] = {}  # j -> requests with k >= j: the draft passes' batch sizes
+    for k in ks:
+        for j in range(1, k + 1):
+            depth[j] = depth.get(j, 0) + 1
+
+    def draft_time() -> float:
+        return sum(draft_pass_cost(b) for b in depth.values()) if draft_pass_cost else 0.0
+
+    tokens = sum(expected_tokens(c.acceptance, k, c.bonus) for c, k in zip(candidates, ks))
+    rows = base_tokens + sum(ks)
+    drafted = draft_time()
+
+    def rate() -> float:
+        cost = target_cost(rows) + drafted
+        return tokens / cost if cost > 0 else float("inf")
+
+    best_rate, best_len = rate(), 0
+    additions: list[int] = []  # candidate indices, in the order drafts were added
+    heap = [(-_gain(c, k), i) for i, (c, k) in enumerate(zip(candidates, ks)) if k < c.cap]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        c = candidates[i]
+        tokens += _gain(c, ks[i])
+        ks[i] += 1
+        rows += 1
+        if draft_pass_cost is not None:
+            before = depth.get(ks[i], 0)
+            drafted += draft_pass_cost(before + 1) - (draft_pass_cost(before) if before else 0.0)
+            depth[ks[i]] = before + 1
+        additions.append(i)
+        if ks[i] < c.cap:
+            heapq.heappush(heap, (-_gain(c, ks[i]), i))
+        if (r := rate()) > best_rate:
+            best_rate, best_len = r, len(additions)
+    for i in additions[best_len:]:  # undo the additions past the best prefix
+        ks[i] -= 1
+    return ks
+
+
+def _gain(c: Candidate, k: int) -> float:
+    """Expected tokens the (k+1)-th draft adds."""
+    return expected_tokens(c.acceptance, k + 1, c.bonus) - expected_tokens(c.acceptance, k, c.bonus)
+
+
+class AcceptanceEstimate:
+    """Per-token acceptance: discounted successes over trials."""
+
+    def __init__(self, prior: float = 0.5, weight: float = PRIOR_TRIALS):
+        self.successes = prior * weight
+        self.trials = weight
+
+    @property
+    def value(self) -> float:
+        return self.successes / self.trials if self.trials > 0 else 0.0
+
+    def observe(self, drafted: int, accepted: int, decay: float = ACCEPTANCE_DECAY) -> None:
+        """A round that verified `drafted` drafts and accepted the first `accepted`."""
+        if drafted <= 0:
+            return
+        self.successes = decay * self.successes + accepted
+        self.trials = decay * self.trials + accepted + (1 if accepted < drafted else 0)
+
+
+class CostCurve:
+    """Seconds as a function of a count, from measurements: an EMA per count, made
+    non-decreasing in the count (more work never costs less: a noisy measurement
+    must not invent a saving) by pooling neighbours that disagree (isotonic regression,
+    each count weighted by its measurements, up to 1 / weight)."""
+
+    def __init__(self, weight: float = EMA_WEIGHT):
+        self.weight = weight
+        self._counts: list[int] = []  # sorted
+        self._values: dict[int, float] = {}
+        self._seen: dict[int, int] = {}
+        self._fitted: list[float] | None = None  # non-decreasing values at _counts
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def observe(self, count: int, seconds: float) -> None:
+        if count <= 0 or seconds < 0:
+            return
+        if count in self._values:
+            self._values[count] += self.weight * (seconds - self._values[count])
+        else:
+            bisect.insort(self._counts, count)
+            self._values[count] = seconds
+        self._seen[count] = self._seen.get(count, 0) + 1
+        self._fitted = None
+
+    def _fit(self) -> list[float]:
+        if self._fitted is None:
+            cap = 1.0 / self.weight
+            self._fitted = isotonic(
+                [self._values[c] for c in self._counts], [min(self._seen[c], cap) for c in self._counts]
+            )
+        return self._fitted
+
+    def __call__(self, count: int) -> float:
+        """Interpolated between the counts seen; above them proportional to the
+        largest, below them the smallest's value (never a saving not measured)."""
+        if not self._counts:
+            raise ValueError("no measurements")
+        fitted = self._fit()
+        i = bisect.bisect_left(self._counts, count)
+        if i < len(self._counts) and self._counts[i] == count:
+            return fitted[i]
+        if i == 0:
+            return fitted[0]
+        low = self._counts[i - 1]
+        if i == len(self._counts):
+            return fitted[-1] * count / low
+        high = self._counts[i]
+        return fitted[i - 1] + (count - low) / (high - low) * (fitted[i] - fitted[i - 1])
+
+
+def isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in weighted least squares (pool
+    adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, w, n = blocks.pop()
+            prev = blocks[-1]
+            total = prev[1] + w
+            prev[0] = (prev[0] * prev[1] + mean * w) / total
+            prev[1], prev[2] = total, prev[2] + n
+    return [mean for mean, _, n in blocks for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What the engine knows of a request's next round."""
+
+    request_id: str
+    cap: int
+    floor: int = 0
+    bonus: bool = True
+
+
+class SpeculationPolicy:
+    """Estimates kept across steps, and the plan of each step.
+
+    serial_draft: the draft's passes add to the step's time (a synchronous mode);
+    otherwise the draft runs beside the target and only the target's rows cost.
+    """
+
+    def __init__(self, serial_draft: bool, prior_acceptance: float = 0.5):
+        self.serial_draft = serial_draft
+        self.target_cost = CostCurve()  # a step's seconds by the tokens in its target pass
+        self.draft_cost = CostCurve()  # a draft pass's seconds by its batch
+        self.overall = AcceptanceEstimate(prior_acceptance)
+        self._acceptance: dict[str, AcceptanceEstimate] = {}
+        self._idle_rounds: dict[str, int] = {}  # rounds since the request last verified drafts
+        self.last_plan: dict[str, int] = {}
+
+    def acceptance(self, request_id: str) -> float:
+        estimate = self._acceptance.get(request_id)
+        return self.overall.value if estimate is None else estimate.value
+
+    def observe_round(self, request_id: str, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            self._idle_rounds[request_id] = self._idle_rounds.get(request_id, 0) + 1
+            return
+        self._idle_rounds[request_id] = 0
+        if request_id not in self._acceptance:
+            self._acceptance[request_id] = AcceptanceEstimate(self.overall.value)
+        self._acceptance[request_id].observe(drafted, accepted)
+        self.overall.observe(drafted, accepted, decay=0.99)
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step whose target pass had `tokens` tokens took `seconds` (without waiting for drafts)."""
+        self.target_cost.observe(tokens, seconds)
+
+    def observe_draft_wait(self, rounds: list[tuple[str, int]], seconds: float) -> None:
+        """A step waited `seconds` for the drafts of its rounds ((request id, k) each), before
+        their outcomes are observed. The wait is split over the draft passes behind it (one
+        per depth j, batch: the rounds with k >= j) in proportion to their estimated costs
+        (equally at first). Not measured when a round's request did not draft in its
+        previous round: the draft then also prefilled (a prompt, tokens it missed)."""
+        if any(self._idle_rounds.get(request_id, 1) for request_id, k in rounds if k):
+            return
+        drafts = [k for _, k in rounds]
+        batches = [sum(1 for k in drafts if k >= j) for j in range(1, max(drafts, default=0) + 1)]
+        if not batches:
+            return
+        shares = [self.draft_cost(b) for b in batches] if self.draft_cost else [1.0] * len(batches)
+        total = sum(shares)
+        for b, share in zip(batches, shares):
+            self.draft_cost.observe(b, seconds * share / total if total > 0 else seconds / len(batches))
+
+    def forget(self, request_id: str) -> None:
+        self._acceptance.pop(request_id, None)
+        self._idle_rounds.pop(request_id, None)
+        self.last_plan.pop(request_id, None)
+
+    def new_request_drafts(self, cap: int) -> int:
+        """Drafts for a request's first round, before any plan included it: as many as
+        the last plan gave any request (all of cap before the first plan)."""
+        return min(cap, max(self.last_plan.values())) if self.last_plan else cap
+
+    def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
+        """Drafts per round of the next step (each cap until the target's cost has been measured)."""
+        if not self.target_cost or (self.serial_draft and not self.draft_cost):
+            ks = [r.cap for r in rounds]
+        else:
+            candidates = [
+                Candidate(self.acceptance(r.request_id), r.cap, max(r.floor, self._probe(r)), r.bonus) for r in rounds
+            ]
+            draft = self.draft_cost if self.serial_draft else None
+            ks = plan(candidates, base_tokens, self.target_cost, draft)
+        self.last_plan = {r.request_id: k for r, k in zip(rounds, ks)}
+        return dict(self.last_plan)
+
+    def _probe(self, r: Round) -> int:
+        return min(1, r.cap) if self._idle_rounds.get(r.request_id, 0) >= PROBE_ROUNDS else 0
