@@ -230,24 +230,38 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.scratch_bytes = MAX_ROWS * self.in_features + 64 + MAX_ROWS * (self.in_features // 16) * 8
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
-        rows = x.float().contiguous()
+    def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may move the buffers
+        self._pointers = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def pointers(self) -> tuple:
+        """The kernel's weight arguments (layout .. tiles), read once: data_ptr() costs ~0.5 us a call."""
+        if getattr(self, "_pointers", None) is None:
+            self._pointers = (
+                self.weight.data_ptr(), self.layout, self.group, self.scales.data_ptr(),
+                None if self.offsets is None else self.offsets.data_ptr(), self.zero_point,
+                None if self.super_scales is None else self.super_scales.data_ptr(), self.tiles,
+            )
+        return self._pointers
+
+    def into(self, rows: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        """out[:, :16 * tiles] = rows @ w.T without the bias; rows: [M, K] float32 contiguous,
+        out: [M, ldy] float32 with unit column stride (may be a column slice of a wider tensor)."""
         M, K = rows.shape
-        out = torch.empty(M, self.tiles * 16, dtype=torch.float32)
+        ptrs, ldy = self.pointers(), out.stride(0)
         scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
-        threads = torch.get_num_threads()
-        offsets = self.offsets.data_ptr() if self.offsets is not None else None
-        super_scales = self.super_scales.data_ptr() if self.super_scales is not None else None
         for start in range(0, M, MAX_ROWS):
             m = min(MAX_ROWS, M - start)
-            rc = self.lib.qgemm(
-                rows[start].data_ptr(), m, K, self.weight.data_ptr(), self.layout, self.group,
-                self.scales.data_ptr(), offsets, self.zero_point, super_scales, self.tiles,
-                out[start].data_ptr(), out.shape[1], scratch.data_ptr(), threads,
-            )
+            rc = self.lib.qgemm(rows[start].data_ptr(), m, K, *ptrs, out[start].data_ptr(), ldy, scratch.data_ptr(), threads)
             if rc != 0:
                 raise RuntimeError(f"qgemm refused M={m}, K={K}, group={self.group}")
-        y = out[:, : self.out_features].to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        rows = x.float().contiguous()  # no copy when x is float32 already
+        out = torch.empty(rows.shape[0], self.tiles * 16, dtype=torch.float32)
+        self.into(rows, out, torch.get_num_threads())
+        y = out if out.shape[1] == self.out_features else out[:, : self.out_features]
+        y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
