@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).with_name("kernels") / "qgemm.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c")]  # one library
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 MAX_ROWS = 8  # rows per kernel call (a pass of more rows is computed in chunks)
@@ -75,22 +75,24 @@ def kernel() -> ctypes.CDLL:
     if reason is not None:
         raise KernelUnavailable(reason)
     compiler = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"qgemm-{digest}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
-            raise KernelUnavailable(f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+            raise KernelUnavailable(f"building {', '.join(p.name for p in SOURCES)} failed: {result.stderr.strip()[:500]}")
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i]
     dll.qgemm.restype = i
+    dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, i]
+    dll.attend_rows.restype = i
     return dll
 
 
