@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -213,6 +214,19 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return packed.contiguous().view(-1), grouped(parts.scales.float()), offsets, None
 
 
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> int:
+    """The address of this thread's kernel scratch space of at least nbytes (kept: an allocation a call
+    cost ~1.5 us; one per thread, as two threads may run models at once)."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        with torch.inference_mode(False):
+            _local.scratch = buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf.data_ptr()
+
+
 class QLinear(nn.Module):
     """y = x @ w.T (+ bias) with w stored as QuantParts, computed by the qgemm kernel."""
 
@@ -251,10 +265,10 @@ class QLinear(nn.Module):
         out: [M, ldy] float32 with unit column stride (may be a column slice of a wider tensor)."""
         M, K = rows.shape
         ptrs, ldy = self.pointers(), out.stride(0)
-        scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
+        x, y, scratch = rows.data_ptr(), out.data_ptr(), _scratch(self.scratch_bytes)
         for start in range(0, M, MAX_ROWS):
             m = min(MAX_ROWS, M - start)
-            rc = self.lib.qgemm(rows[start].data_ptr(), m, K, *ptrs, out[start].data_ptr(), ldy, scratch.data_ptr(), threads)
+            rc = self.lib.qgemm(x + start * K * 4, m, K, *ptrs, y + start * ldy * 4, ldy, scratch, threads)
             if rc != 0:
                 raise RuntimeError(f"qgemm refused M={m}, K={K}, group={self.group}")
 
