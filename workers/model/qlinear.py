@@ -9,8 +9,8 @@ bf16, 2 bytes a weight). Ours reads the weights once per pass for up to 8 rows, 
 activations (per 32-block scales, as llama.cpp does) and vpdpbusd, so a verification costs
 about a decode step, and Q6_K is served at 1.25 bytes a weight.
 
-The kernel is C, compiled once with the system's gcc into the cache directory and loaded
-with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
+The kernel is C, compiled once with the system's gcc into the cache directory (one library
+with kernels/attend.c, the attention of short passes: attend.py) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
 torch's thread count. Where it cannot run (no gcc, no AVX512-VNNI, not a CPU tensor),
 `kernel()` says why and the loader falls back to torch's kernels.
 """
