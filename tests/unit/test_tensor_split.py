@@ -168,6 +168,8 @@ def test_gguf_shards_on_qgemm_equal_the_whole_model(tmp_path):
     assert isinstance(models[1].layers[0].feed_forward.w2.inner, QLinear)
     got = run_passes(models, PASSES)
     # qgemm quantizes each activation row to int8 per 32 inputs: a rounding difference upstream
-    # can flip a step (~0.2% of the logits' range here); a field sliced wrong costs ~100%
+    # (the all-reduce's order) can flip a step, ~0.2-1.5% of the logits' range here (measured;
+    # with unquantized activations the same attention kernels differ by 1e-6); a field sliced
+    # wrong costs ~100%
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=0.03 * b.abs().max().item())

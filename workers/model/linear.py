@@ -32,6 +32,8 @@ from torch import nn
 
 from configs.choices import QUANTIZATIONS, check_choice  # one definition, shared with the config loader
 
+from .qlinear import QLinear
+
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12
 
@@ -264,8 +266,24 @@ class ConcatLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
 
+        # qgemm parts write side by side into one output (no per-part conversion, no cat): all
+        # but the last must fill whole tiles of 16 columns (the last may pad past the end)
+        qgemm = all(isinstance(p, QLinear) for p in parts) and all(p.out_features % 16 == 0 for p in parts[:-1])
+        self.offsets = [sum(p.out_features for p in parts[:i]) for i in range(len(parts))] if qgemm else None
+        biases = [p.bias for p in parts]
+        self.register_buffer("qgemm_bias", torch.cat(biases) if qgemm and biases[0] is not None else None, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, sum N]
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        if self.offsets is None:
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        rows = x.float().contiguous()
+        last = self.parts[-1]
+        out = torch.empty(rows.shape[0], self.offsets[-1] + last.tiles * 16, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        for part, col in zip(self.parts, self.offsets):
+            part.into(rows, out[:, col:], threads)
+        y = out[:, : self.out_features].to(x.dtype)
+        return y if self.qgemm_bias is None else y + self.qgemm_bias
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str, dtype, device) -> nn.Module:

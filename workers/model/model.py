@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attend
 from .args import ModelArgs
 from .cache import KVCache
 from .tensor_split import TensorSplit
@@ -223,6 +224,8 @@ class Attention(nn.Module):
         # GQA without repeating k/v: the G query heads of a kv head form the rows of one
         # [G*T, D] matrix. 4-D inputs take SDPA's fused CPU kernel (3-D ones the slow math path).
         q = qk[:, :H]  # [T, H, D] with H = KV * G
+        if T <= ROW_WISE_MAX_T and attend.usable(k_cache):  # the same invariance, by our C kernel
+            return attend.attend_rows(q, k_cache, v_cache, start, self.scale).to(qk.dtype)
         if T <= ROW_WISE_MAX_T:
             # Batch-invariant: each query row is computed exactly as a decode step computes it
             # (same kernel, same shapes), so a verification pass of k drafts gives bit for bit the

@@ -9,8 +9,8 @@ bf16, 2 bytes a weight). Ours reads the weights once per pass for up to 8 rows, 
 activations (per 32-block scales, as llama.cpp does) and vpdpbusd, so a verification costs
 about a decode step, and Q6_K is served at 1.25 bytes a weight.
 
-The kernel is C, compiled once with the system's gcc into the cache directory and loaded
-with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
+The kernel is C, compiled once with the system's gcc into the cache directory (one library
+with kernels/attend.c, the attention of short passes: attend.py) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
 torch's thread count. Where it cannot run (no gcc, no AVX512-VNNI, not a CPU tensor),
 `kernel()` says why and the loader falls back to torch's kernels.
 """
@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).with_name("kernels") / "qgemm.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c")]  # one library
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 MAX_ROWS = 8  # rows per kernel call (a pass of more rows is computed in chunks)
@@ -75,22 +76,24 @@ def kernel() -> ctypes.CDLL:
     if reason is not None:
         raise KernelUnavailable(reason)
     compiler = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"qgemm-{digest}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
-            raise KernelUnavailable(f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+            raise KernelUnavailable(f"building {', '.join(p.name for p in SOURCES)} failed: {result.stderr.strip()[:500]}")
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i]
     dll.qgemm.restype = i
+    dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, i]
+    dll.attend_rows.restype = i
     return dll
 
 
@@ -211,6 +214,19 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return packed.contiguous().view(-1), grouped(parts.scales.float()), offsets, None
 
 
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> int:
+    """The address of this thread's kernel scratch space of at least nbytes (kept: an allocation a call
+    cost ~1.5 us; one per thread, as two threads may run models at once)."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        with torch.inference_mode(False):
+            _local.scratch = buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf.data_ptr()
+
+
 class QLinear(nn.Module):
     """y = x @ w.T (+ bias) with w stored as QuantParts, computed by the qgemm kernel."""
 
@@ -230,24 +246,38 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.scratch_bytes = MAX_ROWS * self.in_features + 64 + MAX_ROWS * (self.in_features // 16) * 8
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
-        rows = x.float().contiguous()
+    def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may move the buffers
+        self._pointers = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def pointers(self) -> tuple:
+        """The kernel's weight arguments (layout .. tiles), read once: data_ptr() costs ~0.5 us a call."""
+        if getattr(self, "_pointers", None) is None:
+            self._pointers = (
+                self.weight.data_ptr(), self.layout, self.group, self.scales.data_ptr(),
+                None if self.offsets is None else self.offsets.data_ptr(), self.zero_point,
+                None if self.super_scales is None else self.super_scales.data_ptr(), self.tiles,
+            )
+        return self._pointers
+
+    def into(self, rows: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        """out[:, :16 * tiles] = rows @ w.T without the bias; rows: [M, K] float32 contiguous,
+        out: [M, ldy] float32 with unit column stride (may be a column slice of a wider tensor)."""
         M, K = rows.shape
-        out = torch.empty(M, self.tiles * 16, dtype=torch.float32)
-        scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
-        threads = torch.get_num_threads()
-        offsets = self.offsets.data_ptr() if self.offsets is not None else None
-        super_scales = self.super_scales.data_ptr() if self.super_scales is not None else None
+        ptrs, ldy = self.pointers(), out.stride(0)
+        x, y, scratch = rows.data_ptr(), out.data_ptr(), _scratch(self.scratch_bytes)
         for start in range(0, M, MAX_ROWS):
             m = min(MAX_ROWS, M - start)
-            rc = self.lib.qgemm(
-                rows[start].data_ptr(), m, K, self.weight.data_ptr(), self.layout, self.group,
-                self.scales.data_ptr(), offsets, self.zero_point, super_scales, self.tiles,
-                out[start].data_ptr(), out.shape[1], scratch.data_ptr(), threads,
-            )
+            rc = self.lib.qgemm(x + start * K * 4, m, K, *ptrs, y + start * ldy * 4, ldy, scratch, threads)
             if rc != 0:
                 raise RuntimeError(f"qgemm refused M={m}, K={K}, group={self.group}")
-        y = out[:, : self.out_features].to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        rows = x.float().contiguous()  # no copy when x is float32 already
+        out = torch.empty(rows.shape[0], self.tiles * 16, dtype=torch.float32)
+        self.into(rows, out, torch.get_num_threads())
+        y = out if out.shape[1] == self.out_features else out[:, : self.out_features]
+        y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -1,0 +1,107 @@
+/* Attention of a few query rows (a decode step, or a verification of up to 7 drafts) over a
+ * static KV cache, AVX512F. Built into the same library as qgemm.c (see qlinear.py).
+ *
+ * Row t (position start + t) attends to the keys [0, start + t], causal, as a one-token pass at
+ * that position would: every (row, kv head) is computed on its own, in one fixed order whatever
+ * T and the thread count are, so a verification pass gives bit for bit what decode steps give
+ * (batch invariance). Per (row, kv head h), for each of its G query heads:
+ *     s_j = scale * q . k_j,  p_j = exp(s_j - max s) / sum_j exp(s_j - max s),  out = sum_j p_j v_j
+ * in float32 (bf16 caches are widened exactly).
+ *
+ * q: [T, KV * G, D] float32 contiguous (query head h * G + g); k, v: the layer's cache,
+ * position s of kv head h at (h * head_stride + s * D), float32 or bf16 (cache_bf16);
+ * out: [T, KV * G * D] float32. D a multiple of 16, at most 256.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define DMAX 256
+
+static inline __m512 load16(const void *base, long i, int bf16) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+/* exp(x) for x <= 0, ~1 ulp: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, cephes' polynomial. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static void one_head(const float *q, int G, int D, const void *k, const void *v, int bf16, int L, float scale,
+                     float *out, float *s) {
+    const int C = D / 16;
+    for (int j = 0; j < L; j++) { /* scores: s[g * L + j] */
+        __m512 kj[DMAX / 16];
+        for (int c = 0; c < C; c++) kj[c] = load16(k, (long)j * D + 16 * c, bf16);
+        for (int g = 0; g < G; g++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), kj[0]);
+            for (int c = 1; c < C; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), kj[c], acc);
+            s[(long)g * L + j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = s + (long)g * L;
+        float m = sg[0];
+        for (int j = 1; j < L; j++) m = sg[j] > m ? sg[j] : m;
+        __m512 vm = _mm512_set1_ps(m), total = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 16 <= L; j += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), vm));
+            _mm512_storeu_ps(sg + j, e);
+            total = _mm512_add_ps(total, e);
+        }
+        if (j < L) {
+            __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), vm));
+            e = _mm512_maskz_mov_ps(tail, e);
+            _mm512_mask_storeu_ps(sg + j, tail, e);
+            total = _mm512_add_ps(total, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        __m512 acc[DMAX / 16];
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        for (j = 0; j < L; j++) {
+            __m512 p = _mm512_set1_ps(sg[j]);
+            for (int c = 0; c < C; c++) acc[c] = _mm512_fmadd_ps(p, load16(v, (long)j * D + 16 * c, bf16), acc[c]);
+        }
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[c], inv));
+    }
+}
+
+/* Returns 0, or -1 for arguments it does not take (then nothing was written). */
+int attend_rows(const float *q, int T, int KV, int G, int D, const void *k, const void *v, int cache_bf16,
+                long head_stride, int start, float scale, float *out, int threads) {
+    if (T < 1 || KV < 1 || G < 1 || D % 16 || D > DMAX || start < 0) return -1;
+    const int elem = cache_bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * KV > 1)
+    for (int task = 0; task < T * KV; task++) {
+        const int t = task / KV, h = task % KV, L = start + t + 1;
+        float *s = malloc(sizeof(float) * (long)G * L);
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        const long off = (long)h * head_stride * elem;
+        one_head(q + ((long)t * KV + h) * G * D, G, D, (const char *)k + off, (const char *)v + off, cache_bf16, L, scale,
+                 out + ((long)t * KV + h) * G * D, s);
+        free(s);
+    }
+    return failed ? -1 : 0;
+}
