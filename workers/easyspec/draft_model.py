@@ -24,9 +24,13 @@ place by the policy: `calibrate(cache, upto)` recalibrates [exact_length, upto),
 keeping the tokens drafted past `upto`.
 `forward(..., exact=True/False)` overrides the policy for one pass.
 
-Executors: `LocalExecutor` computes every rank's layers in this process (the
+`forward_batch(segments)` runs several requests' passes (each decided as above)
+as one pass: every request gets bit for bit what `forward` gives it alone.
+
+Executors take a list of jobs (fuzzy.Job: one request's pass) and run them in one
+pass: `LocalExecutor` computes every rank's layers in this process (the
 single-process reference of the math); `DraftRankGroup` (ranks.py) runs them on D
-processes.
+processes, one command per pass.
 """
 
 from __future__ import annotations
