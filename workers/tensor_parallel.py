@@ -85,6 +85,7 @@ class ShardState:
         self.model, self.rank, self.channel = model, rank, channel
         self.caches: dict[int, ShardKVCache] = {}
         attach_all_reduce(model, all_reduce_in_chunks(channel, chunk_elements))
+        model.linear_invariance()  # this rank's batch invariance, before any pass (it may floor 1-row calls)
 
     def handle(self, command) -> None:
         """A follower's share of one command."""

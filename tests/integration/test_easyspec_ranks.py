@@ -268,7 +268,6 @@ def test_followers_exit_when_rank0_dies(tiny, tmp_path):
         import os, signal, torch
         from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
         from workers.model import load_model
-from workers.model.model import Segment
         model = load_model({str(path)!r}, dtype=torch.float32)
         plan = make_layer_plan({N_LAYERS}, 2, sequential_head=1, sequential_tail=1)
         draft = LayerParallelDraftModel.distributed(

@@ -28,7 +28,7 @@ import torch
 
 from configs.choices import VARIANTS, check_choice
 from workers.model import LlamaModel
-from workers.model.model import MAX_BATCH_ROWS, invariant_from, ragged_head
+from workers.model.model import MAX_BATCH_ROWS, TwoRowFloor, invariant_from, ragged_head
 from workers.ranks.channel import Channel, ShmChannel, all_reduce_in_chunks
 from workers.ranks.commands import Configure, Forward, ForwardBatch, NewCache, command_batches
 from workers.ranks.group import RankGroup, RankPlacement
@@ -82,6 +82,8 @@ class HeadShard:
         self.model = model
         probe = torch.randn(MAX_BATCH_ROWS, model.args.dim, generator=torch.Generator().manual_seed(0))
         self.head_from = invariant_from(self.linear, probe.to(model.device, model.dtype))
+        if self.head_from == 2:  # as LlamaModel.linear_invariance: 1-row calls made 2-row, all rows batch
+            self.linear, self.head_from = TwoRowFloor(self.linear), 1
 
     @staticmethod
     def _head_weight(model: LlamaModel, checkpoint: DraftCheckpoint) -> torch.Tensor:
