@@ -68,6 +68,23 @@ class Ragged(NamedTuple):
         return layer.mlp_ragged(h, self.rows)
 
 
+class Single(NamedTuple):
+    """A pass of one request: the plain layer calls (what Ragged gives a lone request, bit for
+    bit, without its bookkeeping: a lone draft step pays nothing for batching)."""
+
+    cache: KVCache
+    pos: Positions
+
+    def layer(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer(h, self.cache.layer(i), self.pos)
+
+    def attention(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer.attention_block(h, self.cache.layer(i), self.pos)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.mlp_block(h)
+
+
 class Job(NamedTuple):
     """One request's part of a draft pass: tokens [T] at positions start.. over its cache,
     layer by layer (exact) or by the plan's parallel groups (fuzzy); logits of the last
@@ -91,10 +108,14 @@ def hidden_rows(model: LlamaModel, runner: "LayerRunner", jobs: Sequence[Job]) -
         if not picked:
             continue
         part = [jobs[i] for i in picked]
-        batch = Ragged.of(model, [j.cache for j in part], [j.start for j in part], [j.tokens.shape[0] for j in part])
-        h = model.embed(torch.cat([j.tokens for j in part]))  # [N, dim]
+        lengths = [j.tokens.shape[0] for j in part]
+        if len(part) == 1:
+            batch: Ragged | Single = Single(part[0].cache, model.positions(part[0].start, lengths[0]))
+        else:
+            batch = Ragged.of(model, [j.cache for j in part], [j.start for j in part], lengths)
+        h = model.embed(part[0].tokens if len(part) == 1 else torch.cat([j.tokens for j in part]))  # [N, dim]
         h = runner.exact(h, batch) if exact else runner.fuzzy(h, batch)
-        for i, (_, end) in zip(picked, batch.rows.bounds):
+        for i, end in zip(picked, torch.tensor(lengths).cumsum(0).tolist()):
             out[i] = h[end - jobs[i].num_logits : end]
     return out
 
@@ -107,7 +128,7 @@ def stacked(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int,
     return torch.cat(list(rows)), [(end - n, end) for n, end in zip(counts, ends)], counts
 
 
-def layer_delta(layer, i: int, h: torch.Tensor, batch: Ragged) -> torch.Tensor:
+def layer_delta(layer, i: int, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
     """layer(h) - h, computed as attention + MLP contributions (no cancellation): [N, dim]."""
     a = batch.attention(layer, i, h)
     return a + batch.mlp(layer, h + a)
@@ -139,13 +160,13 @@ class LayerRunner:
     def _mine(self, group: tuple[int, ...]) -> tuple[int, ...]:
         return group if self.rank is None else self.plan.layers_of_rank(group, self.rank)
 
-    def exact(self, h: torch.Tensor, batch: Ragged) -> torch.Tensor:
+    def exact(self, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
         """The ordinary layer-by-layer forward (every rank runs all of it). h: [N, dim]."""
         for i, layer in enumerate(self.model.layers):
             h = batch.layer(layer, i, h)
         return h
 
-    def fuzzy(self, h: torch.Tensor, batch: Ragged) -> torch.Tensor:
+    def fuzzy(self, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
         """The layer-parallel forward; this rank writes KV of its own layers and the sequential ones."""
         layers = self.model.layers
         for group in self.plan.groups:
