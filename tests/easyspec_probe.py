@@ -33,3 +33,27 @@ def fetch_kv(draft, cache, length: int | None = None) -> tuple[torch.Tensor, tor
             if rank:
                 k[layer], v[layer] = dumps[rank]["k"][layer], dumps[rank]["v"][layer]
     return k, v
+
+
+# -- a batch of requests in every state a draft step meets ---------------------------
+
+BATCH_PROMPTS = [[5, 17, 42, 9, 1], [200, 3, 3, 3, 9, 1, 77], [11, 12, 13], [8, 6, 4, 2, 0, 1, 3, 5, 7, 9, 250]]
+
+
+def batch_states(draft) -> list:
+    """Four caches of a LayerParallelDraftModel, each in another state before a draft step:
+    r0 empty (the step is its exact prompt pass, 2 logits rows); r1 a prompt and two fuzzy
+    drafts (the step drafts on, fuzzy); r2 three drafts then a rollback keeping one (the
+    step is a calibration: exact over the kept draft and the correction); r3 a long prompt
+    and one draft (fuzzy, another cache length). Returns [(cache, tokens, num_logits)]."""
+    caches = [draft.new_cache(64) for _ in BATCH_PROMPTS]
+    for cache, prompt in zip(caches[1:], BATCH_PROMPTS[1:]):
+        draft.forward(torch.tensor(prompt), cache)
+    for t in (7, 9):
+        draft.forward(torch.tensor([t]), caches[1])
+    for t in (21, 22, 23):
+        draft.forward(torch.tensor([t]), caches[2])
+    draft.after_rollback(caches[2], len(BATCH_PROMPTS[2]) + 1)
+    draft.forward(torch.tensor([30]), caches[3])
+    steps = [(BATCH_PROMPTS[0], 2), ([11], 1), ([99], 1), ([31], 1)]
+    return [(cache, torch.tensor(tokens), n) for cache, (tokens, n) in zip(caches, steps)]

@@ -5,8 +5,11 @@ verify engine and the acceptance rule, and sees `TensorParallelModel` as it
 would see a LlamaModel (forward, new_cache, args). Ranks 1..R-1 are a rank
 group's followers (workers/ranks/group.py, the bootstrap the layer-parallel
 draft uses too): each loads its share of the weights (workers/model/tensor_split.py)
-and runs every pass rank 0 announces (a `ShardForward` command: cache id, start
-position, tokens), computing no logits. Each layer costs two all-reduces of
+and runs every pass rank 0 announces (a `ShardForwardBatch` command: per request
+cache id, start position, tokens; one command for a whole batched pass),
+computing no logits. A batched pass is LlamaModel.forward_batch on every rank:
+each request's rows are what they are alone, and each row-parallel linear
+all-reduces all the batch's rows at once. Each layer costs two all-reduces of
 [T, dim] in the model dtype (after the attention's o_proj and after the MLP's
 down_proj) over the rank group's channel: shared memory on CPU ("auto"), gloo,
 or NCCL on CUDA.
@@ -25,14 +28,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from workers.model import KVCache, LlamaModel
+from workers.model.model import Segment
 from workers.model.tensor_split import TensorSplit, attach_all_reduce, row_parallel_layers, tensor_splits
-from workers.ranks.channel import Channel, RankError
-from workers.ranks.commands import NewCache, ShardForward
+from workers.ranks.channel import Channel, RankError, all_reduce_in_chunks
+from workers.ranks.commands import NewCache, ShardForward, ShardForwardBatch, command_batches
 from workers.ranks.group import RankGroup, pick_channel
 
 log = logging.getLogger("tandem.tp")
@@ -74,21 +78,6 @@ class TargetCheckpoint:
         return tensor_splits(read_args(Path(self.path)), world, self.quantization)
 
 
-def all_reduce_in_chunks(channel: Channel, max_elements: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The channel's in-place all-reduce, in pieces of at most max_elements (None: whole)."""
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        flat = t.view(-1)
-        if max_elements is None or flat.numel() <= max_elements:
-            channel.all_reduce_(flat)
-        else:
-            for lo in range(0, flat.numel(), max_elements):
-                channel.all_reduce_(flat[lo : lo + max_elements])
-        return t
-
-    return reduce
-
-
 class ShardState:
     """What every rank holds: its share of the model and its twins of the engine's caches."""
 
@@ -96,14 +85,18 @@ class ShardState:
         self.model, self.rank, self.channel = model, rank, channel
         self.caches: dict[int, ShardKVCache] = {}
         attach_all_reduce(model, all_reduce_in_chunks(channel, chunk_elements))
+        model.linear_invariance()  # this rank's batch invariance, before any pass (it may floor 1-row calls)
 
     def handle(self, command) -> None:
         """A follower's share of one command."""
-        if isinstance(command, ShardForward):
-            cache = self.caches[command.cache_id]
-            cache.length = command.start  # a rollback on rank 0 is a shorter start here
-            tokens = torch.tensor(command.tokens, dtype=torch.long, device=self.model.device)
-            self.model.forward(tokens, cache, num_logits=0)
+        if isinstance(command, ShardForwardBatch):
+            segments = []
+            for part in command.passes:
+                cache = self.caches[part.cache_id]
+                cache.length = part.start  # a rollback on rank 0 is a shorter start here
+                tokens = torch.tensor(part.tokens, dtype=torch.long, device=self.model.device)
+                segments.append(Segment(tokens, cache, 0))
+            self.model.forward_batch(segments)
         elif isinstance(command, NewCache):
             self.caches[command.cache_id] = self.model.new_cache(command.capacity, ShardKVCache)
         else:
@@ -203,26 +196,35 @@ class TensorParallelModel(RankGroup):
         self._checked(self.send, NewCache(cache.cache_id, max_seq_len))
         return cache
 
-    def forward_batch(self, segments) -> list[torch.Tensor]:
-        """LlamaModel.forward_batch's contract (workers.model.model.Segment each), one pass per
-        segment: the ranks run each in step; batching them into one pass is not done yet."""
-        return [self.forward(s.tokens, s.cache, s.num_logits) for s in segments]
-
     @torch.inference_mode()
+    def forward_batch(self, segments) -> list[torch.Tensor]:
+        """LlamaModel.forward_batch's contract (workers.model.model.Segment each): one pass over
+        all the segments on every rank, announced by one command (more only when the tokens
+        overflow a command); each segment gets bit for bit what `forward` gives it alone."""
+        segments = [Segment(s.tokens.reshape(-1), s.cache, s.num_logits) for s in segments]
+        if len({id(s.cache) for s in segments}) != len(segments):
+            raise ValueError("forward_batch: one segment per cache")
+        for s in segments:  # checked before anything is sent: a refused pass leaves the ranks in step
+            T = s.tokens.shape[0]
+            if not 1 <= T <= self.max_pass_tokens:
+                raise ValueError(f"a pass of {T} tokens: must be 1..{self.max_pass_tokens}")
+            if s.cache.length + T > s.cache.capacity:
+                raise ValueError(f"KV cache overflow: {s.cache.length} + {T} tokens > capacity {s.cache.capacity}")
+            if not 0 <= s.num_logits <= T:
+                raise ValueError(f"num_logits must be in [0, {T}], got {s.num_logits}")
+
+        def go(part: list[Segment]):
+            self.send(ShardForwardBatch([ShardForward(s.cache.cache_id, s.cache.length, s.tokens.tolist()) for s in part]))
+            return self.model.forward_batch(part)
+
+        out: list[torch.Tensor] = []
+        for indices in command_batches([s.tokens.shape[0] for s in segments], self.max_pass_tokens):
+            out += self._checked(go, [segments[i] for i in indices])
+        return out
+
     def forward(self, tokens: torch.Tensor, cache: ShardKVCache, num_logits: int = 1) -> torch.Tensor:
         """tokens: [T] ids at positions cache.length.. -> logits [num_logits, vocab] float32, as LlamaModel."""
-        tokens = tokens.reshape(-1)
-        T = tokens.shape[0]
-        if not 1 <= T <= self.max_pass_tokens:
-            raise ValueError(f"a pass of {T} tokens: must be 1..{self.max_pass_tokens}")
-        if cache.length + T > cache.capacity:
-            raise ValueError(f"KV cache overflow: {cache.length} + {T} tokens > capacity {cache.capacity}")
-
-        def go():
-            self.send(ShardForward(cache.cache_id, cache.length, tokens.tolist()))
-            return self.model.forward(tokens, cache, num_logits)
-
-        return self._checked(go)
+        return self.forward_batch([Segment(tokens, cache, num_logits)])[0]
 
     def _checked(self, fn, *args):
         try:

@@ -21,10 +21,11 @@ from configs.modes import mode_of
 from protocol.messages import GenerateRequest, SamplingParams
 from tests.helpers import process_alive, wait_until
 from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankError, RankPlacement, make_layer_plan
-from tests.easyspec_probe import fetch_kv
+from tests.easyspec_probe import batch_states, fetch_kv
 from tests.local_draft import LocalTransport
 from workers.engine import DraftEngine, DraftStream, NoDraft, VerifyEngine
 from workers.model import load_model
+from workers.model.model import Segment
 from tests.tiny_model import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,6 +143,38 @@ def test_calibration_on_two_ranks_makes_the_verified_kv_exact(tiny, groups, chan
     k, v = fetch_kv(draft, cache)  # parallel layers as their own ranks hold them
     torch.testing.assert_close(k, exact_cache.k[:, :, :n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v, exact_cache.v[:, :, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channel", ["shm", "gloo"])
+@pytest.mark.parametrize("split_head", [False, True])
+def test_batched_step_on_two_ranks_equals_each_request_alone(tiny, groups, channel, split_head):
+    """A draft step over four requests in different states (prompt, fuzzy drafting at two
+    cache lengths, calibration after a rollback) is ONE command to the ranks, one all-reduce
+    per parallel group for the whole batch and at most one gather; each request gets bit for
+    bit the logits and KV (on both ranks) of a pass of its own, and what the single-process
+    reference gives it. Catches a follower that runs the batch's jobs in another order or
+    kind than rank 0 (KV or sums out of step), logits gathered for the wrong rows, and a
+    step that costs a command per request."""
+    _, model = tiny
+    draft = groups(channel)
+    draft.configure(PARALLEL, "full", split_head=split_head, calibration="every_round")
+    together, solo = batch_states(draft), batch_states(draft)
+    draft.reset_stats()
+    got = draft.forward_batch([Segment(t, c, n) for c, t, n in together])
+    exchanges = draft.stats()["exchange"]
+    assert exchanges["command"]["count"] == 1
+    assert exchanges["all_reduce"]["count"] == len(PARALLEL.parallel_groups)
+    assert exchanges.get("gather", {"count": 0})["count"] == (1 if split_head else 0)
+    want = [draft.forward(t, c, n) for c, t, n in solo]
+    reference = LayerParallelDraftModel.local(model, PARALLEL)
+    ref = [reference.forward(t, c, n) for c, t, n in batch_states(reference)]
+    for g, w, r, (a, _, _), (b, _, _) in zip(got, want, ref, together, solo):
+        assert torch.equal(g, w)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        assert (a.length, a.exact_length) == (b.length, b.exact_length)
+        ka, va = fetch_kv(draft, a)
+        kb, vb = fetch_kv(draft, b)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
 def test_engine_drives_a_two_rank_draft_losslessly(tiny, groups):

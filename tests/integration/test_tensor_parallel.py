@@ -15,6 +15,7 @@ import torch
 from tests.helpers import ONE_THREAD, TINY_EASYSPEC_SECTIONS, launch_server, process_alive, wait_healthy, wait_until, write_config
 from tests.tiny_model import make_tiny_checkpoint
 from workers.model import load_model
+from workers.model.model import ROW_WISE_MAX_T, Segment
 from workers.ranks import RankError, RankPlacement
 from workers.tensor_parallel import TargetCheckpoint, TensorParallelModel
 
@@ -62,6 +63,47 @@ def test_two_ranks_give_the_single_process_logits(tiny, channel):
         assert stats["all_reduce"]["count"] >= 2 * 3 * len(ref)  # 2 per layer per pass (more if chunked)
         assert tp.all_reduces_per_pass == 6
         assert tp.healthy and tp.ping() < 5
+
+
+@pytest.mark.parametrize("channel", ["shm", "gloo"])
+def test_a_batched_pass_on_two_ranks_equals_each_request_alone(tiny, channel):
+    """A ragged batch over TP-2 (different cache lengths; a decode token, a verification of
+    drafts, a prefill chunk longer than ROW_WISE_MAX_T, a 1-token prompt) is ONE command and
+    one all-reduce per row-parallel linear for all its rows; each request gets bit for bit
+    its logits from a TP pass of its own, allclose to the single-process model, the same
+    greedy tokens, and the followers' caches follow (the next pass of every request still
+    equals). Catches a follower running the batch as other segments than rank 0, a reduce
+    over the wrong rows, and a step that costs a command or an all-reduce per request."""
+    path, model = tiny
+    gen = torch.Generator().manual_seed(4)
+    prefixes = [11, 0, 30, 4, 7]
+    news = [1, 4, ROW_WISE_MAX_T + 7, 1, 3]
+    num_logits = [1, 4, 0, 1, 3]
+    prompts = [torch.randint(0, 256, (n,), generator=gen) for n in prefixes]
+    tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
+    nexts = [torch.randint(0, 256, (1,), generator=gen) for _ in news]
+    with start(path, channel) as tp:
+        runs = {}
+        for name, m in (("batched", tp), ("alone", tp), ("single", model)):
+            caches = [m.new_cache(64) for _ in prefixes]
+            for prompt, cache in zip(prompts, caches):
+                if len(prompt):
+                    m.forward(prompt, cache, 0)
+            runs[name] = caches
+        before = tp.stats.snapshot()
+        got = tp.forward_batch([Segment(t, c, n) for t, c, n in zip(tokens, runs["batched"], num_logits)])
+        after = tp.stats.snapshot()
+        assert after["command"]["count"] - before["command"]["count"] == 1
+        assert after["all_reduce"]["count"] - before["all_reduce"]["count"] == tp.all_reduces_per_pass
+        want = [tp.forward(t, c, n) for t, c, n in zip(tokens, runs["alone"], num_logits)]
+        ref = [model.forward(t, c, n) for t, c, n in zip(tokens, runs["single"], num_logits)]
+        for g, w, r, n in zip(got, want, ref, num_logits):
+            assert g.shape == (n, 256) and torch.equal(g, w)
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+            assert torch.equal(g.argmax(-1), r.argmax(-1))
+        for t, a, b in zip(nexts, runs["batched"], runs["alone"]):
+            assert a.length == b.length
+            assert torch.equal(tp.forward(t, a), tp.forward(t, b))
 
 
 def test_a_dead_rank_takes_the_group_down_at_once(tiny):

@@ -62,7 +62,7 @@ def solo_key(plan: Plan) -> tuple:
     return plan.prompt, plan.chat, plan.seed, plan.max_tokens
 
 
-def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
+def load_round(url: str, plans: list[Plan], solo: dict[tuple, str], roles=("verify",)) -> dict:
     with HealthProbe(url) as probe:
         results, elapsed = asyncio.run(run_load(url, plans, clients=CLIENTS))
     summary = summarize(results, elapsed, CLIENTS)
@@ -74,24 +74,40 @@ def load_round(url: str, plans: list[Plan], solo: dict[tuple, str]) -> dict:
         assert r.text == solo[solo_key(r.plan)], (r.plan, r.text, solo[solo_key(r.plan)])
     assert set(probe.statuses) == {200}, probe.statuses
     assert max(probe.latencies) < HEALTH_LIMIT_S
-    assert_passes_were_batched(url)
+    assert_passes_were_batched(url, roles)
     return summary
 
 
-def assert_passes_were_batched(url: str) -> None:
-    """The verify worker's passes held several requests (continuous batching), as its
-    histogram on /metrics shows: passes of one request are not all of them (how many more
-    depends on timing, so no mean is asserted); the KV cache usage gauge is a fraction."""
-    def batched_passes() -> float:
+def assert_passes_were_batched(url: str, roles=("verify",)) -> None:
+    """The passes of each worker in roles held several requests (continuous batching), as
+    its histogram on /metrics shows: passes of one request are not all of them (how many
+    more depends on timing, so no mean is asserted); the KV cache usage gauge is a fraction."""
+    def batched_passes(role: str) -> float:
         m = metric_samples(url)
-        total = m[("tandem:batch_size_count", (("role", "verify"),))]
-        single = m[("tandem:batch_size_bucket", (("le", "1.0"), ("role", "verify")))]  # passes of 1 request
+        total = m[("tandem:batch_size_count", (("role", role),))]
+        single = m[("tandem:batch_size_bucket", (("le", "1.0"), ("role", role)))]  # passes of 1 request
         return total - single
 
-    assert wait_until(lambda: batched_passes() > 0, timeout_s=5, interval_s=0.2), metric_samples(url)
+    for role in roles:
+        assert wait_until(lambda: batched_passes(role) > 0, timeout_s=5, interval_s=0.2), (role, metric_samples(url))
     samples = metric_samples(url)
     assert samples[("tandem:iteration_tokens_total_count", ())] > 0
     assert 0.0 <= samples[("tandem:kv_cache_usage_perc", ())] <= 1.0
+
+
+def easyspec_counts(url: str) -> dict[str, float]:
+    m = metric_samples(url)
+    return {k: m[(f"tandem:easyspec_{k}_total", ())] for k in ("exchange_count", "fuzzy_passes", "exact_passes")}
+
+
+def assert_draft_ranks_were_batched(before: dict, after: dict) -> None:
+    """Under load the EasySpec draft's ranks ran several requests per collective pass: one
+    pass per request would cost every exact pass a command and a logits gather, and every
+    fuzzy pass a command, an all-reduce (the tiny draft's one parallel group) and a gather,
+    so markedly fewer exchanges mean requests shared them (a draft that hands its ranks one
+    request at a time fails this)."""
+    exchanges, fuzzy, exact = (after[k] - before[k] for k in ("exchange_count", "fuzzy_passes", "exact_passes"))
+    assert fuzzy > 0 and 0 < exchanges < 0.8 * (2 * exact + 3 * fuzzy), (exchanges, exact, fuzzy)
 
 
 def mixed_plans() -> list[Plan]:
@@ -144,6 +160,11 @@ def test_32_clients_lose_nothing_in_every_mode(tmp_path, tiny_target_dir, mode):
     with launch_server(config, mode=mode) as server:
         plans = mixed_plans()
         pids = server.worker_pids()
-        load_round(server.url, plans, solo_outputs(server.url, plans))
+        solo = solo_outputs(server.url, plans)
+        before = easyspec_counts(server.url) if mode == "easyspec" else None
+        # easyspec: the layer-parallel draft's passes (over its 2 ranks) hold several requests too
+        load_round(server.url, plans, solo, ("verify", "draft") if before else ("verify",))
+        if before:
+            assert_draft_ranks_were_batched(before, easyspec_counts(server.url))
         assert server.worker_pids() == pids
         assert wait_until(lambda: idle(server), timeout_s=10, interval_s=0.05)

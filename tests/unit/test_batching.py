@@ -9,6 +9,7 @@ from protocol.messages import GenerateRequest, SamplingParams
 from tests.local_draft import random_steps
 from tests.tiny_model import make_tiny_checkpoint
 from tests.unit.test_engine import PROMPTS, begin, make_engine, request, run
+from workers.easyspec import LayerParallelDraftModel, make_layer_plan
 from workers.model import load_model
 from workers.model.model import ROW_WISE_MAX_T, Segment, row_spans
 
@@ -100,17 +101,22 @@ def _solo(make, requests):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ar", "sd", "amusd"])
+@pytest.mark.parametrize("mode", ["ar", "sd", "amusd", "easyspec"])
 def test_under_load_every_output_equals_the_request_alone(models, mode):
     """Greedy and seeded sampled requests served together (batched passes of every size,
     prefills beside rounds) give token for token what each gives alone; the passes were
-    batched indeed (the histogram saw more than one request per pass)."""
+    batched indeed (the histogram saw more than one request per pass; in easyspec the
+    layer-parallel draft's passes too: prompts, calibrations and fuzzy drafts together)."""
     steps = random_steps(3) if mode == "amusd" else None
 
     def make():
         if mode == "ar":
             return make_engine(models["target"], max_running=8)
-        return make_engine(models["target"], models["quantized"], k=3, max_running=8, mode=mode, run_ahead=6, steps=steps)
+        draft = models["quantized"]
+        if mode == "easyspec":  # the layer-parallel draft, every layer in this process
+            plan = make_layer_plan(draft.args.n_layers, 2, sequential_head=0, sequential_tail=0)  # [0, 1]
+            draft = LayerParallelDraftModel.local(draft, plan)
+        return make_engine(models["target"], draft, k=3, max_running=8, mode=mode, run_ahead=6, steps=steps)
 
     prompts = PROMPTS + [list(range(40, 70)), [3, 1, 4, 1, 5]]
     requests = [
@@ -125,6 +131,11 @@ def test_under_load_every_output_equals_the_request_alone(models, mode):
     sizes = engine.batch_sizes
     assert sum(sizes.counts[1:]) > 0  # some passes held 2+ requests
     assert sizes.sum > sum(sizes.counts)  # mean batch size above 1
+    if mode == "easyspec":
+        draft = engine.draft.transport.engine
+        assert sum(draft.batch_sizes.counts[1:]) > 0  # draft passes of 2+ requests
+        stats = draft.model.stats()
+        assert stats["fuzzy_passes"] > 0 and stats["calibrations"] > 0
 
 
 def test_prefill_is_chunked_and_interleaves_with_decoding(models):

@@ -8,6 +8,8 @@ import torch
 from configs.loader import EasySpecConfig
 from workers.easyspec import LayerParallelDraftModel, make_layer_plan, plan_of
 from workers.model import load_model
+from workers.model.model import Segment
+from tests.easyspec_probe import batch_states
 from tests.tiny_model import make_tiny_checkpoint
 
 N_LAYERS = 6
@@ -220,3 +222,38 @@ def test_config_builds_the_plan_and_refuses_bad_values(model):
         EasySpecConfig(variant="mlp")
     with pytest.raises(ValueError, match="expected layer"):
         plan_of(EasySpecConfig(groups=((1,), (0,))), 2, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["full", "attention"])
+def test_batched_step_equals_each_request_alone(tmp_path, dtype, variant):
+    """One forward_batch over requests in every state (a prompt, fuzzy drafting at two cache
+    lengths, a calibration after a rollback) gives each request bit for bit the logits, KV
+    and exact length it gets from a pass of its own, and counts the same passes. Catches a
+    row of one request attending to another's cache, a calibration run fuzzy (or a draft
+    run exact) inside a batch, a linear whose sums change with the batch's rows, and logits
+    rows handed to the wrong request."""
+    path = make_tiny_checkpoint(tmp_path, n_layers=N_LAYERS, vocab_size=256, seed=3)
+    model = load_model(path, dtype=getattr(torch, dtype))
+    batched = LayerParallelDraftModel.local(model, PARALLEL, variant=variant)
+    alone = LayerParallelDraftModel.local(model, PARALLEL, variant=variant)
+    together, solo = batch_states(batched), batch_states(alone)
+    batched.reset_stats()
+    alone.reset_stats()
+    got = batched.forward_batch([Segment(t, c, n) for c, t, n in together])
+    want = [alone.forward(t, c, n) for c, t, n in solo]
+    for g, w, (a, _, n), (b, _, _) in zip(got, want, together, solo):
+        assert g.shape == (n, 256) and torch.equal(g, w)
+        assert (a.length, a.exact_length) == (b.length, b.exact_length)
+        assert torch.equal(a.k[:, :, : a.length], b.k[:, :, : b.length])
+        assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])
+    # the prompt and the calibration ran exact: the plain model's own logits and KV
+    for cache, rows in ((together[0][0], got[0]), (together[2][0], got[2])):
+        ref = model.new_cache(64)
+        n = cache.length
+        assert cache.exact_length == n
+        assert torch.equal(model.forward(cache.token_ids[:n], ref, rows.shape[0]), rows)
+        assert torch.equal(cache.k[:, :, :n], ref.k[:, :, :n]) and torch.equal(cache.v[:, :, :n], ref.v[:, :, :n])
+    counted = ("fuzzy_passes", "fuzzy_tokens", "exact_passes", "exact_tokens", "calibrations", "calibrated_tokens")
+    assert {k: batched.stats()[k] for k in counted} == {k: alone.stats()[k] for k in counted}
+    assert alone.stats()["calibrations"] == 1 and alone.stats()["fuzzy_passes"] == 2  # every state was there

@@ -24,16 +24,20 @@ place by the policy: `calibrate(cache, upto)` recalibrates [exact_length, upto),
 keeping the tokens drafted past `upto`.
 `forward(..., exact=True/False)` overrides the policy for one pass.
 
-Executors: `LocalExecutor` computes every rank's layers in this process (the
+`forward_batch(segments)` runs several requests' passes (each decided as above)
+as one pass: every request gets bit for bit what `forward` gives it alone.
+
+Executors take a list of jobs (fuzzy.Job: one request's pass) and run them in one
+pass: `LocalExecutor` computes every rank's layers in this process (the
 single-process reference of the math); `DraftRankGroup` (ranks.py) runs them on D
-processes.
+processes, one command per pass.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -43,7 +47,7 @@ from workers.model import LlamaModel
 
 from .cache import DraftKVCache
 from workers.ranks.channel import ExchangeStats
-from .fuzzy import LayerRunner
+from .fuzzy import Job, LayerRunner, hidden_rows, stacked
 from .plan import LayerPlan, plan_of
 
 
@@ -70,6 +74,14 @@ class DraftStats:
         return out
 
 
+class _Pending(NamedTuple):
+    """A job and what its pass counts as: tokens whose fuzzy KV it recomputes, a calibration."""
+
+    job: Job
+    recalibrated: int
+    calibration: bool
+
+
 class LocalExecutor:
     """Every layer of every group in this process: the math of the fuzzy forward, as a reference."""
 
@@ -87,12 +99,9 @@ class LocalExecutor:
     def new_cache(self, max_seq_len: int) -> DraftKVCache:
         return self.model.new_cache(max_seq_len, DraftKVCache)
 
-    def forward(self, cache, start, tokens, num_logits, exact, final_length) -> torch.Tensor:
-        model = self.model
-        pos = model.positions(start, tokens.shape[0])
-        h = model.embed(tokens)
-        h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
-        return model.head(h, num_logits)
+    def forward(self, jobs: Sequence[Job]) -> list[torch.Tensor]:
+        """One pass over the jobs (each its own cache): logits [num_logits, V] float32 per job."""
+        return self.model.head_batch(*stacked(hidden_rows(self.model, self.runner, jobs)))
 
     def close(self) -> None:
         pass
@@ -233,6 +242,19 @@ class LayerParallelDraftModel:
         self, tokens: torch.Tensor, cache: DraftKVCache, num_logits: int = 1, *, exact: bool | None = None
     ) -> torch.Tensor:
         """tokens: [T] ids at positions cache.length.. -> logits [num_logits, V] float32 (see module doc)."""
+        return self._passes([self._pending(tokens, cache, num_logits, exact)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, segments) -> list[torch.Tensor]:
+        """Several requests (workers.model.model.Segment each, one per cache) in one pass: the
+        calibration/prompt passes of some and the fuzzy drafting passes of the others in one
+        command to the ranks; each gets bit for bit what `forward` gives it alone."""
+        if len({id(s.cache) for s in segments}) != len(segments):
+            raise ValueError("forward_batch: one segment per cache")
+        return self._passes([self._pending(s.tokens, s.cache, s.num_logits, None) for s in segments])
+
+    def _pending(self, tokens: torch.Tensor, cache: DraftKVCache, num_logits: int, exact: bool | None) -> "_Pending":
+        """The job a forward of tokens over cache runs (checked; the policy picks exact or fuzzy)."""
         T = tokens.shape[0]
         if T < 1:
             raise ValueError("forward needs at least one token")
@@ -252,24 +274,11 @@ class LayerParallelDraftModel:
         start = cache.length
         cache.record(start, tokens)
         if not exact:
-            t0 = time.perf_counter()
-            logits = self._run(cache, start, tokens, num_logits, exact=False)
-            cache.length = start + T
-            if self.plan.is_sequential and cache.exact_length == start:  # no parallel group: exact
-                cache.exact_length = start + T
-            s = self._stats
-            s.fuzzy_passes += 1
-            s.fuzzy_tokens += T
-            s.fuzzy_s += time.perf_counter() - t0
-            return logits
+            return _Pending(Job(cache, start, tokens, num_logits, False, start + T), 0, False)
         redo_from = cache.exact_length
         feed = tokens if redo_from == start else torch.cat([cache.token_ids[redo_from:start].to(tokens.device), tokens])
         calibration = start > 0 and not self.plan.is_sequential
-        return self._exact(cache, redo_from, feed, num_logits, start + T, start - redo_from, calibration)
-
-    def forward_batch(self, segments) -> list[torch.Tensor]:
-        """One request at a time: the layer-parallel passes are not batched."""
-        return [self.forward(s.tokens, s.cache, s.num_logits) for s in segments]
+        return _Pending(Job(cache, redo_from, feed, num_logits, True, start + T), start - redo_from, calibration)
 
     def after_rollback(self, cache: DraftKVCache, keep: int) -> None:
         """The verifier's answer opens a round: crop to `keep`; the next forward is the
@@ -295,37 +304,63 @@ class LayerParallelDraftModel:
             return None
         with torch.inference_mode():
             feed = cache.token_ids[start:upto].to(self.device)
-            return self._exact(cache, start, feed, 1, max(cache.length, upto), upto - start, True)
+            job = Job(cache, start, feed, 1, True, max(cache.length, upto))
+            return self._passes([_Pending(job, upto - start, True)])[0]
 
-    def _exact(self, cache, start, feed, num_logits, final_length, recalibrated, calibration) -> torch.Tensor:
-        """An exact pass over feed at positions start..; `recalibrated` of them had fuzzy KV."""
-        t0 = time.perf_counter()
-        logits = self._run(cache, start, feed, num_logits, exact=True)
-        cache.length = final_length
-        cache.exact_length = start + feed.shape[0]
-        elapsed = time.perf_counter() - t0
-        s = self._stats
+    def _passes(self, pending: list["_Pending"]) -> list[torch.Tensor]:
+        """Run the jobs: those within the executor's per-pass limits in one batched pass, a
+        longer one alone in chunks; then advance the caches and count."""
+        out: list[torch.Tensor] = [None] * len(pending)  # type: ignore[list-item]
+        together = [i for i, p in enumerate(pending) if p.job.tokens.shape[0] <= self._chunk(p.job.exact)]
+        if together:
+            t0 = time.perf_counter()
+            logits = self.executor.forward([pending[i].job for i in together])
+            elapsed = time.perf_counter() - t0
+            total = sum(pending[i].job.tokens.shape[0] for i in together)
+            for i, rows in zip(together, logits):
+                out[i] = rows
+                self._done(pending[i], elapsed * pending[i].job.tokens.shape[0] / total)
+        for i, p in enumerate(pending):
+            if out[i] is None:
+                t0 = time.perf_counter()
+                out[i] = self._chunked(p.job)
+                self._done(p, time.perf_counter() - t0)
+        return out
+
+    def _chunk(self, exact: bool) -> int:
+        return self.max_exact_tokens if exact else self.max_fuzzy_tokens
+
+    def _done(self, p: "_Pending", elapsed: float) -> None:
+        """Advance the job's cache and count its pass (elapsed: its share of the wall time)."""
+        job, s = p.job, self._stats
+        cache, T = job.cache, job.tokens.shape[0]
+        cache.length = job.final_length
+        if not job.exact:
+            if self.plan.is_sequential and cache.exact_length == job.start:  # no parallel group: exact
+                cache.exact_length = job.start + T
+            s.fuzzy_passes += 1
+            s.fuzzy_tokens += T
+            s.fuzzy_s += elapsed
+            return
+        cache.exact_length = job.start + T
         s.exact_passes += 1
-        s.exact_tokens += feed.shape[0]
+        s.exact_tokens += T
         s.exact_s += elapsed
-        if calibration:
+        if p.calibration:
             s.calibrations += 1
             s.calibration_s += elapsed
-            s.calibrated_tokens += recalibrated
-        return logits
+            s.calibrated_tokens += p.recalibrated
 
-    def _run(self, cache: DraftKVCache, start: int, tokens: torch.Tensor, num_logits: int, exact: bool):
-        """One pass, in chunks the executor accepts; logits of the last num_logits tokens."""
-        T = tokens.shape[0]
-        chunk = self.max_exact_tokens if exact else self.max_fuzzy_tokens
-        if T <= chunk:
-            return self.executor.forward(cache, start, tokens, num_logits, exact, start + T)
-        first_needed = T - num_logits
+    def _chunked(self, job: Job) -> torch.Tensor:
+        """A job longer than the executor takes in one pass, in chunks; logits of its last num_logits tokens."""
+        T, chunk = job.tokens.shape[0], self._chunk(job.exact)
+        first_needed = T - job.num_logits
         parts = []
         for a in range(0, T, chunk):
             b = min(T, a + chunk)
             rows = b - max(a, first_needed)
-            out = self.executor.forward(cache, start + a, tokens[a:b], max(1, rows), exact, start + b)
+            piece = job._replace(start=job.start + a, tokens=job.tokens[a:b], num_logits=max(1, rows), final_length=job.start + b)
+            out = self.executor.forward([piece])[0]
             if rows > 0:
                 parts.append(out)
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -16,17 +16,23 @@ groups, every sequential layer (replicated: no exchange), and an `all_reduce`
 that sums the partial contributions over the ranks. With `rank=None` it
 computes every layer of every group in this process: the single-process
 reference, whose all_reduce is the identity.
+
+A pass is ragged (`Ragged`): the rows of one or more requests, each over its own
+cache at its own positions, laid one after another as LlamaModel.forward_batch
+lays them (attention per request, linears over all rows where batch-invariant),
+so a request gets bit for bit what it gets in a pass of its own, and a parallel
+group costs one all-reduce for the whole batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from configs.choices import VARIANTS, check_choice
 from workers.model import KVCache, LlamaModel, Positions
-from workers.model.model import TwoRowFloor
+from workers.model.model import RaggedRows, TwoRowFloor
 
 from .plan import LayerPlan
 
@@ -37,10 +43,95 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def layer_delta(layer, h: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: Positions) -> torch.Tensor:
-    """layer(h) - h, computed as attention + MLP contributions (no cancellation): [T, dim]."""
-    a = layer.attention_block(h, kv, pos)
-    return a + layer.mlp_block(h + a)
+class Ragged(NamedTuple):
+    """The segments of one pass: each request's caches and positions, and the rows they fill."""
+
+    caches: list[KVCache]
+    positions: list[Positions]
+    rows: RaggedRows
+
+    @classmethod
+    def of(cls, model: LlamaModel, caches: Sequence[KVCache], starts: Sequence[int], lengths: Sequence[int]) -> "Ragged":
+        positions, rows = model.ragged_rows(starts, lengths)
+        return cls(list(caches), positions, rows)
+
+    def kv(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [cache.layer(layer) for cache in self.caches]
+
+    def layer(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer.forward_ragged(h, self.kv(i), self.positions, self.rows)
+
+    def attention(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer.attention_ragged(h, self.kv(i), self.positions, self.rows)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.mlp_ragged(h, self.rows)
+
+
+class Single(NamedTuple):
+    """A pass of one request: the plain layer calls (what Ragged gives a lone request, bit for
+    bit, without its bookkeeping: a lone draft step pays nothing for batching)."""
+
+    cache: KVCache
+    pos: Positions
+
+    def layer(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer(h, self.cache.layer(i), self.pos)
+
+    def attention(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return layer.attention_block(h, self.cache.layer(i), self.pos)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.mlp_block(h)
+
+
+class Job(NamedTuple):
+    """One request's part of a draft pass: tokens [T] at positions start.. over its cache,
+    layer by layer (exact) or by the plan's parallel groups (fuzzy); logits of the last
+    num_logits; the cache's length after the pass."""
+
+    cache: KVCache
+    start: int
+    tokens: torch.Tensor
+    num_logits: int
+    exact: bool
+    final_length: int
+
+
+def hidden_rows(model: LlamaModel, runner: "LayerRunner", jobs: Sequence[Job]) -> list[torch.Tensor]:
+    """This rank's layers for every job: the exact jobs in one ragged pass, then the fuzzy
+    ones in another (one all-reduce per parallel group for all of them). Returns each job's
+    last num_logits hidden rows [num_logits, dim] (before the final norm)."""
+    out: list[torch.Tensor] = [None] * len(jobs)  # type: ignore[list-item]
+    for exact in (True, False):
+        picked = [i for i, job in enumerate(jobs) if job.exact == exact]
+        if not picked:
+            continue
+        part = [jobs[i] for i in picked]
+        lengths = [j.tokens.shape[0] for j in part]
+        if len(part) == 1:
+            batch: Ragged | Single = Single(part[0].cache, model.positions(part[0].start, lengths[0]))
+        else:
+            batch = Ragged.of(model, [j.cache for j in part], [j.start for j in part], lengths)
+        h = model.embed(part[0].tokens if len(part) == 1 else torch.cat([j.tokens for j in part]))  # [N, dim]
+        h = runner.exact(h, batch) if exact else runner.fuzzy(h, batch)
+        for i, end in zip(picked, torch.tensor(lengths).cumsum(0).tolist()):
+            out[i] = h[end - jobs[i].num_logits : end]
+    return out
+
+
+def stacked(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]], list[int]]:
+    """Row blocks one after another: (all rows, each block's bounds, each block's row count),
+    as ragged_head / LlamaModel.head_batch take them."""
+    counts = [r.shape[0] for r in rows]
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return torch.cat(list(rows)), [(end - n, end) for n, end in zip(counts, ends)], counts
+
+
+def layer_delta(layer, i: int, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
+    """layer(h) - h, computed as attention + MLP contributions (no cancellation): [N, dim]."""
+    a = batch.attention(layer, i, h)
+    return a + batch.mlp(layer, h + a)
 
 
 class LayerRunner:
@@ -69,37 +160,37 @@ class LayerRunner:
     def _mine(self, group: tuple[int, ...]) -> tuple[int, ...]:
         return group if self.rank is None else self.plan.layers_of_rank(group, self.rank)
 
-    def exact(self, h: torch.Tensor, cache: KVCache, pos: Positions) -> torch.Tensor:
-        """The ordinary layer-by-layer forward (every rank runs all of it)."""
+    def exact(self, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
+        """The ordinary layer-by-layer forward (every rank runs all of it). h: [N, dim]."""
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cache.layer(i), pos)
+            h = batch.layer(layer, i, h)
         return h
 
-    def fuzzy(self, h: torch.Tensor, cache: KVCache, pos: Positions) -> torch.Tensor:
+    def fuzzy(self, h: torch.Tensor, batch: "Ragged | Single") -> torch.Tensor:
         """The layer-parallel forward; this rank writes KV of its own layers and the sequential ones."""
         layers = self.model.layers
         for group in self.plan.groups:
             if len(group) == 1:
                 i = group[0]
-                h = layers[i](h, cache.layer(i), pos)
+                h = batch.layer(layers[i], i, h)
                 continue
             mine = self._mine(group)
             if self.variant == "full":
                 delta = None
                 for i in mine:
-                    d = layer_delta(layers[i], h, cache.layer(i), pos)
+                    d = layer_delta(layers[i], i, h, batch)
                     delta = d if delta is None else delta + d
                 delta = torch.zeros_like(h) if delta is None else delta
                 h = h + self.all_reduce(delta)
             else:
                 attn = None
                 for i in mine:
-                    a = layers[i].attention_block(h, cache.layer(i), pos)
+                    a = batch.attention(layers[i], i, h)
                     attn = a if attn is None else attn + a
                 attn = torch.zeros_like(h) if attn is None else attn
                 h = h + self.all_reduce(attn)
                 for i in group:  # replicated on every rank: no exchange
-                    h = h + layers[i].mlp_block(h)
+                    h = h + batch.mlp(layers[i], h)
         return h
 
 

@@ -5,11 +5,14 @@ engine-facing model and sends every other rank a command per pass
 (workers/ranks/commands.py). Ranks 1..D-1 are spawned by the rank group
 bootstrap (workers/ranks/group.py), load the same draft weights, and follow.
 
-A fuzzy pass exchanges one all-reduce per parallel group; sequential layers and
-exact (calibration) passes run replicated on every rank, so every rank's cache
-holds what its own layers need, and exact passes need no exchange at all. With
-`split_head`, each rank computes the logits of a slice of the vocabulary and
-rank 0 gathers them (one more exchange per pass, the head being the biggest
+A pass takes every request drafted in a step at once (one `ForwardBatch`
+command: each request's job, exact or fuzzy, over its own cache twin). Its
+fuzzy jobs exchange one all-reduce per parallel group, for all of them
+together; sequential layers and exact (calibration) jobs run replicated on
+every rank, so every rank's cache holds what its own layers need, and exact
+jobs need no exchange at all. With `split_head`, each rank computes the logits
+of a slice of the vocabulary and rank 0 gathers them (one more exchange per
+pass, more only when the rows overflow a slot; the head being the biggest
 single matrix of a small draft).
 
 Failures are the rank group's (RankError; see workers/ranks/group.py).
@@ -25,12 +28,13 @@ import torch
 
 from configs.choices import VARIANTS, check_choice
 from workers.model import LlamaModel
-from workers.ranks.channel import Channel
-from workers.ranks.commands import Configure, Forward, NewCache
+from workers.model.model import MAX_BATCH_ROWS, TwoRowFloor, invariant_from, ragged_head
+from workers.ranks.channel import Channel, ShmChannel, all_reduce_in_chunks
+from workers.ranks.commands import Configure, Forward, ForwardBatch, NewCache, command_batches
 from workers.ranks.group import RankGroup, RankPlacement
 
 from .cache import DraftKVCache
-from .fuzzy import LayerRunner, head_quantization_of, vocab_bounds
+from .fuzzy import Job, LayerRunner, head_quantization_of, hidden_rows, stacked, vocab_bounds
 from .plan import LayerPlan, validate_groups
 
 __all__ = ["DraftCheckpoint", "DraftRankGroup", "RankPlacement"]  # RankPlacement: the rank group's, re-exported
@@ -76,6 +80,10 @@ class HeadShard:
         self.linear = make_linear(weight, None, head_quantization_of(model), model.dtype, model.device)
         self.pad = self.width - (hi - lo)
         self.model = model
+        probe = torch.randn(MAX_BATCH_ROWS, model.args.dim, generator=torch.Generator().manual_seed(0))
+        self.head_from = invariant_from(self.linear, probe.to(model.device, model.dtype))
+        if self.head_from == 2:  # as LlamaModel.linear_invariance: 1-row calls made 2-row, all rows batch
+            self.linear, self.head_from = TwoRowFloor(self.linear), 1
 
     @staticmethod
     def _head_weight(model: LlamaModel, checkpoint: DraftCheckpoint) -> torch.Tensor:
@@ -88,14 +96,27 @@ class HeadShard:
             return weights.get("lm_head.weight")
         return model.tok_embeddings.weight.detach()  # no separate head tensor: tied in fact
 
-    def __call__(self, h: torch.Tensor, num_logits: int) -> torch.Tensor:  # -> [num_logits, width] f32
-        out = self.linear(self.model.norm(h[-num_logits:])).float()
+    def __call__(self, rows: list[torch.Tensor]) -> torch.Tensor:  # [R_i, dim] each -> [sum R_i, width] f32
+        out = ragged_head(*stacked(rows), self.model.norm, self.linear, self.head_from)
         if self.pad:
             out = torch.nn.functional.pad(out, (0, self.pad))
         return out
 
     def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([p[:, : hi - lo] for p, (lo, hi) in zip(parts, self.bounds)], dim=1)
+
+    def gather(self, channel: Channel, rows: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Every rank's slice of the logits of rows (one block per job), gathered on rank 0:
+        logits [R_i, V] float32 per block there, None elsewhere. One gather per slot's worth."""
+        logits = self(rows)  # [R, width]
+        slot = channel.layout.slot_bytes if isinstance(channel, ShmChannel) else None
+        step = logits.shape[0] if slot is None else max(1, slot // (self.width * logits.element_size()))
+        pieces = []
+        for a in range(0, logits.shape[0], step):
+            parts = channel.gather(logits[a : a + step].contiguous())
+            if parts is not None:
+                pieces.append(self.assemble(parts))
+        return list(torch.cat(pieces).split([r.shape[0] for r in rows])) if pieces else None
 
 
 class RankState:
@@ -112,38 +133,45 @@ class RankState:
         self.split_head = False
 
     def configure(self, plan: LayerPlan, variant: str, split_head: bool) -> None:
-        self.runner = LayerRunner(self.model, plan, variant, rank=self.rank, all_reduce=self.channel.all_reduce_)
+        # a batch's hidden states may outgrow a shared-memory slot: all-reduced a slot at a time
+        slot = self.channel.layout.slot_bytes if isinstance(self.channel, ShmChannel) else None
+        chunk = None if slot is None else slot // (torch.finfo(self.model.dtype).bits // 8)
+        all_reduce = all_reduce_in_chunks(self.channel, chunk)
+        self.runner = LayerRunner(self.model, plan, variant, rank=self.rank, all_reduce=all_reduce)
         self.split_head = split_head
         if split_head and self.head is None:
             self.head = HeadShard(self.model, self.checkpoint, self.rank, self.channel.world)
 
-    def forward(
-        self,
-        cache: DraftKVCache,
-        start: int,
-        tokens: torch.Tensor,
-        num_logits: int,
-        exact: bool,
-        split_head: bool,
-    ) -> torch.Tensor | None:
-        """This rank's share of one pass; rank 0 gets the logits [num_logits, V] float32."""
-        model = self.model
-        pos = model.positions(start, tokens.shape[0])
-        h = model.embed(tokens)
-        h = self.runner.exact(h, cache, pos) if exact else self.runner.fuzzy(h, cache, pos)
-        if split_head:
-            parts = self.channel.gather(self.head(h, num_logits))
-            return None if parts is None else self.head.assemble(parts)
-        return model.head(h, num_logits) if self.rank == 0 else None
+    def forward(self, jobs: list[Job], split: list[bool]) -> list[torch.Tensor] | None:
+        """This rank's share of one pass over the jobs; rank 0 gets logits [num_logits, V]
+        float32 per job (split[i]: job i's logits come from every rank's vocabulary slice)."""
+        rows = hidden_rows(self.model, self.runner, jobs)
+        out: list[torch.Tensor] = [None] * len(jobs)  # type: ignore[list-item]
+        sliced = [i for i, s in enumerate(split) if s]
+        if sliced:
+            gathered = self.head.gather(self.channel, [rows[i] for i in sliced])
+            for i, logits in zip(sliced, gathered or ()):
+                out[i] = logits
+        if self.rank != 0:
+            return None
+        whole = [i for i, s in enumerate(split) if not s]
+        if whole:
+            for i, logits in zip(whole, self.model.head_batch(*stacked([rows[i] for i in whole]))):
+                out[i] = logits
+        return out
 
     def handle(self, command) -> None:
         """A follower's share of one draft command."""
         model = self.model
-        if isinstance(command, Forward):
-            cache = self.caches[command.cache_id]
-            tokens = torch.tensor(command.tokens, dtype=torch.long, device=model.device)
-            self.forward(cache, command.start, tokens, command.num_logits, command.exact, command.split_head)
-            cache.length = command.final_length
+        if isinstance(command, ForwardBatch):
+            jobs = [
+                Job(self.caches[f.cache_id], f.start, torch.tensor(f.tokens, dtype=torch.long, device=model.device),
+                    f.num_logits, f.exact, f.final_length)
+                for f in command.passes
+            ]
+            self.forward(jobs, [f.split_head for f in command.passes])
+            for job in jobs:
+                job.cache.length = job.final_length
         elif isinstance(command, NewCache):
             self.caches[command.cache_id] = model.new_cache(command.capacity, DraftKVCache)
         elif isinstance(command, Configure):
@@ -232,18 +260,25 @@ class DraftRankGroup(RankGroup):
         self._call(self.send, NewCache(cache.cache_id, max_seq_len))
         return cache
 
-    def forward(
-        self, cache: DraftKVCache, start: int, tokens: torch.Tensor, num_logits: int, exact: bool, final_length: int
-    ) -> torch.Tensor:
-        T = tokens.shape[0]
-        if T > self.max_command_tokens:
-            raise ValueError(f"a pass of {T} tokens exceeds the group's {self.max_command_tokens}")
-        if not exact and T > self.max_fuzzy_tokens:
-            raise ValueError(f"a fuzzy pass of {T} tokens exceeds the group's {self.max_fuzzy_tokens}")
-        split_head = self.split_head and num_logits <= self.max_head_rows
+    def forward(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """One pass over the jobs on every rank: one ForwardBatch command (more only when the
+        tokens overflow a command); logits [num_logits, V] float32 per job."""
+        for job in jobs:
+            T = job.tokens.shape[0]
+            if T > self.max_command_tokens:
+                raise ValueError(f"a pass of {T} tokens exceeds the group's {self.max_command_tokens}")
+            if not job.exact and T > self.max_fuzzy_tokens:
+                raise ValueError(f"a fuzzy pass of {T} tokens exceeds the group's {self.max_fuzzy_tokens}")
+        split = [self.split_head and job.num_logits <= self.max_head_rows for job in jobs]
 
-        def go():
-            self.send(Forward(cache.cache_id, start, tokens.tolist(), num_logits, exact, final_length, split_head))
-            return self.state.forward(cache, start, tokens, num_logits, exact, split_head)
+        def go(part: list[int]):
+            self.send(ForwardBatch([
+                Forward(j.cache.cache_id, j.start, j.tokens.tolist(), j.num_logits, j.exact, j.final_length, split[i])
+                for i, j in ((i, jobs[i]) for i in part)
+            ]))
+            return self.state.forward([jobs[i] for i in part], [split[i] for i in part])
 
-        return self._call(go)
+        out: list[torch.Tensor] = []
+        for part in command_batches([job.tokens.shape[0] for job in jobs], self.max_command_tokens):
+            out += self._call(go, part)
+        return out

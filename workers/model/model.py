@@ -103,7 +103,16 @@ class RaggedRows:
         return self._spans[min_rows]
 
     def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [N, K] -> [N, N_out]
-        return apply_in_spans(module, x, self.spans(self.min_rows(module)))
+        spans = self.spans(self.min_rows(module))
+        if is_row_parallel(module):  # this rank's partial sums in spans, then ONE all-reduce
+            # over every row (elementwise: each row sums as it does alone)
+            return module.reduce(apply_in_spans(module.inner, x, spans).contiguous())
+        return apply_in_spans(module, x, spans)
+
+
+def is_row_parallel(module: nn.Module) -> bool:
+    """A tensor-parallel rank's row-parallel linear (tensor_split.AllReduced: `inner`, then `reduce`)."""
+    return hasattr(module, "reduce") and hasattr(module, "inner")
 
 
 def apply_in_spans(module: nn.Module, x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -126,6 +135,22 @@ class TwoRowFloor(nn.Module):
         if x.shape[0] != 1:
             return self.inner(x)
         return self.inner(torch.cat([x, torch.zeros_like(x)]))[:1]
+
+
+def ragged_head(
+    h: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    counts: Sequence[int],
+    norm: Callable,
+    output: Callable,
+    head_from: int | None,
+) -> torch.Tensor:
+    """output(norm(.)) over the last counts[i] rows of each segment (rows bounds[i] of h):
+    [sum(counts), out] float32, each segment's rows bit for bit what it gets alone (one output
+    call for consecutive segments of head_from rows or more, see invariant_from)."""
+    picked = torch.cat([h[b - n : b] for (_, b), n in zip(bounds, counts)])  # [R, dim]
+    spans = row_spans(counts, [head_from is not None and n >= head_from for n in counts])
+    return apply_in_spans(output, norm(picked), spans).float()
 
 
 def invariant_from(module: nn.Module, x: torch.Tensor) -> int | None:
@@ -292,10 +317,18 @@ class TransformerBlock(nn.Module):
         h = h + self.attention_block(h, cache, pos)
         return h + self.mlp_block(h)
 
+    def attention_ragged(self, h: torch.Tensor, caches: list, positions: list[Positions], rows: RaggedRows):
+        """attention_block for the rows of several segments, each over its own cache: [N, dim]."""
+        return self.attention.forward_ragged(self.attention_norm(h), caches, positions, rows)
+
+    def mlp_ragged(self, h: torch.Tensor, rows: RaggedRows) -> torch.Tensor:
+        """mlp_block for the rows of several segments: [N, dim]."""
+        return self.feed_forward(self.ffn_norm(h), rows.linear)
+
     def forward_ragged(self, h: torch.Tensor, caches: list, positions: list[Positions], rows: RaggedRows) -> torch.Tensor:
         """The rows of several segments (see LlamaModel.forward_batch), each over its own cache."""
-        h = h + self.attention.forward_ragged(self.attention_norm(h), caches, positions, rows)
-        return h + self.feed_forward(self.ffn_norm(h), rows.linear)
+        h = h + self.attention_ragged(h, caches, positions, rows)
+        return h + self.mlp_ragged(h, rows)
 
 
 class LlamaModel(nn.Module):
@@ -404,11 +437,11 @@ class LlamaModel(nn.Module):
         the model is loaded, before any pass (a pass before it would round otherwise)."""
         if self._invariant is None:
             a = self.args
-            linears = [  # (owner, attribute, fan-in)
+            linears = [  # (owner, attribute, fan-in; in_features: a tensor-parallel rank's share)
                 *((layer.attention, "wqkv", a.dim) for layer in self.layers),
-                *((layer.attention, "wo", a.n_heads * a.head_dim) for layer in self.layers),
+                *((layer.attention, "wo", layer.attention.wo.in_features) for layer in self.layers),
                 *((layer.feed_forward, "w13", a.dim) for layer in self.layers),
-                *((layer.feed_forward, "w2", a.intermediate_size) for layer in self.layers),
+                *((layer.feed_forward, "w2", layer.feed_forward.w2.in_features) for layer in self.layers),
                 (self, "output", a.dim),
             ]
             generator = torch.Generator().manual_seed(0)
@@ -417,6 +450,11 @@ class LlamaModel(nn.Module):
             with torch.inference_mode():
                 for owner, name, fan_in in linears:
                     module = getattr(owner, name)
+                    if module is None:  # a tensor-parallel follower has no output head
+                        continue
+                    reduced = module if is_row_parallel(module) else None
+                    if reduced is not None:  # probe (and floor) this rank's part: no all-reduce outside a pass
+                        owner, name, module = reduced, "inner", reduced.inner
                     kind = repr(module)
                     if kind not in by_kind:
                         x = torch.randn(MAX_BATCH_ROWS, fan_in, generator=generator).to(self.device, self.dtype)
@@ -425,6 +463,8 @@ class LlamaModel(nn.Module):
                         module = TwoRowFloor(module)
                         setattr(owner, name, module)
                     self._invariant[id(module)] = 1 if by_kind[kind] == 2 else by_kind[kind]
+                    if reduced is not None:  # RaggedRows asks by the row-parallel linear
+                        self._invariant[id(reduced)] = self._invariant[id(module)]
         return self._invariant
 
     def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
@@ -440,19 +480,23 @@ class LlamaModel(nn.Module):
             raise ValueError("forward_batch: one segment per cache")
         tokens = [self._tokens(s.tokens, s.cache, s.num_logits) for s in segments]
         lengths = [t.shape[0] for t in tokens]
-        positions = [self.positions(s.cache.length, T) for s, T in zip(segments, lengths)]
-        invariance = self.linear_invariance()
-        rows = RaggedRows(lengths, positions, lambda module: invariance.get(id(module)))
+        positions, rows = self.ragged_rows([s.cache.length for s in segments], lengths)
         h = self.embed(torch.cat(tokens))  # [N, dim]
         for i, layer in enumerate(self.layers):
             h = layer.forward_ragged(h, [s.cache.layers[i] for s in segments], positions, rows)
         for s, T in zip(segments, lengths):
             s.cache.length += T
-        counts = [s.num_logits for s in segments]
+        return self.head_batch(h, rows.bounds, [s.num_logits for s in segments])
+
+    def ragged_rows(self, starts: Sequence[int], lengths: Sequence[int]) -> tuple[list[Positions], RaggedRows]:
+        """The positions of segments of lengths[i] new tokens at starts[i].., and their rows."""
+        positions = [self.positions(start, T) for start, T in zip(starts, lengths)]
+        return positions, RaggedRows(lengths, positions, lambda module: self.linear_invariance().get(id(module)))
+
+    def head_batch(self, h: torch.Tensor, bounds: Sequence[tuple[int, int]], counts: Sequence[int]) -> list[torch.Tensor]:
+        """`head` per segment (rows bounds[i] of h, its last counts[i] rows): logits [counts[i], vocab] f32 each."""
         if not any(counts):
-            return [torch.empty(0, self.args.vocab_size, device=h.device) for _ in segments]
-        picked = torch.cat([h[b - n : b] for (_, b), n in zip(rows.bounds, counts)])  # [R, dim]
-        head_from = invariance.get(id(self.output))
-        spans = row_spans(counts, [head_from is not None and n >= head_from for n in counts])
-        logits = apply_in_spans(self.output, self.norm(picked), spans).float()  # [R, vocab]
-        return list(logits.split(counts))
+            return [torch.empty(0, self.args.vocab_size, device=h.device) for _ in counts]
+        head_from = self.linear_invariance().get(id(self.output))
+        logits = ragged_head(h, bounds, counts, self.norm, self.output, head_from)  # [R, vocab]
+        return list(logits.split(list(counts)))

@@ -490,3 +490,18 @@ class DistChannel(Channel):
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self._data = self._cmd = self.store = None
+
+
+def all_reduce_in_chunks(channel: Channel, max_elements: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The channel's in-place all-reduce, in pieces of at most max_elements (None: whole)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        flat = t.view(-1)
+        if max_elements is None or flat.numel() <= max_elements:
+            channel.all_reduce_(flat)
+        else:
+            for lo in range(0, flat.numel(), max_elements):
+                channel.all_reduce_(flat[lo : lo + max_elements])
+        return t
+
+    return reduce

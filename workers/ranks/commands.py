@@ -3,9 +3,13 @@
 Commands are msgspec structs (like protocol/), encoded as msgpack and carried
 by the channel as int64 words: [byte length, the bytes packed 8 to a word].
 
-    Forward(cache, start, tokens, ...)   draft: run this rank's share of a fuzzy/exact pass
+    ForwardBatch([Forward(cache, start, tokens, ...), ...])
+                                         draft: this rank's share of one pass over several
+                                         requests' fuzzy/exact jobs
     Configure(groups, variant, ...)      draft: switch plans without restarting
-    ShardForward(cache, start, tokens)   tensor-parallel target: this rank's heads and MLP slice
+    ShardForwardBatch([ShardForward(cache, start, tokens), ...])
+                                         tensor-parallel target: this rank's heads and MLP
+                                         slice, one pass over several requests
     NewCache(cache, capacity)            a KV cache twin per engine cache
     Call(function, args)                 run a named function on the rank (inspection)
     Barrier / Shutdown
@@ -18,6 +22,8 @@ import numpy as np
 
 
 class Forward(msgspec.Struct, tag=True, array_like=True):
+    """One request's job in a draft pass (an element of ForwardBatch)."""
+
     cache_id: int
     start: int  # position of tokens[0]
     tokens: list[int]
@@ -34,6 +40,18 @@ class ShardForward(msgspec.Struct, tag=True, array_like=True):
     cache_id: int
     start: int
     tokens: list[int]
+
+
+class ForwardBatch(msgspec.Struct, tag=True, array_like=True):
+    """A draft pass over several requests' jobs, each over its own cache twin."""
+
+    passes: list[Forward]
+
+
+class ShardForwardBatch(msgspec.Struct, tag=True, array_like=True):
+    """A tensor-parallel target's pass over several requests (ragged), each over its own cache twin."""
+
+    passes: list[ShardForward]
 
 
 class NewCache(msgspec.Struct, tag=True, array_like=True):
@@ -63,7 +81,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Command = Forward | ShardForward | NewCache | Configure | Call | Barrier | Shutdown
+Command = ForwardBatch | ShardForwardBatch | NewCache | Configure | Call | Barrier | Shutdown
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Command)
@@ -84,6 +102,26 @@ def unpack(words) -> Command:
     return _decoder.decode(words[1:].view(np.uint8)[:n].tobytes())
 
 
+# what a pass's fields (tag, cache id, positions, flags) may take in a command, counted in tokens
+PASS_OVERHEAD_TOKENS = 12
+
+
 def max_words(max_tokens: int) -> int:
-    """Words of the longest command: a Forward of max_tokens tokens (msgpack: <= 5 bytes a token)."""
+    """Words of the longest command: a batch of passes whose tokens plus PASS_OVERHEAD_TOKENS
+    each come to max_tokens (msgpack: <= 5 bytes a token)."""
     return 1 + -(-(5 * max_tokens + 64) // 8)
+
+
+def command_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """The passes (by index, in order) of each command of a batched pass, so that no command
+    outgrows max_words(max_tokens): one command unless the tokens overflow it."""
+    batches: list[list[int]] = []
+    used = max_tokens
+    for i, n in enumerate(lengths):
+        cost = n + PASS_OVERHEAD_TOKENS
+        if used + cost > max_tokens and (not batches or batches[-1]):
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += cost
+    return batches
