@@ -31,6 +31,7 @@ from bench.runtime_cost import AGREEMENT_PROMPTS, OurRunner, agreement
 from configs.loader import load_config
 from workers.model import load_model, load_tokenizer, resolve_checkpoint
 from workers.model.linear import ConcatLinear, Int4Linear, Int8Linear, RowWise
+from workers.model.model import TwoRowFloor
 from workers.model.qlinear import QLinear
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pass_cost.json"
@@ -55,7 +56,7 @@ def linear_bytes(module: torch.nn.Module) -> int:
     """Bytes of weights one pass reads through this linear (whatever its storage)."""
     if isinstance(module, ConcatLinear):
         return sum(linear_bytes(p) for p in module.parts)
-    if isinstance(module, RowWise):
+    if isinstance(module, (RowWise, TwoRowFloor)):
         return linear_bytes(module.inner)
     if isinstance(module, (Int4Linear, Int8Linear, QLinear)):
         return sum(b.numel() * b.element_size() for b in module.buffers())
@@ -91,6 +92,8 @@ def kind_of(name: str, module: torch.nn.Module) -> str:
         return f"linears: qgemm {('8', '4', '6')[module.layout]}-bit"
     if isinstance(module, RowWise):
         return kind_of(name, module.inner) + " row-wise"
+    if isinstance(module, TwoRowFloor):
+        return kind_of(name, module.inner)
     if isinstance(module, Int4Linear):
         return "linears: int4"
     if isinstance(module, Int8Linear):

@@ -74,3 +74,31 @@ def test_model_attention_takes_the_kernel_for_short_passes(monkeypatch):
         model.forward(torch.arange(12), cache)
         model.forward(torch.arange(3), cache)
     assert calls == [3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_segments_gives_each_segment_what_attend_rows_gives_it_alone(dtype):
+    """One call for a batched pass's segments (different cache capacities, starts and row
+    counts, an empty one): each segment's new keys and values land at its start in its own
+    cache, and its rows equal attend_rows' for it alone bit for bit. Catches a row read from
+    another segment's cache or position, a key written at the wrong place, a wrong stride."""
+    KV, G, D = 2, 3, 32
+    g = torch.Generator().manual_seed(2)
+    lengths, starts, capacities = [1, 5, 0, 3, ROW_WISE_MAX_T], [7, 0, 4, 40, 19], [16, 64, 8, 48, 32]
+    caches = [tuple(torch.randn(KV, S, D, generator=g).to(dtype) for _ in range(2)) for S in capacities]
+    alone = [(k.clone(), v.clone()) for k, v in caches]
+    N = sum(lengths)
+    qk = torch.randn(N, KV * G + KV, D, generator=g).to(dtype)
+    v_new = torch.randn(N, KV, D, generator=g).to(dtype)
+    got = attend.attend_segments(qk, v_new, caches, torch.tensor(starts, dtype=torch.int32),
+                                 torch.tensor(lengths, dtype=torch.int32), 0.2)
+    want, row = [], 0
+    for (k, v), start, T in zip(alone, starts, lengths):
+        k[:, start : start + T] = qk[row : row + T, KV * G :].transpose(0, 1)
+        v[:, start : start + T] = v_new[row : row + T].transpose(0, 1)
+        if T:
+            want.append(attend.attend_rows(qk[row : row + T, : KV * G], k, v, start, 0.2))
+        row += T
+    assert torch.equal(got, torch.cat(want))
+    for (k, v), (k_alone, v_alone) in zip(caches, alone):
+        assert torch.equal(k, k_alone) and torch.equal(v, v_alone)

@@ -260,3 +260,35 @@ def test_prompt_logprobs_across_prefill_chunks(models):
     assert [[t for t, _ in row] for row in chunked.prompt_top_logprobs] == [
         [t for t, _ in row] for row in whole.prompt_top_logprobs
     ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_batch_of_decode_steps_and_verifications_attends_in_one_kernel_call_a_layer(tiny_dir, dtype, monkeypatch):
+    """A step with no prefill chunk (what a loaded server runs) takes the batched attention
+    kernel, one call per layer, and every segment still gets bit for bit its solo logits and
+    KV. Catches the fast path wired off, or a segment's rows or keys mixed with another's."""
+    from workers.model import attend
+
+    if not attend.usable(torch.zeros(1, 4, 16)):
+        pytest.skip("no C attention kernel on this machine (qgemm unavailable)")
+    model = load_model(tiny_dir, dtype=getattr(torch, dtype))
+    calls = []
+    real = attend.attend_segments
+    monkeypatch.setattr(attend, "attend_segments", lambda *a: calls.append(len(a[2])) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    prefixes, news = [9, 3, 20, 1], [1, 5, 1, ROW_WISE_MAX_T]
+    batched, alone = [model.new_cache(64) for _ in prefixes], [model.new_cache(64) for _ in prefixes]
+    with torch.inference_mode():
+        for n, a, b in zip(prefixes, batched, alone):
+            prompt = torch.randint(0, 256, (n,), generator=gen)
+            model.forward(prompt, a, 0)
+            model.forward(prompt, b, 0)
+        tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
+        got = model.forward_batch([Segment(t, c, len(t)) for t, c in zip(tokens, batched)])
+        want = [model.forward(t, c, len(t)) for t, c in zip(tokens, alone)]
+    assert calls == [len(news)] * model.args.n_layers
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for a, b in zip(batched, alone):
+        assert torch.equal(a.k[:, :, : a.length], b.k[:, :, : b.length])
+        assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])

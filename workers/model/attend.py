@@ -46,3 +46,31 @@ def attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s
     if rc != 0:
         raise RuntimeError(f"attend_rows refused T={T}, KV={KV}, H={H}, D={D}, start={start}")
     return out
+
+
+def attend_segments(
+    qk: torch.Tensor, v: torch.Tensor, caches: list, starts: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """A batched pass's attention in one kernel call: the rows of several segments, each of at
+    most ROW_WISE_MAX_T rows over its own cache. qk: [N, H + KV, D] (RoPE applied, the keys
+    last), v: [N, KV, D], the segments' rows one after another; caches: (k, v) of this layer
+    per segment ([KV, S, D] each, `usable`); starts, lengths: int32 [segments]. Writes each
+    segment's new keys and values at its start, then attends as attend_rows does for the
+    segment alone (bit for bit). Returns [N, H * D] float32."""
+    N, heads, D = qk.shape
+    KV = v.shape[1]
+    H = heads - KV
+    q = qk[:, :H].float().contiguous()
+    kn, vn = qk[:, H:].contiguous(), v.contiguous()
+    k_ptrs = torch.tensor([k.data_ptr() for k, _ in caches], dtype=torch.int64)
+    v_ptrs = torch.tensor([c.data_ptr() for _, c in caches], dtype=torch.int64)
+    strides = torch.tensor([k.stride(0) for k, _ in caches], dtype=torch.int64)
+    out = torch.empty(N, H * D, dtype=torch.float32)
+    rc = kernel().attend_segments(
+        q.data_ptr(), kn.data_ptr(), vn.data_ptr(), len(caches), lengths.data_ptr(), starts.data_ptr(),
+        k_ptrs.data_ptr(), v_ptrs.data_ptr(), strides.data_ptr(), KV, H // KV, D, CACHE_DTYPES[kn.dtype], scale,
+        out.data_ptr(), torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"attend_segments refused {len(caches)} segments, KV={KV}, H={H}, D={D}")
+    return out

@@ -89,6 +89,10 @@ class RaggedRows:
         ends = torch.tensor(lengths).cumsum(0).tolist()
         self.lengths = list(lengths)
         self.bounds = [(end - n, end) for n, end in zip(lengths, ends)]  # rows of each segment
+        # every segment a decode step or a verification: attention in one kernel call a layer
+        self.short = all(n <= ROW_WISE_MAX_T for n in lengths)
+        self.starts_i32 = torch.tensor([p.start for p in positions], dtype=torch.int32)
+        self.lengths_i32 = torch.tensor(self.lengths, dtype=torch.int32)
         self.cos = torch.cat([p.cos for p in positions])  # [N, 1, D]
         self.sin = torch.cat([p.sin for p in positions])
         self.min_rows = min_rows
@@ -272,9 +276,12 @@ class Attention(nn.Module):
         """x: [N, dim] normalized, the rows of several sequences (segments) one after another;
         each segment attends over its own cache. Returns [N, dim]."""
         qk, v = self.project(x, rows.cos, rows.sin, rows.linear)
-        out = torch.cat([
-            self.attend(qk[a:b], v[a:b], cache, pos) for (a, b), cache, pos in zip(rows.bounds, caches, positions)
-        ])
+        if rows.short and all(k.dtype == qk.dtype and attend.usable(k) for k, _ in caches):
+            out = attend.attend_segments(qk, v, caches, rows.starts_i32, rows.lengths_i32, self.scale).to(qk.dtype)
+        else:
+            out = torch.cat([
+                self.attend(qk[a:b], v[a:b], cache, pos) for (a, b), cache, pos in zip(rows.bounds, caches, positions)
+            ])
         return rows.linear(self.wo, out)
 
 

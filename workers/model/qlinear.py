@@ -94,6 +94,8 @@ def kernel() -> ctypes.CDLL:
     dll.qgemm.restype = i
     dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, i]
     dll.attend_rows.restype = i
+    dll.attend_segments.argtypes = [p, p, p, i, p, p, p, p, p, i, i, i, i, f, p, i]
+    dll.attend_segments.restype = i
     return dll
 
 

@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define DMAX 256
 
@@ -103,5 +104,57 @@ int attend_rows(const float *q, int T, int KV, int G, int D, const void *k, cons
                  out + ((long)t * KV + h) * G * D, s);
         free(s);
     }
+    return failed ? -1 : 0;
+}
+
+/* A batched pass's attention in one call: nseg segments (requests), segment i with T[i] rows
+ * (at most a few each: decode steps and verifications) at positions start[i].., over its own
+ * cache (kcache[i], vcache[i]: this layer's [KV, S_i, D], head_stride[i] = S_i * D).
+ * First each segment's new keys and values (kn, vn: [N, KV, D] in the cache's dtype, the
+ * segments' rows one after another, N = sum T[i]) are copied into its cache at start[i]; then
+ * every (row, kv head) is computed exactly as attend_rows computes it (one_head, the same L),
+ * so each segment gets bit for bit what it gets alone. q: [N, KV * G, D] float32; out: [N,
+ * KV * G * D] float32. Returns 0, or -1 for arguments it does not take. */
+int attend_segments(const float *q, const void *kn, const void *vn, int nseg, const int *T, const int *start,
+                    const int64_t *kcache, const int64_t *vcache, const int64_t *head_stride, int KV, int G, int D,
+                    int cache_bf16, float scale, float *out, int threads) {
+    if (nseg < 1 || KV < 1 || G < 1 || D % 16 || D > DMAX) return -1;
+    const int elem = cache_bf16 ? 2 : 4;
+    const long row_bytes = (long)D * elem;
+    int N = 0;
+    for (int i = 0; i < nseg; i++) {
+        if (T[i] < 0 || start[i] < 0) return -1;
+        N += T[i];
+    }
+    if (N == 0) return 0;
+    int *seg_of = malloc(sizeof(int) * (long)N * 2); /* row -> segment, row -> its t */
+    if (!seg_of) return -1;
+    for (int i = 0, r = 0; i < nseg; i++)
+        for (int t = 0; t < T[i]; t++, r++) seg_of[2 * r] = i, seg_of[2 * r + 1] = t;
+    for (int r = 0; r < N; r++) {
+        const int i = seg_of[2 * r], t = seg_of[2 * r + 1];
+        for (int h = 0; h < KV; h++) {
+            const long dst = ((long)h * head_stride[i] + (long)(start[i] + t) * D) * elem;
+            const long src = ((long)r * KV + h) * row_bytes;
+            memcpy((char *)(intptr_t)kcache[i] + dst, (const char *)kn + src, row_bytes);
+            memcpy((char *)(intptr_t)vcache[i] + dst, (const char *)vn + src, row_bytes);
+        }
+    }
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N * KV > 1)
+    for (int task = 0; task < N * KV; task++) {
+        const int r = task / KV, h = task % KV, i = seg_of[2 * r], t = seg_of[2 * r + 1], L = start[i] + t + 1;
+        float *s = malloc(sizeof(float) * (long)G * L);
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        const long off = (long)h * head_stride[i] * elem;
+        one_head(q + ((long)r * KV + h) * G * D, G, D, (const char *)(intptr_t)kcache[i] + off,
+                 (const char *)(intptr_t)vcache[i] + off, cache_bf16, L, scale, out + ((long)r * KV + h) * G * D, s);
+        free(s);
+    }
+    free(seg_of);
     return failed ? -1 : 0;
 }
