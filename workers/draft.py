@@ -82,6 +82,7 @@ class DraftWorker:
             # not the EasySpec draft: its cache tracks fuzzy and exact positions of its own passes
             prefix_caching=config.scheduler.prefix_caching and isinstance(self.model, PlainDraft),
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
+            catch_up=not config.mode.synchronous,  # a synchronous draft waits for its next round
         )
         self.inbox = open_inbox(config, "draft")
         self.to_verify = open_outbox(config, "verify")

@@ -216,3 +216,36 @@ def test_policy_starts_new_requests_from_the_last_plan():
     assert policy.new_request_drafts(4) == 0  # under load
     policy.forget("r0")
     assert "r0" not in policy.last_plan
+
+
+def test_a_serial_draft_probes_every_idle_request_on_the_same_step():
+    """sd: a probe's draft pass holds up the whole step, so requests that fell idle at
+    different times probe together, one draft pass for all, every PROBE_ROUNDS plans.
+    Catches staggered probes (a draft pass on the path of nearly every step under load)."""
+    policy = filled_policy(serial=True)
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    probes = []
+    for step in range(3 * PROBE_ROUNDS):
+        plan = policy.plan(rounds, 16)
+        probes.append(sorted(rid for rid, k in plan.items() if k))
+        for r in rounds[: 1 + step % 16]:  # requests go idle at staggered steps
+            policy.observe_round(r.request_id, 0, 0)
+    probing = [step for step, p in enumerate(probes) if p]
+    assert probing and all((step + 1) % PROBE_ROUNDS in (0, 1) for step in probing)  # plans 16, 17, 32, 33...
+    assert max(len(p) for p in probes) > 1
+
+
+def test_no_probe_where_not_even_perfect_drafts_would_pay():
+    """A step so wide that drafts accepted every time would still lower its rate: requests
+    held at 0 are not probed (a probe makes the draft feed all the request missed, on the
+    step's path in sd, to refresh an estimate that changes no plan)."""
+    policy = SpeculationPolicy(serial_draft=True)
+    for n in range(1, 200):
+        policy.target_cost.observe(n, 0.01 * n)  # every row costs: a compute-bound pass
+    for b in range(1, 40):
+        policy.draft_cost.observe(b, 0.01 * b)
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    for _ in range(3 * PROBE_ROUNDS):
+        assert set(policy.plan(rounds, 16).values()) == {0}
+        for r in rounds:
+            policy.observe_round(r.request_id, 0, 0)
