@@ -23,7 +23,9 @@ torch, no clocks): the engine feeds it what it measures and asks it for a plan.
 - `SpeculationPolicy`: the state the engine keeps: estimates per request, a
   global one that new requests start from, the two cost curves, and probing:
   a request held at k = 0 for PROBE_ROUNDS rounds gets a draft again, so its
-  acceptance estimate (and the cost curve around the current step) do not freeze.
+  acceptance estimate (and the cost curve around the current step) do not freeze;
+  not while even drafts always accepted would not pay, and with a serial draft all
+  such requests together (see SpeculationPolicy._probe).
 """
 
 from __future__ import annotations
