@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import write_config
+from tests.helpers import tiny_pair, write_config
 
 # Tiny models: one thread is fastest, and on a 2-core box shared with worker
 # processes, more threads only fight over the cores.
@@ -49,6 +49,5 @@ def tiny_config(tmp_path_factory, tiny_target_dir):
     """Config for a server on the tiny model: float32, int8 draft of the same weights."""
     return write_config(
         tmp_path_factory.mktemp("config") / "tiny.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
     )

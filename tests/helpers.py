@@ -27,6 +27,14 @@ TINY_EASYSPEC_SECTIONS = {
 }
 
 
+def tiny_pair(model_dir) -> dict:
+    """The target and draft sections of the tests' pair: a model in float32, its int8 draft."""
+    return {
+        "target": {"path": str(model_dir), "dtype": "float32"},
+        "draft": {"path": str(model_dir), "dtype": "float32", "quantization": "int8"},
+    }
+
+
 def write_config(path: Path, **sections) -> Path:
     """A config for tests: one thread per worker, small context, given sections on top."""
     config = {

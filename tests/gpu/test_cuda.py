@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from configs.modes import mode_of
-from tests.helpers import greedy_chat_answers, launch_server, write_config
+from tests.helpers import greedy_chat_answers, launch_server, tiny_pair, write_config
 from tests.tiny_model import make_tiny_checkpoint
+from tests.unit.test_batching import batched_and_alone
 from workers.model import load_model
-from workers.model.model import ROW_WISE_MAX_T, Segment
+from workers.model.model import ROW_WISE_MAX_T
 
 pytestmark = pytest.mark.cuda
 
@@ -67,18 +68,8 @@ def test_a_ragged_batch_on_the_gpu_gives_each_request_what_it_gets_alone(tiny_di
     kernel for another row count, so equality is to float rounding (greedy tokens equal in
     float32), not bit for bit; the test prints which it was."""
     model = load_model(tiny_dir, dtype=getattr(torch, dtype), device="cuda:0")
-    gen = torch.Generator().manual_seed(1)
-    prefixes, news, num_logits = [11, 0, 30, 4], [1, 5, ROW_WISE_MAX_T + 7, 3], [1, 5, 0, 2]
-    batched, alone = [model.new_cache(64) for _ in prefixes], [model.new_cache(64) for _ in prefixes]
-    with torch.inference_mode():
-        for n, a, b in zip(prefixes, batched, alone):
-            if n:
-                prompt = torch.randint(0, 256, (n,), generator=gen)
-                model.forward(prompt, a, 0)
-                model.forward(prompt, b, 0)
-        tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
-        got = model.forward_batch([Segment(t, c, n) for t, c, n in zip(tokens, batched, num_logits)])
-        want = [model.forward(t, c, n) for t, c, n in zip(tokens, alone, num_logits)]
+    num_logits = [1, 5, 0, 2]
+    got, want, batched, alone = batched_and_alone(model, [11, 0, 30, 4], [1, 5, ROW_WISE_MAX_T + 7, 3], num_logits, seed=1)
     tol = 1e-5 if dtype == "float32" else 3e-2
     bitwise = all(torch.equal(g, w) for g, w in zip(got, want))
     print(f"{dtype}: batched logits equal the solo ones {'bit for bit' if bitwise else 'to rounding'}")
@@ -98,8 +89,7 @@ def gpu_config(tmp_path_factory, tiny_target_dir):
     """Both workers on cuda:0, float32, an int8 draft of the target's weights."""
     return write_config(
         tmp_path_factory.mktemp("cuda-config") / "cuda.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         placement={"default": {"target": CUDA, "draft": CUDA}},
     )
 
@@ -127,8 +117,7 @@ def test_a_cpu_draft_with_a_gpu_target_answers_what_ar_answers(tmp_path, tiny_ta
     Catches tokens or probabilities that assume both workers on one device."""
     config = write_config(
         tmp_path / "mixed.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         placement={"default": {"target": CUDA, "draft": {"device": "cpu", "threads": 1}}},
     )
     texts, stats = greedy_chat_answers(config, "amusd", "tiny", QUESTIONS, max_tokens=24)

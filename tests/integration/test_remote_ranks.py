@@ -21,7 +21,7 @@ import torch
 
 from bench.netns import missing_requirement, network_namespace
 from configs.loader import RendezvousConfig, load_config
-from tests.helpers import ONE_THREAD, REPO, TINY_EASYSPEC_SECTIONS, free_port, launch_server, wait_until, write_config
+from tests.helpers import ONE_THREAD, REPO, TINY_EASYSPEC_SECTIONS, free_port, launch_server, tiny_pair, wait_until, write_config
 from tests.integration.test_tensor_parallel import (  # the TP tests' model, passes, prompts and reference texts
     PROMPT,
     QUESTIONS,
@@ -53,8 +53,7 @@ def rank_config(path: Path, checkpoint, address: str, bind: str = "", key_file: 
     curve = {"enabled": True, "key_file": str(key_file), "create_missing": True} if key_file else {"enabled": False}
     return write_config(
         path,
-        target={"path": str(checkpoint), "dtype": "float32"},
-        draft={"path": str(checkpoint), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(checkpoint),
         placement={"default": {"target": [ONE_THREAD, ONE_THREAD], "draft": ONE_THREAD}},
         tensor_parallel={"channel": "auto", "rendezvous": {"address": address, "bind": bind, "external_ranks": [1]}},
         curve=curve,

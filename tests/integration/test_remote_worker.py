@@ -26,6 +26,7 @@ from tests.helpers import (
     free_port,
     launch_server,
     stop_server,
+    tiny_pair,
     wait_healthy,
     wait_until,
     write_config,
@@ -55,8 +56,7 @@ def config_with_external(path: Path, tiny_target_dir, netns, external: str) -> P
     hosts = {role: netns.ns_ip if role == external else netns.host_ip for role in ports}
     return write_config(
         path,
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         speculation={"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 3},
         server={"heartbeat_timeout_s": 2, "startup_timeout_s": 120, "shutdown_grace_s": 5},
         addresses={
@@ -77,8 +77,7 @@ def local_outputs(tmp_path_factory, tiny_target_dir):
     """The all-local run: the target alone (ar), every process on this host over ipc://."""
     config = write_config(
         tmp_path_factory.mktemp("local") / "local.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
     )
     with launch_server(config, mode="ar") as server:
         return [complete(server, prompt).choices[0].text for prompt in PROMPTS]

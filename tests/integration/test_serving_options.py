@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import REPO, RunningServer, free_port, stop_server, wait_until, write_config
+from tests.helpers import REPO, RunningServer, free_port, stop_server, tiny_pair, wait_until, write_config
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def started(tmp_path_factory, tiny_target_dir):
     root = tmp_path_factory.mktemp("options")
     config = write_config(
         root / "options.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         server={"access_log": True},
     )
     port = free_port()

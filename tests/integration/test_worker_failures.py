@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import TINY_EASYSPEC_SECTIONS, child_pids, launch_server, process_alive, wait_until, write_config
+from tests.helpers import TINY_EASYSPEC_SECTIONS, child_pids, launch_server, process_alive, tiny_pair, wait_until, write_config
 
 PROMPT = "Once upon a time, in a land far away,"
 
@@ -40,8 +40,7 @@ def complete(server, max_tokens=24, prompt=PROMPT):
 def restart_config(tmp_path_factory, tiny_target_dir):
     return write_config(
         tmp_path_factory.mktemp("restart") / "restart.yaml",
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         server={"restart_delay_s": 0.5, "shutdown_grace_s": 20},
         **TINY_EASYSPEC_SECTIONS,  # used by easyspec only: its rank 1 is a child of the draft worker
     )

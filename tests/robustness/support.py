@@ -10,7 +10,7 @@ import httpx
 
 from server.backend import BackendOverloaded
 from tests.api.fake_backend import FakeBackend
-from tests.helpers import RunningServer, write_config
+from tests.helpers import RunningServer, tiny_pair, write_config
 
 MODEL = "tiny"  # the model name write_config gives
 
@@ -73,8 +73,7 @@ def tiny_server_config(path: Path, tiny_target_dir: Path, **sections) -> Path:
     """write_config for the tiny model, float32, int8 draft (like the tiny_config fixture)."""
     return write_config(
         path,
-        target={"path": str(tiny_target_dir), "dtype": "float32"},
-        draft={"path": str(tiny_target_dir), "dtype": "float32", "quantization": "int8"},
+        **tiny_pair(tiny_target_dir),
         **sections,
     )
 

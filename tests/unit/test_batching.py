@@ -38,20 +38,11 @@ def test_row_spans_merge_batchable_segments_only():
     assert row_spans([0, 0], [True, True]) == []
 
 
-@pytest.mark.parametrize(
-    "dtype,quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int4"), ("float32", "int8")]
-)
-def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization):
-    """A ragged batch (different cache lengths; a decode token, a verification of drafts,
-    a prefill chunk longer than ROW_WISE_MAX_T, a 1-token prompt) gives every segment
-    bit for bit the logits and KV it gets alone (so greedy tokens are equal). Catches
-    rows attending to another request's cache or positions, a linear whose sums change
-    with the batch's row count, and a wrong split of the logits rows."""
-    model = load_model(tiny_dir, dtype=getattr(torch, dtype), quantization=quantization)
-    gen = torch.Generator().manual_seed(1)
-    prefixes = [11, 0, 30, 4, 7]  # cached positions before the pass
-    news = [1, 5, ROW_WISE_MAX_T + 7, 1, 3]  # tokens in the pass
-    num_logits = [1, 5, 0, 1, 2]
+def batched_and_alone(model, prefixes, news, num_logits, seed):
+    """One ragged step two ways over the same random prefixes (cached positions before the
+    pass) and new tokens: one forward_batch, and each segment's forward alone. Returns the
+    logits and caches of both: (batched logits, solo logits, batched caches, solo caches)."""
+    gen = torch.Generator().manual_seed(seed)
     batched, alone = [model.new_cache(64) for _ in prefixes], [model.new_cache(64) for _ in prefixes]
     with torch.inference_mode():
         for n, a, b in zip(prefixes, batched, alone):
@@ -62,6 +53,21 @@ def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization
         tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
         got = model.forward_batch([Segment(t, c, n) for t, c, n in zip(tokens, batched, num_logits)])
         want = [model.forward(t, c, n) for t, c, n in zip(tokens, alone, num_logits)]
+    return got, want, batched, alone
+
+
+@pytest.mark.parametrize(
+    "dtype,quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int4"), ("float32", "int8")]
+)
+def test_batched_forward_equals_each_segment_alone(tiny_dir, dtype, quantization):
+    """A ragged batch (different cache lengths; a decode token, a verification of drafts,
+    a prefill chunk longer than ROW_WISE_MAX_T, a 1-token prompt) gives every segment
+    bit for bit the logits and KV it gets alone (so greedy tokens are equal). Catches
+    rows attending to another request's cache or positions, a linear whose sums change
+    with the batch's row count, and a wrong split of the logits rows."""
+    model = load_model(tiny_dir, dtype=getattr(torch, dtype), quantization=quantization)
+    num_logits = [1, 5, 0, 1, 2]
+    got, want, batched, alone = batched_and_alone(model, [11, 0, 30, 4, 7], [1, 5, ROW_WISE_MAX_T + 7, 1, 3], num_logits, seed=1)
     for g, w, n in zip(got, want, num_logits):
         assert g.shape == w.shape == (n, 256) and g.dtype == torch.float32
         assert torch.equal(g, w)
@@ -275,17 +281,8 @@ def test_a_batch_of_decode_steps_and_verifications_attends_in_one_kernel_call_a_
     calls = []
     real = attend.attend_segments
     monkeypatch.setattr(attend, "attend_segments", lambda *a: calls.append(len(a[2])) or real(*a))
-    gen = torch.Generator().manual_seed(3)
-    prefixes, news = [9, 3, 20, 1], [1, 5, 1, ROW_WISE_MAX_T]
-    batched, alone = [model.new_cache(64) for _ in prefixes], [model.new_cache(64) for _ in prefixes]
-    with torch.inference_mode():
-        for n, a, b in zip(prefixes, batched, alone):
-            prompt = torch.randint(0, 256, (n,), generator=gen)
-            model.forward(prompt, a, 0)
-            model.forward(prompt, b, 0)
-        tokens = [torch.randint(0, 256, (t,), generator=gen) for t in news]
-        got = model.forward_batch([Segment(t, c, len(t)) for t, c in zip(tokens, batched)])
-        want = [model.forward(t, c, len(t)) for t, c in zip(tokens, alone)]
+    news = [1, 5, 1, ROW_WISE_MAX_T]
+    got, want, batched, alone = batched_and_alone(model, [9, 3, 20, 1], news, news, seed=3)
     assert calls == [len(news)] * model.args.n_layers
     for g, w in zip(got, want):
         assert torch.equal(g, w)
