@@ -292,11 +292,14 @@ class SpeculationPolicy:
             # (a wide step), a fresher estimate changes no plan, and a probe costs the draft's
             # feeding of all the request missed (in sd on the step's path: measured, 16 clients,
             # 5.8 s of a 13 s run)
-            perfect = [Candidate(1.0, r.cap, r.floor, r.bonus) for r in rounds]
-            could_pay = any(k > r.floor for k, r in zip(plan(perfect, base_tokens, self.target_cost, draft), rounds))
+            probes = [self._probe(r) for r in rounds]
+            if any(probes):
+                perfect = [Candidate(1.0, r.cap, r.floor, r.bonus) for r in rounds]
+                if not any(k > r.floor for k, r in zip(plan(perfect, base_tokens, self.target_cost, draft), rounds)):
+                    probes = [0] * len(rounds)
             candidates = [
-                Candidate(self.acceptance(r.request_id), r.cap, max(r.floor, self._probe(r) if could_pay else 0), r.bonus)
-                for r in rounds
+                Candidate(self.acceptance(r.request_id), r.cap, max(r.floor, probe), r.bonus)
+                for r, probe in zip(rounds, probes)
             ]
             ks = plan(candidates, base_tokens, self.target_cost, draft)
         self.last_plan = {r.request_id: k for r, k in zip(rounds, ks)}

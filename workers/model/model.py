@@ -93,6 +93,7 @@ class RaggedRows:
         self.short = all(n <= ROW_WISE_MAX_T for n in lengths)
         self.starts_i32 = torch.tensor([p.start for p in positions], dtype=torch.int32)
         self.lengths_i32 = torch.tensor(self.lengths, dtype=torch.int32)
+        self._one_call: bool | None = None
         self.cos = torch.cat([p.cos for p in positions])  # [N, 1, D]
         self.sin = torch.cat([p.sin for p in positions])
         self.min_rows = min_rows
@@ -105,6 +106,14 @@ class RaggedRows:
             batchable = [min_rows is not None and min_rows <= n <= ROW_WISE_MAX_T for n in self.lengths]
             self._spans[min_rows] = row_spans(self.lengths, batchable)
         return self._spans[min_rows]
+
+    def attends_in_one_call(self, caches: list, dtype: torch.dtype) -> bool:
+        """attend.attend_segments takes this pass: every segment short, every cache one the kernel
+        reads in `dtype`. Checked on the first layer's caches (a KVCache's layers share dtype
+        and layout), once per pass."""
+        if self._one_call is None:
+            self._one_call = self.short and all(k.dtype == dtype and attend.usable(k) for k, _ in caches)
+        return self._one_call
 
     def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [N, K] -> [N, N_out]
         spans = self.spans(self.min_rows(module))
@@ -276,7 +285,7 @@ class Attention(nn.Module):
         """x: [N, dim] normalized, the rows of several sequences (segments) one after another;
         each segment attends over its own cache. Returns [N, dim]."""
         qk, v = self.project(x, rows.cos, rows.sin, rows.linear)
-        if rows.short and all(k.dtype == qk.dtype and attend.usable(k) for k, _ in caches):
+        if rows.attends_in_one_call(caches, qk.dtype):
             out = attend.attend_segments(qk, v, caches, rows.starts_i32, rows.lengths_i32, self.scale).to(qk.dtype)
         else:
             out = torch.cat([
