@@ -96,6 +96,7 @@ def assert_passes_were_batched(url: str, roles=("verify",)) -> None:
 
 
 def easyspec_counts(url: str) -> dict[str, float]:
+    time.sleep(1.2)  # the draft reports its counters every ~0.5 s: let it report what it has done
     m = metric_samples(url)
     return {k: m[(f"tandem:easyspec_{k}_total", ())] for k in ("exchange_count", "fuzzy_passes", "exact_passes")}
 
