@@ -46,6 +46,7 @@ class Plan:
     stream: bool
     seed: int | None  # None: greedy (temperature 0); else sampled with this seed
     max_tokens: int
+    num_draft_tokens: int | None = None  # the request's own speculation cap (None: the server's)
 
     @property
     def sampled(self) -> bool:
@@ -63,6 +64,8 @@ class Plan:
             body["temperature"] = 0.0
         if self.stream:
             body.update(stream=True, stream_options={"include_usage": True})
+        if self.num_draft_tokens is not None:
+            body["speculation"] = {"num_draft_tokens": self.num_draft_tokens}
         return body
 
 
@@ -111,14 +114,14 @@ def _exact_share(n: int, fraction: float, rng: random.Random) -> list[bool]:
 
 def plan_requests(prompts: Sequence[str], num_requests: int, *, stream_fraction: float = 0.5,
                   chat_fraction: float = 0.5, sampling_fraction: float = 0.5, max_tokens: int = 64,
-                  mix_seed: int = 0) -> list[Plan]:
+                  mix_seed: int = 0, num_draft_tokens: int | None = None) -> list[Plan]:
     rng = random.Random(mix_seed)
     streams = _exact_share(num_requests, stream_fraction, rng)
     chats = _exact_share(num_requests, chat_fraction, rng)
     sampled = _exact_share(num_requests, sampling_fraction, rng)
     return [
         Plan(index=i, prompt=prompts[i % len(prompts)], chat=chats[i], stream=streams[i],
-             seed=1000 + i if sampled[i] else None, max_tokens=max_tokens)
+             seed=1000 + i if sampled[i] else None, max_tokens=max_tokens, num_draft_tokens=num_draft_tokens)
         for i in range(num_requests)
     ]
 
@@ -322,6 +325,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-fraction", type=_fraction, default=0.5)
     p.add_argument("--sampling-fraction", type=_fraction, default=0.5, help="seeded sampling; the rest greedy")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--num-draft-tokens", type=int, metavar="K",
+                   help="each request's own speculation cap (the body's speculation.num_draft_tokens; "
+                        "0: no drafts; default: the server's)")
     p.add_argument("--model", help="model name (default: the first of /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default: env TANDEM_API_KEY, then OPENAI_API_KEY)")
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench.load: --clients, --requests and --max-tokens must be at least 1")
     plans = plan_requests(load_prompt_texts(args.prompts), args.requests, stream_fraction=args.stream_fraction,
                           chat_fraction=args.chat_fraction, sampling_fraction=args.sampling_fraction,
-                          max_tokens=args.max_tokens, mix_seed=args.mix_seed)
+                          max_tokens=args.max_tokens, mix_seed=args.mix_seed,
+                          num_draft_tokens=args.num_draft_tokens)
     try:
         results, elapsed = asyncio.run(run_load(args.url, plans, clients=args.clients, model=args.model,
                                                 api_key=args.api_key, timeout_s=args.timeout))

@@ -84,6 +84,19 @@ def test_a_serial_draft_counts():
     assert expensive == [0, 0, 0, 0]
 
 
+def test_a_serial_draft_pays_for_what_a_request_missed():
+    """A request that ran without drafts while a synchronous draft stood by has tokens the
+    draft must feed before it drafts again, on the step's path: with the same acceptance,
+    the one that kept drafting gets drafts and the lagging one none (catches a plan that
+    prices a catching-up draft pass like a one-token one: measured, sd, 16 clients,
+    catch-up passes of 400 tokens on the step's path)."""
+    draft = lambda n: 0.01 * n  # noqa: E731 (a pass by the tokens it feeds)
+    fresh, lagging = Candidate(0.8, 4), Candidate(0.8, 4, lag=300)
+    assert plan([fresh, fresh], 2, affine(1.0, 0.02), draft) == [4, 4]
+    ks = plan([fresh, lagging], 2, affine(1.0, 0.02), draft)
+    assert ks[0] == 4 and ks[1] == 0
+
+
 def test_the_better_drafted_request_gets_more_drafts():
     ks = plan([Candidate(0.95, 6), Candidate(0.3, 6)], 2, affine(1.0, 0.15))
     assert ks[0] > ks[1]
@@ -145,6 +158,23 @@ def test_cost_curve_interpolates_and_never_invents_a_saving():
     assert curve(1) == pytest.approx(1.0)  # below: no cheaper than the smallest seen
     curve.observe(8, 4.0)  # an EMA: half way to the new measurement
     assert curve(8) == pytest.approx(3.0)
+
+
+def test_cost_curve_grows_above_its_counts_as_its_shape_does():
+    """A draft pass measured over 1 to 16 tokens, asked for 400 (one catching up): it grows
+    as the target's pass did from 16 to 400 tokens, not 25-fold (which would never let a
+    request that missed a few dozen tokens draft again); proportional where the shape has
+    not seen the count."""
+    target = CostCurve()
+    for n, seconds in [(1, 0.010), (16, 0.020), (400, 0.200)]:
+        target.observe(n, seconds)
+    draft = CostCurve(shape=target)
+    for n in (1, 16):
+        draft.observe(n, 0.008)
+    assert draft(400) == pytest.approx(0.008 * 10)
+    assert draft(32) == pytest.approx(0.008 * target(32) / target(16))
+    assert draft(800) == pytest.approx(0.008 * 50)  # beyond the shape's counts: proportional
+    assert draft(8) == pytest.approx(0.008)  # within its own counts: its own values
 
 
 def test_cost_curve_does_not_fall_with_more_work():
@@ -209,11 +239,19 @@ def test_policy_probes_a_request_held_at_zero():
     assert policy.acceptance("r0") < policy.acceptance("r1")
 
 
-def test_policy_starts_new_requests_from_the_last_plan():
+def test_policy_starts_new_requests_from_the_plans_of_as_many_rounds():
+    """A new request's first round takes what the latest plan of about as many rounds gave:
+    a burst of 16 arriving after a quiet spell begins without drafts where 16 rounds got
+    none, not with the quiet spell's (catches starting from whatever plan came last)."""
     policy = filled_policy(serial=False)
-    assert policy.new_request_drafts(4) == 4  # no plan yet
+    assert policy.new_request_drafts(4, 16) == 4  # no plan yet
     policy.plan([Round(f"r{i}", 4) for i in range(16)], 16)
-    assert policy.new_request_drafts(4) == 0  # under load
+    assert policy.last_plan and set(policy.last_plan.values()) == {0}  # under load
+    alone = policy.plan([Round("r0", 4)], 1)["r0"]
+    assert alone > 0
+    assert policy.new_request_drafts(4, 16) == policy.new_request_drafts(4, 12) == 0
+    assert policy.new_request_drafts(4, 1) == policy.new_request_drafts(4, 3) == alone
+    assert policy.new_request_drafts(1, 1) == 1  # never above the cap
     policy.forget("r0")
     assert "r0" not in policy.last_plan
 
@@ -233,6 +271,29 @@ def test_a_serial_draft_probes_every_idle_request_on_the_same_step():
     probing = [step for step, p in enumerate(probes) if p]
     assert probing and all((step + 1) % PROBE_ROUNDS in (0, 1) for step in probing)  # plans 16, 17, 32, 33...
     assert max(len(p) for p in probes) > 1
+
+
+def test_no_probe_where_feeding_what_the_requests_missed_would_not_pay():
+    """Drafts always accepted would pay for requests that kept drafting, but not once the
+    draft must first feed the 16 rounds' tokens each missed: with a serial draft no probe."""
+    def probes(lag):
+        policy = SpeculationPolicy(serial_draft=True)
+        for n in range(1, 100):
+            policy.target_cost.observe(n, 0.02 + 0.001 * n)
+        for n in range(1, 100):
+            policy.draft_cost.observe(n, 0.004 + 0.0005 * n)
+        rounds = [Round(f"r{i}", 4, lag=lag) for i in range(4)]
+        for r in rounds:
+            policy.observe_round(r.request_id, 4, 0)  # drafting does not pay at this acceptance
+        planned = []
+        for _ in range(3 * PROBE_ROUNDS):
+            planned.append(sum(policy.plan(rounds, 4).values()))
+            for r in rounds:
+                policy.observe_round(r.request_id, 0, 0)
+        return planned
+
+    assert any(probes(lag=0))
+    assert not any(probes(lag=PROBE_ROUNDS * 40))
 
 
 def test_no_probe_where_not_even_perfect_drafts_would_pay():

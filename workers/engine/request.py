@@ -21,6 +21,7 @@ class Request:
     num_draft_tokens: int | None = None  # the request's own cap on drafts per round (None: none)
     planned_drafts: int | None = None  # adaptive speculation: drafts the latest plan gave its round
     draft_run_ahead: int = 0  # the run-ahead the draft was last told: a round takes no more drafts
+    draft_fed: int = 0  # adaptive: the request's tokens as of its latest round with drafts (the draft fed them)
     output_ids: list[int] = field(default_factory=list)
     cache: object = None  # the target's KVCache while running
     arrival_time: float = field(default_factory=time.monotonic)

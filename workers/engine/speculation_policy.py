@@ -16,10 +16,12 @@ torch, no clocks): the engine feeds it what it measures and asks it for a plan.
   A round that accepted n of k drafts saw n successes and, if n < k, one
   failure; n / k would underestimate a (k = 4, a = 0.5 gives 0.23).
 - `CostCurve`: a cost measured online as a function of a count (the target's
-  step by the tokens in its pass; a draft pass by its batch), an EMA per count,
+  step by the tokens in its pass; a draft pass by the tokens it feeds), an EMA per count,
   made non-decreasing (noise must not make more work look cheaper), interpolated
-  between counts seen and pessimistic outside them (more tokens cost
-  proportionally more; fewer cost no less) so that it never invents a saving.
+  between counts seen and pessimistic outside them (fewer cost no less; more cost
+  proportionally more, or as much more as on another curve's shape: a draft
+  pass feeding many tokens grows as the target's pass does) so that it never
+  invents a saving.
 - `SpeculationPolicy`: the state the engine keeps: estimates per request, a
   global one that new requests start from, the two cost curves, and probing:
   a request held at k = 0 for PROBE_ROUNDS rounds gets a draft again, so its
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 EMA_WEIGHT = 0.2  # weight of a new measurement in a cost curve's value at its count
@@ -59,6 +61,7 @@ class Candidate:
     cap: int  # most drafts (the server's k, the request's own, its remaining tokens)
     floor: int = 0  # fewest drafts (<= cap)
     bonus: bool = True  # False: an all-accepted round emits no bonus token
+    lag: int = 0  # tokens a serial draft feeds before its first draft (what it missed at k = 0)
 
 
 def plan(
@@ -71,19 +74,41 @@ def plan(
 
     base_tokens: tokens in the target's pass besides the drafts (each round's
     pending token, prefill chunks). target_cost(n): seconds of a step whose pass
-    has n tokens. draft_pass_cost(b): seconds of one draft pass over b requests,
+    has n tokens. draft_pass_cost(n): seconds of one draft pass feeding n tokens,
     paid serially before the step (a synchronous draft: the j-th draft of every
-    request with k >= j comes from one batched pass); None when the draft runs
-    beside the target and costs the step nothing.
+    request with k >= j comes from one batched pass, which feeds one token for
+    each, and for its first draft also the candidate's lag); None when the draft
+    runs beside the target and costs the step nothing.
+
+    Drafts are added best expected gain first, which does not see a lag: a lagging
+    candidate's first draft may come early, dip the rate, and hide a better plan
+    among the others; so with a serial draft the plan where lagging candidates stay
+    at their floors is tried too.
     """
+    ks, best = _greedy(candidates, base_tokens, target_cost, draft_pass_cost)
+    if draft_pass_cost is not None and any(c.lag and c.floor < c.cap for c in candidates):
+        fresh = [replace(c, cap=c.floor) if c.lag else c for c in candidates]
+        fresh_ks, fresh_rate = _greedy(fresh, base_tokens, target_cost, draft_pass_cost)
+        if fresh_rate > best:
+            ks = fresh_ks
+    return ks
+
+
+def _greedy(
+    candidates: list[Candidate],
+    base_tokens: int,
+    target_cost: Callable[[int], float],
+    draft_pass_cost: Callable[[int], float] | None,
+) -> tuple[list[int], float]:
+    """plan's drafts added one at a time, best gain first; the best prefix and its rate."""
     ks = [min(c.floor, c.cap) for c in candidates]
-    depth: dict[int, int] = {}  # j -> requests with k >= j: the draft passes' batch sizes
-    for k in ks:
+    depth: dict[int, int] = {}  # j -> tokens the j-th draft pass feeds (requests with k >= j, lags)
+    for c, k in zip(candidates, ks):
         for j in range(1, k + 1):
-            depth[j] = depth.get(j, 0) + 1
+            depth[j] = depth.get(j, 0) + _fed(c, j)
 
     def draft_time() -> float:
-        return sum(draft_pass_cost(b) for b in depth.values()) if draft_pass_cost else 0.0
+        return sum(draft_pass_cost(n) for n in depth.values()) if draft_pass_cost else 0.0
 
     tokens = sum(expected_tokens(c.acceptance, k, c.bonus) for c, k in zip(candidates, ks))
     rows = base_tokens + sum(ks)
@@ -95,26 +120,32 @@ def plan(
 
     best_rate, best_len = rate(), 0
     additions: list[int] = []  # candidate indices, in the order drafts were added
-    heap = [(-_gain(c, k), i) for i, (c, k) in enumerate(zip(candidates, ks)) if k < c.cap]
+    # best gain first; of equal gains, the draft that feeds the fewest tokens
+    heap = [(-_gain(c, k), _fed(c, k + 1), i) for i, (c, k) in enumerate(zip(candidates, ks)) if k < c.cap]
     heapq.heapify(heap)
     while heap:
-        _, i = heapq.heappop(heap)
+        _, fed, i = heapq.heappop(heap)
         c = candidates[i]
         tokens += _gain(c, ks[i])
         ks[i] += 1
         rows += 1
         if draft_pass_cost is not None:
             before = depth.get(ks[i], 0)
-            drafted += draft_pass_cost(before + 1) - (draft_pass_cost(before) if before else 0.0)
-            depth[ks[i]] = before + 1
+            drafted += draft_pass_cost(before + fed) - (draft_pass_cost(before) if before else 0.0)
+            depth[ks[i]] = before + fed
         additions.append(i)
         if ks[i] < c.cap:
-            heapq.heappush(heap, (-_gain(c, ks[i]), i))
+            heapq.heappush(heap, (-_gain(c, ks[i]), _fed(c, ks[i] + 1), i))
         if (r := rate()) > best_rate:
             best_rate, best_len = r, len(additions)
     for i in additions[best_len:]:  # undo the additions past the best prefix
         ks[i] -= 1
-    return ks
+    return ks, best_rate
+
+
+def _fed(c: Candidate, j: int) -> int:
+    """Tokens the candidate's j-th draft adds to its draft pass."""
+    return 1 + c.lag if j == 1 else 1
 
 
 def _gain(c: Candidate, k: int) -> float:
@@ -147,8 +178,11 @@ class CostCurve:
     must not invent a saving) by pooling neighbours that disagree (isotonic regression,
     each count weighted by its measurements, up to 1 / weight)."""
 
-    def __init__(self, weight: float = EMA_WEIGHT):
+    def __init__(self, weight: float = EMA_WEIGHT, shape: "CostCurve | None" = None):
+        """shape: a curve whose growth this one follows above the counts it has seen
+        (where that curve has seen them)."""
         self.weight = weight
+        self.shape = shape
         self._counts: list[int] = []  # sorted
         self._values: dict[int, float] = {}
         self._seen: dict[int, int] = {}
@@ -177,8 +211,9 @@ class CostCurve:
         return self._fitted
 
     def __call__(self, count: int) -> float:
-        """Interpolated between the counts seen; above them proportional to the
-        largest, below them the smallest's value (never a saving not measured)."""
+        """Interpolated between the counts seen; above them the largest's value grown
+        in proportion to the count (or to the shape's value), below them the smallest's
+        value (never a saving not measured)."""
         if not self._counts:
             raise ValueError("no measurements")
         fitted = self._fit()
@@ -189,6 +224,8 @@ class CostCurve:
             return fitted[0]
         low = self._counts[i - 1]
         if i == len(self._counts):
+            if self.shape and self.shape._counts[-1] >= count and self.shape(low) > 0:
+                return fitted[-1] * self.shape(count) / self.shape(low)
             return fitted[-1] * count / low
         high = self._counts[i]
         return fitted[i - 1] + (count - low) / (high - low) * (fitted[i] - fitted[i - 1])
@@ -217,6 +254,7 @@ class Round:
     cap: int
     floor: int = 0
     bonus: bool = True
+    lag: int = 0  # verified tokens the draft has not fed (a synchronous draft feeds them before drafting)
 
 
 class SpeculationPolicy:
@@ -229,11 +267,13 @@ class SpeculationPolicy:
     def __init__(self, serial_draft: bool, prior_acceptance: float = 0.5):
         self.serial_draft = serial_draft
         self.target_cost = CostCurve()  # a step's seconds by the tokens in its target pass
-        self.draft_cost = CostCurve()  # a draft pass's seconds by its batch
+        # a draft pass's seconds by the tokens it feeds (one a request; more for one catching up)
+        self.draft_cost = CostCurve(shape=self.target_cost)
         self.overall = AcceptanceEstimate(prior_acceptance)
         self._acceptance: dict[str, AcceptanceEstimate] = {}
         self._idle_rounds: dict[str, int] = {}  # rounds since the request last verified drafts
         self.last_plan: dict[str, int] = {}
+        self._most_by_batch: dict[int, int] = {}  # rounds in a plan -> most drafts the latest such plan gave
         self._plans = 0  # plans made (the steps probes are aligned to)
 
     def acceptance(self, request_id: str) -> float:
@@ -251,7 +291,9 @@ class SpeculationPolicy:
         self.overall.observe(drafted, accepted, decay=0.99)
 
     def observe_step(self, tokens: int, seconds: float) -> None:
-        """A step whose target pass had `tokens` tokens took `seconds` (without waiting for drafts)."""
+        """A step whose target pass had `tokens` tokens took `seconds`: without waiting for
+        drafts with a serial draft (priced by draft_cost), with it for a draft beside the
+        target (which then costs a step what it holds the step up)."""
         self.target_cost.observe(tokens, seconds)
 
     def observe_draft_wait(self, rounds: list[tuple[str, int]], seconds: float) -> None:
@@ -259,7 +301,8 @@ class SpeculationPolicy:
         their outcomes are observed. The wait is split over the draft passes behind it (one
         per depth j, batch: the rounds with k >= j) in proportion to their estimated costs
         (equally at first). Not measured when a round's request did not draft in its
-        previous round: the draft then also prefilled (a prompt, tokens it missed)."""
+        previous round: the draft then also fed a prompt or tokens it missed, in an
+        amount the policy knows only approximately."""
         if any(self._idle_rounds.get(request_id, 1) for request_id, k in rounds if k):
             return
         drafts = [k for _, k in rounds]
@@ -276,10 +319,17 @@ class SpeculationPolicy:
         self._idle_rounds.pop(request_id, None)
         self.last_plan.pop(request_id, None)
 
-    def new_request_drafts(self, cap: int) -> int:
-        """Drafts for a request's first round, before any plan included it: as many as
-        the last plan gave any request (all of cap before the first plan)."""
-        return min(cap, max(self.last_plan.values())) if self.last_plan else cap
+    def new_request_drafts(self, cap: int, batch: int) -> int:
+        """Drafts for a request's first round, before any plan included it, in a step of
+        about `batch` rounds: as many as the latest plan of the nearest number of rounds
+        (the larger of two as near) gave any request; all of cap before any plan. Not the
+        plan just made: a burst of requests arriving after a quiet spell would all begin
+        with a quiet spell's drafts (measured, sd, 16 clients: a draft pass over 16 prompts
+        on the path of the first step)."""
+        if not self._most_by_batch:
+            return cap
+        nearest = min(self._most_by_batch, key=lambda n: (abs(n - batch), -n))
+        return min(cap, self._most_by_batch[nearest])
 
     def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
         """Drafts per round of the next step (each cap until the target's cost has been measured)."""
@@ -289,20 +339,22 @@ class SpeculationPolicy:
         else:
             draft = self.draft_cost if self.serial_draft else None
             # a probe only where drafts could pay: if not even drafts always accepted would
-            # (a wide step), a fresher estimate changes no plan, and a probe costs the draft's
-            # feeding of all the request missed (in sd on the step's path: measured, 16 clients,
-            # 5.8 s of a 13 s run)
+            # (a wide step; with a serial draft, counting the feeding of all a request missed,
+            # on the step's path: measured, sd, 16 clients, 5.8 s of a 13 s run), a fresher
+            # estimate changes no plan
             probes = [self._probe(r) for r in rounds]
             if any(probes):
-                perfect = [Candidate(1.0, r.cap, r.floor, r.bonus) for r in rounds]
+                perfect = [Candidate(1.0, r.cap, r.floor, r.bonus, r.lag) for r in rounds]
                 if not any(k > r.floor for k, r in zip(plan(perfect, base_tokens, self.target_cost, draft), rounds)):
                     probes = [0] * len(rounds)
             candidates = [
-                Candidate(self.acceptance(r.request_id), r.cap, max(r.floor, probe), r.bonus)
+                Candidate(self.acceptance(r.request_id), r.cap, max(r.floor, probe), r.bonus, r.lag)
                 for r, probe in zip(rounds, probes)
             ]
             ks = plan(candidates, base_tokens, self.target_cost, draft)
         self.last_plan = {r.request_id: k for r, k in zip(rounds, ks)}
+        if rounds:
+            self._most_by_batch[len(rounds)] = max(ks)
         return dict(self.last_plan)
 
     def _probe(self, r: Round) -> int:
