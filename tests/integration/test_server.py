@@ -101,6 +101,25 @@ def test_adaptive_speculation_through_the_server(tiny_config, ar_server, mode):
         assert sampled[0] == sampled[1]
 
 
+def test_bench_load_sets_each_requests_speculation(sd_server, tmp_path):
+    """`python -m bench.load --num-draft-tokens 0` sends every request with speculation off:
+    the server verifies rounds and counts no drafts (catches the flag not reaching the
+    body, which would make a "no speculation" load run measure speculation)."""
+    from bench import load
+
+    before = sd_server.metrics()
+    args = ["--url", sd_server.url, "--clients", "2", "--requests", "4", "--max-tokens", "8",
+            "--num-draft-tokens", "0", "--json", str(tmp_path / "load.json")]
+    assert load.main(args) == 0
+    after = sd_server.metrics()
+
+    def delta(name):
+        return after.get((name, ()), 0) - before.get((name, ()), 0)
+
+    assert delta("tandem:spec_decode_round_draft_tokens_count") > 0  # rounds were verified
+    assert delta("tandem:spec_decode_round_draft_tokens_sum") == 0
+
+
 def test_speculative_output_equals_ar_output(ar_server, spec_server):
     for prompt in PROMPTS:
         ar, sd = complete(ar_server, prompt), complete(spec_server, prompt)
