@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from configs.choices import CALIBRATION_POLICIES, CHANNELS, DTYPES, QUANTIZATIONS, VARIANTS
-from configs.modes import MODE_NAMES, Mode, mode_of
+from configs.modes import MODE_NAMES, MODES, Mode, mode_of
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
@@ -62,6 +62,9 @@ class RolePlacement:
     # (`draft` is rank 0); D = 1 + len(draft_ranks)
     draft_ranks: tuple[DevicePlacement, ...] = ()
     target_ranks: tuple[DevicePlacement, ...] = ()  # the tensor-parallel target's ranks 1..R-1
+    # a mode whose draft runs beside the target (amusd), each on cores of its own: the target's
+    # passes also take the draft's cores in steps where no request drafts (the draft idles)
+    borrow_draft_cores: bool = False
 
     @property
     def targets(self) -> tuple[DevicePlacement, ...]:
@@ -441,6 +444,20 @@ def _validate_target_devices(config: Config, mode: str, roles: RolePlacement) ->
         )
 
 
+def _validate_borrowing(mode: str, roles: RolePlacement) -> None:
+    """borrow_draft_cores: a CPU target and draft on cores of their own, in a mode whose draft runs
+    beside the target as one process. (Where the draft's cores are all the target's too there
+    is nothing to borrow, and the verify worker does not.)"""
+    if not roles.borrow_draft_cores:
+        return
+    where = f"placement.{mode}.borrow_draft_cores"
+    row = MODES.get(mode)
+    if row is None or not row.drafts or row.synchronous or row.layer_parallel_draft:
+        raise ConfigError(f"{where}: only for a mode whose draft runs beside the target (amusd), not {mode!r}")
+    if roles.target_ranks or any(p.device != "cpu" or not p.cores for p in (roles.target, roles.draft)):
+        raise ConfigError(f"{where}: needs a CPU target and draft (one process each) pinned to cores")
+
+
 def _validate_external_ranks(config: Config, mode: str, roles: RolePlacement) -> None:
     """External ranks must be ranks of the groups this mode's placement makes."""
     for section, world, devices in (
@@ -483,6 +500,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"placement.{mode}: not a mode (modes: default, {', '.join(MODE_NAMES)})")
         _validate_target_devices(config, mode, roles)
         _validate_external_ranks(config, mode, roles)
+        _validate_borrowing(mode, roles)
         for role, placement in [("target", roles.target), ("draft", roles.draft)] + [
             (f"draft_ranks[{i}]", p) for i, p in enumerate(roles.draft_ranks)
         ] + [(f"target[{i}]", p) for i, p in enumerate(roles.target_ranks, start=1)]:

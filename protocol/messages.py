@@ -5,7 +5,7 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
     server  -> verify : GenerateRequest, AbortRequest, DraftAvailability
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
     verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest
-    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling)
+    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling), DraftPass
     worker  -> server : WorkerReady (the start-up handshake, then every second: the heartbeat), WorkerStats
 
 Drafting is a stream in every speculative mode: the verifier begins a request
@@ -139,6 +139,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     batch_sizes: HistogramCounts | None = None  # requests per model pass (verify: target, draft: draft)
     prefix_cache_queries: int = 0  # prompt tokens to prefill, of requests that may reuse a cached prefix
     prefix_cache_hits: int = 0  # of those, tokens whose KV was taken from a cache
+    wide_steps: int = 0  # verify: steps whose target pass borrowed the idle draft's cores
 
 
 class EngineStatus(msgspec.Struct, tag=True):
@@ -209,6 +210,14 @@ class DraftTokens(msgspec.Struct, tag=True):
     has_probs: bool = False
 
 
+class DraftPass(msgspec.Struct, tag=True):
+    """The draft made one batched pass (drafting, a prompt chunk, catching up): adaptive
+    speculation prices a draft running beside the target by its pace."""
+
+    tokens: int  # tokens the pass fed
+    seconds: float
+
+
 class DraftAvailability(msgspec.Struct, tag=True):
     """The launcher saw the draft worker die (False) or come back (True).
 
@@ -235,6 +244,7 @@ Message = (
     | BeginDrafting
     | VerifiedPrefix
     | DraftTokens
+    | DraftPass
     | DraftAvailability
     | ReleaseRequest
 )

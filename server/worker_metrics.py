@@ -41,6 +41,8 @@ COUNTERS = (
      "Time the verifier sat idle waiting for draft tokens (AMUSD: the draft is the bottleneck)."),
     ("verify", "stale_drafts", "spec_decode_stale_draft_tokens",
      "Draft tokens dropped by the verifier because they were drafted from an old prefix."),
+    ("verify", "wide_steps", "verify_wide_steps",
+     "Verify steps whose target pass also ran on the idle draft's cores (placement borrow_draft_cores)."),
 )
 # (WorkerStats field, series, help): cumulative counters of every worker, with its role label
 ROLE_COUNTERS = (

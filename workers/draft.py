@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from configs.loader import Config
-from protocol.messages import BeginDrafting, ReleaseRequest, VerifiedPrefix, WorkerStats
+from protocol.messages import BeginDrafting, DraftPass, ReleaseRequest, VerifiedPrefix, WorkerStats
 from workers.engine import DraftEngine, DraftModel, PlainDraft
 from workers.engine.draft_engine import Drafted
 from workers.ranks.rendezvous import deployment_secret
@@ -82,7 +82,9 @@ class DraftWorker:
             # not the EasySpec draft: its cache tracks fuzzy and exact positions of its own passes
             prefix_caching=config.scheduler.prefix_caching and isinstance(self.model, PlainDraft),
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
-            catch_up=not config.mode.synchronous,  # a synchronous draft waits for its next round
+            # a synchronous draft waits for its next round; one whose cores the target borrows
+            # while it has nothing to draft must not take them back for catching up
+            catch_up=not config.mode.synchronous and not config.placement_of_mode.borrow_draft_cores,
         )
         self.inbox = open_inbox(config, "draft")
         self.to_verify = open_outbox(config, "verify")
@@ -110,15 +112,18 @@ class DraftWorker:
                 self._handle(decoded.message)
                 decoded = self.inbox.recv(timeout_ms=0)
             if self.engine.has_work:
-                step_started = time.monotonic()
+                step_started, passes = time.monotonic(), self.engine.passes
                 try:
                     drafted = self.engine.step_all()
                 except Exception:  # the verifier times out on these requests and goes on target-only
                     log.exception("drafting failed")
                     drafted = []
-                self.busy_s += time.monotonic() - step_started
+                seconds = time.monotonic() - step_started
+                self.busy_s += seconds
                 for each in drafted:
                     self._publish(each)
+                if self.engine.passes > passes and not self.config.mode.synchronous:  # its pace, for amusd's plans
+                    self.to_verify.send(DraftPass(self.engine.pass_tokens, seconds))
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now

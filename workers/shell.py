@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from functools import cache
 
@@ -95,6 +96,65 @@ def apply_placement(placement: DevicePlacement) -> torch.device:
         os.sched_setaffinity(0, placement.cores)
     torch.set_num_threads(placement.threads or len(placement.cores) or torch.get_num_threads())
     return torch.device("cpu")
+
+
+class BorrowedCores:
+    """The target's thread team, widened onto the draft's cores for the steps where the draft
+    idles (placement.<mode>.borrow_draft_cores) and narrowed back before it drafts again.
+
+    Every thread of the process is re-pinned (an OpenMP pool thread keeps the mask it was
+    created with); torch's thread count follows the cores. Only for a model that gives the same
+    bits on both teams (`probe`): a request's tokens must not depend on which steps borrowed."""
+
+    def __init__(self, own: DevicePlacement, draft: DevicePlacement):
+        self.narrow = (tuple(own.cores), own.threads or len(own.cores))
+        wide = tuple(sorted({*own.cores, *draft.cores}))
+        self.wide = (wide, len(wide))
+        self.widened = False
+        self.wide_share = 1.0  # a wide pass's time over a narrow one's (measured by probe)
+
+    def __call__(self, wide: bool) -> None:
+        if wide == self.widened:
+            return
+        cores, threads = self.wide if wide else self.narrow
+        for task in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(task), cores)
+            except ProcessLookupError:  # a thread that has just ended
+                pass
+        torch.set_num_threads(threads)
+        self.widened = wide
+
+    @torch.inference_mode()
+    def probe(self, model, repeats: int = 3) -> bool:
+        """Whether a prefill and a few-token pass of `model` give the same logits on both teams;
+        if so, wide_share is the time of the few-token pass wide over narrow (the faster of
+        `repeats` each)."""
+        from workers.model.model import Segment
+
+        probe = torch.arange(40, dtype=torch.long, device=model.device) % model.args.vocab_size
+        cache = model.new_cache(64)
+
+        def logits() -> list[torch.Tensor]:
+            cache.crop(0)
+            first = model.forward_batch([Segment(probe[:32], cache, 32)])
+            return first + model.forward_batch([Segment(probe[32:], cache, 8)])
+
+        def seconds() -> float:
+            best = float("inf")
+            for _ in range(repeats):
+                cache.crop(32)
+                started = time.perf_counter()
+                model.forward_batch([Segment(probe[32:], cache, 8)])
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        narrow, narrow_s = logits(), seconds()
+        self(True)
+        wide, wide_s = logits(), seconds()
+        self(False)
+        self.wide_share = wide_s / narrow_s
+        return all(torch.equal(a, b) for a, b in zip(narrow, wide))
 
 
 def load_worker_model(model_config: ModelConfig, device: torch.device):

@@ -21,6 +21,7 @@ from configs.loader import Config
 from protocol.messages import (
     AbortRequest,
     DraftAvailability,
+    DraftPass,
     DraftTokens,
     EngineStatus,
     GenerateRequest,
@@ -32,6 +33,7 @@ from workers.engine import DraftStream, NoDraft, RequestRejected, VerifyEngine
 from workers.engine.prompt_lookup import LookupFirst, PromptLookup
 from workers.sampling.grammar import Grammars
 from workers.shell import (
+    BorrowedCores,
     apply_placement,
     become_worker,
     open_inbox,
@@ -117,11 +119,31 @@ class VerifyWorker:
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
             prefix_caching=config.scheduler.prefix_caching,
             adaptive=config.speculation.adaptive,
+            borrow_cores=self._borrowed_cores(),
         )
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
         self._started = time.monotonic()
         self._last_stats = 0.0
+
+    def _borrowed_cores(self) -> BorrowedCores | None:
+        """placement.<mode>.borrow_draft_cores, where the target gives the same bits on both teams."""
+        placement = self.config.placement_of_mode
+        if not placement.borrow_draft_cores:
+            return None
+        cores = BorrowedCores(placement.target, placement.draft)
+        if cores.wide == cores.narrow:
+            return None
+        if not cores.probe(self.model):
+            log.warning("not borrowing the draft's cores: the target's logits differ on %d and %d threads "
+                        "(outputs would depend on the load)", cores.narrow[1], cores.wide[1])
+            return None
+        if cores.wide_share >= 1.0:
+            log.warning("not borrowing the draft's cores: a pass on them too is no faster (%.2fx)", cores.wide_share)
+            return None
+        log.info("borrowing the draft's cores %s in steps without drafts (a pass there takes %.2fx)",
+                 list(cores.wide[0]), cores.wide_share)
+        return cores
 
     def _read_inbox(self) -> None:
         while True:
@@ -141,6 +163,8 @@ class VerifyWorker:
                 self.to_server.send(RequestFailed(message.request_id, str(exc)))
         elif isinstance(message, AbortRequest):
             self.engine.abort(message.request_id)
+        elif isinstance(message, DraftPass):
+            self.engine.observe_draft_pass(message.tokens, message.seconds)
         elif isinstance(message, DraftAvailability) and isinstance(self.draft, DraftStream):
             log.warning("draft worker %s", "is back" if message.available else "is down: running target-only")
             self.draft.set_available(message.available, self.engine.run_ahead)
@@ -167,6 +191,7 @@ class VerifyWorker:
                     batch_sizes=self.engine.batch_sizes,
                     prefix_cache_queries=self.engine.prefix_cache_queries,
                     prefix_cache_hits=self.engine.prefix_cache_hits,
+                    wide_steps=self.engine.wide_steps,
                 )
             )
 

@@ -4,6 +4,7 @@ uvicorn, and the OpenAI SDK as the client. Tiny random model, float32."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, process_alive, wait_until, write_config
+from tests.helpers import TINY_EASYSPEC_SECTIONS, launch_server, process_alive, tiny_pair, wait_until, write_config
 
 PROMPTS = [
     "The quick brown fox",
@@ -146,6 +147,34 @@ def test_per_request_speculation_control(sd_server):
     assert 0 < stats["num_draft_tokens"] <= 2 * stats["num_target_passes"]
     with pytest.raises(openai.BadRequestError):
         complete(sd_server, prompt, extra_body={"speculation": {"num_draft_tokens": -1}})
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="borrowing needs a core for each worker")
+def test_amusd_target_borrows_the_idle_drafts_core(tmp_path, tiny_target_dir, ar_server):
+    """placement.amusd.borrow_draft_cores: steps where no request drafts run the target on the
+    draft's core too (tandem:verify_wide_steps_total counts them), and text stays ar's, alone
+    and beside a request that drafts. Catches the placement not reaching the verify worker,
+    borrowing while a request drafts, and a wide pass that changes the tokens."""
+    cores = {"target": {"device": "cpu", "cores": [1], "threads": 1}, "draft": {"device": "cpu", "cores": [0], "threads": 1}}
+    config = write_config(tmp_path / "borrow.yaml", **tiny_pair(tiny_target_dir),
+                          placement={"amusd": {**cores, "borrow_draft_cores": True}})
+    off = {"speculation": {"num_draft_tokens": 0}}
+    with launch_server(config, mode="amusd") as server:
+        alone = complete(server, PROMPTS[0], extra_body=off)
+        assert alone.model_extra["speculation"]["num_draft_tokens"] == 0
+        assert wait_until(lambda: server.metric("tandem:verify_wide_steps_total") >= alone.usage.completion_tokens - 1,
+                          timeout_s=10)
+        wide_before = server.metric("tandem:verify_wide_steps_total")
+        drafting = complete(server, PROMPTS[1])
+        time.sleep(1.2)  # the workers report every ~0.5 s
+        # it drafted: no step borrowed but, maybe, its last (one token left, no room for a draft)
+        assert server.metric("tandem:verify_wide_steps_total") - wide_before <= 1
+        assert drafting.model_extra["speculation"]["num_draft_tokens"] > 0
+        with ThreadPoolExecutor(2) as pool:
+            mixed = list(pool.map(lambda args: complete(server, args[0], **args[1]),
+                                  [(PROMPTS[2], {"extra_body": off}), (PROMPTS[3], {})]))
+    for prompt, reply in zip(PROMPTS, [alone, drafting, *mixed]):
+        assert reply.choices[0].text == complete(ar_server, prompt).choices[0].text, prompt
 
 
 @pytest.mark.parametrize("mode", ["sd", "amusd"])

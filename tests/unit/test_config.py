@@ -165,3 +165,20 @@ def test_worker_command_line_builds_a_config():
     args = _parser().parse_args(["worker", "--role", "draft", "--mode", "amusd", "--set", "scheduler.max_model_len=64"])
     config = config_from_args(args)
     assert (config.speculation.mode, config.scheduler.max_model_len) == ("amusd", 64)
+
+
+@pytest.mark.parametrize(
+    "mode,placement,message",
+    [
+        ("sd", {}, "only for a mode whose draft runs beside the target"),
+        ("easyspec", {}, "only for a mode whose draft runs beside the target"),
+        ("amusd", {"target": {"device": "cuda:0"}}, "a CPU target and draft"),
+        ("amusd", {"draft": {"device": "cpu"}}, "pinned to cores"),
+    ],
+)
+def test_borrowing_the_drafts_cores_needs_a_cpu_draft_beside_the_target(mode, placement, message):
+    """placement.<mode>.borrow_draft_cores: catches a setting accepted where it cannot act (a
+    synchronous mode's workers take turns already; a GPU or unpinned worker has no cores to lend)."""
+    roles = {"target": {"device": "cpu", "cores": [1]}, "draft": {"device": "cpu", "cores": [0]}, **placement}
+    with pytest.raises(ConfigError, match=message):
+        load_config(**{f"placement__{mode}": {**roles, "borrow_draft_cores": True}})

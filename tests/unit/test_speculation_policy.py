@@ -243,14 +243,16 @@ def test_policy_starts_new_requests_from_the_plans_of_as_many_rounds():
     """A new request's first round takes what the latest plan of about as many rounds gave:
     a burst of 16 arriving after a quiet spell begins without drafts where 16 rounds got
     none, not with the quiet spell's (catches starting from whatever plan came last)."""
+    assert SpeculationPolicy(serial_draft=False).new_request_drafts(4, 16) == 4  # nothing measured: the cap
     policy = filled_policy(serial=False)
-    assert policy.new_request_drafts(4, 16) == 4  # no plan yet
+    # no plan yet: what a plan of as many such rounds would give
+    assert policy.new_request_drafts(4, 16) == 0 and policy.new_request_drafts(4, 1) > 0
     policy.plan([Round(f"r{i}", 4) for i in range(16)], 16)
     assert policy.last_plan and set(policy.last_plan.values()) == {0}  # under load
     alone = policy.plan([Round("r0", 4)], 1)["r0"]
     assert alone > 0
     assert policy.new_request_drafts(4, 16) == policy.new_request_drafts(4, 12) == 0
-    assert policy.new_request_drafts(4, 1) == policy.new_request_drafts(4, 3) == alone
+    assert policy.new_request_drafts(4, 1) == policy.new_request_drafts(4, 2) == alone
     assert policy.new_request_drafts(1, 1) == 1  # never above the cap
     policy.forget("r0")
     assert "r0" not in policy.last_plan
@@ -310,3 +312,70 @@ def test_no_probe_where_not_even_perfect_drafts_would_pay():
         assert set(policy.plan(rounds, 16).values()) == {0}
         for r in rounds:
             policy.observe_round(r.request_id, 0, 0)
+
+
+def beside_policy(wide_share=None, draft_pass=lambda n: 0.05) -> SpeculationPolicy:
+    """amusd's policy with measured costs: a step of n tokens 0.2 + 0.01 n s on the target's
+    own cores, a draft pass feeding n tokens draft_pass(n) s."""
+    policy = SpeculationPolicy(serial_draft=False, prior_acceptance=0.9, wide_share=wide_share)
+    for n in range(1, 200):
+        policy.observe_step(n, 0.2 + 0.01 * n)
+        policy.observe_draft_pass(n, draft_pass(n))
+    return policy
+
+
+def report_passes(policy: SpeculationPolicy, k: int, passes_per_draft: int, steps: int = 100) -> None:
+    """Steps of one round verifying k drafts, for each of which the draft made
+    `passes_per_draft` one-token passes (drafts run ahead and never verified, say)."""
+    for _ in range(steps):
+        for _ in range(k * passes_per_draft):
+            policy.observe_draft_pass(1, policy.draft_cost(1))
+        policy.observe_verified_drafts([k])
+
+
+def test_a_draft_beside_the_target_is_priced_by_its_pace():
+    """amusd: a step takes the longer of the target's pass and the draft's passes for it,
+    times the pace measured (all the draft's pass seconds over those the plan counts). Alone,
+    4 drafts ride free while the draft keeps up; when its passes take 6x what the plan
+    counts, fewer. Catches a draft beside the target priced as free however slow it is."""
+    policy = beside_policy()
+    assert policy.plan([Round("a", 4)], 1) == {"a": 4}
+    report_passes(policy, 4, passes_per_draft=6)
+    assert 5.0 < policy.pace <= 6.0
+    assert 0 < policy.plan([Round("a", 4)], 1)["a"] < 4
+
+
+def test_a_pace_no_longer_measured_relaxes():
+    """A pace measured under a load that has passed moves back toward 1 while no drafts are
+    verified (a plan that keeps the draft idle measures nothing). Catches a draft kept idle
+    for good by one slow spell."""
+    policy = beside_policy(wide_share=0.5)
+    report_passes(policy, 4, passes_per_draft=6)
+    slow = policy.pace
+    for _ in range(PROBE_ROUNDS):
+        policy.plan([Round("a", 4)], 1)
+    assert 1.0 < policy.pace < slow
+    for _ in range(40 * PROBE_ROUNDS):
+        policy.plan([Round("a", 0)], 1)
+    assert policy.pace == pytest.approx(1.0, abs=0.01)
+
+
+def test_steps_without_drafts_run_wide_where_they_emit_more():
+    """A target that borrows the draft's cores (a pass there at half the time): 16 rounds go
+    without drafts, the step taking both cores; one round alone still drafts. Without the
+    cores to borrow the same 16 rounds draft. Catches borrowing never chosen, or chosen
+    where drafting pays."""
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    assert set(beside_policy(wide_share=0.5).plan(rounds, 16).values()) == {0}
+    assert sum(beside_policy().plan(rounds, 16).values()) > 0
+    assert beside_policy(wide_share=0.5).plan([Round("a", 4)], 1)["a"] > 0
+
+
+def test_a_new_requests_prompt_is_spread_over_its_rounds_beside_a_borrowing_target():
+    """A borrowing amusd draft feeds a new request's prompt (its lag) before drafting for it:
+    priced whole against one step, drafting never paid, and the request ran wide to the end
+    (measured, 1 client: 55 tokens/s against 80). Spread over its rounds left it drafts; with
+    one round left it does not."""
+    policy = beside_policy(wide_share=0.7, draft_pass=lambda n: 0.02 * n)  # a pass grows with what it feeds
+    assert policy.plan([Round("a", 4, lag=60, remaining=200)], 1)["a"] > 0
+    assert policy.plan([Round("b", 4, lag=60, remaining=2)], 1)["b"] == 0

@@ -124,6 +124,8 @@ class DraftEngine:
         self.num_rollbacks = 0
         self.num_drafted = 0
         self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per draft pass
+        self.passes = 0  # batched draft passes made (drafting and catching up)
+        self.pass_tokens = 0  # tokens the latest of them fed
 
     # -- requests ----------------------------------------------------------
 
@@ -272,13 +274,13 @@ class DraftEngine:
         lagging = [s for s in self._states.values() if self._lags(s)][: self.max_batch_size]
         if not lagging:
             return
-        self.model.forward_batch(
-            [
-                Segment(torch.tensor(s.sequence[s.cache.length : s.verified_len - 1][: self.prefill_chunk],
-                                     dtype=torch.long, device=self.device), s.cache)
-                for s in lagging
-            ]
-        )
+        segments = [
+            Segment(torch.tensor(s.sequence[s.cache.length : s.verified_len - 1][: self.prefill_chunk],
+                                 dtype=torch.long, device=self.device), s.cache)
+            for s in lagging
+        ]
+        self.model.forward_batch(segments)
+        self._count_pass(sum(int(s.tokens.shape[0]) for s in segments))
         for state in lagging:  # verified tokens: the next pass opens a round (as after a prompt chunk)
             self.model.after_rollback(state.cache, state.cache.length)
 
@@ -303,6 +305,7 @@ class DraftEngine:
         segments = [Segment(torch.tensor(feed, dtype=torch.long, device=self.device), state.cache) for state, feed in fed]
         logits = self.model.forward_batch(segments)
         self.batch_sizes.observe(len(segments))
+        self._count_pass(sum(len(feed) for _, feed in fed))
         drafted = []
         for (request_id, state), rows, done in zip(passing, logits, whole):
             if done:
@@ -310,6 +313,10 @@ class DraftEngine:
             else:  # a prompt chunk: what follows it is verified too, so the next pass opens a round
                 self.model.after_rollback(state.cache, state.cache.length)
         return drafted
+
+    def _count_pass(self, tokens: int) -> None:
+        self.passes += 1
+        self.pass_tokens = tokens
 
     def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
         """Draw the next token from the request's last logits row and append it."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -62,6 +63,15 @@ class Scheduled:
     drafts: list[int] | None = None
 
 
+class CoreBorrowing(Protocol):
+    """Widens the target's thread team onto the draft's cores (True) or narrows it back
+    (workers.shell.BorrowedCores)."""
+
+    wide_share: float  # a pass's time on the draft's cores too over its time on the target's own
+
+    def __call__(self, wide: bool) -> None: ...
+
+
 class RequestRejected(ValueError):
     """A request the engine cannot run (answered with RequestFailed)."""
 
@@ -81,7 +91,11 @@ class VerifyEngine:
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
         adaptive: bool = False,
+        borrow_cores: CoreBorrowing | None = None,
     ):
+        """borrow_cores: steps in which the draft idles (no round takes drafts, and the draft
+        was told to run none ahead for any request) run the target's pass on the draft's
+        cores too."""
         self.model = model
         self.grammars = grammars  # a workers.sampling.grammar.Grammars, for requests with a grammar
         self.draft = draft
@@ -102,7 +116,13 @@ class VerifyEngine:
         self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)  # per step: prompt tokens fed + emitted
         self.batch_sizes = HistogramCounts(list(BATCH_SIZE_BOUNDS))  # requests per target pass
         # adaptive speculation: each step's drafts per request from measured acceptance and costs
-        self.policy = SpeculationPolicy(draft.wait_for_all) if adaptive and draft.num_draft_tokens else None
+        self.borrow_cores = borrow_cores
+        self.wide_steps = 0  # steps whose pass borrowed the draft's cores
+        self.policy = (
+            SpeculationPolicy(draft.wait_for_all, wide_share=borrow_cores.wide_share if borrow_cores else None)
+            if adaptive and draft.num_draft_tokens
+            else None
+        )
 
     @property
     def sampled_bonus(self) -> bool:
@@ -235,6 +255,7 @@ class VerifyEngine:
                                            self.draft.wait_s - waited)
         if not scheduled:
             return outputs
+        wide = self._borrow(scheduled)
         # prompt tokens each item feeds (a prefill chunk; a first round's pending token)
         prompt_fed = sum(min(len(s.tokens), max(0, len(s.request.prompt_ids) - s.request.cache.length)) for s in scheduled)
         started = time.monotonic()
@@ -256,15 +277,24 @@ class VerifyEngine:
             outputs.append(output)
         self.iteration_tokens.observe(prompt_fed + sum(len(o.token_ids) for o in outputs))
         if self.policy is not None:
-            # the step's cost by the tokens in its pass. A synchronous mode: without waiting for
-            # drafts (the policy prices the draft's passes itself). A draft beside the target:
-            # with the wait, for the draft is free only while it keeps up (measured, amusd,
-            # 16 clients: rounds waited 2.6 s of a 6.2 s run for a draft on one core)
-            seconds = time.monotonic() - step_started
-            if self.draft.wait_for_all:
-                seconds -= self.draft.wait_s - waited
-            self.policy.observe_step(sum(len(s.tokens) for s in scheduled), seconds)
+            # the step's cost by the tokens in its pass, without waiting for drafts: the policy
+            # prices the draft's passes itself (a synchronous draft's from these waits, a draft
+            # beside the target's from the passes it reports: its pace)
+            seconds = time.monotonic() - step_started - (self.draft.wait_s - waited)
+            if not wide:
+                self.policy.observe_step(sum(len(s.tokens) for s in scheduled), seconds)
+            self.policy.observe_verified_drafts([len(s.drafts) for s in scheduled if s.drafts])
         return outputs
+
+    def _borrow(self, scheduled: list[Scheduled]) -> bool:
+        """Widen the target onto the draft's cores for a step in which the draft idles (narrow it
+        otherwise); whether it is wide."""
+        if self.borrow_cores is None:
+            return False
+        wide = not any(s.drafts for s in scheduled) and not any(r.draft_run_ahead for r in self._running)
+        self.borrow_cores(wide)
+        self.wide_steps += wide
+        return wide
 
     def _share_prefixes(self) -> None:
         """A request still prefilling copies the longest reusable prefix of its prompt that
@@ -359,7 +389,8 @@ class VerifyEngine:
         plan = self.policy.plan(
             [
                 Round(r.request_id, cap, min(cap, self._min_drafts(r)), bonus=r.sampling.greedy,
-                      lag=r.num_tokens - r.draft_fed)
+                      lag=r.num_tokens - r.draft_fed if self._draft_lags else 0,
+                      remaining=r.max_tokens - len(r.output_ids))
                 for r, cap in zip(rounds, caps)
             ],
             base,
@@ -367,6 +398,18 @@ class VerifyEngine:
         for request in rounds:
             request.planned_drafts = plan[request.request_id]
         return [min(plan[r.request_id], r.draft_run_ahead) for r in rounds]
+
+    @property
+    def _draft_lags(self) -> bool:
+        """Whether a draft resuming a request first feeds all it missed, on the step's path: a
+        synchronous draft, or one beside the target that does not catch up while its cores are
+        lent (a draft beside the target otherwise feeds it while it has nothing to draft)."""
+        return self.draft.wait_for_all or self.borrow_cores is not None
+
+    def observe_draft_pass(self, tokens: int, seconds: float) -> None:
+        """The draft worker made a pass feeding `tokens` tokens in `seconds` (DraftPass)."""
+        if self.policy is not None:
+            self.policy.observe_draft_pass(tokens, seconds)
 
     def _prefill_chunk(self, request: Request) -> list[int]:
         """The prompt's next chunk: up to the next multiple of prefill_chunk (all but the last token)."""
