@@ -272,6 +272,13 @@ class Config:
         """Where the roles of speculation.mode run."""
         return self.placement_for(self.speculation.mode)
 
+    @property
+    def draft_catches_up(self) -> bool:
+        """Whether the draft, with nothing to draft, feeds the verified tokens of requests told
+        to run none ahead: only beside the target on cores of its own (a synchronous draft's
+        pass would run during the target's; a borrowed core is the target's then)."""
+        return self.mode.drafts and not self.mode.synchronous and not self.placement_of_mode.borrow_draft_cores
+
     def placement_for(self, mode: str) -> RolePlacement:
         return self.placement.get(mode) or self.placement.get("default") or RolePlacement()
 

@@ -52,9 +52,7 @@ def openmp_env(config: Config) -> dict[str, str]:
         return {}
     everywhere = set(range(os.cpu_count() or 1))
     target_cores, draft_cores = (set(p.cores) or everywhere for p in roles)
-    if placement.borrow_draft_cores:
-        target_cores |= draft_cores
-    teams = placement.borrow_draft_cores or any((p.threads or len(p.cores) or len(everywhere)) > 1 for p in roles)
+    teams = any((p.threads or len(p.cores) or len(everywhere)) > 1 for p in roles)
     return {"GOMP_SPINCOUNT": SHARED_CORES_SPINCOUNT} if teams and target_cores & draft_cores else {}
 
 

@@ -82,9 +82,7 @@ class DraftWorker:
             # not the EasySpec draft: its cache tracks fuzzy and exact positions of its own passes
             prefix_caching=config.scheduler.prefix_caching and isinstance(self.model, PlainDraft),
             prefill_chunk=config.scheduler.prefill_chunk_tokens,
-            # a synchronous draft waits for its next round; one whose cores the target borrows
-            # while it has nothing to draft must not take them back for catching up
-            catch_up=not config.mode.synchronous and not config.placement_of_mode.borrow_draft_cores,
+            catch_up=config.draft_catches_up,
         )
         self.inbox = open_inbox(config, "draft")
         self.to_verify = open_outbox(config, "verify")

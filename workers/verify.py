@@ -95,6 +95,7 @@ def make_draft_source(config: Config, draft_outbox):
         max_run_ahead=speculation.num_draft_tokens if mode.synchronous else speculation.max_run_ahead,
         mode=mode,
         timeout_s=speculation.draft_timeout_s,
+        holds_back=not config.draft_catches_up,  # it needs a request's tokens only when it drafts again
     )
     return stream, transport
 

@@ -14,7 +14,9 @@ import pytest
 
 from protocol.messages import BeginDrafting, GenerateRequest, SamplingParams, VerifiedPrefix
 from tests.unit.test_engine import PROMPTS, make_engine, models, request, run
-from workers.engine import DraftEngine, PlainDraft, VerifyEngine
+from configs.modes import mode_of
+from workers.engine import DraftEngine, DraftStream, PlainDraft, VerifyEngine
+from workers.engine.request import Request
 from workers.engine.speculation_policy import Round, SpeculationPolicy
 
 __all__ = ["models"]  # the module-scoped fixture, shared with test_engine
@@ -54,9 +56,10 @@ class FrozenPolicy(SpeculationPolicy):
         pass
 
 
-def adaptive_engine(models, mode, policy=None, max_running=4):
+def adaptive_engine(models, mode, policy=None, max_running=4, holds_back=False):
     run_ahead = 8 if mode == "amusd" else None  # sd: the draft runs exactly k ahead
-    engine = make_engine(models["target"], models["quantized"], k=4, max_running=max_running, mode=mode, run_ahead=run_ahead)
+    engine = make_engine(models["target"], models["quantized"], k=4, max_running=max_running, mode=mode,
+                         run_ahead=run_ahead, holds_back=holds_back)
     engine.policy = policy or SpeculationPolicy(engine.draft.wait_for_all)
     return engine
 
@@ -66,14 +69,16 @@ def drafts_per_round(results, request_id):
 
 
 @pytest.mark.parametrize("mode", ["sd", "amusd"])
-@pytest.mark.parametrize("policy", ["measured", "scripted"])
+@pytest.mark.parametrize("policy", ["measured", "scripted", "scripted, held back"])
 def test_greedy_text_is_the_targets_whatever_the_plans(models, mode, policy):
     """Catches a round verifying drafts the draft was not told to make (a stale or short
-    continuation), a draft left behind by a round without drafts, and a plan for one
-    request applied to another."""
+    continuation), a draft left behind by a round without drafts, a plan for one request
+    applied to another, and (held back: the draft sent a request's tokens only when told to
+    draft for it again) tokens lost or sent from the wrong position."""
     requests = [request(i, p) for i, p in enumerate(PROMPTS)]
     ar = run(make_engine(models["target"]), requests)
-    engine = adaptive_engine(models, mode, ScriptedPolicy(mode == "sd", seed=1) if policy == "scripted" else None)
+    engine = adaptive_engine(models, mode, ScriptedPolicy(mode == "sd", seed=1) if policy != "measured" else None,
+                             holds_back="held back" in policy)
     got = run(engine, requests)
     for r in requests:
         assert got[r.request_id][0] == ar[r.request_id][0], r.request_id
@@ -210,3 +215,35 @@ def test_a_synchronous_draft_leaves_catching_up_to_its_next_round(models):
     fresh.begin(BeginDrafting("a", 0, prompt + more, 3, SamplingParams()))
     assert drafted == [t for d in fresh.step_all() + fresh.step_all() + fresh.step_all() for t in d.message.token_ids]
     assert len(drafted) == 3 and len(passes) == 3
+
+
+class RecordingTransport:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def receive(self, timeout_s: float):
+        return []
+
+
+@pytest.mark.parametrize("holds_back", [False, True])
+def test_a_draft_told_to_idle_gets_a_requests_tokens_when_it_drafts_again(holds_back):
+    """A draft that does not catch up while idle (a synchronous one; one whose cores the target
+    borrows) is told a request's verified tokens once, when it is to draft for it again, from
+    where it left off: not one message a round (measured, amusd, 16 clients without drafts: 16
+    messages a step to an idle draft). Catches messages not held back, and held tokens lost."""
+    stream = DraftStream(RecordingTransport(), num_draft_tokens=4, max_run_ahead=8, mode=mode_of("amusd"),
+                         timeout_s=1, holds_back=holds_back)
+    req = Request.from_message(GenerateRequest("a", [5, 6, 7], 16, SamplingParams(), []))
+    stream.on_admit(req, 0)
+    for token, run_ahead in [(11, 0), (12, 0), (13, 0), (14, 4)]:
+        req.output_ids.append(token)
+        stream.on_verified(req, [token], run_ahead)
+    prefixes = [m for m in stream.transport.sent if isinstance(m, VerifiedPrefix)]
+    if holds_back:
+        assert [(p.start, p.new_tokens, p.max_run_ahead) for p in prefixes] == [(3, [11, 12, 13, 14], 4)]
+        assert prefixes[0].epoch == 4  # the newest: drafts the draft tags with it are current
+    else:
+        assert [(p.start, p.new_tokens) for p in prefixes] == [(3, [11]), (4, [12]), (5, [13]), (6, [14])]

@@ -33,11 +33,13 @@ def models(tmp_path_factory):
 
 def make_engine(
     target, draft_model=None, k=4, max_running=3, mode="sd", run_ahead=None, steps=None, grammars=None,
-    prefix_caching=True, prefill_chunk=512,
+    prefix_caching=True, prefill_chunk=512, holds_back=False,
 ):
     """mode sd: each round waits for k drafts. mode amusd: the draft advances by a
     random number of tokens between verifications (its timing on another device).
-    grammars: a workers.sampling.grammar.Grammars for both sides (requests with a grammar)."""
+    grammars: a workers.sampling.grammar.Grammars for both sides (requests with a grammar).
+    holds_back: the draft does not catch up while idle, and gets a request's tokens only when
+    told to draft for it again (a synchronous draft's worker, or one whose cores are borrowed)."""
     caching = dict(prefix_caching=prefix_caching, prefill_chunk=prefill_chunk)
     if draft_model is None:
         return VerifyEngine(
@@ -45,7 +47,8 @@ def make_engine(
         )
     if not hasattr(draft_model, "after_rollback"):  # a bare model, not a DraftModel
         draft_model = PlainDraft(draft_model)
-    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running, grammars=grammars, **caching)
+    draft = DraftEngine(draft_model, max_model_len=MAX_LEN, max_requests=max_running, grammars=grammars,
+                        catch_up=not holds_back, **caching)
     if mode == "amusd" and steps is None:
         steps = random_steps(seed=k)
     source = DraftStream(
@@ -54,6 +57,7 @@ def make_engine(
         max_run_ahead=run_ahead or k,
         mode=mode_of(mode),
         timeout_s=60,
+        holds_back=holds_back,
     )
     return VerifyEngine(target, source, max_model_len=MAX_LEN, max_running=max_running, grammars=grammars, **caching)
 
