@@ -247,3 +247,28 @@ def test_a_draft_told_to_idle_gets_a_requests_tokens_when_it_drafts_again(holds_
         assert prefixes[0].epoch == 4  # the newest: drafts the draft tags with it are current
     else:
         assert [(p.start, p.new_tokens) for p in prefixes] == [(3, [11]), (4, [12]), (5, [13]), (6, [14])]
+
+
+class LagRecordingPolicy(ScriptedPolicy):
+    """Random plans, recording the lag of every round planned."""
+
+    def __init__(self, serial_draft: bool, seed: int):
+        super().__init__(serial_draft, seed)
+        self.lags: list[int] = []
+
+    def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
+        self.lags += [r.lag for r in rounds]
+        return super().plan(rounds, base_tokens)
+
+
+@pytest.mark.parametrize("holds_back", [False, True])
+def test_a_draft_that_does_not_catch_up_has_its_lag_priced(models, holds_back):
+    """amusd: a draft that catches up while idle feeds what a request missed off the step's
+    path (no lag); one that does not (its cores lent; the verifier may still have refused to
+    borrow them) feeds it when it drafts again, and the plan must see that lag. Catches the
+    lag keyed to the verifier's borrowing instead of to the draft's behaviour."""
+    policy = LagRecordingPolicy(serial_draft=False, seed=2)
+    engine = adaptive_engine(models, "amusd", policy, holds_back=holds_back)
+    run(engine, [request(i, p) for i, p in enumerate(PROMPTS[:3])])
+    assert engine.borrow_cores is None
+    assert (max(policy.lags) > 0) == holds_back

@@ -53,6 +53,9 @@ class DraftSource(Protocol):
     # a round waits for all its drafts (a synchronous mode): the draft's passes add to
     # the step's time; False: the draft runs beside the target
     wait_for_all: bool
+    # the draft does not catch up while idle: it feeds what a request missed when it drafts
+    # for it again (so its verified tokens are sent then), on that round's path
+    holds_back: bool
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
@@ -72,6 +75,7 @@ class NoDraft:
     num_stale = 0
     wait_s = 0.0
     wait_for_all = True
+    holds_back = False
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass

@@ -96,6 +96,7 @@ class PromptLookup:
     num_stale = 0
     wait_s = 0.0
     wait_for_all = False  # a proposal costs no pass (adaptive speculation counts only its rows)
+    holds_back = False  # no draft model: nothing to feed
 
     def __init__(self, *, num_draft_tokens: int, min_n: int, max_n: int):
         self.num_draft_tokens = num_draft_tokens

@@ -402,9 +402,9 @@ class VerifyEngine:
     @property
     def _draft_lags(self) -> bool:
         """Whether a draft resuming a request first feeds all it missed, on the step's path: a
-        synchronous draft, or one beside the target that does not catch up while its cores are
-        lent (a draft beside the target otherwise feeds it while it has nothing to draft)."""
-        return self.draft.wait_for_all or self.borrow_cores is not None
+        synchronous draft, or one beside the target that does not catch up (its cores may be
+        borrowed; a draft beside the target otherwise feeds it while it has nothing to draft)."""
+        return self.draft.wait_for_all or self.draft.holds_back
 
     def observe_draft_pass(self, tokens: int, seconds: float) -> None:
         """The draft worker made a pass feeding `tokens` tokens in `seconds` (DraftPass)."""
