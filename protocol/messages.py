@@ -5,7 +5,7 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
     server  -> verify : GenerateRequest, AbortRequest, DraftAvailability
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
     verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest
-    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling), DraftPass
+    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling), DraftPass, DraftIdle
     worker  -> server : WorkerReady (the start-up handshake, then every second: the heartbeat), WorkerStats
 
 Drafting is a stream in every speculative mode: the verifier begins a request
@@ -218,6 +218,12 @@ class DraftPass(msgspec.Struct, tag=True):
     seconds: float
 
 
+class DraftIdle(msgspec.Struct, tag=True):
+    """The draft has nothing left to compute (no request to draft or catch up for) until it is
+    told more: a target that borrows the draft's cores takes them only then, not while the
+    draft still feeds prompts or drafts ahead on them (both passes then ran at half speed)."""
+
+
 class DraftAvailability(msgspec.Struct, tag=True):
     """The launcher saw the draft worker die (False) or come back (True).
 
@@ -245,6 +251,7 @@ Message = (
     | VerifiedPrefix
     | DraftTokens
     | DraftPass
+    | DraftIdle
     | DraftAvailability
     | ReleaseRequest
 )

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from protocol.messages import DraftTokens
+from protocol.messages import DraftIdle, DraftTokens
 
 
 class LocalTransport:
@@ -20,17 +20,24 @@ class LocalTransport:
     def __init__(self, engine, steps=None):
         self.engine = engine
         self.steps = steps or (lambda: 1)
-        self._outbox: list[tuple[DraftTokens, torch.Tensor | None]] = []
+        self._outbox: list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]] = []
 
     def send(self, message) -> None:
         self._keep(self.engine.handle(message))
+        self._report_idle()
 
-    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
+    def receive(self, timeout_s: float) -> list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]]:
         for _ in range(self.steps()):
             for drafted in self.engine.step_all():
                 self._keep(drafted)
+            self._report_idle()
         out, self._outbox = self._outbox, []
         return out
+
+    def _report_idle(self) -> None:
+        """As the draft worker: DraftIdle once what it was told leaves it nothing to do."""
+        if not self.engine.has_work:
+            self._outbox.append((DraftIdle(), None))
 
     def _keep(self, drafted) -> None:
         if drafted is not None:

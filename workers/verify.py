@@ -21,6 +21,7 @@ from configs.loader import Config
 from protocol.messages import (
     AbortRequest,
     DraftAvailability,
+    DraftIdle,
     DraftPass,
     DraftTokens,
     EngineStatus,
@@ -53,7 +54,7 @@ class SocketTransport:
 
     def __init__(self, outbox: Outbox):
         self.outbox = outbox
-        self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) from the reader thread
+        self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) and (DraftIdle, None) from the reader thread
 
     def send(self, message) -> None:
         # never block the verifier on the draft: with the draft unreachable (gone,
@@ -153,6 +154,8 @@ class VerifyWorker:
             if isinstance(message, DraftTokens) and self.transport is not None:
                 probs = torch.from_numpy(decoded.arrays[0].copy()) if message.has_probs and decoded.arrays else None
                 self.transport.arrived.put((message, probs))
+            elif isinstance(message, DraftIdle) and self.transport is not None:
+                self.transport.arrived.put((message, None))  # news of the draft, in order with its tokens
             else:
                 self.control.put(message)
 

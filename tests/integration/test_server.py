@@ -152,9 +152,11 @@ def test_per_request_speculation_control(sd_server):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="borrowing needs a core for each worker")
 def test_amusd_target_borrows_the_idle_drafts_core(tmp_path, tiny_target_dir, ar_server):
     """placement.amusd.borrow_draft_cores: steps where no request drafts run the target on the
-    draft's core too (tandem:verify_wide_steps_total counts them), and text stays ar's, alone
-    and beside a request that drafts. Catches the placement not reaching the verify worker,
-    borrowing while a request drafts, and a wide pass that changes the tokens."""
+    draft's core too (tandem:verify_wide_steps_total counts them), again once a request that
+    drafted has ended (the draft said it has nothing left to do: DraftIdle), and text stays
+    ar's, alone and beside a request that drafts. Catches the placement not reaching the
+    verify worker, borrowing while a request drafts, a draft that never says it idles, and a
+    wide pass that changes the tokens."""
     cores = {"target": {"device": "cpu", "cores": [1], "threads": 1}, "draft": {"device": "cpu", "cores": [0], "threads": 1}}
     config = write_config(tmp_path / "borrow.yaml", **tiny_pair(tiny_target_dir),
                           placement={"amusd": {**cores, "borrow_draft_cores": True}})
@@ -170,6 +172,10 @@ def test_amusd_target_borrows_the_idle_drafts_core(tmp_path, tiny_target_dir, ar
         # it drafted: no step borrowed but, maybe, its last (one token left, no room for a draft)
         assert server.metric("tandem:verify_wide_steps_total") - wide_before <= 1
         assert drafting.model_extra["speculation"]["num_draft_tokens"] > 0
+        wide_before = server.metric("tandem:verify_wide_steps_total")
+        again = complete(server, PROMPTS[0], extra_body=off)
+        assert wait_until(lambda: server.metric("tandem:verify_wide_steps_total") - wide_before
+                          >= again.usage.completion_tokens - 1, timeout_s=10)
         with ThreadPoolExecutor(2) as pool:
             mixed = list(pool.map(lambda args: complete(server, args[0], **args[1]),
                                   [(PROMPTS[2], {"extra_body": off}), (PROMPTS[3], {})]))

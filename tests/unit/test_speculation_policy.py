@@ -156,8 +156,21 @@ def test_cost_curve_interpolates_and_never_invents_a_saving():
     assert curve(6) == pytest.approx(1.5)
     assert curve(16) == pytest.approx(4.0)  # above: proportional to the largest
     assert curve(1) == pytest.approx(1.0)  # below: no cheaper than the smallest seen
-    curve.observe(8, 4.0)  # an EMA: half way to the new measurement
+    curve.observe(8, 4.0)  # the second at a count replaces the first (a cold pass)
+    assert curve(8) == pytest.approx(4.0)
+    curve.observe(8, 2.0)  # then an EMA: half way to the new measurement
     assert curve(8) == pytest.approx(3.0)
+
+
+def test_a_counts_cold_first_pass_is_forgotten_at_once():
+    """A shape's first pass builds its kernels (measured: 595 ms for a 2-row step that then
+    takes 15): kept in an EMA it priced every step of that size, and pooled every larger one,
+    as many times dearer for dozens of steps. Catches the first measurement kept."""
+    curve = CostCurve()
+    curve.observe(16, 0.600)
+    curve.observe(16, 0.025)
+    assert curve(16) == pytest.approx(0.025)
+    assert curve(32) == pytest.approx(0.050)
 
 
 def test_cost_curve_grows_above_its_counts_as_its_shape_does():
@@ -391,3 +404,45 @@ def test_a_serial_drafts_lag_stays_whole():
         policy.draft_cost.observe(n, 0.05 * n)
     whole = policy.plan([Round("a", 4, lag=60, remaining=2)], 1)["a"]
     assert policy.plan([Round("b", 4, lag=60, remaining=400)], 1)["b"] == whole
+
+
+def test_a_serial_drafts_first_round_keeps_the_drafts_it_was_told():
+    """sd: a new request's draft was told at admission to draft (the latest plan at its batch
+    size drafted) and feeds its prompt for them; planned afresh, that prompt priced whole on
+    one step often gave 0, and the request never drafted (1 client: 57-63 tokens/s against
+    66-81 at fixed k). Its first round keeps what it was told; a later round with the same lag
+    is planned as before. Catches the told drafts dropped."""
+    policy = filled_policy(serial=True)
+    for n in range(1, 200):
+        policy.draft_cost.observe(n, 0.05 * n)
+    assert policy.plan([Round("late", 4, lag=60)], 1)["late"] == 0
+    assert policy.plan([Round("first", 4, lag=60, told=3)], 1)["first"] >= 3
+    assert policy.plan([Round("capped", 2, lag=60, told=3)], 1)["capped"] == 2  # never above its cap
+
+
+def test_a_requests_last_rounds_do_not_set_the_next_requests_drafts():
+    """A request's last rounds have little or no room for drafts (their caps cut by its end);
+    recorded as the plan of one round, the next request alone began with as few, and at none
+    its prompt was then priced as lag: 0 for good (sd, 1 client, 60-69 tokens/s against 71-75
+    at fixed k). Catches plans at a request's end recorded for new requests."""
+    policy = filled_policy(serial=False)
+    drafting = policy.plan([Round("a", 4, remaining=40)], 1)["a"]
+    assert drafting > 1
+    policy.plan([Round("a", 1, remaining=2)], 1)
+    policy.plan([Round("a", 0, remaining=1)], 1)
+    assert policy.new_request_drafts(4, 1) == drafting
+
+
+def test_a_prefill_chunk_does_not_start_a_lagging_requests_draft():
+    """A step with prefill chunks makes draft rows nearly free, but a request whose draft must
+    first catch up is verified in later steps, without them. amusd, 16 clients: each arrival
+    told ~10 such requests to draft, the draft fed their lags for ~150 ms with the target off
+    its core, and the next plan took none. A request whose draft is fed still takes the free
+    rows. Catches drafting started from one step's prefill."""
+    policy = SpeculationPolicy(serial_draft=False, prior_acceptance=0.5)
+    for n in range(1, 400):
+        policy.observe_step(n, 0.001 * n)  # every row costs the same: drafts pay only beside a prefill
+    rounds = [Round("fed", 4), Round("lagging", 4, lag=40, remaining=200)]
+    assert policy.plan(rounds, 2) == {"fed": 0, "lagging": 0}
+    with_prefill = policy.plan(rounds, 2 + 200)
+    assert with_prefill["fed"] > 0 and with_prefill["lagging"] == 0

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from configs.modes import Mode
-from protocol.messages import BeginDrafting, DraftTokens, ReleaseRequest, VerifiedPrefix
+from protocol.messages import BeginDrafting, DraftIdle, DraftTokens, ReleaseRequest, VerifiedPrefix
 from workers.engine.request import Request
 
 
@@ -59,11 +59,20 @@ class DraftSource(Protocol):
 
     def on_admit(self, request: Request, max_run_ahead: int) -> None: ...
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal: ...
+    def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
+        """Up to num_tokens drafts for the request's next round. wait: for drafts not yet
+        arrived (all of them in a synchronous mode, one otherwise, up to the timeout); False:
+        what has arrived, maybe none."""
+        ...
 
     def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None: ...
 
     def release(self, request_id: str) -> None: ...
+
+    def busy(self) -> bool:
+        """Whether the draft may still be computing: told something since it last said it had
+        nothing to do (DraftIdle). A target that borrows its cores waits until it is not."""
+        ...
 
 
 class NoDraft:
@@ -80,7 +89,7 @@ class NoDraft:
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         pass
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
+    def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         return Proposal.empty()
 
     def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
@@ -89,12 +98,15 @@ class NoDraft:
     def release(self, request_id: str) -> None:
         pass
 
+    def busy(self) -> bool:
+        return False
+
 
 class Transport(Protocol):
     def send(self, message) -> None: ...
 
-    def receive(self, timeout_s: float) -> list[tuple[DraftTokens, torch.Tensor | None]]:
-        """Draft messages that arrived, waiting up to timeout_s for at least one."""
+    def receive(self, timeout_s: float) -> list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]]:
+        """Draft messages that arrived (drafts, and DraftIdle), waiting up to timeout_s for at least one."""
         ...
 
 
@@ -136,6 +148,7 @@ class DraftStream:
         self.available = True  # False while the draft worker is down: rounds run target-only
         self.num_stale = 0
         self.wait_s = 0.0  # time rounds spent blocked for drafts (the verifier idle)
+        self._busy = False  # told something since the draft last said it idles
 
     # -- publishing --------------------------------------------------------
 
@@ -143,7 +156,16 @@ class DraftStream:
         """To the draft, unless it is down: nothing piles up for a worker that is gone
         (it may be on another host for long), and one that comes back is begun anew."""
         if self.available:
+            self._busy = self._busy or self._gives_work(message)
             self.transport.send(message)
+
+    def _gives_work(self, message) -> bool:
+        """Whether the message may set the draft computing: drafting ahead, or (a draft that
+        catches up) feeding verified tokens. A request told to run none ahead of a draft that
+        holds back costs it no pass."""
+        if isinstance(message, ReleaseRequest):
+            return False
+        return message.max_run_ahead > 0 or not self.holds_back
 
     def _begin(self, request: Request, buffer: _Buffer, max_run_ahead: int) -> None:
         buffer.told, buffer.unsent_from, buffer.unsent = max_run_ahead, request.num_tokens, []
@@ -214,11 +236,18 @@ class DraftStream:
 
     def _receive(self, timeout_s: float) -> None:
         for message, probs in self.transport.receive(timeout_s):
-            self._deliver(message, probs)
+            if isinstance(message, DraftIdle):
+                self._busy = False
+            else:
+                self._deliver(message, probs)
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
+    def busy(self) -> bool:
+        self._receive(0.0)
+        return self._busy and self.available
+
+    def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         buffer = self._buffers[request.request_id]
-        need = num_tokens if self.wait_for_all else 1
+        need = 0 if not wait else num_tokens if self.wait_for_all else 1
         self._receive(0.0)
         if not self.available:
             need = 0

@@ -107,7 +107,7 @@ class PromptLookup:
     def on_admit(self, request: Request, max_run_ahead: int) -> None:
         self._indexes[request.request_id] = NgramIndex(self.min_n, self.max_n, request.tokens)
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
+    def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         token_ids = self._indexes[request.request_id].propose(num_tokens)
         return Proposal(token_ids, None, len(token_ids))
 
@@ -116,6 +116,9 @@ class PromptLookup:
 
     def release(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
+
+    def busy(self) -> bool:
+        return False
 
 
 class LookupFirst(DraftStream):
@@ -145,13 +148,13 @@ class LookupFirst(DraftStream):
         self.lookup.on_verified(request, emitted, max_run_ahead)
         super().on_verified(request, emitted, self._model_run_ahead(request, max_run_ahead))
 
-    def propose(self, request: Request, num_tokens: int) -> Proposal:
+    def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         planned = self._planned.get(request.request_id)
         if planned:
             self.num_lookup_rounds += 1
             token_ids = planned[:num_tokens]
             return Proposal(token_ids, None, len(token_ids))
-        return super().propose(request, num_tokens)
+        return super().propose(request, num_tokens, wait)
 
     def release(self, request_id: str) -> None:
         self.lookup.release(request_id)
