@@ -164,7 +164,7 @@ class SpeculationConfig:
     prompt_lookup_min: int = 2
     # each step chooses the drafts per request (0..num_draft_tokens) from measured acceptance
     # and pass costs (workers/engine/speculation_policy.py); False: always num_draft_tokens
-    adaptive: bool = False
+    adaptive: bool = True
 
 
 @dataclass(frozen=True)

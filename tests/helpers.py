@@ -39,7 +39,9 @@ def write_config(path: Path, **sections) -> Path:
     """A config for tests: one thread per worker, small context, given sections on top."""
     config = {
         "model_name": "tiny",
-        "speculation": {"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 10},
+        # fixed k: each round's drafts do not depend on this machine's timing (tests of adaptive
+        # speculation turn it on)
+        "speculation": {"mode": "sd", "num_draft_tokens": 4, "draft_timeout_s": 10, "adaptive": False},
         "placement": {"default": {"target": ONE_THREAD, "draft": ONE_THREAD}},
         "scheduler": {"max_model_len": 512, "max_running_requests": 4, "max_waiting_requests": 32},
     }
@@ -160,12 +162,13 @@ def launch_server(config: Path, *extra_args: str, mode: str | None = None):
 def greedy_chat_answers(
     config: Path, mode: str, model: str, questions: list[str], max_tokens: int, timeout_s: float = 120
 ) -> tuple[list[str], list[dict]]:
-    """Serve `config` in float32 in `mode`; the greedy answer to each question and its
-    speculation stats, through the OpenAI SDK."""
+    """Serve `config` in float32 in `mode` at fixed k (every round drafts: the stats show the
+    drafts were accepted, whatever this machine's timing); the greedy answer to each question
+    and its speculation stats, through the OpenAI SDK."""
     import openai
 
     texts, stats = [], []
-    with launch_server(config, "--dtype", "float32", mode=mode) as server:
+    with launch_server(config, "--dtype", "float32", "--set", "speculation.adaptive=false", mode=mode) as server:
         sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=timeout_s)
         for question in questions:
             reply = sdk.chat.completions.create(

@@ -71,12 +71,12 @@ def test_command_line_settings_are_dotted_yaml():
             "speculation.max_run_ahead=16",
             "placement.amusd.draft={device: cpu, cores: [1], threads: 1}",
             "easyspec.calibration=never",
-            "speculation.adaptive=true",
+            "speculation.adaptive=false",
         )
     )
     config = load_config(**settings)
     assert config.speculation.max_run_ahead == 16
-    assert config.speculation.adaptive is True and load_config().speculation.adaptive is False
+    assert config.speculation.adaptive is False and load_config().speculation.adaptive is True
     assert config.placement_for("amusd").draft.cores == (1,)
     assert config.easyspec.calibration == "never"
 
