@@ -48,6 +48,7 @@ ACCEPTANCE_DECAY = 0.9  # per round: how much of a request's acceptance evidence
 PRIOR_TRIALS = 4.0  # weight (in draft trials) of the global estimate in a new request's
 PROBE_ROUNDS = 16  # rounds at k = 0 (held there by the plan) before a request drafts again
 PACE_DRAFTS = 32  # verified drafts a measurement of a beside draft's pace spans
+WAIT_STEPS = 8  # steps a round may wait for a draft beside the target to feed what it missed
 
 
 def expected_tokens(a: float, k: int, bonus: bool = True) -> float:
@@ -407,11 +408,16 @@ class SpeculationPolicy:
 
     def worth_waiting(self, lag_tokens: int, rows: int) -> bool:
         """Whether a step of `rows` target rows should wait for a draft beside the target that
-        must first feed `lag_tokens` tokens: its pass feeding them takes at most two such steps
-        (or its cost has not been measured yet)."""
+        must first feed `lag_tokens` tokens: its pass feeding them takes at most WAIT_STEPS such
+        steps (or its cost has not been measured yet). Not waiting is no free lunch: the target
+        then moves on a token a round, and the draft, a pass behind each new prefix, keeps
+        sending drafts of the prefix before (measured, amusd, 1 client: a 41-token prompt, priced
+        80 ms against 17 ms steps, left requests without drafts for 8-14 rounds, some for good;
+        at 2 steps 63-70 tok/s against 76-78 at fixed k, which always waits). At 16 clients a
+        burst's prompts cost the draft many times more than 8 steps."""
         if not self.draft_cost or not self.target_cost:
             return True
-        return self.draft_cost(lag_tokens) <= 2 * self.target_cost(rows)
+        return self.draft_cost(lag_tokens) <= WAIT_STEPS * self.target_cost(rows)
 
     def forget(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)

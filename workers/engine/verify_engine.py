@@ -396,10 +396,9 @@ class VerifyEngine:
         """The rounds that wait for drafts not yet arrived. With adaptive plans and the draft
         beside the target, greedy rounds whose draft has more than a round's tokens to feed first
         (a prompt; rounds without drafts) do not, where feeding them all would take the draft
-        longer than two of these steps: such a round takes what has arrived, maybe none, while
-        the draft catches up beside the target. Measured, amusd: at 16 clients rounds waiting
-        for a burst's prompts made steps of 165-348 ms; alone, not waiting for one prompt left a
-        new request without drafts for a dozen rounds (1 client 63 tokens/s against 78). A
+        longer than several of these steps (SpeculationPolicy.worth_waiting): such a round takes
+        what has arrived, maybe none, while the draft catches up beside the target. Measured,
+        amusd, 16 clients: rounds waiting for a burst's prompts made steps of 165-348 ms. A
         sampled round waits: it verifies at least one draft (_min_drafts)."""
         waiting = {r.request_id for r, k in zip(rounds, drafts) if k}
         if self.policy is None or self.draft.wait_for_all:
