@@ -106,13 +106,12 @@ class DraftWorker:
         while True:
             # take in everything that arrived; block (up to the stats interval) only when idle
             decoded = self.inbox.recv(timeout_ms=0 if self.engine.has_work else int(STATS_INTERVAL_S * 1000))
-            told = decoded is not None
+            worked = decoded is not None  # told something, or (below) drafted
             while decoded is not None:
                 self._handle(decoded.message)
                 decoded = self.inbox.recv(timeout_ms=0)
-            if told and not self.engine.has_work and not self.config.mode.synchronous:
-                self.to_verify.send(DraftIdle())  # told something that left it nothing to do
             if self.engine.has_work:
+                worked = True
                 step_started, passes = time.monotonic(), self.engine.passes
                 try:
                     drafted = self.engine.step_all()
@@ -125,8 +124,8 @@ class DraftWorker:
                     self._publish(each)
                 if self.engine.passes > passes and not self.config.mode.synchronous:  # its pace, for amusd's plans
                     self.to_verify.send(DraftPass(self.engine.pass_tokens, seconds))
-                    if not self.engine.has_work:
-                        self.to_verify.send(DraftIdle())
+            if worked and not self.engine.has_work and not self.config.mode.synchronous:
+                self.to_verify.send(DraftIdle())  # what it was told is done: its cores may be borrowed
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now

@@ -405,10 +405,12 @@ class VerifyEngine:
             return waiting
         behind = [r for r, k in zip(rounds, drafts)
                   if k and r.sampling.greedy and self._lag(r) > self.draft.num_draft_tokens]
+        if not behind:
+            return waiting
         rows = sum(1 + k for k in drafts) + sum(len(self._prefill_chunk(r)) for r in prefills)
-        if behind and not self.policy.worth_waiting(sum(self._lag(r) for r in behind), rows):
-            return waiting.difference(r.request_id for r in behind)
-        return waiting
+        if self.policy.worth_waiting(sum(self._lag(r) for r in behind), rows):
+            return waiting
+        return waiting.difference(r.request_id for r in behind)
 
     def _plan(self, rounds: list[Request], caps: list[int], prefills: list[Request]) -> list[int]:
         """Adaptive speculation: the policy's drafts for each round (also what the draft is
