@@ -289,10 +289,12 @@ def main(argv=None) -> None:
 
     from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel, RankPlacement, make_layer_plan
     from workers.model import load_model, load_tokenizer, resolve_checkpoint
+    from workers.model.dtypes import compute_dtype, dtype_name
 
     started = time.time()
     load_start = os.getloadavg()
-    quantization = load_config().draft.quantization
+    config = load_config()
+    quantization, dtype = config.draft.quantization, compute_dtype(config.draft.dtype, "cpu")
     report: dict = {"model": EMBEDDED, "draft_quantization": quantization, "tokens": args.tokens, "k": args.k, "torch": torch.__version__,
                     "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_start": load_start}
 
@@ -302,8 +304,8 @@ def main(argv=None) -> None:
     path = resolve_checkpoint(EMBEDDED)
     tokenizer = load_tokenizer(path)
     pin({0, 1}, 2)
-    target = load_model(path, dtype=torch.bfloat16)
-    draft = load_model(path, dtype=torch.bfloat16, quantization=quantization)
+    target = load_model(path, dtype=dtype)
+    draft = load_model(path, dtype=dtype, quantization=quantization)
     prompts = prompt_ids(tokenizer, args.prompts)
     print(f"target continuations ({args.prompts} prompts x {args.tokens} tokens) ...", flush=True)
     conts = [greedy_continuation(target, ids, args.tokens) for ids in prompts]
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
     report["plan"] = plan.describe()
     placements = [RankPlacement(cores=(0,), threads=1), RankPlacement(cores=(1,), threads=1)]
     pin({0}, 1)
-    fuzzy = LayerParallelDraftModel.distributed(draft, DraftCheckpoint(str(path), "bfloat16", quantization), plan, placements=placements)
+    fuzzy = LayerParallelDraftModel.distributed(draft, DraftCheckpoint(str(path), dtype_name(dtype), quantization), plan, placements=placements)
     try:
         seq1, seq2 = Plain(draft, {0}, 1), Plain(draft, {0, 1}, 2)
         configs = {

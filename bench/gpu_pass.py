@@ -23,6 +23,7 @@ import torch
 from bench.pass_cost import weight_bytes
 from configs.loader import load_config
 from workers.model import load_model, resolve_checkpoint
+from workers.model.dtypes import compute_dtype
 from workers.model.model import Segment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_pass.json"
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.inference_mode():
         for role, section in (("target", config.target), ("draft", config.draft)):
-            model = load_model(resolve_checkpoint(section.path), getattr(torch, section.dtype), section.quantization,
+            model = load_model(resolve_checkpoint(section.path), compute_dtype(section.dtype, device), section.quantization,
                                device=device, head_vocab=section.head_vocab)
             for B in (int(b) for b in args.batch.split(",")):
                 for T in (int(t) for t in args.tokens.split(",")):

@@ -25,6 +25,7 @@ from workers.engine import NoDraft, VerifyEngine
 from workers.engine.prompt_lookup import PromptLookup
 from server.launcher import eos_token_ids
 from workers.model import load_model, load_tokenizer, resolve_checkpoint
+from workers.model.dtypes import compute_dtype
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
@@ -67,7 +68,7 @@ def main() -> None:
     config = load_config(args.config)
     path = resolve_checkpoint(config.target.path)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, getattr(torch, config.target.dtype), config.target.quantization)
+    model = load_model(path, compute_dtype(config.target.dtype, "cpu"), config.target.quantization)
     stop = list(eos_token_ids(path, tokenizer))
     spec = config.speculation
     sources = {"ar": lambda: NoDraft()} | {

@@ -30,6 +30,7 @@ import torch
 from bench.runtime_cost import AGREEMENT_PROMPTS, OurRunner, agreement
 from configs.loader import load_config
 from workers.model import load_model, load_tokenizer, resolve_checkpoint
+from workers.model.dtypes import compute_dtype
 from workers.model.linear import ConcatLinear, Int4Linear, Int8Linear, RowWise
 from workers.model.model import TwoRowFloor
 from workers.model.qlinear import QLinear
@@ -173,7 +174,7 @@ def main() -> None:
             tokenizer = tokenizer or load_tokenizer(path)
             t0 = time.perf_counter()
             models[role] = load_model(
-                path, getattr(torch, section.dtype), section.quantization, head_vocab=section.head_vocab
+                path, compute_dtype(section.dtype, "cpu"), section.quantization, head_vocab=section.head_vocab
             )
             label = f"{role} ({section.quantization}{', head ' + str(section.head_vocab) if section.head_vocab else ''})"
             print(f"loaded {label} in {time.perf_counter() - t0:.1f} s")

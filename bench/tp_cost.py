@@ -39,6 +39,7 @@ import torch
 from bench.runtime_cost import OurRunner
 from configs.loader import RendezvousConfig, load_config
 from workers.model import load_model, resolve_checkpoint
+from workers.model.dtypes import compute_dtype
 from workers.ranks import RankPlacement
 from workers.shell import apply_placement
 from workers.tensor_parallel import TargetCheckpoint, TensorParallelModel
@@ -113,7 +114,7 @@ def main() -> None:
     token_counts = [int(t) for t in a.tokens.split(",")]
     config = load_config(a.config)
     section = config.target
-    dtype = getattr(torch, section.dtype)
+    dtype = compute_dtype(section.dtype, "cpu")
     path = resolve_checkpoint(section.path)
     gen = torch.Generator().manual_seed(0)
     load_start = os.getloadavg()

@@ -4,7 +4,7 @@ The loader checks configs against them and the workers dispatch on them; this
 module imports nothing, so the HTTP process can read it without torch.
 """
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 where the device computes it natively, else float32 (workers/model/dtypes.py)
 QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # weight-only quantization of a model's linears ("gguf": as the file stores it)
 
 # EasySpec (workers/easyspec)

@@ -38,7 +38,7 @@ ADDRESS_SCHEMES = ("tcp://", "ipc://")  # ZeroMQ transports the workers may use
 class ModelConfig:
     # a Hugging Face model directory, a .gguf file, or "embedded:smollm2-135m-instruct"
     path: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # workers/model/dtypes.py
     quantization: str = "none"
     # draft only: 0 = full vocabulary; N = an output head over the first N token ids plus the
     # added tokens (FR-Spec: a cheaper draft, still lossless; see workers/model/loader.py)

@@ -41,9 +41,10 @@ def draft_model(config: Config, device) -> tuple[DraftModel, object]:
     if not config.mode.layer_parallel_draft:
         return PlainDraft(model), path
     from workers.easyspec import DraftCheckpoint, LayerParallelDraftModel
+    from workers.model.dtypes import dtype_name
 
     placement = config.placement_of_mode
-    checkpoint = DraftCheckpoint(str(path), config.draft.dtype, config.draft.quantization)
+    checkpoint = DraftCheckpoint(str(path), dtype_name(model.dtype), config.draft.quantization)  # "auto" as rank 0 resolved it
     # a reduced (FR-Spec) head is small: rank 0 computes it whole instead of by vocab slices
     easyspec = replace(config.easyspec, split_head=config.easyspec.split_head and not config.draft.head_vocab)
     ranks = [placement.draft, *placement.draft_ranks]

@@ -159,9 +159,10 @@ class BorrowedCores:
 
 def load_worker_model(model_config: ModelConfig, device: torch.device):
     from workers.model import load_model, resolve_checkpoint
+    from workers.model.dtypes import compute_dtype
 
     path = resolve_checkpoint(model_config.path, progress=log.info)
-    dtype = getattr(torch, model_config.dtype)
+    dtype = compute_dtype(model_config.dtype, device)
     model = load_model(
         path, dtype=dtype, quantization=model_config.quantization, device=device, head_vocab=model_config.head_vocab
     )

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from workers.model import KVCache, LlamaModel
+from workers.model.dtypes import compute_dtype, dtype_name
 from workers.model.model import Segment
 from workers.model.tensor_split import TensorSplit, attach_all_reduce, row_parallel_layers, tensor_splits
 from workers.ranks.channel import Channel, RankError, all_reduce_in_chunks
@@ -63,13 +64,14 @@ class TargetCheckpoint:
     """How every rank loads its share of the target (the same weights rank 0 loads)."""
 
     path: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # resolved by _checkpoint for the target's device
     quantization: str = "none"
 
     def load(self, device, split: TensorSplit) -> LlamaModel:
         from workers.model import load_model
+        from workers.model.dtypes import compute_dtype
 
-        dtype = getattr(torch, self.dtype)
+        dtype = compute_dtype(self.dtype, device)
         return load_model(Path(self.path), dtype=dtype, quantization=self.quantization, device=device, split=split)
 
     def splits(self, world: int) -> list[TensorSplit]:
@@ -142,7 +144,7 @@ class TensorParallelModel(RankGroup):
         self.fatal = fatal
         self.max_pass_tokens = max_pass_tokens
         self.device = torch.device(device)
-        element = torch.finfo(getattr(torch, checkpoint.dtype)).bits // 8
+        element = torch.finfo(compute_dtype(checkpoint.dtype, self.device)).bits // 8
         slot_bytes = SHM_CHUNK_TOKENS * read_args(Path(checkpoint.path)).dim * element
         # shared memory moves at most a slot at a time; gloo and NCCL take any size
         across_hosts = bool(group_options.get("rendezvous") and group_options["rendezvous"].address)
@@ -240,7 +242,8 @@ def _checkpoint(config) -> TargetCheckpoint:
     from workers.model import resolve_checkpoint
 
     path = resolve_checkpoint(config.target.path, progress=log.info)
-    return TargetCheckpoint(str(path), config.target.dtype, config.target.quantization)
+    dtype = dtype_name(compute_dtype(config.target.dtype, config.placement_of_mode.target.device))
+    return TargetCheckpoint(str(path), dtype, config.target.quantization)
 
 
 def external_rank(config, rank: int):

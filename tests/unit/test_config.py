@@ -22,7 +22,7 @@ def test_shipped_configs_load(path):
 def test_default_is_the_embedded_self_speculative_pair():
     config = load_config()
     assert config.target.path == config.draft.path == "embedded:smollm2-135m-instruct"
-    assert (config.target.dtype, config.target.quantization) == ("bfloat16", "none")
+    assert (config.target.dtype, config.target.quantization) == ("auto", "none")
     assert config.draft.quantization == "int4"
 
 

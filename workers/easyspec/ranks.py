@@ -45,13 +45,15 @@ class DraftCheckpoint:
     """How every rank loads the draft (the same weights rank 0 was loaded with)."""
 
     path: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # a rank started on its own (`tandem worker --role draft-rank`) resolves "auto" on its host
     quantization: str = "none"
 
     def load(self, device) -> LlamaModel:
         from workers.model import load_model
+        from workers.model.dtypes import compute_dtype
 
-        return load_model(Path(self.path), dtype=getattr(torch, self.dtype), quantization=self.quantization, device=device)
+        dtype = compute_dtype(self.dtype, device)
+        return load_model(Path(self.path), dtype=dtype, quantization=self.quantization, device=device)
 
 
 def configure_command(plan: LayerPlan, variant: str, split_head: bool) -> Configure:
