@@ -6,11 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.model import attend
+from workers.model import attend, qlinear
 from workers.model.model import ROW_WISE_MAX_T
-from workers.model.qlinear import machine_can_build
+from workers.model.qlinear import machine_can_build, machine_variants
 
 pytestmark = pytest.mark.skipif(machine_can_build() is not None, reason=f"qgemm: {machine_can_build()}")
+
+
+@pytest.fixture(autouse=True, params=machine_variants())
+def variant(request, monkeypatch):
+    """Every variant of the kernel this CPU runs (an AVX512 machine tests its AVX2 build too)."""
+    monkeypatch.setattr(attend, "kernel", lambda: qlinear.kernel(request.param))
+    return request.param
 
 SHAPES = [(2, 6, 128, 200, 1), (2, 6, 128, 200, 5), (3, 3, 64, 37, ROW_WISE_MAX_T), (1, 1, 16, 0, 1), (2, 2, 32, 0, 3)]
 

@@ -7,14 +7,25 @@ Definition: each 32-block of an activation row is quantized to int8 with scale m
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from workers.model.qlinear import MAX_ROWS, QLinear, QuantParts, machine_can_build
+from workers.model import qlinear
+from workers.model.qlinear import MAX_ROWS, QLinear, QuantParts, machine_can_build, machine_variants
 
 # Skipped only where the machine lacks the CPU flags or a compiler; where it has them, a kernel
 # that fails to build fails these tests.
 pytestmark = pytest.mark.skipif(machine_can_build() is not None, reason=f"qgemm: {machine_can_build()}")
+
+
+@pytest.fixture(autouse=True, params=machine_variants())
+def variant(request, monkeypatch):
+    """Every variant of the kernel this CPU runs (an AVX512 machine tests its AVX2 build too)."""
+    build = qlinear.kernel
+    monkeypatch.setattr(qlinear, "kernel", lambda: build(request.param))
+    return request.param
 
 
 def reference(x: torch.Tensor, p: QuantParts) -> torch.Tensor:
@@ -105,3 +116,23 @@ def test_weights_and_bias_reach_the_output():
 def test_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="divisible by 32"):
         QLinear(QuantParts(torch.zeros(16, 48, dtype=torch.uint8), torch.ones(16, 3), None, 0.0, 16, False), None, torch.float32)
+    with pytest.raises(ValueError, match="q < 2 \\* zero_point"):  # the AVX2 kernel sums Q5_0's q unsplit
+        QLinear(QuantParts(torch.full((16, 64), 32, dtype=torch.uint8), torch.ones(16, 2), None, 16.0, 32, False), None, torch.float32)
+
+
+@pytest.mark.parametrize("kind, top", [("q8", 255), ("q5", 31), ("q6k", 63), ("q6k-6bit", 63), ("q4k", 15), ("nibbles", 15)])
+def test_weights_and_activations_at_their_extremes_are_exact(kind, top):
+    """Every weight at its format's largest value (or 0) against activations of +-127: the
+    integer dot products must stay exact where an int16 intermediate (AVX2's vpmaddubsw) would
+    saturate: 255 * 127 * 2 > 32767."""
+    # catches: maddubs saturation on 8-bit weights (and int16 sums of too many steps of 5 or 6 bits)
+    N, K = 32, 512
+    g = torch.Generator().manual_seed(3)
+    q = torch.full((N, K), top, dtype=torch.uint8)
+    q[N // 2 :] = torch.randint(0, 2, (N - N // 2, K), generator=g, dtype=torch.uint8) * top  # 0 or top
+    p = dataclasses.replace(parts(kind, N, K), q=q)
+    signs = torch.randint(0, 2, (2, K), generator=g).float() * 2 - 1
+    x = torch.cat([torch.ones(1, K), -torch.ones(1, K), signs])  # quantized to +-127 exactly
+    got = QLinear(p, None, torch.float32)(x).double()
+    want = reference(x, p)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

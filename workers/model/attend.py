@@ -4,8 +4,9 @@ fixed order, so a verification's rows are bit for bit the decode steps' (batch i
 
 A decode step's attention through SDPA's CPU kernel cost ~40 us a layer at 200 positions of
 context (1 thread; most of it fixed cost), ours a few us; a 5-row verification called SDPA
-five times. Where the kernel cannot run (no AVX512, no compiler, TANDEM_QGEMM=0, not a CPU
-tensor, head_dim not a multiple of 16) `usable` says no and the caller uses SDPA row by row.
+five times. Where the kernel cannot run (neither AVX512 nor AVX2 + FMA, no compiler,
+TANDEM_QGEMM=0, not a CPU tensor, head_dim not a multiple of 16) `usable` says no and the
+caller uses SDPA row by row.
 """
 
 from __future__ import annotations

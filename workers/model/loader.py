@@ -9,7 +9,7 @@ Quantization of the decoder linears:
 - "int4": weight-only; a GGUF file's 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 as they
   are (see gguf_file.py), every other weight is quantized from its float values.
 - "gguf": serve a GGUF file's own weights, nothing re-quantized. On a CPU with
-  AVX512-VNNI, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
+  AVX512-VNNI or AVX2 + FMA, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
   qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
   other types de-quantized to the model dtype. The head follows the same rule.
 """

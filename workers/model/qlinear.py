@@ -1,4 +1,4 @@
-"""Linears over GGUF-style quantized weights, computed by our AVX512-VNNI kernel (kernels/qgemm.c).
+"""Linears over GGUF-style quantized weights, computed by our kernel (kernels/qgemm.c; AVX512-VNNI or AVX2).
 
 Every weight group of G input columns is `w = s * q + o` with q unsigned: 4-bit blocks
 (Q4_0, Q4_1, Q4_K) as nibbles in groups of 32; Q6_K (groups of 16), Q5_0 and Q8_0 (groups of
@@ -6,13 +6,15 @@ Every weight group of G input columns is `w = s * q + o` with q unsigned: 4-bit 
 for every 4 input rows, so verifying 3 drafts costs ~1.6x a decode step and 4 drafts ~2x,
 and it has no home for Q6_K (the target's head and half its down projections would be
 bf16, 2 bytes a weight). Ours reads the weights once per pass for up to 8 rows, with int8
-activations (per 32-block scales, as llama.cpp does) and vpdpbusd, so a verification costs
-about a decode step, and Q6_K is served at 1.25 bytes a weight.
+activations (per 32-block scales, as llama.cpp does) and vpdpbusd (AVX2: vpmaddubsw and
+vpmaddwd, with the same exact integer sums), so a verification costs about a decode step, and
+Q6_K is served at 0.83 bytes a weight.
 
 The kernel is C, compiled once with the system's gcc into the cache directory (one library
 with kernels/attend.c, the attention of short passes: attend.py) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
-torch's thread count. Where it cannot run (no gcc, no AVX512-VNNI, not a CPU tensor),
-`kernel()` says why and the loader falls back to torch's kernels.
+torch's thread count. It is built for the best of VARIANTS that the CPU runs (AVX512-VNNI, else
+AVX2 + FMA), each its own library in the cache. Where it cannot run (no gcc, neither variant's
+CPU flags, not a CPU tensor), `kernel()` says why and the loader falls back to torch's kernels.
 """
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ import torch
 from torch import nn
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c")]  # one library
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# The kernel's builds, best first: name -> (CPU flags it needs, as /proc/cpuinfo names them; gcc flags).
+# The C sources pick their code by the compiler's macros (__AVX512VNNI__, else __AVX2__).
+VARIANTS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+}
+CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # every variant's
 MAX_ROWS = 8  # rows per kernel call (a pass of more rows is computed in chunks)
 
 
@@ -55,35 +63,56 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
 
 
-def machine_can_build() -> str | None:
-    """Why this machine cannot run the kernel (None: it can: the CPU flags and a compiler are there)."""
-    if os.environ.get("TANDEM_QGEMM", "1") == "0":
+def machine_variants() -> list[str]:
+    """The VARIANTS this CPU runs, best first."""
+    flags = _cpu_flags()
+    return [name for name, (needs, _) in VARIANTS.items() if all(f in flags for f in needs)]
+
+
+def _setting() -> str:
+    """TANDEM_QGEMM: "0" (torch's kernels), a variant's name (that one), else the best the CPU runs."""
+    return os.environ.get("TANDEM_QGEMM", "1")
+
+
+def machine_can_build(variant: str | None = None) -> str | None:
+    """Why this machine cannot run the kernel (the variant named, else TANDEM_QGEMM's, else its
+    best); None: it can: the CPU flags and a compiler are there."""
+    if _setting() == "0":
         return "disabled by TANDEM_QGEMM=0"
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+    variant = variant or (_setting() if _setting() in VARIANTS else None)
+    flags = _cpu_flags()
+    if variant is None and not machine_variants():
+        lacks = "; ".join(f"{name}: {', '.join(f for f in needs if f not in flags)}" for name, (needs, _) in VARIANTS.items())
+        return f"this CPU lacks the flags of every variant of the kernel ({lacks})"
+    if variant is not None:
+        missing = [f for f in VARIANTS[variant][0] if f not in flags]
+        if missing:
+            return f"this CPU lacks {', '.join(missing)} (the kernel's {variant} variant)"
     if _compiler() is None:
         return "no C compiler (gcc) to build it"
     return None
 
 
-@lru_cache(maxsize=1)
-def kernel() -> ctypes.CDLL:
-    """The compiled kernel (built once per source version into the cache), or KernelUnavailable."""
+@lru_cache(maxsize=None)
+def kernel(variant: str | None = None) -> ctypes.CDLL:
+    """The compiled kernel (the variant named, else TANDEM_QGEMM's, else the CPU's best; built
+    once per source version and variant into the cache), or KernelUnavailable."""
     from .embedded import cache_root
 
-    reason = machine_can_build()
+    reason = machine_can_build(variant)
     if reason is not None:
         raise KernelUnavailable(reason)
+    variant = variant or (_setting() if _setting() in VARIANTS else machine_variants()[0])
     compiler = _compiler()
+    cflags = CFLAGS + VARIANTS[variant][1]
     source = b"".join(path.read_bytes() for path in SOURCES)
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    lib = cache_root() / "kernels" / f"qgemm-{digest}.so"
+    digest = hashlib.sha256(source + " ".join(cflags).encode()).hexdigest()[:16]
+    lib = cache_root() / "kernels" / f"qgemm-{variant}-{digest}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        result = subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *cflags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
             raise KernelUnavailable(f"building {', '.join(p.name for p in SOURCES)} failed: {result.stderr.strip()[:500]}")
@@ -111,7 +140,8 @@ def kernel_available() -> bool:
 class QuantParts:
     """A quantized weight before packing: w[n, k] = scales[n, g] * q[n, k] + offsets[n, g], g = k // group.
 
-    offsets None means offsets = -zero_point * scales (Q6_K, Q5_0, Q8_0: one zero point).
+    offsets None means offsets = -zero_point * scales (Q6_K, Q5_0, Q8_0: one zero point, and
+    q < 2 * zero_point, which the AVX2 kernel relies on for bytes).
     q4k: Q4_K's own scale layout (sc, m uint8 [N, K/32]; d, dmin float32 [N, K/256]) from which
     scales = d * sc and offsets = -dmin * m; the kernel reads it instead (0.09 bytes a weight).
     q6k: Q6_K's own scale layout (sc int8 [N, K/16], d float32 [N, K/256]; scales = d * sc,
@@ -238,6 +268,9 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = parts.q.shape
         if self.in_features % 32:
             raise ValueError(f"qgemm needs in_features divisible by 32, got {self.in_features}")
+        if parts.layout == 0 and parts.offsets is None and parts.q.numel() and int(parts.q.max()) >= 2 * parts.zero_point:
+            raise ValueError(f"qgemm's bytes with one zero point hold q < 2 * zero_point ({parts.zero_point:g}), "
+                             f"got q = {int(parts.q.max())}")
         self.group, self.layout, self.zero_point = parts.group, parts.layout, float(parts.zero_point)
         weight, scales, offsets, super_scales = pack(parts)
         self.register_buffer("weight", weight)

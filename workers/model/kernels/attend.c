@@ -1,5 +1,6 @@
 /* Attention of a few query rows (a decode step, or a verification of up to 7 drafts) over a
- * static KV cache, AVX512F. Built into the same library as qgemm.c (see qlinear.py).
+ * static KV cache, AVX512F or AVX2 + FMA (as the library is built: see qlinear.py's VARIANTS).
+ * Built into the same library as qgemm.c (see qlinear.py).
  *
  * Row t (position start + t) attends to the keys [0, start + t], causal, as a one-token pass at
  * that position would: every (row, kv head) is computed on its own, in one fixed order whatever
@@ -18,6 +19,8 @@
 #include <string.h>
 
 #define DMAX 256
+
+#if defined(__AVX512F__)
 
 static inline __m512 load16(const void *base, long i, int bf16) {
     if (bf16) {
@@ -83,6 +86,118 @@ static void one_head(const float *q, int G, int D, const void *k, const void *v,
         for (int c = 0; c < C; c++) _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[c], inv));
     }
 }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+static inline __m256 load8(const void *base, long i, int bf16) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) for x <= 0 as exp16 computes it; 2^n built in the exponent bits (n >= -126: normal). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Every chain of FMAs below is one of several independent ones (latency 4, two a cycle): the
+ * scores two query heads and two halves of D at a time, the weighted values 8 or 2 registers of
+ * D at a time over the positions. bf16 is a constant in each copy (no branch per load). */
+static inline __attribute__((always_inline)) void head(const float *q, int G, int D, const void *k, const void *v,
+                                                       const int bf16, int L, float scale, float *out, float *s) {
+    const int C = D / 8; /* even: D is a multiple of 16 */
+    for (int j = 0; j < L; j++) { /* scores: s[g * L + j] */
+        __m256 kj[DMAX / 8];
+        for (int c = 0; c < C; c++) kj[c] = load8(k, (long)j * D + 8 * c, bf16);
+        for (int g = 0; g < G; g += 2) {
+            const float *qa = q + g * D, *qb = q + (g + 1 < G ? g + 1 : g) * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+            for (int c = 0; c < C; c += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qa + 8 * c), kj[c], a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qa + 8 * c + 8), kj[c + 1], a1);
+                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 8 * c), kj[c], b0);
+                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 8 * c + 8), kj[c + 1], b1);
+            }
+            s[(long)g * L + j] = sum8(_mm256_add_ps(a0, a1)) * scale;
+            if (g + 1 < G) s[(long)(g + 1) * L + j] = sum8(_mm256_add_ps(b0, b1)) * scale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = s + (long)g * L;
+        float m = sg[0];
+        for (int j = 1; j < L; j++) m = sg[j] > m ? sg[j] : m;
+        __m256 vm = _mm256_set1_ps(m), total = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= L; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), vm));
+            _mm256_storeu_ps(sg + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        if (j < L) {
+            __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(L - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(sg + j, tail), vm));
+            e = _mm256_and_ps(e, _mm256_castsi256_ps(tail));
+            _mm256_maskstore_ps(sg + j, tail, e);
+            total = _mm256_add_ps(total, e);
+        }
+        __m256 inv = _mm256_set1_ps(1.0f / sum8(total));
+        for (int c0 = 0; c0 < C;) { /* out[8 c0 ..] = sum_j p_j v_j, 8 registers (or 2) over every j */
+            if (c0 + 8 <= C) {
+                __m256 acc[8];
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+                for (j = 0; j < L; j++) {
+                    __m256 p = _mm256_set1_ps(sg[j]);
+                    for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(p, load8(v, (long)j * D + 8 * (c0 + c), bf16), acc[c]);
+                }
+                for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + g * D + 8 * (c0 + c), _mm256_mul_ps(acc[c], inv));
+                c0 += 8;
+            } else {
+                __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+                for (j = 0; j < L; j++) {
+                    __m256 p = _mm256_set1_ps(sg[j]);
+                    acc0 = _mm256_fmadd_ps(p, load8(v, (long)j * D + 8 * c0, bf16), acc0);
+                    acc1 = _mm256_fmadd_ps(p, load8(v, (long)j * D + 8 * c0 + 8, bf16), acc1);
+                }
+                _mm256_storeu_ps(out + g * D + 8 * c0, _mm256_mul_ps(acc0, inv));
+                _mm256_storeu_ps(out + g * D + 8 * c0 + 8, _mm256_mul_ps(acc1, inv));
+                c0 += 2;
+            }
+        }
+    }
+}
+
+static void one_head(const float *q, int G, int D, const void *k, const void *v, int bf16, int L, float scale,
+                     float *out, float *s) {
+    if (bf16)
+        head(q, G, D, k, v, 1, L, scale, out, s);
+    else
+        head(q, G, D, k, v, 0, L, scale, out, s);
+}
+
+#else
+#error "attend.c needs AVX512F or AVX2 + FMA: see VARIANTS in qlinear.py"
+#endif
 
 /* Returns 0, or -1 for arguments it does not take (then nothing was written). */
 int attend_rows(const float *q, int T, int KV, int G, int D, const void *k, const void *v, int cache_bf16,

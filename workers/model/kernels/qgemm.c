@@ -1,4 +1,5 @@
-/* Small-batch matmul of float activations with GGUF-style quantized weights, AVX512-VNNI.
+/* Small-batch matmul of float activations with GGUF-style quantized weights, AVX512-VNNI
+ * or AVX2 + FMA (one variant per build, chosen by the compiler flags: see qlinear.py's VARIANTS).
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] for M <= 8 rows (a decode step, or a verification
  * of up to 7 drafts), where every group of G consecutive k of a weight row is
@@ -26,6 +27,8 @@
  *   or, for Q6_K (six bits): s = d * sc, o = -32 * s with sc: [tiles][K/16][16] int8 (passed as
  *       `scale`) and d: super [tiles][K/256][16] float32: 0.08 bytes a weight.
  * N is padded to a multiple of 16 (padding rows are zero); K is a multiple of 32.
+ *
+ * Both variants compute the same integer sums, exactly (see the AVX2 code's notes).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -33,6 +36,10 @@
 #include <string.h>
 
 #define MMAX 8
+
+enum { BYTES = 0, NIBBLES = 1, SIX_BITS = 2 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float *dx, float *sx) {
     for (int m = 0; m < M; m++) {
@@ -61,8 +68,6 @@ static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float
  * at the end of a group): with one row, a single accumulator would wait on vpdpbusd's latency
  * at every step. Float accumulation has one fixed order whatever M is (batch invariance). */
 #define CHAINS(M) ((M) == 1 ? 4 : (M) == 2 ? 2 : 1)
-
-enum { BYTES = 0, NIBBLES = 1, SIX_BITS = 2 };
 
 static inline __attribute__((always_inline)) void tile(
     const int M, const int layout, const int G, int t, int K, const uint8_t *w, const float *scale,
@@ -147,6 +152,257 @@ static inline __attribute__((always_inline)) void tile(
     }
     for (int m = 0; m < M; m++) _mm512_storeu_ps(y + (long)m * ldy + t * 16, acc[m]);
 }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+/* AVX2 + FMA. A 64-byte block of the layouts above is two 32-byte halves: rows 0-7 of the
+ * tile, then rows 8-15. vpdpbusd is emulated by vpmaddubsw (u8 x s8, adjacent pairs summed
+ * into int16, saturating) then vpmaddwd by ones (int16 pairs into int32). No int16 sum may
+ * saturate, so the operands are kept small enough and the integer sums are exact (|xq| <= 128):
+ *   nibbles (q <= 15): a pair is at most 2*15*128 = 3840, the 8 of a group 30720;
+ *   six bits (q <= 63): a pair at most 16128, so two steps are summed in int16, not four;
+ *   bytes up to 255 (Q8_0; a pair would reach 65280): each byte split into its nibbles,
+ *       q = 16 * hi + lo, each summed as nibbles are, then 16 * sum(hi x) + sum(lo x);
+ *   bytes with a zero point of at most 16 or 32 (Q5_0, Q6_K as bytes), which hold
+ *       q < 2 * zero_point (qlinear.py checks): q itself, 4 or 2 steps summed in int16.
+ * The float steps are the AVX512 code's, in the same order, except the sums of x per group
+ * (pairwise here), so the two variants may differ in the last bits; each is batch-invariant. */
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float *dx, float *sx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int m = 0; m < M; m++) {
+        const float *row = x + (long)m * K;
+        for (int b = 0; b < K / 32; b++) {
+            __m256 v0 = _mm256_loadu_ps(row + b * 32), v1 = _mm256_loadu_ps(row + b * 32 + 8);
+            __m256 v2 = _mm256_loadu_ps(row + b * 32 + 16), v3 = _mm256_loadu_ps(row + b * 32 + 24);
+            __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                     _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+            float amax = hmax8(a);
+            float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+            dx[m * (K / 32) + b] = d;
+            __m256 vid = _mm256_set1_ps(id);
+            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+            __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+            /* saturating packs, as _mm512_cvtsepi32_epi8; in-lane, so dwords come out as
+             * q0[0:4] q1[0:4] q2[0:4] q3[0:4] q0[4:8] q1[4:8] q2[4:8] q3[4:8] */
+            __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            _mm256_storeu_si256((__m256i *)(xq + (long)m * K + b * 32), _mm256_permutevar8x32_epi32(q, order));
+            /* sums of x per group, pairwise in 8 lanes (the AVX512 code adds them one by one) */
+            __m256 s01 = _mm256_add_ps(v0, v1), s23 = _mm256_add_ps(v2, v3);
+            if (G == 32) {
+                sx[m * (K / 32) + b] = hsum8(_mm256_add_ps(s01, s23));
+            } else {
+                sx[m * (K / 16) + 2 * b] = hsum8(s01);
+                sx[m * (K / 16) + 2 * b + 1] = hsum8(s23);
+            }
+        }
+    }
+}
+
+static inline __m256i bcast4(const int8_t *a) { return _mm256_broadcastd_epi32(_mm_loadu_si32(a)); }
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Weights are prefetched this many bytes ahead (a tile's later blocks, then the next tile's):
+ * one core's own requests do not keep enough loads in flight to stream at its bandwidth
+ * (Zen3, 1 thread, Q4_K 1536x8960 at 1 row: 0.43 -> 0.32 ms a call). */
+#define AHEAD 4096
+
+/* What a tile's rows share in one group g of G columns starting at k0. */
+typedef struct {
+    int K, G, g, k0, groups;
+    const int8_t *xq;
+    const float *dx, *sx;
+    __m256 s[2], o[2]; /* the group's scales and offsets: rows 0-7, 8-15 of the tile */
+} Group;
+
+/* acc += cvt(isum) * (s * dx) + o * sx for row m, half h: the AVX512 code's float step. */
+INLINE __m256 group_step(const Group *gr, int m, int h, __m256i isum, __m256 acc) {
+    __m256 sd = _mm256_mul_ps(gr->s[h], _mm256_set1_ps(gr->dx[m * (gr->K / 32) + gr->k0 / 32]));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, acc);
+    return _mm256_fmadd_ps(gr->o[h], _mm256_set1_ps(gr->sx[m * gr->groups + gr->g]), acc);
+}
+
+/* Rows m0 .. m0 + R - 1 (R <= 4) of a nibble group (G = 32): their int16 sums, 2 a row, stay in
+ * registers while each 8 k of the group's weights are loaded and unpacked once (the loop kept:
+ * gcc unrolls it otherwise and spills the sums). */
+INLINE void nibble_rows(const int R, const int m0, const Group *gr, const uint8_t *wt, __m256 (*acc)[2]) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256i s16[4][2];
+    for (int r = 0; r < R; r++) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+    for (int k = gr->k0; k < gr->k0 + 32; k += 8) {
+        const uint8_t *blk = wt + (long)(k / 8) * 64;
+        if (m0 == 0) _mm_prefetch((const char *)blk + AHEAD, _MM_HINT_T0);
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)blk), b1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
+        __m256i lo0 = _mm256_and_si256(b0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+        __m256i lo1 = _mm256_and_si256(b1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = gr->xq + (long)(m0 + r) * gr->K + k;
+            __m256i a0 = bcast4(a), a1 = bcast4(a + 4);
+            s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(lo0, a0));
+            s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(lo1, a0));
+            s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(hi0, a1));
+            s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(hi1, a1));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) acc[m0 + r][h] = group_step(gr, m0 + r, h, _mm256_madd_epi16(s16[r][h], ones), acc[m0 + r][h]);
+}
+
+/* Rows m0 .. m0 + R - 1 (R <= 2) of a byte group, both halves of the tile per 4 k. span 0: q up
+ * to 255 (Q8_0), each byte split into nibbles, q = 16 hi + lo, each summed as nibbles are (4 int16
+ * sums a row); span 4 or 2: q < 32 or q < 64 (Q5_0, Q6_K), maddubs on q itself, span steps summed
+ * in int16 (at most 2 * 31 * 128 * 4 or 2 * 63 * 128 * 2 = 32256), then widened. */
+INLINE void byte_rows(const int R, const int m0, const int span, const Group *gr, const uint8_t *wt, __m256 (*acc)[2]) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    __m256i slo[2][2], shi[2][2], isum[2][2];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) slo[r][h] = shi[r][h] = isum[r][h] = _mm256_setzero_si256();
+    const uint8_t *p = wt + (long)(gr->k0 / 4) * 64;
+    const int8_t *a = gr->xq + (long)m0 * gr->K + gr->k0;
+    if (span) {
+#pragma GCC unroll 1
+        for (int j0 = 0; j0 < gr->G / 4; j0 += span) {
+            for (int j = 0; j < span; j++, p += 64, a += 4) {
+                if (m0 == 0) _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
+                __m256i b[2] = {_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
+                for (int r = 0; r < R; r++) {
+                    __m256i x = bcast4(a + (long)r * gr->K);
+                    for (int h = 0; h < 2; h++) slo[r][h] = _mm256_add_epi16(slo[r][h], _mm256_maddubs_epi16(b[h], x));
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int h = 0; h < 2; h++) {
+                    isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(slo[r][h], ones));
+                    slo[r][h] = _mm256_setzero_si256();
+                }
+        }
+    } else {
+        for (int j = 0; j < gr->G / 4; j++, p += 64, a += 4) {
+            if (m0 == 0) _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
+            __m256i b[2] = {_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
+            __m256i lo[2], hi[2];
+            for (int h = 0; h < 2; h++) lo[h] = _mm256_and_si256(b[h], low), hi[h] = _mm256_and_si256(_mm256_srli_epi16(b[h], 4), low);
+            for (int r = 0; r < R; r++) {
+                __m256i x = bcast4(a + (long)r * gr->K);
+                for (int h = 0; h < 2; h++) {
+                    slo[r][h] = _mm256_add_epi16(slo[r][h], _mm256_maddubs_epi16(lo[h], x));
+                    shi[r][h] = _mm256_add_epi16(shi[r][h], _mm256_maddubs_epi16(hi[h], x));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) {
+            if (!span) isum[r][h] = _mm256_add_epi32(_mm256_madd_epi16(shi[r][h], sixteen), _mm256_madd_epi16(slo[r][h], ones));
+            acc[m0 + r][h] = group_step(gr, m0 + r, h, isum[r][h], acc[m0 + r][h]);
+        }
+}
+
+INLINE void byte_group(const int M, const int span, const Group *gr, const uint8_t *wt, __m256 (*acc)[2]) {
+    for (int m0 = 0; m0 < M; m0 += 2) byte_rows(M - m0 < 2 ? M - m0 : 2, m0, span, gr, wt, acc);
+}
+
+/* A six-bit group (G = 16, one 192-byte block), every row: v[h][j] holds k0 + 4j .. k0 + 4j + 3
+ * of rows 8h .. 8h + 7; each activation broadcast serves both halves. */
+INLINE void six_bit_rows(const int M, const Group *gr, const uint8_t *wt, __m256 (*acc)[2]) {
+    const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+    __m256i v[2][4];
+    for (int i = 0; i < 3; i++) _mm_prefetch((const char *)wt + (long)(gr->k0 / 16) * 192 + 64 * i + AHEAD, _MM_HINT_T0);
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *blk = wt + (long)(gr->k0 / 16) * 192 + 32 * h;
+        __m256i na = _mm256_loadu_si256((const __m256i *)blk), nb = _mm256_loadu_si256((const __m256i *)(blk + 64));
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128));
+        /* bits 2j, 2j+1 of hb to bits 4, 5 (16-bit shifts: the mask drops what crosses a byte) */
+        v[h][0] = _mm256_or_si256(_mm256_and_si256(na, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), high));
+        v[h][1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(na, 4), low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), high));
+        v[h][2] = _mm256_or_si256(_mm256_and_si256(nb, low), _mm256_and_si256(hb, high));
+        v[h][3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nb, 4), low), _mm256_and_si256(_mm256_srli_epi16(hb, 2), high));
+    }
+    for (int m = 0; m < M; m++) {
+        const int8_t *a = gr->xq + (long)m * gr->K + gr->k0;
+        __m256i p[2][2]; /* [half][steps 0-1, 2-3]: two steps summed in int16 (at most 2 * 16128) */
+        for (int j = 0; j < 4; j++) {
+            __m256i x = bcast4(a + 4 * j);
+            for (int h = 0; h < 2; h++) {
+                __m256i d = _mm256_maddubs_epi16(v[h][j], x);
+                p[h][j / 2] = j % 2 ? _mm256_add_epi16(p[h][j / 2], d) : d;
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            acc[m][h] = group_step(gr, m, h, _mm256_add_epi32(_mm256_madd_epi16(p[h][0], ones), _mm256_madd_epi16(p[h][1], ones)), acc[m][h]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile(
+    const int M, const int layout, const int G, int t, int K, const uint8_t *w, const float *scale,
+    const float *offset, float zero_point, const float *super, const int8_t *xq, const float *dx, const float *sx,
+    float *y, int ldy) {
+    /* nibbles: rows in at most two chunks of at most 4 (5 = 3 + 2), each with its sums in registers */
+    const int first = M <= 4 ? M : (M + 1) / 2;
+    /* bytes with one zero point hold q < 2 * zero_point (Q5_0: 16, Q6_K: 32, Q8_0: 128; qlinear.py
+     * checks): steps summed in int16 before they are widened (0: split into nibbles) */
+    const int span = layout != BYTES || offset || !(zero_point >= 1.0f) ? 0 : zero_point <= 16.0f ? 4 : zero_point <= 32.0f ? 2 : 0;
+    __m256 acc[MMAX][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const uint8_t *wt = w + (long)t * 16 * K * (layout == NIBBLES ? 2 : layout == SIX_BITS ? 3 : 4) / 4;
+    Group gr = {K, G, 0, 0, K / G, xq, dx, sx, {}, {}};
+    for (int g = 0; g < K / G; g++) {
+        gr.g = g, gr.k0 = g * G;
+        const long sidx = ((long)t * gr.groups + g) * 16;
+        if (layout == BYTES) _mm_prefetch((const char *)(scale + sidx) + AHEAD / 8, _MM_HINT_T0); /* 64 bytes a group */
+        for (int h = 0; h < 2; h++) {
+            if (layout == SIX_BITS) { /* Q6_K: s = d * sc (int8), o = -32 * s */
+                const int8_t *sc = (const int8_t *)scale + sidx + 8 * h;
+                gr.s[h] = _mm256_mul_ps(_mm256_loadu_ps(super + ((long)t * (K / 256) + g / 16) * 16 + 8 * h),
+                                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
+                gr.o[h] = _mm256_mul_ps(gr.s[h], _mm256_set1_ps(-zero_point));
+            } else if (super) { /* Q4_K: s = d * sc, o = (-dmin) * m */
+                const float *sd = super + ((long)t * (K / 256) + g / 8) * 32 + 8 * h;
+                const uint8_t *sc = (const uint8_t *)scale + sidx + 8 * h, *mn = (const uint8_t *)offset + sidx + 8 * h;
+                gr.s[h] = _mm256_mul_ps(_mm256_loadu_ps(sd), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
+                gr.o[h] = _mm256_mul_ps(_mm256_loadu_ps(sd + 16), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn))));
+            } else {
+                gr.s[h] = _mm256_loadu_ps(scale + sidx + 8 * h);
+                gr.o[h] = offset ? _mm256_loadu_ps(offset + sidx + 8 * h) : _mm256_mul_ps(gr.s[h], _mm256_set1_ps(-zero_point));
+            }
+        }
+        if (layout == SIX_BITS) {
+            six_bit_rows(M, &gr, wt, acc);
+        } else if (layout == NIBBLES) {
+            nibble_rows(first, 0, &gr, wt, acc);
+            if (M > first) nibble_rows(M - first, first, &gr, wt, acc);
+        } else {
+            if (span == 4) byte_group(M, 4, &gr, wt, acc);
+            else if (span == 2) byte_group(M, 2, &gr, wt, acc);
+            else byte_group(M, 0, &gr, wt, acc);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        _mm256_storeu_ps(y + (long)m * ldy + t * 16, acc[m][0]);
+        _mm256_storeu_ps(y + (long)m * ldy + t * 16 + 8, acc[m][1]);
+    }
+}
+
+#else
+#error "qgemm.c needs AVX512-VNNI (+BW) or AVX2 + FMA: see VARIANTS in qlinear.py"
+#endif
 
 #define TILES(MV, LAYOUT, GV)                                                                     \
     {                                                                                          \
