@@ -245,16 +245,16 @@ INLINE void nibble_rows(const int R, const int m0, const Group *gr, const uint8_
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256i s16[4][2];
     for (int r = 0; r < R; r++) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+    const uint8_t *blk = wt + (long)(gr->k0 / 8) * 64;
+    const int8_t *a = gr->xq + (long)m0 * gr->K + gr->k0;
 #pragma GCC unroll 1
-    for (int k = gr->k0; k < gr->k0 + 32; k += 8) {
-        const uint8_t *blk = wt + (long)(k / 8) * 64;
+    for (int step = 0; step < 4; step++, blk += 64, a += 8) {
         if (m0 == 0) _mm_prefetch((const char *)blk + AHEAD, _MM_HINT_T0);
         __m256i b0 = _mm256_loadu_si256((const __m256i *)blk), b1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
         __m256i lo0 = _mm256_and_si256(b0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
         __m256i lo1 = _mm256_and_si256(b1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
         for (int r = 0; r < R; r++) {
-            const int8_t *a = gr->xq + (long)(m0 + r) * gr->K + k;
-            __m256i a0 = bcast4(a), a1 = bcast4(a + 4);
+            __m256i a0 = bcast4(a + (long)r * gr->K), a1 = bcast4(a + (long)r * gr->K + 4);
             s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(lo0, a0));
             s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(lo1, a0));
             s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(hi0, a1));
