@@ -23,7 +23,7 @@ def test_default_is_the_embedded_self_speculative_pair():
     config = load_config()
     assert config.target.path == config.draft.path == "embedded:smollm2-135m-instruct"
     assert (config.target.dtype, config.target.quantization) == ("auto", "none")
-    assert config.draft.quantization == "int4"
+    assert config.draft.quantization == "gguf"
 
 
 def test_overrides_and_round_trip_through_json():
