@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c")]  # one library
+HEADERS = [Path(__file__).with_name("kernels") / "avx2.h"]  # included by the sources: part of the build's hash
 # The kernel's builds, best first: name -> (CPU flags it needs, as /proc/cpuinfo names them; gcc flags).
 # The C sources pick their code by the compiler's macros (__AVX512VNNI__, else __AVX2__).
 VARIANTS = {
@@ -106,7 +107,7 @@ def kernel(variant: str | None = None) -> ctypes.CDLL:
     variant = variant or (_setting() if _setting() in VARIANTS else machine_variants()[0])
     compiler = _compiler()
     cflags = CFLAGS + VARIANTS[variant][1]
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     digest = hashlib.sha256(source + " ".join(cflags).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"qgemm-{variant}-{digest}.so"
     if not lib.is_file():

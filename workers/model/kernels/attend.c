@@ -89,6 +89,8 @@ static void one_head(const float *q, int G, int D, const void *k, const void *v,
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
+#include "avx2.h"
+
 static inline __m256 load8(const void *base, long i, int bf16) {
     if (bf16) {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
@@ -97,12 +99,6 @@ static inline __m256 load8(const void *base, long i, int bf16) {
     return _mm256_loadu_ps((const float *)base + i);
 }
 
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* exp(x) for x <= 0 as exp16 computes it; 2^n built in the exponent bits (n >= -126: normal). */
 static inline __m256 exp8(__m256 x) {
@@ -139,8 +135,8 @@ static inline __attribute__((always_inline)) void head(const float *q, int G, in
                 b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 8 * c), kj[c], b0);
                 b1 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 8 * c + 8), kj[c + 1], b1);
             }
-            s[(long)g * L + j] = sum8(_mm256_add_ps(a0, a1)) * scale;
-            if (g + 1 < G) s[(long)(g + 1) * L + j] = sum8(_mm256_add_ps(b0, b1)) * scale;
+            s[(long)g * L + j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+            if (g + 1 < G) s[(long)(g + 1) * L + j] = hsum8(_mm256_add_ps(b0, b1)) * scale;
         }
     }
     for (int g = 0; g < G; g++) {
@@ -161,7 +157,7 @@ static inline __attribute__((always_inline)) void head(const float *q, int G, in
             _mm256_maskstore_ps(sg + j, tail, e);
             total = _mm256_add_ps(total, e);
         }
-        __m256 inv = _mm256_set1_ps(1.0f / sum8(total));
+        __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
         for (int c0 = 0; c0 < C;) { /* out[8 c0 ..] = sum_j p_j v_j, 8 registers (or 2) over every j */
             if (c0 + 8 <= C) {
                 __m256 acc[8];

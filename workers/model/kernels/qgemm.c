@@ -155,6 +155,8 @@ static inline __attribute__((always_inline)) void tile(
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
+#include "avx2.h"
+
 /* AVX2 + FMA. A 64-byte block of the layouts above is two 32-byte halves: rows 0-7 of the
  * tile, then rows 8-15. vpdpbusd is emulated by vpmaddubsw (u8 x s8, adjacent pairs summed
  * into int16, saturating) then vpmaddwd by ones (int16 pairs into int32). No int16 sum may
@@ -175,12 +177,6 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float *dx, float *sx) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
