@@ -32,6 +32,7 @@ from torch import nn
 
 from configs.choices import QUANTIZATIONS, check_choice  # one definition, shared with the config loader
 
+from .dtypes import cpu_computes_bf16
 from .qlinear import QLinear
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
@@ -54,7 +55,7 @@ def mkldnn_packing_ok(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_computes_bf16()
     return False
 
 
