@@ -65,6 +65,10 @@ class RolePlacement:
     # a mode whose draft runs beside the target (amusd), each on cores of its own: the target's
     # passes also take the draft's cores in steps where no request drafts (the draft idles)
     borrow_draft_cores: bool = False
+    # ... only where the start-up probe times a pass on both teams at under this share of one
+    # on the target's own cores (workers.shell.BorrowedCores.probe); a large value borrows
+    # wherever the two give the same bits
+    borrow_max_share: float = 1.0
 
     @property
     def targets(self) -> tuple[DevicePlacement, ...]:
@@ -455,6 +459,8 @@ def _validate_borrowing(mode: str, roles: RolePlacement) -> None:
     """borrow_draft_cores: a CPU target and draft on cores of their own, in a mode whose draft runs
     beside the target as one process. (Where the draft's cores are all the target's too there
     is nothing to borrow, and the verify worker does not.)"""
+    if roles.borrow_max_share <= 0:
+        raise ConfigError(f"placement.{mode}.borrow_max_share: must be above 0, got {roles.borrow_max_share}")
     if not roles.borrow_draft_cores:
         return
     where = f"placement.{mode}.borrow_draft_cores"

@@ -221,7 +221,13 @@ class DraftPass(msgspec.Struct, tag=True):
 class DraftIdle(msgspec.Struct, tag=True):
     """The draft has nothing left to compute (no request to draft or catch up for) until it is
     told more: a target that borrows the draft's cores takes them only then, not while the
-    draft still feeds prompts or drafts ahead on them (both passes then ran at half speed)."""
+    draft still feeds prompts or drafts ahead on them (both passes then ran at half speed).
+    Also sent once, when the draft worker has loaded (heard 0): its cores are quiet.
+
+    heard: how many messages this draft process has taken in from the verifier. One still in
+    flight when the draft said it idles may give it work: the verifier counts what it sent."""
+
+    heard: int = 0
 
 
 class DraftAvailability(msgspec.Struct, tag=True):

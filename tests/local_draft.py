@@ -21,8 +21,10 @@ class LocalTransport:
         self.engine = engine
         self.steps = steps or (lambda: 1)
         self._outbox: list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]] = []
+        self.heard = 0  # messages taken in (DraftIdle.heard)
 
     def send(self, message) -> None:
+        self.heard += 1
         self._keep(self.engine.handle(message))
         self._report_idle()
 
@@ -37,7 +39,7 @@ class LocalTransport:
     def _report_idle(self) -> None:
         """As the draft worker: DraftIdle once what it was told leaves it nothing to do."""
         if not self.engine.has_work:
-            self._outbox.append((DraftIdle(), None))
+            self._outbox.append((DraftIdle(self.heard), None))
 
     def _keep(self, drafted) -> None:
         if drafted is not None:

@@ -89,6 +89,7 @@ class DraftWorker:
         self.to_verify = open_outbox(config, "verify")
         self.to_server = open_outbox(config, "server")
         self.busy_s = 0.0
+        self.heard = 0  # messages taken in from the verifier (DraftIdle.heard)
 
     def _publish(self, drafted: Drafted | None) -> None:
         if drafted is not None:
@@ -96,12 +97,15 @@ class DraftWorker:
             self.to_verify.send(drafted.message, arrays)
 
     def _handle(self, message) -> None:
+        self.heard += 1
         if isinstance(message, (BeginDrafting, VerifiedPrefix, ReleaseRequest)):
             self._publish(self.engine.handle(message))
         else:
             log.warning("draft worker ignores unexpected %s", type(message).__name__)
 
     def run(self) -> None:
+        if not self.config.mode.synchronous:
+            self.to_verify.send(DraftIdle(self.heard))  # loaded: a target that borrows its cores may time them now
         start_heartbeat(self.config, "draft", self.config.draft.path, self.model.args.vocab_size)
         started = last_stats = time.monotonic()
         while True:
@@ -126,7 +130,7 @@ class DraftWorker:
                 if self.engine.passes > passes and not self.config.mode.synchronous:  # its pace, for amusd's plans
                     self.to_verify.send(DraftPass(self.engine.pass_tokens, seconds))
             if worked and not self.engine.has_work and not self.config.mode.synchronous:
-                self.to_verify.send(DraftIdle())  # what it was told is done: its cores may be borrowed
+                self.to_verify.send(DraftIdle(self.heard))  # what it was told is done: its cores may be borrowed
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now

@@ -107,6 +107,7 @@ class VerifyWorker:
         device = apply_placement(config.placement_of_mode.target)
         self.model, path = target_model(config, device)  # one device, or tensor-parallel over several
         self.inbox = open_inbox(config, "verify")
+        self._early: list = []  # what arrived while start-up waited for the draft (_wait_for_quiet_draft)
         self.to_server = open_outbox(config, "server")
         self.draft, self.transport = make_draft_source(config, lambda: open_outbox(config, "draft"))
         self.engine = VerifyEngine(
@@ -136,28 +137,53 @@ class VerifyWorker:
         cores = BorrowedCores(placement.target, placement.draft)
         if cores.wide == cores.narrow:
             return None
+        if not self._wait_for_quiet_draft(self.config.server.startup_timeout_s):
+            log.warning("not borrowing the draft's cores: the draft worker did not say it had loaded")
+            return None
         if not cores.probe(self.model):
             log.warning("not borrowing the draft's cores: the target's logits differ on %d and %d threads "
                         "(outputs would depend on the load)", cores.narrow[1], cores.wide[1])
             return None
-        if cores.wide_share >= 1.0:
-            log.warning("not borrowing the draft's cores: a pass on them too is no faster (%.2fx)", cores.wide_share)
+        if cores.wide_share >= placement.borrow_max_share:
+            log.warning("not borrowing the draft's cores: a pass on them too takes %.2fx one on the target's own "
+                        "(placement.%s.borrow_max_share: %g)", cores.wide_share, self.config.mode.name,
+                        placement.borrow_max_share)
             return None
         log.info("borrowing the draft's cores %s in steps without drafts (a pass there takes %.2fx)",
                  list(cores.wide[0]), cores.wide_share)
         return cores
 
+    def _wait_for_quiet_draft(self, timeout_s: float) -> bool:
+        """Wait for the draft worker's word that it has loaded (its first DraftIdle), so that a
+        pass on its cores is timed on quiet cores: timed while the draft still loaded there, the
+        tiny pair's wide pass took 1.3-3.7x a narrow one and borrowing was turned down, where it
+        takes 0.7x. What arrives meanwhile is kept for the reader thread."""
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            decoded = self.inbox.recv(timeout_ms=max(1, int(left_s * 1000)))
+            if decoded is None:
+                break
+            self._early.append(decoded)
+            if isinstance(decoded.message, DraftIdle):
+                return True
+        return False
+
     def _read_inbox(self) -> None:
+        for decoded in self._early:
+            self._route(decoded)
         while True:
-            decoded = self.inbox.recv()
-            message = decoded.message
-            if isinstance(message, DraftTokens) and self.transport is not None:
-                probs = torch.from_numpy(decoded.arrays[0].copy()) if message.has_probs and decoded.arrays else None
-                self.transport.arrived.put((message, probs))
-            elif isinstance(message, DraftIdle) and self.transport is not None:
-                self.transport.arrived.put((message, None))  # news of the draft, in order with its tokens
-            else:
-                self.control.put(message)
+            self._route(self.inbox.recv())
+
+    def _route(self, decoded) -> None:
+        """Draft tokens and DraftIdle to the draft stream, in order; the rest to the engine loop."""
+        message = decoded.message
+        if isinstance(message, DraftTokens) and self.transport is not None:
+            probs = torch.from_numpy(decoded.arrays[0].copy()) if message.has_probs and decoded.arrays else None
+            self.transport.arrived.put((message, probs))
+        elif isinstance(message, DraftIdle) and self.transport is not None:
+            self.transport.arrived.put((message, None))  # news of the draft, in order with its tokens
+        else:
+            self.control.put(message)
 
     def _handle(self, message) -> None:
         if isinstance(message, GenerateRequest):

@@ -290,8 +290,9 @@ def test_the_stream_knows_when_the_draft_has_nothing_left_to_do():
     """A target borrowing the draft's cores may take them only when the draft has finished
     what it was told (DraftIdle), not merely when no request has it run ahead: measured, amusd,
     16 clients, wide steps while the draft still fed a burst's prompts took 40-180 ms for 1.4 s
-    where they take 27. Catches busy never set (a core taken from a working draft) and never
-    cleared (no step ever wide)."""
+    where they take 27. Catches busy never set (a core taken from a working draft), never
+    cleared (no step ever wide), and cleared by a DraftIdle sent before the draft heard of new
+    work (one in flight; a restarted draft's word that it has loaded)."""
     stream = DraftStream(QueueTransport(), num_draft_tokens=4, max_run_ahead=8, mode=mode_of("amusd"),
                          timeout_s=1, holds_back=True)
     assert not stream.busy()
@@ -301,13 +302,15 @@ def test_the_stream_knows_when_the_draft_has_nothing_left_to_do():
     req.output_ids.append(11)
     stream.on_verified(req, [11], 0)  # told to stop: it may still be in a pass
     assert stream.busy()
-    stream.transport.arrivals.append((DraftIdle(), None))
+    stream.transport.arrivals.append((DraftIdle(heard=0), None))  # said before it heard of "a"
+    assert stream.busy()
+    stream.transport.arrivals.append((DraftIdle(heard=2), None))
     assert not stream.busy()
     for token, run_ahead in [(12, 4), (13, 0)]:
         req.output_ids.append(token)
         stream.on_verified(req, [token], run_ahead)
         assert stream.busy()  # drafting again, then maybe still in a pass
-    stream.transport.arrivals.append((DraftIdle(), None))
+    stream.transport.arrivals.append((DraftIdle(heard=4), None))
     assert not stream.busy()
     req.output_ids.append(14)
     stream.on_verified(req, [14], 0)  # held back: nothing sent, nothing to do
@@ -318,6 +321,12 @@ def test_the_stream_knows_when_the_draft_has_nothing_left_to_do():
     stream.on_admit(Request.from_message(GenerateRequest("c", [5], 16, SamplingParams(), [])), 4)
     stream.set_available(False, lambda r: 0)
     assert not stream.busy()  # a draft that is gone uses no core
+    stream.set_available(True, lambda r: 4)  # a new draft process: "b" and "c" begun anew on it
+    assert stream.busy()
+    stream.transport.arrivals.append((DraftIdle(heard=0), None))  # loaded, before it heard of them
+    assert stream.busy()
+    stream.transport.arrivals.append((DraftIdle(heard=2), None))
+    assert not stream.busy()
     catching_up = DraftStream(QueueTransport(), num_draft_tokens=4, max_run_ahead=8, mode=mode_of("amusd"),
                               timeout_s=1, holds_back=False)
     catching_up.on_admit(Request.from_message(GenerateRequest("d", [5, 6], 16, SamplingParams(), [])), 0)

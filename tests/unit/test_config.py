@@ -174,11 +174,13 @@ def test_worker_command_line_builds_a_config():
         ("easyspec", {}, "only for a mode whose draft runs beside the target"),
         ("amusd", {"target": {"device": "cuda:0"}}, "a CPU target and draft"),
         ("amusd", {"draft": {"device": "cpu"}}, "pinned to cores"),
+        ("amusd", {"borrow_max_share": 0}, "borrow_max_share: must be above 0"),
     ],
 )
 def test_borrowing_the_drafts_cores_needs_a_cpu_draft_beside_the_target(mode, placement, message):
     """placement.<mode>.borrow_draft_cores: catches a setting accepted where it cannot act (a
-    synchronous mode's workers take turns already; a GPU or unpinned worker has no cores to lend)."""
+    synchronous mode's workers take turns already; a GPU or unpinned worker has no cores to lend;
+    a share no pass can be under)."""
     roles = {"target": {"device": "cpu", "cores": [1]}, "draft": {"device": "cpu", "cores": [0]}, **placement}
     with pytest.raises(ConfigError, match=message):
         load_config(**{f"placement__{mode}": {**roles, "borrow_draft_cores": True}})

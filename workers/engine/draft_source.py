@@ -148,7 +148,10 @@ class DraftStream:
         self.available = True  # False while the draft worker is down: rounds run target-only
         self.num_stale = 0
         self.wait_s = 0.0  # time rounds spent blocked for drafts (the verifier idle)
-        self._busy = False  # told something since the draft last said it idles
+        # the draft is busy from a message that may give it work until it says it idles having
+        # heard it: messages sent to this draft process, the last that gave it work, and how many
+        # it had heard when it last said it idles
+        self._sent = self._work_sent = self._idle_heard = 0
 
     # -- publishing --------------------------------------------------------
 
@@ -156,7 +159,9 @@ class DraftStream:
         """To the draft, unless it is down: nothing piles up for a worker that is gone
         (it may be on another host for long), and one that comes back is begun anew."""
         if self.available:
-            self._busy = self._busy or self._gives_work(message)
+            self._sent += 1
+            if self._gives_work(message):
+                self._work_sent = self._sent
             self.transport.send(message)
 
     def _gives_work(self, message) -> bool:
@@ -186,6 +191,7 @@ class DraftStream:
         every request on it again (new epochs) so it starts drafting."""
         was, self.available = self.available, available
         if available and not was:
+            self._sent = self._work_sent = self._idle_heard = 0  # a new process has heard nothing
             for buffer in self._buffers.values():
                 buffer.token_ids.clear()
                 buffer.probs.clear()
@@ -237,13 +243,13 @@ class DraftStream:
     def _receive(self, timeout_s: float) -> None:
         for message, probs in self.transport.receive(timeout_s):
             if isinstance(message, DraftIdle):
-                self._busy = False
+                self._idle_heard = message.heard
             else:
                 self._deliver(message, probs)
 
     def busy(self) -> bool:
         self._receive(0.0)
-        return self._busy and self.available
+        return self._idle_heard < self._work_sent and self.available
 
     def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         buffer = self._buffers[request.request_id]
