@@ -126,13 +126,15 @@ def test_under_load_rounds_go_without_drafts_and_the_draft_idles(models, mode):
     """Four greedy requests where drafts do not pay, not even drafts always accepted: after
     their first rounds they go without drafts (no probes either: a fresher estimate would
     change no plan), the draft drafts almost nothing, and the text is the target's. Alone,
-    the same request drafts in every round. A sampled request beside them keeps its one
-    draft per round (its floor)."""
+    the same request drafts in every round. A seeded sampled request beside them keeps its
+    one draft per round (its floor); an unseeded one, which need not reproduce, goes without
+    (catches the floor applied to it too: half the draft's passes under load)."""
     requests = [request(i, p, max_tokens=40) for i, p in enumerate(PROMPTS[:3])]
     sampled = GenerateRequest("s", PROMPTS[3], 40, SamplingParams(temperature=0.8, seed=3), [])
+    unseeded = GenerateRequest("u", PROMPTS[1], 40, SamplingParams(temperature=0.8, seed=5, seeded=False), [])
     ar = run(make_engine(models["target"]), requests)
-    engine = adaptive_engine(models, mode, FrozenPolicy(mode == "sd"))
-    got = run(engine, [*requests, sampled])
+    engine = adaptive_engine(models, mode, FrozenPolicy(mode == "sd"), max_running=5)
+    got = run(engine, [*requests, sampled, unseeded])
     drafted_loaded = engine.draft.transport.engine.num_drafted
     for r in requests:
         assert got[r.request_id][0] == ar[r.request_id][0]
@@ -140,6 +142,7 @@ def test_under_load_rounds_go_without_drafts_and_the_draft_idles(models, mode):
         later = ks[2:]
         assert not any(later)
     assert all(k >= 1 for k in drafts_per_round(got, "s")[:-1])
+    assert not any(drafts_per_round(got, "u")[2:])
     alone = adaptive_engine(models, mode, FrozenPolicy(mode == "sd"))
     solo = run(alone, [request(0, PROMPTS[0], max_tokens=40)])
     assert solo["r0"][0] == ar["r0"][0]
