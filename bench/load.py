@@ -2,15 +2,14 @@
 OpenAI-compatible server (Tandem or not).
 
     python -m bench.load --url http://127.0.0.1:8000 --clients 32 --requests 128 \\
-        [--stream-fraction 0.5] [--chat-fraction 0.5] [--sampling-fraction 0.5] [--unseeded] \\
+        [--stream-fraction 0.5] [--chat-fraction 0.5] [--sampling-fraction 0.5] \\
         [--max-tokens 64] [--model NAME] [--api-key KEY] [--json out.json]
 
 Each of `--clients` workers takes the next request from a shared list of
 `--requests` until none is left. The list is a deterministic mix (`--mix-seed`):
 exactly the given fractions are streaming, chat and sampled (temperature 1,
-top_p 0.95, a per-request seed, or with `--unseeded` none, as most OpenAI SDK
-clients send; the rest greedy), prompts taken in turn from bench/prompts.jsonl
-(or `--prompts`).
+top_p 0.95, a per-request seed; the rest greedy), prompts taken in turn from
+bench/prompts.jsonl (or `--prompts`).
 
 Reported: requests/s and generated tokens/s over the whole run; time to first
 token (TTFT), inter-token latency (ITL: the gap between two streamed chunks
@@ -48,7 +47,6 @@ class Plan:
     seed: int | None  # None: greedy (temperature 0); else sampled with this seed
     max_tokens: int
     num_draft_tokens: int | None = None  # the request's own speculation cap (None: the server's)
-    send_seed: bool = True  # False: a sampled request sends no seed (the server draws one)
 
     @property
     def sampled(self) -> bool:
@@ -61,7 +59,7 @@ class Plan:
         else:
             body["prompt"] = self.prompt
         if self.sampled:
-            body.update(temperature=1.0, top_p=0.95, **({"seed": self.seed} if self.send_seed else {}))
+            body.update(temperature=1.0, top_p=0.95, seed=self.seed)
         else:
             body["temperature"] = 0.0
         if self.stream:
@@ -116,15 +114,14 @@ def _exact_share(n: int, fraction: float, rng: random.Random) -> list[bool]:
 
 def plan_requests(prompts: Sequence[str], num_requests: int, *, stream_fraction: float = 0.5,
                   chat_fraction: float = 0.5, sampling_fraction: float = 0.5, max_tokens: int = 64,
-                  mix_seed: int = 0, num_draft_tokens: int | None = None, send_seed: bool = True) -> list[Plan]:
+                  mix_seed: int = 0, num_draft_tokens: int | None = None) -> list[Plan]:
     rng = random.Random(mix_seed)
     streams = _exact_share(num_requests, stream_fraction, rng)
     chats = _exact_share(num_requests, chat_fraction, rng)
     sampled = _exact_share(num_requests, sampling_fraction, rng)
     return [
         Plan(index=i, prompt=prompts[i % len(prompts)], chat=chats[i], stream=streams[i],
-             seed=1000 + i if sampled[i] else None, max_tokens=max_tokens, num_draft_tokens=num_draft_tokens,
-             send_seed=send_seed)
+             seed=1000 + i if sampled[i] else None, max_tokens=max_tokens, num_draft_tokens=num_draft_tokens)
         for i in range(num_requests)
     ]
 
@@ -327,8 +324,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-fraction", type=_fraction, default=0.5)
     p.add_argument("--chat-fraction", type=_fraction, default=0.5)
     p.add_argument("--sampling-fraction", type=_fraction, default=0.5, help="seeded sampling; the rest greedy")
-    p.add_argument("--unseeded", action="store_true",
-                   help="sampled requests send no seed (a server need not make their text reproducible)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-draft-tokens", type=int, metavar="K",
                    help="each request's own speculation cap (the body's speculation.num_draft_tokens; "
@@ -350,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_requests(load_prompt_texts(args.prompts), args.requests, stream_fraction=args.stream_fraction,
                           chat_fraction=args.chat_fraction, sampling_fraction=args.sampling_fraction,
                           max_tokens=args.max_tokens, mix_seed=args.mix_seed,
-                          num_draft_tokens=args.num_draft_tokens, send_seed=not args.unseeded)
+                          num_draft_tokens=args.num_draft_tokens)
     try:
         results, elapsed = asyncio.run(run_load(args.url, plans, clients=args.clients, model=args.model,
                                                 api_key=args.api_key, timeout_s=args.timeout))

@@ -17,10 +17,6 @@ class Mode:
     # ahead while the target verifies and a round takes what has arrived
     synchronous: bool
     layer_parallel_draft: bool  # the draft's layers run on several ranks (EasySpec)
-    # sampling: a round whose drafts were all accepted also emits the bonus token.
-    # False keeps each position's token a function of that position's draw alone,
-    # reproducible when the number of drafts per round depends on timing
-    sampled_bonus: bool
     # drafts from prompt lookup: n-gram matches in the request's own tokens, no model
     # (workers/engine/prompt_lookup.py); with `drafts` too, the draft model fills in
     # where no n-gram matches
@@ -33,13 +29,13 @@ class Mode:
 
 
 _TABLE = (
-    Mode("ar", drafts=False, synchronous=True, layer_parallel_draft=False, sampled_bonus=True),
-    Mode("sd", drafts=True, synchronous=True, layer_parallel_draft=False, sampled_bonus=True),
-    Mode("amusd", drafts=True, synchronous=False, layer_parallel_draft=False, sampled_bonus=False),
-    Mode("easyspec", drafts=True, synchronous=True, layer_parallel_draft=True, sampled_bonus=True),
-    Mode("amusd+easyspec", drafts=True, synchronous=False, layer_parallel_draft=True, sampled_bonus=False),
-    Mode("lookup", drafts=False, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
-    Mode("sd+lookup", drafts=True, synchronous=True, layer_parallel_draft=False, sampled_bonus=True, lookup=True),
+    Mode("ar", drafts=False, synchronous=True, layer_parallel_draft=False),
+    Mode("sd", drafts=True, synchronous=True, layer_parallel_draft=False),
+    Mode("amusd", drafts=True, synchronous=False, layer_parallel_draft=False),
+    Mode("easyspec", drafts=True, synchronous=True, layer_parallel_draft=True),
+    Mode("amusd+easyspec", drafts=True, synchronous=False, layer_parallel_draft=True),
+    Mode("lookup", drafts=False, synchronous=True, layer_parallel_draft=False, lookup=True),
+    Mode("sd+lookup", drafts=True, synchronous=True, layer_parallel_draft=False, lookup=True),
 )
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in _TABLE}

@@ -49,9 +49,6 @@ class SamplingParams(msgspec.Struct, frozen=True):
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     seed: int = 0  # always set: the server draws one for unseeded requests
-    # the client gave the seed: the text must be the same run to run, whatever the speculation
-    # plans (workers.engine.verify_engine.VerifyEngine._min_drafts); False: the server drew it
-    seeded: bool = True
     min_p: float = 0.0  # drop tokens less probable than min_p x the most probable (after temperature)
     presence_penalty: float = 0.0  # subtracted from the logit of every token already in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
@@ -208,9 +205,6 @@ class DraftTokens(msgspec.Struct, tag=True):
     epoch: int
     start: int
     token_ids: list[int]
-    # True when a [len(token_ids), vocab] float32 frame of the draft's warped
-    # distributions q follows; False for greedy drafts (q is one-hot).
-    has_probs: bool = False
 
 
 class DraftPass(msgspec.Struct, tag=True):

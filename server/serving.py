@@ -180,7 +180,6 @@ def sampling_params(req: BaseGenerationRequest, choice_index: int, base_seed: in
         top_p=float(req.top_p),
         top_k=max(req.top_k, 0),  # -1 means off, like vLLM
         seed=(base_seed + choice_index) % SEED_MODULUS,
-        seeded=req.seed is not None,
         min_p=float(req.min_p),
         presence_penalty=float(req.presence_penalty),
         frequency_penalty=float(req.frequency_penalty),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 
 from protocol.messages import DraftIdle, DraftTokens
 
@@ -20,7 +19,7 @@ class LocalTransport:
     def __init__(self, engine, steps=None):
         self.engine = engine
         self.steps = steps or (lambda: 1)
-        self._outbox: list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]] = []
+        self._outbox: list[DraftTokens | DraftIdle] = []
         self.heard = 0  # messages taken in (DraftIdle.heard)
 
     def send(self, message) -> None:
@@ -28,7 +27,7 @@ class LocalTransport:
         self._keep(self.engine.handle(message))
         self._report_idle()
 
-    def receive(self, timeout_s: float) -> list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]]:
+    def receive(self, timeout_s: float) -> list[DraftTokens | DraftIdle]:
         for _ in range(self.steps()):
             for drafted in self.engine.step_all():
                 self._keep(drafted)
@@ -39,11 +38,11 @@ class LocalTransport:
     def _report_idle(self) -> None:
         """As the draft worker: DraftIdle once what it was told leaves it nothing to do."""
         if not self.engine.has_work:
-            self._outbox.append((DraftIdle(self.heard), None))
+            self._outbox.append(DraftIdle(self.heard))
 
     def _keep(self, drafted) -> None:
         if drafted is not None:
-            self._outbox.append((drafted.message, drafted.probs))
+            self._outbox.append(drafted)
 
 
 def random_steps(seed: int, low: int = 0, high: int = 4):

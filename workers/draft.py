@@ -14,9 +14,16 @@ import time
 from dataclasses import replace
 
 from configs.loader import Config
-from protocol.messages import BeginDrafting, DraftIdle, DraftPass, ReleaseRequest, VerifiedPrefix, WorkerStats
+from protocol.messages import (
+    BeginDrafting,
+    DraftIdle,
+    DraftPass,
+    DraftTokens,
+    ReleaseRequest,
+    VerifiedPrefix,
+    WorkerStats,
+)
 from workers.engine import DraftEngine, DraftModel, PlainDraft
-from workers.engine.draft_engine import Drafted
 from workers.ranks.rendezvous import deployment_secret
 from workers.sampling.grammar import Grammars
 from workers.shell import (
@@ -91,10 +98,9 @@ class DraftWorker:
         self.busy_s = 0.0
         self.heard = 0  # messages taken in from the verifier (DraftIdle.heard)
 
-    def _publish(self, drafted: Drafted | None) -> None:
+    def _publish(self, drafted: DraftTokens | None) -> None:
         if drafted is not None:
-            arrays = [] if drafted.probs is None else [drafted.probs.float().cpu().numpy()]
-            self.to_verify.send(drafted.message, arrays)
+            self.to_verify.send(drafted)
 
     def _handle(self, message) -> None:
         self.heard += 1

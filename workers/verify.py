@@ -14,7 +14,6 @@ import threading
 import time
 from functools import partial
 
-import torch
 import zmq
 
 from configs.loader import Config
@@ -54,7 +53,7 @@ class SocketTransport:
 
     def __init__(self, outbox: Outbox):
         self.outbox = outbox
-        self.arrived: queue.Queue = queue.Queue()  # (DraftTokens, probs) and (DraftIdle, None) from the reader thread
+        self.arrived: queue.Queue = queue.Queue()  # DraftTokens and DraftIdle from the reader thread, in order
 
     def send(self, message) -> None:
         # never block the verifier on the draft: with the draft unreachable (gone,
@@ -177,11 +176,8 @@ class VerifyWorker:
     def _route(self, decoded) -> None:
         """Draft tokens and DraftIdle to the draft stream, in order; the rest to the engine loop."""
         message = decoded.message
-        if isinstance(message, DraftTokens) and self.transport is not None:
-            probs = torch.from_numpy(decoded.arrays[0].copy()) if message.has_probs and decoded.arrays else None
-            self.transport.arrived.put((message, probs))
-        elif isinstance(message, DraftIdle) and self.transport is not None:
-            self.transport.arrived.put((message, None))  # news of the draft, in order with its tokens
+        if isinstance(message, (DraftTokens, DraftIdle)) and self.transport is not None:
+            self.transport.arrived.put(message)  # DraftIdle: news of the draft, in order with its tokens
         else:
             self.control.put(message)
 

@@ -43,7 +43,7 @@ def test_response_format_json_schema_validates(client, model_name):
 
 def test_tool_choice_required_makes_valid_calls(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Weather?"}],
-                                       tools=[WEATHER, TIME], tool_choice="required", max_tokens=150, seed=3,
+                                       tools=[WEATHER, TIME], tool_choice="required", max_tokens=150, seed=4,
                                        temperature=0.8)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls

@@ -1,5 +1,5 @@
 """Each sampling control through real servers in every speculative mode: greedy float32
-output equals the target alone (`ar`) with the control on.
+output, and seeded sampled output, equals the target alone (`ar`) with the control on.
 
 Real processes (launcher, verify and draft workers over ZeroMQ, uvicorn), the OpenAI
 SDK as client, the tiny random model. A verifier whose rows saw the wrong drafts,
@@ -55,6 +55,10 @@ def answers(server, stop_token: int) -> dict[str, tuple[str, int, str]]:
         extra_body={"continue_final_message": True, "add_generation_prompt": False, "repetition_penalty": 0.5},
     )
     out["prefill"] = (reply.choices[0].message.content, reply.usage.completion_tokens, reply.choices[0].finish_reason)
+    for seed in (5, 6):  # seeded sampling, with controls: each token its position's race over the target's p
+        reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0,
+                                          top_p=0.9, seed=seed, frequency_penalty=-0.5)
+        out[f"sampled {seed}"] = (reply.choices[0].text, reply.usage.completion_tokens, reply.choices[0].finish_reason)
     return out
 
 
@@ -75,6 +79,7 @@ def test_every_control_changes_ar_output(ar):
     assert got["min_tokens"][1] >= 12
     assert got["eos_biased"][1:] == (1, "stop")
     assert got["ignore_eos"][1:] == (MAX_TOKENS, "length")  # the same EOS, emitted every time, ends nothing
+    assert got["sampled 5"][0] != got["sampled 6"][0] != got["plain"][0]  # the seed is used
 
 
 @pytest.fixture(scope="module", params=["sd", "amusd", "easyspec", "amusd+easyspec", "lookup"])

@@ -230,6 +230,9 @@ def test_seeded_sampling_is_reproducible_through_the_server(ar_server, spec_serv
         ).choices[0].text
 
     assert sample(7) == sample(7)
+    # each token is the winner of its position's race over the target's p: the same text as
+    # the target alone (catches a draft's proposal, or a round's number of drafts, changing it)
+    assert sample(7) == sample(7, server=ar_server) and sample(9) == sample(9, server=ar_server)
     # the seed and the temperature are used: another seed, or greedy, gives another text
     assert sample(8) != sample(7)
     assert sample(7, temperature=0) != sample(7)

@@ -1,16 +1,17 @@
 """workers/sampling/acceptance.py: the greedy rule exactly, the sampled rule statistically.
 
 The statistical tests simulate speculative decoding over a tiny vocabulary with a
-context-dependent target ``p`` and a DIFFERENT draft ``q`` and check with a
-chi-square test that the first emitted token follows ``p(.)`` and the first two
-follow ``p(a) p(b | a)``. The same check must reject deliberately broken rules,
-which shows it can fail.
+context-dependent target ``p`` and a DIFFERENT draft ``q`` (racing with the
+request's noise, or greedy) and check with a chi-square test that the first
+emitted token follows ``p(.)`` and the first two follow ``p(a) p(b | a)``. The
+same check must reject deliberately broken rules, which shows it can fail.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from scipy.stats import chisquare
 
 from protocol.messages import SamplingParams
 from tests.unit.test_processors import reference
-from workers.sampling import Acceptance, Rows, accept_greedy, accept_sampled, process_logits, sample, warp_with
+from workers.sampling import Acceptance, Rows, accept_greedy, accept_sampled, process_logits, race, randomness, warp_with
 
 # ---------------------------------------------------------------- greedy
 
@@ -57,84 +58,122 @@ def test_greedy_rejects_wrong_shapes():
         accept_greedy(torch.tensor([1, 2]), _one_hot_logits([1, 2]))
 
 
-def draws(generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k coins and k+1 picks from a generator (the engine keys them by position instead)."""
-    return (
-        torch.rand(k, generator=generator, dtype=torch.float64),
-        torch.rand(k + 1, generator=generator, dtype=torch.float64),
-    )
+# ---------------------------------------------------------------- the race (randomness.py)
+
+
+def test_race_noise_is_splitmix_of_the_key_and_token():
+    """The array hash is the 64-bit one bit for bit: catches a shift or a constant not taken
+    as unsigned 64-bit (it would change every seeded text at once)."""
+    ids = np.array([0, 1, 77, 151_935, 2**40 + 3])
+    key = randomness.position_key(7, 12)
+    for token, noise in zip(ids.tolist(), randomness.race_noise(7, 12, ids).tolist()):
+        u = (randomness._splitmix64(key ^ token) >> 11) * (1.0 / (1 << 53))
+        assert noise == pytest.approx(-math.log1p(-u), rel=1e-12)
+
+
+def test_race_noise_is_exponential_and_keyed():
+    noise = randomness.race_noise(3, 0, np.arange(100_000))
+    assert noise.mean() == pytest.approx(1.0, abs=0.02) and noise.min() >= 0
+    assert (noise > 1.0).mean() == pytest.approx(math.exp(-1), abs=0.01)
+    assert not np.array_equal(noise[:100], randomness.race_noise(3, 1, np.arange(100)))  # by position
+    assert not np.array_equal(noise[:100], randomness.race_noise(4, 0, np.arange(100)))  # by seed
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0])
+def test_race_is_argmax_over_all_tokens(spread):
+    """The winner is argmax p_j / E_j over every token, where race computes E only for the
+    tokens that could win: catches a candidate wrongly left out (flat and peaked rows).
+    Zero-probability tokens never win."""
+    p = torch.softmax(torch.randn(40, 3000, generator=torch.Generator().manual_seed(1)) * spread, -1)
+    p[:, ::2] = 0.0
+    winners = race(p, seed=9, first_position=40)
+    assert all(w % 2 == 1 for w in winners.tolist())
+    full = [int(np.argmax(p[r].double().numpy() / randomness.race_noise(9, 40 + r, np.arange(3000))))
+            for r in range(40)]
+    assert winners.tolist() == full
+
+
+def test_race_follows_the_distribution_chi_square():
+    """60,000 positions of one request racing the same p: the winners follow p, never a
+    zero-probability token, and the same check rejects a slightly wrong p."""
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.3, 0.0])
+    n = 60_000
+    counts = torch.bincount(race(probs.expand(n, -1), seed=11, first_position=0), minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    keep = probs > 0
+
+    def pvalue(expected_probs):
+        e = expected_probs[keep].double()
+        return chisquare(counts[keep].numpy(), (e / e.sum() * n).numpy()).pvalue
+
+    assert pvalue(probs) > 1e-3
+    assert pvalue(torch.tensor([0.1, 0.0, 0.35, 0.25, 0.3, 0.0])) < 1e-6
+
 
 # ---------------------------------------------------------------- sampled, simple cases
 
 
-def test_sampled_k_zero_is_plain_sampling_and_consumes_one_draw():
+def test_sampled_k_zero_is_the_races_winner():
     p = torch.tensor([[0.1, 0.2, 0.7]])
-    res = accept_sampled(torch.zeros(0, dtype=torch.int64), None, p, *draws(torch.Generator().manual_seed(5), 0))
-    assert res.num_accepted == 0
-    assert res.token_ids == [sample(p, torch.Generator().manual_seed(5)).item()]
+    res = accept_sampled(torch.zeros(0, dtype=torch.int64), p, 5, 3)
+    assert res == Acceptance(num_accepted=0, token_ids=race(p, 5, 3).tolist())
 
 
 def test_sampled_token_with_zero_target_probability_is_always_rejected():
     p = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
-    q = torch.tensor([[1.0, 0.0, 0.0]])
-    for s in range(50):
-        res = accept_sampled(torch.tensor([0]), q, p, *draws(torch.Generator().manual_seed(s), 1))
+    for seed in range(50):
+        res = accept_sampled(torch.tensor([0]), p, seed, 0)
         assert res.num_accepted == 0 and res.token_ids[0] in (1, 2)
 
 
-def test_sampled_identical_distributions_always_accept():
+def test_a_draft_racing_the_targets_own_distribution_is_always_accepted():
+    """The coupling: with q == p the draft's race has the target's winner, always."""
     p = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(1)), -1)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(50):
-        drafts = sample(p[:3], g)
-        res = accept_sampled(drafts, p[:3], p, *draws(g, 3))
+    for seed in range(50):
+        drafts = race(p[:3], seed, 10)
+        res = accept_sampled(drafts, p, seed, 10)
         assert res.num_accepted == 3 and res.token_ids[:3] == drafts.tolist()
 
 
-def test_sampled_empty_residual_falls_back_to_p():
-    # q >= p everywhere (unnormalised): rejection happens half the time and the
-    # residual max(0, p - q) is all zero; the recovered token must come from p.
-    p = torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.0, 1.0]])
-    q = p[:1] * 2
-    rejected = []
-    for s in range(400):
-        res = accept_sampled(torch.tensor([2]), q, p, *draws(torch.Generator().manual_seed(s), 1))
-        if res.num_accepted == 0:
-            rejected.append(res.token_ids[0])
-    assert 100 < len(rejected) < 300
-    assert set(rejected) == {1, 2}
+def test_the_emitted_tokens_do_not_depend_on_the_drafts():
+    """Whatever the draft proposed and however many, the tokens emitted at each position are
+    the target's winners there: a seeded text is the same in every mode and under every plan.
+    Catches a rule that lets a rejected draft (or its q) choose the correction."""
+    g = torch.Generator().manual_seed(2)
+    p = torch.softmax(torch.randn(6, 40, generator=g) * 0.5, -1)
+    q = torch.softmax(torch.randn(6, 40, generator=g) * 0.5, -1)
+    for seed in range(30):
+        target = race(p, seed, 100).tolist()
+        for k in range(6):
+            for drafts in (race(q[:k], seed, 100), torch.randint(40, (k,), generator=g)):
+                res = accept_sampled(drafts, p[: k + 1], seed, 100)
+                assert res.token_ids == target[: res.num_accepted + 1]
 
 
 def test_sampled_rejects_wrong_shapes():
-    g = torch.Generator()
     with pytest.raises(ValueError):
-        accept_sampled(torch.tensor([1]), None, torch.ones(1, 4) / 4, *draws(g, 1))
+        accept_sampled(torch.tensor([1]), torch.ones(1, 4) / 4, 0, 0)
     with pytest.raises(ValueError):
-        accept_sampled(torch.tensor([1]), torch.ones(2, 4) / 4, torch.ones(2, 4) / 4, *draws(g, 1))
-    with pytest.raises(ValueError):
-        accept_sampled(torch.tensor([1]), None, torch.ones(2, 4) / 4, *draws(g, 2))
+        accept_sampled(torch.tensor([1]), torch.ones(3, 4) / 4, 0, 0)
 
 
 def test_seeded_runs_are_reproducible_and_seeds_differ():
     vocab, k = 50_000, 8
     g0 = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(k + 1, vocab, generator=g0), -1)
-    q = torch.softmax(torch.randn(k, vocab, generator=g0), -1)
-    drafts = sample(q, g0)
+    drafts = race(torch.softmax(torch.randn(k, vocab, generator=g0), -1), 7, 0)
 
-    def run(seed, draft_probs):
-        g = torch.Generator().manual_seed(seed)
-        return [accept_sampled(drafts, draft_probs, p, *draws(g, k)) for _ in range(5)]
+    def run(seed):
+        return [accept_sampled(drafts, p, seed, first) for first in range(5)]
 
-    for draft_probs in (q, None):
-        assert run(7, draft_probs) == run(7, draft_probs)
-        assert run(7, draft_probs) != run(8, draft_probs)
+    assert run(7) == run(7)
+    assert run(7) != run(8)
 
 
 # ---------------------------------------------------------------- sampled, statistical
 
 V = 5
-N_TRIALS = 20_000
+N_TRIALS = 10_000
 
 
 class ToyLM:
@@ -155,58 +194,37 @@ class ToyLM:
         raw_q = rng.dirichlet(np.full(V, 0.5), size=len(contexts))
         self.p = {c: torch.tensor(raw_p[i], dtype=torch.float32) for i, c in enumerate(contexts)}
         self.q = {c: torch.tensor(raw_q[i], dtype=torch.float32) for i, c in enumerate(contexts)}
-        self.q_cdf = {c: np.cumsum(self.q[c].double().numpy()) for c in contexts}
-        self.q_argmax = {c: int(self.q[c].argmax()) for c in contexts}
 
     def joint2(self) -> np.ndarray:
         return np.array([[float(self.p[()][a]) * float(self.p[(a,)][b]) for b in range(V)] for a in range(V)])
 
 
-def rule_correct(draft_ids, draft_probs, target_probs, g):
-    return accept_sampled(draft_ids, draft_probs, target_probs, *draws(g, draft_ids.shape[0]))
+def rule_correct(draft_ids, target_probs, seed, first_position):
+    return accept_sampled(draft_ids, target_probs, seed, first_position)
 
 
-def rule_accept_always(draft_ids, draft_probs, target_probs, g):
+def rule_accept_always(draft_ids, target_probs, seed, first_position):
     """Broken: keeps every draft (the output follows q, not p)."""
     k = draft_ids.shape[0]
-    bonus = sample(target_probs[k : k + 1], g).item()
+    bonus = race(target_probs[k : k + 1], seed, first_position + k).item()
     return Acceptance(num_accepted=k, token_ids=draft_ids.tolist() + [bonus])
 
 
-def rule_resample_from_p(draft_ids, draft_probs, target_probs, g):
-    """Broken, subtly: right acceptance test, but the recovered token comes from p_i, not the residual."""
-    res = accept_sampled(draft_ids, draft_probs, target_probs, *draws(g, draft_ids.shape[0]))
-    if res.num_accepted < draft_ids.shape[0]:
-        fixed = sample(target_probs[res.num_accepted : res.num_accepted + 1], g).item()
-        return Acceptance(res.num_accepted, res.token_ids[:-1] + [fixed])
-    return res
+def rule_one_noise_for_every_position(draft_ids, target_probs, seed, first_position):
+    """Broken, subtly: each token is a fair draw on its own, but every position races with
+    the same noise, so the tokens of a text are not independent draws."""
+    return accept_sampled(draft_ids, target_probs, seed, 0)
 
 
 def simulate_first_two(lm: ToyLM, rule, k: int, greedy_draft: bool, n: int, seed: int, target_rows=None) -> np.ndarray:
-    """Run n independent generations (one round of k drafts, then k=1 rounds) and
-    count the first two emitted tokens: returns a [V, V] count matrix.
+    """Run n independent generations (request seeds seed*n .. seed*n+n-1; one round of k
+    drafts, then k=1 rounds) and count the first two emitted tokens: a [V, V] count matrix.
+    The draft races q with the request's noise (or takes its argmax: a greedy draft).
     target_rows(ctx, drafts) -> [k+1, V] replaces the rows of lm.p (as a verifier computes them)."""
-    g = torch.Generator().manual_seed(seed)
     counts = np.zeros((V, V), dtype=np.int64)
-    cache: dict = {}
-
-    def draft(ctx, u):
-        """The draft's token after ctx: inverse CDF of u under q, or argmax for a greedy draft."""
-        if greedy_draft:
-            return lm.q_argmax[ctx]
-        return min(int(np.searchsorted(lm.q_cdf[ctx], u, side="right")), V - 1)
-
-    def tensors(ctx, drafts):
-        key = (ctx, drafts)
-        if key not in cache:
-            ctxs = [ctx + drafts[:i] for i in range(len(drafts) + 1)]
-            qs = None if greedy_draft else torch.stack([lm.q[c] for c in ctxs[:-1]])
-            ps = target_rows(ctx, drafts) if target_rows else torch.stack([lm.p[c] for c in ctxs])
-            cache[key] = (torch.tensor(drafts, dtype=torch.int64), qs, ps)
-        return cache[key]
-
-    us = torch.rand(n, k + 1, generator=g, dtype=torch.float64).numpy()  # the draft's own randomness
+    rows: dict = {}  # the target's rows by (context, drafts)
     for t in range(n):
+        request_seed = seed * n + t
         ctx: tuple = ()
         emitted: list[int] = []
         rounds = 0
@@ -214,8 +232,13 @@ def simulate_first_two(lm: ToyLM, rule, k: int, greedy_draft: bool, n: int, seed
             kk = k if rounds == 0 else 1
             drafts: tuple = ()
             for i in range(kk):
-                drafts += (draft(ctx + drafts, us[t, len(emitted) + i]),)
-            res = rule(*tensors(ctx, drafts), g)
+                q = lm.q[ctx + drafts]
+                token = int(q.argmax()) if greedy_draft else int(race(q.view(1, -1), request_seed, len(emitted) + i)[0])
+                drafts += (token,)
+            if (ctx, drafts) not in rows:
+                rows[ctx, drafts] = target_rows(ctx, drafts) if target_rows else torch.stack(
+                    [lm.p[ctx + drafts[:i]] for i in range(len(drafts) + 1)])
+            res = rule(torch.tensor(drafts, dtype=torch.int64), rows[ctx, drafts], request_seed, len(emitted))
             emitted += res.token_ids
             ctx = tuple(emitted)
             rounds += 1
@@ -246,7 +269,7 @@ def test_toy_draft_differs_from_target(lm):
 
 
 @pytest.mark.parametrize("greedy_draft", [False, True], ids=["sampled_draft", "greedy_draft"])
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 4])
 def test_sampled_rule_emits_target_distribution(lm, k, greedy_draft):
     counts = simulate_first_two(lm, rule_correct, k, greedy_draft, N_TRIALS, seed=10 * k + greedy_draft)
     p_first = chi2_pvalue(counts.sum(1), lm.p[()].numpy())
@@ -255,7 +278,7 @@ def test_sampled_rule_emits_target_distribution(lm, k, greedy_draft):
     assert p_joint > 1e-3, p_joint
 
 
-@pytest.mark.parametrize("rule", [rule_accept_always, rule_resample_from_p])
+@pytest.mark.parametrize("rule", [rule_accept_always, rule_one_noise_for_every_position])
 @pytest.mark.parametrize("greedy_draft", [False, True], ids=["sampled_draft", "greedy_draft"])
 def test_broken_rules_fail_the_same_check(lm, rule, greedy_draft):
     counts = simulate_first_two(lm, rule, 2, greedy_draft, N_TRIALS // 2, seed=99)
@@ -283,8 +306,6 @@ def processed(lm: ToyLM) -> ToyLM:
                              CONTROLS)[0] for c, row in rows.items()}
 
     out.p, out.q = law(lm.p), law(lm.q)
-    out.q_cdf = {c: np.cumsum(row.double().numpy()) for c, row in out.q.items()}
-    out.q_argmax = {c: int(row.argmax()) for c, row in out.q.items()}
     return out
 
 

@@ -195,7 +195,7 @@ def test_draft_prefill_is_chunked_and_interleaves_with_drafting(models):
     chunked.begin(begin(long_prompt, run_ahead=3, request_id="long"))
     steps = []
     while chunked.has_work:
-        steps.append(sorted(d.message.request_id for d in chunked.step_all()))
+        steps.append(sorted(d.request_id for d in chunked.step_all()))
     fed_in_chunks = steps.index(["long", "short"])  # the first step that drafts for "long"
     assert fed_in_chunks == 4  # (len - 1) // chunk chunks before it, one per step
     assert all(step == ["short"] for step in steps[:fed_in_chunks])  # "short" drafted in each of them
@@ -203,7 +203,7 @@ def test_draft_prefill_is_chunked_and_interleaves_with_drafting(models):
     whole.begin(begin(long_prompt, run_ahead=3, request_id="long"))
     drafts = []
     while whole.has_work:
-        drafts += [d.message.token_ids[0] for d in whole.step_all()]
+        drafts += [d.token_ids[0] for d in whole.step_all()]
     assert chunked._states["long"].sequence[len(long_prompt):] == drafts
 
 

@@ -353,15 +353,3 @@ def test_scrape_counters_reads_the_model_labelled_series(smollm_tokenizer):
     assert set(counters) == set(WORKER_COUNTERS)
     assert counters == {"verify_busy_s": 2.0, "draft_busy_s": 4.0, "rollbacks": 7, "stale_draft_tokens": 3,
                         "verify_wait_s": 0.5}
-
-
-def test_load_mix_sends_seeds_only_when_asked():
-    """bench.load --unseeded: catches a seed sent anyway (the server then makes the text
-    reproducible, at the cost --unseeded is there to leave out) or sampling dropped with it."""
-    from bench.load import plan_requests
-
-    for send_seed in (True, False):
-        plans = plan_requests(["a", "b"], 8, sampling_fraction=0.5, send_seed=send_seed)
-        sampled = [p.body("m") for p in plans if p.sampled]
-        assert len(sampled) == 4 and all(b["temperature"] == 1.0 for b in sampled)
-        assert all(("seed" in b) == send_seed for b in sampled)

@@ -216,7 +216,7 @@ def verified(start, new_tokens, epoch, run_ahead=6, request_id="a"):
 def draft_all(engine):
     drafted = []
     while (d := engine.step()) is not None:
-        drafted.append(d.message)
+        drafted.append(d)
     return drafted
 
 
@@ -245,8 +245,8 @@ def test_draft_adopts_the_epoch_on_every_update(models):
     tokens = [m.token_ids[0] for m in drafted]
     again = engine.update(verified(len(PROMPTS[0]), tokens[:2], 1, run_ahead=4))  # two accepted, agrees
     assert engine.num_rollbacks == 0
-    assert again.message.epoch == 1 and again.message.token_ids == tokens[2:]
-    assert again.message.start == len(PROMPTS[0]) + 2
+    assert again.epoch == 1 and again.token_ids == tokens[2:]
+    assert again.start == len(PROMPTS[0]) + 2
     assert {m.epoch for m in draft_all(engine)} == {1}
 
 
@@ -271,12 +271,12 @@ def test_stale_drafts_are_never_verified(models):
     engine.step()  # admit + prefill: publishes epoch 0
     assert transport.sent[-1].epoch == 0
     n = len(PROMPTS[0])
-    transport.inbox = [(DraftTokens("r0", 0, n, [7, 8]), None)]
+    transport.inbox = [DraftTokens("r0", 0, n, [7, 8])]
     out = engine.step()[0]
     assert out.num_draft_tokens == 2
     assert transport.sent[-1].epoch == 1
     stale_start = transport.sent[-1].start + len(transport.sent[-1].new_tokens)
-    transport.inbox = [(DraftTokens("r0", 0, stale_start, [9, 9, 9]), None)]  # drafted from epoch 0: stale
+    transport.inbox = [DraftTokens("r0", 0, stale_start, [9, 9, 9])]  # drafted from epoch 0: stale
     out = engine.step()[0]
     assert out.num_draft_tokens == 0  # timed out waiting; nothing stale was verified
     assert stream.num_stale == 3

@@ -87,7 +87,7 @@ def test_the_draft_applies_the_processing_to_its_own_drafts(models):
     engine.begin(BeginDrafting("a", 0, prompt + [9, 9], 8, sampling, num_prompt_tokens=len(prompt)))
     drafted = []
     while (d := engine.step()) is not None:
-        drafted += d.message.token_ids
+        drafted += d.token_ids
     model = models["quantized"]
     expected: list[int] = []
     with torch.inference_mode():

@@ -87,7 +87,7 @@ def test_prompt_lookup_source_follows_the_request():
     request.output_ids += [10, 11]
     source.on_verified(request, [10, 11], 3)
     proposal = source.propose(request, 3)
-    assert (proposal.token_ids, proposal.probs, proposal.available) == ([12, 13, 20], None, 3)
+    assert (proposal.token_ids, proposal.available) == ([12, 13, 20], 3)
     request.output_ids += [12, 13, 20, 21]
     source.on_verified(request, [12, 13, 20, 21], 3)
     assert source.propose(request, 2).token_ids == [10, 11]  # the output's own repeat

@@ -41,7 +41,7 @@ MESSAGES = [
     BeginDrafting("a", 0, [1, 2, 3], 4, SamplingParams(0.5, 1.0, 0, 7)),
     BeginDrafting("a", 0, [1, 2, 3], 4, SamplingParams(grammar=Grammar("json_schema", '{"type": "object"}', (2, 5))), 2),
     VerifiedPrefix("a", 7, 3, [4, 5], 4),
-    DraftTokens("a", 7, 3, [4, 5], has_probs=False),
+    DraftTokens("a", 7, 3, [4, 5]),
     DraftPass(16, 0.031),
     DraftIdle(),
     DraftAvailability(False),
@@ -64,7 +64,7 @@ def test_round_trip(message):
 
 def test_arrays_travel_as_raw_frames():
     q = np.random.default_rng(0).random((3, 11), dtype=np.float32)
-    frames = encode(DraftTokens("a", 1, 5, [1, 2, 3], has_probs=True), [q])
+    frames = encode(DraftTokens("a", 1, 5, [1, 2, 3]), [q])
     assert len(frames) == 3 and bytes(frames[2]) == q.tobytes()
     decoded = decode([bytes(f) for f in frames])
     np.testing.assert_array_equal(decoded.arrays[0], q)

@@ -20,28 +20,25 @@ from workers.engine.speculation_policy import (
 )
 
 
-def simulated_tokens(a: float, k: int, bonus: bool, rounds: int = 40000, seed: int = 0) -> float:
+def simulated_tokens(a: float, k: int, rounds: int = 40000, seed: int = 0) -> float:
     """Mean tokens per round by simulation: drafts accepted independently with probability a."""
     rng = random.Random(seed)
     total = 0
     for _ in range(rounds):
         accepted = next((i for i in range(k) if rng.random() >= a), k)
-        total += accepted + 1 if accepted < k or bonus or k == 0 else k
+        total += accepted + 1
     return total / rounds
 
 
 @pytest.mark.parametrize("a,k", [(0.5, 2), (0.9, 4), (0.3, 1), (0.8, 0), (1.0, 3)])
-@pytest.mark.parametrize("bonus", [True, False])
-def test_expected_tokens_matches_simulation(a, k, bonus):
-    """Catches an off-by-one in the geometric sum, and a no-bonus round counted with its bonus."""
-    assert expected_tokens(a, k, bonus) == pytest.approx(simulated_tokens(a, k, bonus), abs=0.03)
+def test_expected_tokens_matches_simulation(a, k):
+    """Catches an off-by-one in the geometric sum, and the bonus token left out."""
+    assert expected_tokens(a, k) == pytest.approx(simulated_tokens(a, k), abs=0.03)
 
 
 def test_expected_tokens_closed_forms():
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
     assert expected_tokens(1.0, 4) == 5
-    assert expected_tokens(0.7, 1, bonus=False) == pytest.approx(1.0)  # one draft, no bonus: always one token
-    assert expected_tokens(0.5, 3, bonus=False) == pytest.approx(1.75)
 
 
 def affine(fixed: float, per_token: float):
@@ -49,7 +46,7 @@ def affine(fixed: float, per_token: float):
 
 
 def rate(candidates, ks, base, target_cost, draft_pass_cost=None):
-    tokens = sum(expected_tokens(c.acceptance, k, c.bonus) for c, k in zip(candidates, ks))
+    tokens = sum(expected_tokens(c.acceptance, k) for c, k in zip(candidates, ks))
     draft = 0.0
     if draft_pass_cost is not None:
         for j in range(1, max(ks, default=0) + 1):
@@ -103,8 +100,8 @@ def test_the_better_drafted_request_gets_more_drafts():
 
 
 def test_floor_and_cap_hold():
-    """A floor (a sampled request's one draft) holds even where drafts do not pay; a cap is never passed."""
-    ks = plan([Candidate(0.5, 4, floor=1, bonus=False), Candidate(0.5, 4), Candidate(0.6, 2)], 3, affine(0.1, 1.0))
+    """A floor (a probe's one draft) holds even where drafts do not pay; a cap is never passed."""
+    ks = plan([Candidate(0.5, 4, floor=1), Candidate(0.5, 4), Candidate(0.6, 2)], 3, affine(0.1, 1.0))
     assert ks == [1, 0, 0]
     assert plan([Candidate(0.99, 2), Candidate(0.99, 0)], 2, lambda n: 1.0) == [2, 0]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workers.sampling import logprobs_of, sample, warp
+from workers.sampling import logprobs_of, warp
 
 
 def _logits(probs):
@@ -102,16 +102,6 @@ def test_invalid_arguments_raise(kw):
         warp(torch.zeros(1, 3), **kw)
 
 
-def test_sample_shape_support_and_reproducibility():
-    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    a = sample(probs, torch.Generator().manual_seed(3))
-    assert a.dtype == torch.int64 and a.shape == (2,)
-    draws = torch.stack([sample(probs, torch.Generator().manual_seed(s)) for s in range(200)])
-    assert set(draws[:, 0].tolist()) == {1, 2}  # never a zero-probability token; both seen
-    assert (draws[:, 1] == 0).all()
-    torch.testing.assert_close(sample(probs, torch.Generator().manual_seed(3)), a)
-
-
 def test_logprobs_of_is_raw_log_softmax():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]], dtype=torch.bfloat16)
     chosen, top_ids, top_lps = logprobs_of(logits, torch.tensor([0, 2]), num_top=2)
@@ -122,33 +112,3 @@ def test_logprobs_of_is_raw_log_softmax():
     assert chosen.dtype == top_lps.dtype == torch.float32
     _, ids0, lps0 = logprobs_of(logits, torch.tensor([0, 2]), num_top=0)
     assert ids0.shape == (2, 0) and lps0.shape == (2, 0)
-
-
-def test_sample_follows_the_distribution_chi_square():
-    from scipy.stats import chisquare
-
-    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.3, 0.0])
-    n = 60_000
-    draws = sample(probs.expand(n, -1), torch.Generator().manual_seed(11))
-    counts = torch.bincount(draws, minlength=6).double()
-    assert counts[1] == 0 and counts[5] == 0
-    keep = probs > 0
-
-    def pvalue(expected_probs):
-        e = expected_probs[keep].double()
-        return chisquare(counts[keep].numpy(), (e / e.sum() * n).numpy()).pvalue
-
-    assert pvalue(probs) > 1e-3
-    assert pvalue(torch.tensor([0.1, 0.0, 0.35, 0.25, 0.3, 0.0])) < 1e-6  # the same check rejects a wrong p
-
-
-def test_sample_from_uniform_edges_never_return_zero_probability_tokens():
-    from workers.sampling import sample_from_uniform
-
-    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 4)
-    u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 1e-16])
-    assert sample_from_uniform(probs, u).tolist() == [1, 1, 2, 2]
-    # rounding that lands exactly on the total (u == 1) still yields the last positive token
-    assert sample_from_uniform(probs[:1], torch.tensor([1.0])).tolist() == [2]
-    # unnormalised rows
-    assert sample_from_uniform(torch.tensor([[0.0, 2.0, 6.0]]), torch.tensor([0.3])).tolist() == [2]

@@ -34,7 +34,7 @@ from protocol.messages import (
 from workers.engine.draft_model import DraftModel
 from workers.engine.prefix_cache import KVPool, best_source, common_prefix_len, reusable_prefix
 from workers.model.model import Segment
-from workers.sampling import DRAFT, Rows, keyed_uniform, process_logits, sample_from_uniform, warp_with
+from workers.sampling import Rows, process_logits, race, warp_with
 from workers.sampling.grammar import GrammarError, draft_scores
 
 log = logging.getLogger("tandem.draft")
@@ -52,7 +52,6 @@ class DraftState:
     max_run_ahead: int = 0
     verified_len: int = 0
     sequence: list[int] = field(default_factory=list)  # verified prefix + drafted tokens
-    probs: list[torch.Tensor] = field(default_factory=list)  # q of each drafted token (sampling)
     grammar: object = None  # a GrammarState over sequence[num_prompt:] when the request has a grammar
     num_prompt: int = 0
 
@@ -74,14 +73,6 @@ class DraftState:
     def prefill_end(self) -> int:
         """The prompt's prefill covers positions [0, prefill_end): all but its last token."""
         return max(self.num_prompt - 1, 0)
-
-
-@dataclass
-class Drafted:
-    """Tokens to publish, with their q rows ([n, V]) when sampling."""
-
-    message: DraftTokens
-    probs: torch.Tensor | None
 
 
 class DraftEngine:
@@ -136,7 +127,7 @@ class DraftEngine:
                 self.model.after_rollback(state.cache, 0)
             self._caches.release(state.cache, state.sequence, state.num_prompt)
 
-    def handle(self, message: DraftControl) -> Drafted | None:
+    def handle(self, message: DraftControl) -> DraftTokens | None:
         """A message from the verifier; returns drafts to publish, if any."""
         if isinstance(message, BeginDrafting):
             return self.begin(message)
@@ -145,7 +136,7 @@ class DraftEngine:
         self.release(message.request_id)
         return None
 
-    def begin(self, message: BeginDrafting) -> Drafted | None:
+    def begin(self, message: BeginDrafting) -> DraftTokens | None:
         """Draft for a request from its verified tokens (again, if it is known: a new epoch)."""
         state = self._states.get(message.request_id)
         if state is None:
@@ -169,7 +160,7 @@ class DraftEngine:
         state.stop_token_ids = tuple(message.stop_token_ids)
         return self._adopt(message.request_id, state, message.epoch, 0, message.tokens, message.max_run_ahead)
 
-    def update(self, message: VerifiedPrefix) -> Drafted | None:
+    def update(self, message: VerifiedPrefix) -> DraftTokens | None:
         """Adopt a new verified prefix; returns drafts still valid under it, re-tagged."""
         state = self._states.get(message.request_id)
         if state is None or message.start != state.verified_len:
@@ -182,28 +173,24 @@ class DraftEngine:
 
     def _adopt(
         self, request_id: str, state: DraftState, epoch: int, start: int, new_tokens: list[int], max_run_ahead: int
-    ) -> Drafted | None:
+    ) -> DraftTokens | None:
         """The verified prefix is now state.sequence[:start] + new_tokens, version `epoch`."""
         state.epoch = epoch  # always: drafts are tagged with the newest epoch seen
         state.max_run_ahead = max_run_ahead
         verified_len = start + len(new_tokens)
         common = start + common_prefix_len(state.sequence[start:], new_tokens)
         if common == verified_len:  # the verifier kept to our continuation: go on
-            state.probs = state.probs[verified_len - state.verified_len :] if state.probs else []
             state.verified_len = verified_len
             self.model.after_verified(state.cache, min(verified_len, state.cache.length))
             if state.num_drafted == 0:
                 return None
-            probs = torch.stack(state.probs) if state.probs else None
-            ahead = state.sequence[verified_len:]
-            return Drafted(DraftTokens(request_id, epoch, verified_len, ahead, probs is not None), probs)
+            return DraftTokens(request_id, epoch, verified_len, state.sequence[verified_len:])
         if common < len(state.sequence):
             self.num_rollbacks += 1  # the verifier parted from our continuation at `common`
         self.model.after_rollback(state.cache, min(state.cache.length, common))
         state.sequence = state.sequence[:start] + list(new_tokens)
         state.sync_grammar(common)
         state.verified_len = verified_len
-        state.probs = []
         return None
 
     # -- drafting ----------------------------------------------------------
@@ -227,13 +214,13 @@ class DraftEngine:
     def has_work(self) -> bool:
         return any(self._has_room(s) or self._lags(s) for s in self._states.values())
 
-    def step(self) -> Drafted | None:
+    def step(self) -> DraftTokens | None:
         """Draft one token for the next request with room to run ahead (its prompt fed whole)."""
         picked = self._next_state()
         drafted = [] if picked is None else self._draft([picked], self.prefill_chunk if self.prefix_caching else None)
         return drafted[0] if drafted else None
 
-    def step_all(self) -> list[Drafted]:
+    def step_all(self) -> list[DraftTokens]:
         """Draft one token for every request with room to run ahead (up to max_batch_size,
         round robin), in one draft pass. A request with more than prefill_chunk tokens
         to feed (a new prompt) feeds the next chunk of them instead and drafts nothing
@@ -285,7 +272,7 @@ class DraftEngine:
             self.model.after_rollback(state.cache, state.cache.length)
 
     @torch.inference_mode()
-    def _draft(self, picked: list[tuple[str, DraftState]], chunk: int | None) -> list[Drafted]:
+    def _draft(self, picked: list[tuple[str, DraftState]], chunk: int | None) -> list[DraftTokens]:
         # feed each request what is not yet in its cache (the last token is never fed until now),
         # at most `chunk` tokens of it
         if self.prefix_caching:
@@ -318,25 +305,20 @@ class DraftEngine:
         self.passes += 1
         self.pass_tokens = tokens
 
-    def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> Drafted:
+    def _append(self, request_id: str, state: DraftState, logits: torch.Tensor) -> DraftTokens:
         """Draw the next token from the request's last logits row and append it."""
         position = len(state.sequence)
         sampling = state.sampling
-        probs = None
         # the target's processing, seeing this draft's own earlier drafts as the target will,
         # then the grammar's mask
         rows = Rows(state.sequence, state.num_prompt, (), state.stop_token_ids)
         scores = draft_scores(state.grammar, process_logits(logits[-1:], rows, sampling), raw=logits[-1:])  # [1, V]
         if sampling.greedy:
             token = int(scores[0].argmax())
-        else:
-            q = warp_with(scores, sampling)  # [1, V]
-            u = torch.tensor([keyed_uniform(sampling.seed, DRAFT, position)], dtype=torch.float64)
-            token = int(sample_from_uniform(q, u.to(q.device))[0])
-            state.probs.append(q[0])
-            probs = q
+        else:  # the position's race over q, with the noise the verifier races p with
+            token = int(race(warp_with(scores, sampling), sampling.seed, position)[0])
         state.sequence.append(token)
         if state.grammar is not None:
             state.grammar.append([token])
         self.num_drafted += 1
-        return Drafted(DraftTokens(request_id, state.epoch, position, [token], probs is not None), probs)
+        return DraftTokens(request_id, state.epoch, position, [token])

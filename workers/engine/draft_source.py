@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from configs.modes import Mode
 from protocol.messages import BeginDrafting, DraftIdle, DraftTokens, ReleaseRequest, VerifiedPrefix
 from workers.engine.request import Request
@@ -33,7 +31,6 @@ from workers.engine.request import Request
 @dataclass(frozen=True)
 class Proposal:
     token_ids: list[int]
-    probs: torch.Tensor | None = None  # [k, V] warped q; None for greedy drafts
     available: int = 0  # drafts that had arrived (before the cap): the run-ahead
 
     @staticmethod
@@ -44,10 +41,6 @@ class Proposal:
 class DraftSource(Protocol):
     num_draft_tokens: int  # most drafts one round verifies
     max_run_ahead: int  # most drafts the draft may hold past a verified prefix
-    # False: in sampling, a round whose drafts were all accepted emits no bonus
-    # token, so each position's token depends only on that position's draw
-    # (reproducible when the number of drafts per round depends on timing)
-    sampled_bonus: bool
     num_stale: int  # draft tokens dropped for an old epoch
     wait_s: float  # time rounds spent blocked for drafts
     # a round waits for all its drafts (a synchronous mode): the draft's passes add to
@@ -80,7 +73,6 @@ class NoDraft:
 
     num_draft_tokens = 0
     max_run_ahead = 0
-    sampled_bonus = True
     num_stale = 0
     wait_s = 0.0
     wait_for_all = True
@@ -105,7 +97,7 @@ class NoDraft:
 class Transport(Protocol):
     def send(self, message) -> None: ...
 
-    def receive(self, timeout_s: float) -> list[tuple[DraftTokens | DraftIdle, torch.Tensor | None]]:
+    def receive(self, timeout_s: float) -> list[DraftTokens | DraftIdle]:
         """Draft messages that arrived (drafts, and DraftIdle), waiting up to timeout_s for at least one."""
         ...
 
@@ -116,7 +108,6 @@ class _Buffer:
     epoch: int
     start: int  # sequence position of token_ids[0]: the number of verified tokens
     token_ids: list[int] = field(default_factory=list)
-    probs: list[torch.Tensor] = field(default_factory=list)  # rows of q, when sampling
     told: int = -1  # the run-ahead the draft was last sent
     unsent_from: int = 0  # verified tokens the draft has been sent (with holds_back)
     unsent: list[int] = field(default_factory=list)  # verified tokens after those, not sent yet
@@ -142,7 +133,6 @@ class DraftStream:
         self.num_draft_tokens = num_draft_tokens
         self.max_run_ahead = max_run_ahead
         self.wait_for_all = mode.synchronous
-        self.sampled_bonus = mode.sampled_bonus
         self.timeout_s = timeout_s
         self._buffers: dict[str, _Buffer] = {}
         self.available = True  # False while the draft worker is down: rounds run target-only
@@ -194,7 +184,6 @@ class DraftStream:
             self._sent = self._work_sent = self._idle_heard = 0  # a new process has heard nothing
             for buffer in self._buffers.values():
                 buffer.token_ids.clear()
-                buffer.probs.clear()
                 buffer.epoch += 1
                 self._begin(buffer.request, buffer, run_ahead(buffer.request))
 
@@ -210,7 +199,6 @@ class DraftStream:
         agree = buffer.token_ids[: len(emitted)] == emitted
         keep = len(emitted) if agree else len(buffer.token_ids)
         del buffer.token_ids[:keep]
-        del buffer.probs[:keep]
         buffer.start = request.num_tokens
         buffer.epoch += 1
         buffer.unsent += emitted
@@ -225,7 +213,7 @@ class DraftStream:
 
     # -- receiving ---------------------------------------------------------
 
-    def _deliver(self, message: DraftTokens, probs: torch.Tensor | None) -> None:
+    def _deliver(self, message: DraftTokens) -> None:
         buffer = self._buffers.get(message.request_id)
         if buffer is None or message.epoch != buffer.epoch:
             self.num_stale += len(message.token_ids)
@@ -235,17 +223,14 @@ class DraftStream:
             self.num_stale += len(message.token_ids)
             return
         del buffer.token_ids[offset:]
-        del buffer.probs[offset:]
         buffer.token_ids.extend(message.token_ids)
-        if probs is not None:
-            buffer.probs.extend(probs.unbind(0))
 
     def _receive(self, timeout_s: float) -> None:
-        for message, probs in self.transport.receive(timeout_s):
+        for message in self.transport.receive(timeout_s):
             if isinstance(message, DraftIdle):
                 self._idle_heard = message.heard
             else:
-                self._deliver(message, probs)
+                self._deliver(message)
 
     def busy(self) -> bool:
         self._receive(0.0)
@@ -266,7 +251,5 @@ class DraftStream:
             self._receive(remaining)
         self.wait_s += time.monotonic() - started
         available = len(buffer.token_ids)
-        token_ids = buffer.token_ids[:num_tokens]
-        probs = torch.stack(buffer.probs[: len(token_ids)]) if buffer.probs and token_ids else None
-        return Proposal(token_ids, probs, available)
+        return Proposal(buffer.token_ids[:num_tokens], available)
 

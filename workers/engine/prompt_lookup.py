@@ -92,7 +92,6 @@ class PromptLookup:
     """The DraftSource of mode `lookup`: each round's drafts from the request's own
     tokens (no draft model, no draft worker)."""
 
-    sampled_bonus = True  # proposals depend on the tokens only: seeded runs reproduce anyway
     num_stale = 0
     wait_s = 0.0
     wait_for_all = False  # a proposal costs no pass (adaptive speculation counts only its rows)
@@ -109,7 +108,7 @@ class PromptLookup:
 
     def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         token_ids = self._indexes[request.request_id].propose(num_tokens)
-        return Proposal(token_ids, None, len(token_ids))
+        return Proposal(token_ids, len(token_ids))
 
     def on_verified(self, request: Request, emitted: list[int], max_run_ahead: int) -> None:
         self._indexes[request.request_id].extend(emitted)
@@ -153,7 +152,7 @@ class LookupFirst(DraftStream):
         if planned:
             self.num_lookup_rounds += 1
             token_ids = planned[:num_tokens]
-            return Proposal(token_ids, None, len(token_ids))
+            return Proposal(token_ids, len(token_ids))
         return super().propose(request, num_tokens, wait)
 
     def release(self, request_id: str) -> None:

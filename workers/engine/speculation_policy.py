@@ -51,14 +51,12 @@ PACE_DRAFTS = 32  # verified drafts a measurement of a beside draft's pace spans
 WAIT_STEPS = 8  # steps a round may wait for a draft beside the target to feed what it missed
 
 
-def expected_tokens(a: float, k: int, bonus: bool = True) -> float:
-    """Expected tokens a round emits verifying k drafts of per-token acceptance a.
-    Without a bonus token (sampling, when k varies: see DraftSource.sampled_bonus)
-    a round whose k drafts were all accepted emits k, not k + 1."""
+def expected_tokens(a: float, k: int) -> float:
+    """Expected tokens a round emits verifying k drafts of per-token acceptance a (the
+    accepted drafts and the correction or bonus token)."""
     if k == 0:
         return 1.0
-    tokens = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
-    return tokens if bonus else tokens - a**k
+    return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,7 @@ class Candidate:
 
     acceptance: float  # per-token acceptance estimate
     cap: int  # most drafts (the server's k, the request's own, its remaining tokens)
-    floor: int = 0  # fewest drafts (<= cap)
-    bonus: bool = True  # False: an all-accepted round emits no bonus token
+    floor: int = 0  # fewest drafts (<= cap): a probe's
     # tokens the draft feeds before its first draft (what it missed at k = 0); beside the
     # target, per round of the rest of the request (SpeculationPolicy._spread_lag)
     lag: float = 0.0
@@ -138,7 +135,7 @@ def _greedy(
     def draft_time() -> float:
         return sum(draft_pass_cost(n) for n in depth.values()) if draft_pass_cost else 0.0
 
-    tokens = sum(expected_tokens(c.acceptance, k, c.bonus) for c, k in zip(candidates, ks))
+    tokens = sum(expected_tokens(c.acceptance, k) for c, k in zip(candidates, ks))
     rows = base_tokens + sum(ks)
     drafted = draft_time()
 
@@ -188,7 +185,7 @@ def _fed(c: Candidate, j: int) -> float:
 
 def _gain(c: Candidate, k: int) -> float:
     """Expected tokens the (k+1)-th draft adds."""
-    return expected_tokens(c.acceptance, k + 1, c.bonus) - expected_tokens(c.acceptance, k, c.bonus)
+    return expected_tokens(c.acceptance, k + 1) - expected_tokens(c.acceptance, k)
 
 
 class AcceptanceEstimate:
@@ -296,8 +293,6 @@ class Round:
 
     request_id: str
     cap: int
-    floor: int = 0
-    bonus: bool = True
     lag: int = 0  # verified tokens the draft has not fed (it feeds them before drafting for the request)
     remaining: int = 0  # tokens the request may still emit (0: not known)
     # a request's first round: the drafts the draft was told to make for it at admission
@@ -458,18 +453,18 @@ class SpeculationPolicy:
             # estimate changes no plan
             probes = [self._probe(r) for r in rounds]
             if any(probes):
-                perfect = [Candidate(1.0, r.cap, r.floor, r.bonus, self._spread_lag(r, 1.0)) for r in rounds]
-                if not any(k > r.floor for k, r in zip(self._best(perfect, base_tokens), rounds)):
+                perfect = [Candidate(1.0, r.cap, lag=self._spread_lag(r, 1.0)) for r in rounds]
+                if not any(self._best(perfect, base_tokens)):
                     probes = [0] * len(rounds)
             candidates = [
-                Candidate(a, r.cap, max(r.floor, probe, self._first_floor(r)), r.bonus, self._spread_lag(r, a))
+                Candidate(a, r.cap, max(probe, self._first_floor(r)), self._spread_lag(r, a))
                 for r, probe in zip(rounds, probes)
                 for a in [self.acceptance(r.request_id)]
             ]
             ks = self._best(candidates, base_tokens)
             ks = self._without_fleeting_starts(rounds, candidates, ks, base_tokens)
         self.last_plan = {r.request_id: k for r, k in zip(rounds, ks)}
-        chosen = [k for r, k in zip(rounds, ks) if r.cap > r.floor and not _near_its_end(r)]
+        chosen = [k for r, k in zip(rounds, ks) if r.cap and not _near_its_end(r)]
         if chosen:  # rounds the plan chose for, not cut short by their requests' ends
             self._most_by_batch[len(rounds)] = max(chosen)
         return dict(self.last_plan)
@@ -514,7 +509,7 @@ class SpeculationPolicy:
         spread only for requests the plan without lags gives drafts: 1 client 84, 16: 198)."""
         if self.serial_draft or not r.lag or not r.remaining or not r.cap:
             return float(r.lag)
-        return r.lag / max(1.0, r.remaining / expected_tokens(acceptance, r.cap, r.bonus))
+        return r.lag / max(1.0, r.remaining / expected_tokens(acceptance, r.cap))
 
     def _best(self, candidates: list[Candidate], base_tokens: int) -> list[int]:
         """The best plan; with a target that borrows the draft's cores, no drafts at all where a

@@ -35,16 +35,7 @@ from workers.engine.prefix_cache import KVPool, best_source, reusable_prefix
 from workers.engine.request import Request
 from workers.engine.speculation_policy import Round, SpeculationPolicy
 from workers.model.model import LlamaModel, Segment
-from workers.sampling import (
-    COIN,
-    PICK,
-    accept_greedy,
-    accept_sampled,
-    keyed_uniforms,
-    logprobs_of,
-    process_logits,
-    warp_with,
-)
+from workers.sampling import accept_greedy, accept_sampled, logprobs_of, process_logits, warp_with
 from workers.sampling.grammar import GrammarError, mask_logits
 
 
@@ -123,12 +114,6 @@ class VerifyEngine:
             if adaptive and draft.num_draft_tokens
             else None
         )
-
-    @property
-    def sampled_bonus(self) -> bool:
-        """With k varying by plan, a sampled round whose drafts were all accepted emits no
-        bonus token (see DraftSource.sampled_bonus): seeded text does not depend on the plans."""
-        return self.draft.sampled_bonus and self.policy is None
 
     # -- queue -------------------------------------------------------------
 
@@ -216,21 +201,6 @@ class VerifyEngine:
             limit = min(limit, request.num_draft_tokens)
         return max(0, min(limit, remaining - 1, self.max_model_len - request.num_tokens))
 
-    @staticmethod
-    def _min_drafts(request: Request) -> int:
-        """Adaptive speculation: the fewest drafts a round verifies. A round sampled with the
-        client's seed always verifies one, so that every position's token is decided by the
-        same draws (the draft's, then the verifier's coin and pick) whatever the plans were:
-        reproducible. Unseeded, no one can tell two runs apart: none (measured, default pair,
-        16 clients, half of them seeded sampling: that floor of one draft a round held `sd`
-        at 44.7 tokens/s, where all greedy gave 72.1)."""
-        return 1 if request.sampling.seeded and not request.sampling.greedy else 0
-
-    def _emits_bonus(self, request: Request) -> bool:
-        """Whether an all-accepted round emits its bonus token: not a seeded sampled one while
-        k varies (see sampled_bonus)."""
-        return self.sampled_bonus or not self._min_drafts(request)
-
     def run_ahead(self, request: Request) -> int:
         """How far the draft may run past this request's verified prefix now (kept on the
         request: its next round takes no more drafts than the draft was told to make).
@@ -242,7 +212,6 @@ class VerifyEngine:
             if planned is None:  # not planned yet: its first round
                 batch = min(len(self._running) + len(self._waiting), self.max_batch_size)
                 planned = self.policy.new_request_drafts(self.draft.num_draft_tokens, batch)
-            planned = max(planned, self._min_drafts(request))
             limit = planned + self.draft.max_run_ahead - self.draft.num_draft_tokens if planned else 0
         request.draft_run_ahead = self._num_drafts(request, limit)
         return request.draft_run_ahead
@@ -406,13 +375,12 @@ class VerifyEngine:
         (a prompt; rounds without drafts) do not, where feeding them all would take the draft
         longer than several of these steps (SpeculationPolicy.worth_waiting): such a round takes
         what has arrived, maybe none, while the draft catches up beside the target. Measured,
-        amusd, 16 clients: rounds waiting for a burst's prompts made steps of 165-348 ms. A
-        seeded sampled round waits: it verifies at least one draft (_min_drafts)."""
+        amusd, 16 clients: rounds waiting for a burst's prompts made steps of 165-348 ms."""
         waiting = {r.request_id for r, k in zip(rounds, drafts) if k}
         if self.policy is None or self.draft.wait_for_all:
             return waiting
         behind = [r for r, k in zip(rounds, drafts)
-                  if k and not self._min_drafts(r) and self._lag(r) > self.draft.num_draft_tokens]
+                  if k and self._lag(r) > self.draft.num_draft_tokens]
         if not behind:
             return waiting
         rows = sum(1 + k for k in drafts) + sum(len(self._prefill_chunk(r)) for r in prefills)
@@ -426,8 +394,7 @@ class VerifyEngine:
         base = len(rounds) + sum(len(self._prefill_chunk(r)) for r in prefills)
         plan = self.policy.plan(
             [
-                Round(r.request_id, cap, min(cap, self._min_drafts(r)), bonus=self._emits_bonus(r),
-                      lag=self._lag(r) if self._draft_lags else 0,
+                Round(r.request_id, cap, lag=self._lag(r) if self._draft_lags else 0,
                       remaining=r.max_tokens - len(r.output_ids),
                       told=r.draft_run_ahead if r.planned_drafts is None else None)
                 for r, cap in zip(rounds, caps)
@@ -465,21 +432,9 @@ class VerifyEngine:
         scores = mask_logits(request.grammar, scores, drafts, raw=logits)  # row i: what the grammar allows after drafts[:i]
         if sampling.greedy:
             acceptance = accept_greedy(draft_ids, scores)
-        else:
-            positions = range(num_tokens, num_tokens + len(drafts) + 1)  # of x1..xk and the bonus
-            target_probs = warp_with(scores, sampling)
-            draft_probs = None if proposal.probs is None else proposal.probs[: len(drafts)].to(self.device)
-            acceptance = accept_sampled(
-                draft_ids,
-                draft_probs,
-                target_probs,
-                keyed_uniforms(sampling.seed, COIN, positions[:-1]),
-                keyed_uniforms(sampling.seed, PICK, positions),
-            )
-        new_tokens = acceptance.token_ids
-        if drafts and acceptance.num_accepted == len(drafts) and not sampling.greedy and not self._emits_bonus(request):
-            new_tokens = new_tokens[:-1]
-        emitted, finish_reason = self._emit(request, new_tokens)
+        else:  # x1 is at position num_tokens
+            acceptance = accept_sampled(draft_ids, warp_with(scores, sampling), sampling.seed, num_tokens)
+        emitted, finish_reason = self._emit(request, acceptance.token_ids)
         if request.grammar is not None:
             request.grammar.append(emitted)
         request.cache.crop(request.num_tokens - 1)  # keep the invariant: the newest token opens the next pass
