@@ -110,6 +110,14 @@ def test_race_follows_the_distribution_chi_square():
     assert pvalue(torch.tensor([0.1, 0.0, 0.35, 0.25, 0.3, 0.0])) < 1e-6
 
 
+def test_a_row_with_nothing_to_race_still_gives_a_token():
+    """A draft row without a positive probability (NaN logits) gives a token instead of
+    raising: catches a draft step that fails and leaves the verifier waiting draft_timeout_s
+    for each such round (the inverse-CDF sampler before the race returned an index too)."""
+    rows = torch.tensor([[0.0, 0.0, 0.0], [float("nan")] * 3])
+    assert [0 <= t < 3 for t in race(rows, seed=1, first_position=0).tolist()] == [True, True]
+
+
 # ---------------------------------------------------------------- sampled, simple cases
 
 
