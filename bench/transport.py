@@ -2,13 +2,14 @@
 latency of each message over ipc://, loopback tcp:// and tcp:// across a veth
 pair (a draft worker in another network namespace), with and without CURVE.
 
-    python -m bench.transport [--vocab 49152] [--k 4] [--iterations 1000] [--json FILE]
+    python -m bench.transport [--k 4] [--iterations 1000] [--json FILE]
 
 The messages are the real ones (protocol.messages, protocol.codec) of one `sd`
 round in steady state: the verifier publishes the verified prefix
 (VerifiedPrefix, accepted + 1 new tokens), the draft sends its k drafts one
-message each (DraftTokens; when sampling, with its [1, vocab] float32 q), the
-verifier sends the round's tokens to the server (TokenOutput). Latency: a
+message each (DraftTokens: tokens only, sampling or not, since sampling became a
+race; workers/sampling/randomness.py), the verifier sends the round's tokens to
+the server (TokenOutput). Latency: a
 ping-pong between two processes over Tandem's own socket pattern (each binds a
 PULL inbox, PUSHes to the other's), half the round trip; the peer echoes the
 frames untouched. The veth rows need root and `ip` (bench.netns); without them
@@ -29,8 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from protocol.codec import encode
 from protocol.curve import load_keys, write_key_pair
 from protocol.messages import DraftTokens, TokenOutput, VerifiedPrefix
@@ -40,31 +39,28 @@ REQUEST_ID = "cmpl-5f0c1e6b2a9d4c8e9b7a6d5c4b3a2918"  # the server's id format
 STOP = b"stop"
 
 
-def round_messages(vocab: int, k: int, accepted: int, sampling: bool) -> dict[str, tuple]:
-    """name -> (link, message, arrays) of one sd round: k drafts, `accepted` of them accepted."""
+def round_messages(k: int, accepted: int) -> dict[str, tuple]:
+    """name -> (link, message) of one sd round: k drafts, `accepted` of them accepted."""
     tokens = list(range(1000, 1000 + accepted + 1))
-    draft = DraftTokens(REQUEST_ID, 18, 301, [4242], has_probs=sampling)
-    q = [np.zeros((1, vocab), np.float32)] if sampling else []
     return {
-        "VerifiedPrefix": ("verify -> draft", VerifiedPrefix(REQUEST_ID, 18, 300, tokens, k), []),
-        "DraftTokens": ("draft -> verify", draft, q),
+        "VerifiedPrefix": ("verify -> draft", VerifiedPrefix(REQUEST_ID, 18, 300, tokens, k)),
+        "DraftTokens": ("draft -> verify", DraftTokens(REQUEST_ID, 18, 301, [4242])),
         "TokenOutput": (
             "verify -> server",
             TokenOutput(REQUEST_ID, tokens, num_draft_tokens=k, num_accepted_tokens=accepted, run_ahead=k),
-            [],
         ),
     }
 
 
-def frame_bytes(message, arrays) -> int:
-    return sum(memoryview(frame).nbytes for frame in encode(message, arrays))
+def frame_bytes(message) -> int:
+    return sum(memoryview(frame).nbytes for frame in encode(message))
 
 
-def round_bytes(vocab: int, k: int, accepted: int, sampling: bool) -> dict[str, int]:
+def round_bytes(k: int, accepted: int) -> dict[str, int]:
     """Bytes of one round, by link (the k DraftTokens counted k times)."""
     out: dict[str, int] = {}
-    for name, (link, message, arrays) in round_messages(vocab, k, accepted, sampling).items():
-        out[link] = out.get(link, 0) + frame_bytes(message, arrays) * (k if name == "DraftTokens" else 1)
+    for name, (link, message) in round_messages(k, accepted).items():
+        out[link] = out.get(link, 0) + frame_bytes(message) * (k if name == "DraftTokens" else 1)
     return out
 
 
@@ -169,22 +165,15 @@ def links(scratch: Path, netns) -> list[Link]:
     return out
 
 
-def measure(vocab: int, k: int, iterations: int) -> dict:
+def measure(k: int, iterations: int) -> dict:
     from bench.netns import missing_requirement, network_namespace
 
-    messages = round_messages(vocab, k, accepted=k - 1, sampling=True)
-    greedy = round_messages(vocab, k, accepted=k - 1, sampling=False)
-    payloads = {
-        "VerifiedPrefix": encode(messages["VerifiedPrefix"][1]),
-        "DraftTokens (greedy)": encode(greedy["DraftTokens"][1]),
-        "DraftTokens + q (sampling)": encode(messages["DraftTokens"][1], messages["DraftTokens"][2]),
-    }
+    messages = round_messages(k, accepted=k - 1)
+    payloads = {name: encode(messages[name][1]) for name in ("VerifiedPrefix", "DraftTokens")}
     report = {
-        "vocab": vocab,
         "k": k,
         "payload_bytes": {name: sum(memoryview(f).nbytes for f in frames) for name, frames in payloads.items()},
-        "round_bytes_greedy": round_bytes(vocab, k, k - 1, False),
-        "round_bytes_sampling": round_bytes(vocab, k, k - 1, True),
+        "round_bytes": round_bytes(k, k - 1),
         "latency": {},
         "veth": missing_requirement() or "measured",
     }
@@ -202,13 +191,12 @@ def measure(vocab: int, k: int, iterations: int) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Bytes per message (vocab {report['vocab']}, k = {report['k']}): "
+        f"Bytes per message (k = {report['k']}): "
         + ", ".join(f"{name} {size:,} B" for name, size in report["payload_bytes"].items()),
         "",
-        "| bytes per round | " + " | ".join(report["round_bytes_greedy"]) + " |",
-        "| --- |" + " ---: |" * len(report["round_bytes_greedy"]),
-        "| greedy | " + " | ".join(f"{v:,}" for v in report["round_bytes_greedy"].values()) + " |",
-        "| sampling | " + " | ".join(f"{v:,}" for v in report["round_bytes_sampling"].values()) + " |",
+        "| bytes per round | " + " | ".join(report["round_bytes"]) + " |",
+        "| --- |" + " ---: |" * len(report["round_bytes"]),
+        "| greedy or sampling | " + " | ".join(f"{v:,}" for v in report["round_bytes"].values()) + " |",
         "",
         "| one-way latency, µs (p50 / p90) | " + " | ".join(report["payload_bytes"]) + " |",
         "| --- |" + " ---: |" * len(report["payload_bytes"]),
@@ -228,14 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--inbox", required=True)
     peer.add_argument("--reply", required=True)
     peer.add_argument("--key-file", default="")
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (q frames): default SmolLM2's")
     parser.add_argument("--k", type=int, default=4, help="drafts per round")
     parser.add_argument("--iterations", type=int, default=1000, help="ping-pongs per small message")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.command == "echo":
         return echo(args.inbox, args.reply, args.key_file)
-    report = measure(args.vocab, args.k, args.iterations)
+    report = measure(args.k, args.iterations)
     print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
