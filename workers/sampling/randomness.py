@@ -55,9 +55,15 @@ def _uniforms(seed: int, position: int, token_ids: np.ndarray) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def _exponential(u: np.ndarray) -> np.ndarray:
+    """Exp(1) from uniforms in [0, 1) (inverse CDF)."""
+    return -np.log1p(-u)
+
+
 def race_noise(seed: int, position: int, token_ids: np.ndarray) -> np.ndarray:
-    """The race's noise: float64 Exp(1) E_j of each token id at a position."""
-    return -np.log1p(-_uniforms(seed, position, token_ids))
+    """The race's noise: float64 Exp(1) E_j of each token id at a position (what _winner
+    computes for the tokens that can win)."""
+    return _exponential(_uniforms(seed, position, token_ids))
 
 
 def _winner(dist: np.ndarray, seed: int, position: int) -> int:
@@ -73,10 +79,10 @@ def _winner(dist: np.ndarray, seed: int, position: int) -> int:
     u = _uniforms(seed, position, support)
     if len(support) > 256:
         top = int(np.argmax(p))
-        score = p[top] / -np.log1p(-u[top])
+        score = p[top] / _exponential(u[top])
         candidates = np.flatnonzero(p >= score * u)
         support, p, u = support[candidates], p[candidates], u[candidates]
-    return int(support[np.argmax(p / -np.log1p(-u))])
+    return int(support[np.argmax(p / _exponential(u))])
 
 
 def race(probs: Tensor, seed: int, first_position: int) -> Tensor:
