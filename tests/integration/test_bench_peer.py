@@ -57,3 +57,25 @@ def test_started_peer_row_runs_and_stops_its_server(tiny_config, tmp_path):
     assert list(tmp_path.glob("peer-started-peer-*.log"))  # its output went to a log of its own
     with socket.socket() as sock:  # the server was stopped: nothing answers on its port
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_load_table_runs_a_mode_and_an_external_peer_at_each_client_count(tiny_config, tmp_path):
+    # catches a load table that drops a level or a peer, counts failed requests as served, or scrapes
+    # the wrong worker's batch sizes (one client at a time: every target pass holds exactly one request)
+    out = tmp_path / "results"
+    with launch_server(tiny_config, mode="ar") as peer:
+        command = [
+            sys.executable, "-m", "bench.load_table", "--config", str(tiny_config), "--modes", "ar",
+            "--clients", "1,2", "--requests-per-client", "1", "--min-requests", "2", "--max-tokens", "4",
+            "--external", f"tiny-peer={peer.url}", "--port", str(free_port()), "--out", str(out),
+            "--startup-timeout", "180", "--timeout", "120",
+        ]
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((out / "load-latest.json").read_text())
+    rows = [(r["label"], r["peer"], r["clients"], r["summary"]["succeeded"]) for r in data["rows"]]
+    assert rows == [("ar", False, 1, 2), ("ar", False, 2, 2), ("tiny-peer", True, 1, 2), ("tiny-peer", True, 2, 2)]
+    solo = data["rows"][0]
+    assert solo["batch_mean"] == 1.0 and solo["summary"]["output_tokens"] > 0
+    assert all(r["batch_mean"] is None for r in data["rows"] if r["peer"])
+    assert "| tiny-peer | peer | 2 |" in (out / "load-latest.md").read_text()

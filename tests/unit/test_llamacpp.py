@@ -105,6 +105,12 @@ def test_llama_server_plain_command():
     assert "-md" not in cmd and "--spec-type" not in cmd
 
 
+def test_llama_server_slots_share_the_context():
+    # catches a load-table peer that batches nothing (-np left at 1) or gives each slot a sliver of KV
+    cmd = llamacpp.server_command(Path("s"), Path("t.gguf"), 1, ctx=llamacpp.SERVER_CTX * 8, slots=8)
+    assert flag(cmd, "-np") == "8" and int(flag(cmd, "-c")) // 8 == llamacpp.SERVER_CTX
+
+
 def test_llama_server_draft_command():
     cmd = llamacpp.server_command(Path("s"), Path("t.gguf"), 1, threads=1, draft=Path("d.gguf"), draft_n=6)
     assert flag(cmd, "-md") == "d.gguf"
