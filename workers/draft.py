@@ -110,8 +110,7 @@ class DraftWorker:
             log.warning("draft worker ignores unexpected %s", type(message).__name__)
 
     def run(self) -> None:
-        if not self.config.mode.synchronous:
-            self.to_verify.send(DraftIdle(self.heard))  # loaded: a target that borrows its cores may time them now
+        self.to_verify.send(DraftIdle(self.heard))  # loaded: a target that borrows its cores may time them now
         start_heartbeat(self.config, "draft", self.config.draft.path, self.model.args.vocab_size)
         started = last_stats = time.monotonic()
         while True:
@@ -135,8 +134,10 @@ class DraftWorker:
                     self._publish(each)
                 if self.engine.passes > passes and not self.config.mode.synchronous:  # its pace, for amusd's plans
                     self.to_verify.send(DraftPass(self.engine.pass_tokens, seconds))
-            if worked and not self.engine.has_work and not self.config.mode.synchronous:
-                self.to_verify.send(DraftIdle(self.heard))  # what it was told is done: its cores may be borrowed
+            if worked and not self.engine.has_work:
+                # what it was told is done: a synchronous target may start its pass, a target
+                # beside it may borrow its cores
+                self.to_verify.send(DraftIdle(self.heard))
             now = time.monotonic()
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now

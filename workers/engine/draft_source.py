@@ -67,6 +67,10 @@ class DraftSource(Protocol):
         nothing to do (DraftIdle). A target that borrows its cores waits until it is not."""
         ...
 
+    def wait_until_idle(self) -> None:
+        """Block until the draft is not busy (up to the timeout), counted in wait_s."""
+        ...
+
 
 class NoDraft:
     """Mode `ar`: the target alone."""
@@ -92,6 +96,9 @@ class NoDraft:
 
     def busy(self) -> bool:
         return False
+
+    def wait_until_idle(self) -> None:
+        pass
 
 
 class Transport(Protocol):
@@ -235,6 +242,13 @@ class DraftStream:
     def busy(self) -> bool:
         self._receive(0.0)
         return self._idle_heard < self._work_sent and self.available
+
+    def wait_until_idle(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        while self.busy() and (remaining := deadline - time.monotonic()) > 0:
+            self._receive(remaining)
+        self.wait_s += time.monotonic() - started
 
     def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         buffer = self._buffers[request.request_id]

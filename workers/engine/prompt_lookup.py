@@ -119,6 +119,9 @@ class PromptLookup:
     def busy(self) -> bool:
         return False
 
+    def wait_until_idle(self) -> None:
+        pass
+
 
 class LookupFirst(DraftStream):
     """The DraftSource of mode `sd+lookup`: a round takes the lookup's proposal where
