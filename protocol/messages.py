@@ -218,7 +218,8 @@ class DraftPass(msgspec.Struct, tag=True):
 class DraftIdle(msgspec.Struct, tag=True):
     """The draft has nothing left to compute (no request to draft or catch up for) until it is
     told more: a target that borrows the draft's cores takes them only then, not while the
-    draft still feeds prompts or drafts ahead on them (both passes then ran at half speed).
+    draft still feeds prompts or drafts ahead on them (both passes then ran at half speed);
+    a synchronous target (sd, easyspec), whose cores the draft shares, starts a pass only then.
     Also sent once, when the draft worker has loaded (heard 0): its cores are quiet.
 
     heard: how many messages this draft process has taken in from the verifier. One still in
