@@ -22,10 +22,11 @@ class LocalTransport:
         self._outbox: list[DraftTokens | DraftIdle] = []
         self.heard = 0  # messages taken in (DraftIdle.heard)
 
-    def send(self, message) -> None:
+    def send(self, message) -> bool:
         self.heard += 1
         self._keep(self.engine.handle(message))
         self._report_idle()
+        return True
 
     def receive(self, timeout_s: float) -> list[DraftTokens | DraftIdle]:
         for _ in range(self.steps()):

@@ -55,7 +55,7 @@ class SocketTransport:
         self.outbox = outbox
         self.arrived: queue.Queue = queue.Queue()  # DraftTokens and DraftIdle from the reader thread, in order
 
-    def send(self, message) -> None:
+    def send(self, message) -> bool:
         # never block the verifier on the draft: with the draft unreachable (gone,
         # not yet noticed) past the socket's queue, a message is dropped; the draft
         # is begun anew when it is back
@@ -63,6 +63,8 @@ class SocketTransport:
             self.outbox.send(message, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a %s for the unreachable draft worker", type(message).__name__)
+            return False
+        return True
 
     def receive(self, timeout_s: float):
         try:

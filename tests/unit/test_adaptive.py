@@ -228,8 +228,9 @@ class RecordingTransport:
     def __init__(self):
         self.sent = []
 
-    def send(self, message) -> None:
+    def send(self, message) -> bool:
         self.sent.append(message)
+        return True
 
     def receive(self, timeout_s: float):
         return []
@@ -291,6 +292,37 @@ class QueueTransport(RecordingTransport):
     def receive(self, timeout_s: float):
         out, self.arrivals = self.arrivals, []
         return out
+
+
+def test_a_dropped_message_does_not_leave_the_draft_busy_for_good():
+    """A message the socket drops (the draft unreachable past its queue) is never heard, so no
+    DraftIdle ever counts it. Counted as sent, it left the draft busy for good: a synchronous
+    target then waited draft_timeout_s before every pass, a borrowing one never widened."""
+
+    class Dropping(QueueTransport):
+        drop = False
+
+        def send(self, message) -> bool:
+            return not self.drop and super().send(message)
+
+    stream = DraftStream(Dropping(), num_draft_tokens=4, max_run_ahead=4, mode=mode_of("sd"), timeout_s=5,
+                         holds_back=True)
+    req = Request.from_message(GenerateRequest("a", [5, 6, 7], 16, SamplingParams(), []))
+    stream.on_admit(req, 4)
+    stream.transport.arrivals.append(DraftIdle(heard=1))
+    assert not stream.busy()
+    stream.transport.drop = True
+    req.output_ids.append(11)
+    stream.on_verified(req, [11], 4)  # dropped: the draft will never say it did it
+    assert not stream.busy()
+    stream.wait_until_idle()
+    assert stream.wait_s < 1.0
+    stream.transport.drop = False
+    req.output_ids.append(12)
+    stream.on_verified(req, [12], 4)
+    assert stream.busy()
+    stream.transport.arrivals.append(DraftIdle(heard=2))  # the begin and this prefix
+    assert not stream.busy()
 
 
 def test_the_stream_knows_when_the_draft_has_nothing_left_to_do():

@@ -259,6 +259,7 @@ def test_stale_drafts_are_never_verified(models):
 
         def send(self, message):
             self.sent.append(message)
+            return True
 
         def receive(self, timeout_s):
             out, self.inbox = self.inbox, []
@@ -336,7 +337,7 @@ def test_each_round_sends_the_draft_only_the_new_tokens(models):
 
         def send(self, message):
             self.sent.append(message)
-            super().send(message)
+            return super().send(message)
 
     k = 4
     transport = Recording(DraftEngine(PlainDraft(models["quantized"]), max_model_len=MAX_LEN, max_requests=1))

@@ -102,7 +102,9 @@ class NoDraft:
 
 
 class Transport(Protocol):
-    def send(self, message) -> None: ...
+    def send(self, message) -> bool:
+        """Whether the message left for the draft (False: dropped, the draft never hears it)."""
+        ...
 
     def receive(self, timeout_s: float) -> list[DraftTokens | DraftIdle]:
         """Draft messages that arrived (drafts, and DraftIdle), waiting up to timeout_s for at least one."""
@@ -155,11 +157,10 @@ class DraftStream:
     def _send(self, message) -> None:
         """To the draft, unless it is down: nothing piles up for a worker that is gone
         (it may be on another host for long), and one that comes back is begun anew."""
-        if self.available:
-            self._sent += 1
+        if self.available and self.transport.send(message):  # a dropped message is not counted:
+            self._sent += 1                                  # the draft never hears it, nor says so
             if self._gives_work(message):
                 self._work_sent = self._sent
-            self.transport.send(message)
 
     def _gives_work(self, message) -> bool:
         """Whether the message may set the draft computing: drafting ahead, or (a draft that
