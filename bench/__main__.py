@@ -22,7 +22,6 @@ Writes ``bench-<timestamp>.{md,json}`` and ``latest.{md,json}`` into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 from bench import llamacpp
 from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
 from bench.peers import Peer, parse_external, peer_models, run_peer
-from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown
+from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown, write_report
 from configs.choices import DTYPES
 from configs.modes import MODE_NAMES as MODES
 
@@ -191,14 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = summarize(results)
     if failure:
         meta["incomplete"] = failure.splitlines()[0]
-    markdown = to_markdown(summaries, meta)
-    data = to_json(summaries, results, meta)
-    for name in (f"bench-{stamp}", "latest"):
-        (out / f"{name}.md").write_text(markdown)
-        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
-    print()
-    print(markdown)
-    print(f"bench: wrote {out / f'bench-{stamp}.md'} (+ .json, latest.md, latest.json)")
+    write_report(out, f"bench-{stamp}", "latest", to_markdown(summaries, meta), to_json(summaries, results, meta), "bench")
     return 1 if failure else 0
 
 

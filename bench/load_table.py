@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from bench import llamacpp
 from bench.harness import REPO_ROOT, BenchError, Run, ServerProcess, Settings, log_path
 from bench.load import DEFAULT_PROMPTS, load_prompt_texts, plan_requests, run_load, summarize
 from bench.peers import Peer, PeerProcess, parse_external, peer_models
+from bench.report import write_report
 from configs.modes import MODE_NAMES as MODES
 
 STATS_WAIT_S = 1.2  # the workers report their counters about once a second
@@ -196,8 +196,7 @@ def _llamacpp_peers(args: argparse.Namespace) -> list[Peer]:
     target, _ = peer_models(args.config, None, None)
     peers = []
     for slots in args.peer_slots or [max(args.clients)]:
-        cmd = llamacpp.server_command(binary, target, args.port, threads=args.peer_threads,
-                                      ctx=llamacpp.SERVER_CTX * slots, slots=slots)
+        cmd = llamacpp.server_command(binary, target, args.port, threads=args.peer_threads, slots=slots)
         peers.append(Peer(f"llama.cpp -np {slots}", tuple(cmd)))
     return peers
 
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.variant:
             variant = Run.parse_variant(text, MODES)
             runs.append(Run(variant.label, variant.mode, common + variant.settings))
-        peers = ([*_llamacpp_peers(args)] if args.peer == "llamacpp" else []) + [parse_external(e) for e in args.external]
+        peers = (_llamacpp_peers(args) if args.peer == "llamacpp" else []) + [parse_external(e) for e in args.external]
         prompts = load_prompt_texts(args.prompts)
     except (BenchError, llamacpp.LlamaCppError, ValueError, OSError) as exc:
         sys.exit(f"bench.load_table: {exc}")
@@ -257,16 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["incomplete"] = failure.splitlines()[0]
     if not rows:
         return 1
-    markdown = to_markdown(rows, meta)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = {"meta": meta, "rows": [asdict(r) for r in rows]}
-    for name in (f"load-{stamp}", "load-latest"):
-        (out / f"{name}.md").write_text(markdown)
-        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
-    print()
-    print(markdown)
-    print(f"bench.load_table: wrote {out / f'load-{stamp}.md'} (+ .json, load-latest.md, load-latest.json)")
+    write_report(out, f"load-{time.strftime('%Y%m%d-%H%M%S')}", "load-latest", to_markdown(rows, meta),
+                 {"meta": meta, "rows": [asdict(r) for r in rows]}, "bench.load_table")
     return 1 if failure else 0
 
 

@@ -19,7 +19,9 @@ data (tests/unit/test_bench_report.py). Definitions (as ALGORITHMS.md):
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from configs.modes import BASELINE
@@ -298,3 +300,15 @@ def to_json(summaries: list[ModeSummary], results: list[ModeResult], meta: dict[
         "summary": [asdict(s) for s in summaries],
         "results": [asdict(r) for r in results],
     }
+
+
+def write_report(out: Path, name: str, latest: str, markdown: str, data: dict, prog: str) -> None:
+    """The report as NAME.md and NAME.json, and again as LATEST.md and LATEST.json, in `out`;
+    then printed, with where it went."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stem in (name, latest):
+        (out / f"{stem}.md").write_text(markdown)
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    print()
+    print(markdown)
+    print(f"{prog}: wrote {out / f'{name}.md'} (+ .json, {latest}.md, {latest}.json)")
