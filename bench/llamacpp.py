@@ -152,9 +152,10 @@ def server_command(
     slots: int = 1,
 ) -> list[str]:
     """llama-server on `model` (with `draft` drafting up to `draft_n` tokens per round, if given);
-    `slots` requests decoded together (continuous batching), sharing the `ctx` tokens of KV."""
+    `slots` requests decoded together (continuous batching), each with `ctx` tokens of KV
+    (llama-server's -c is what all slots share)."""
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", str(slots)]
+    cmd += ["-t", str(threads), "-tb", str(threads), "-c", str(ctx * slots), "-np", str(slots)]
     cmd += ["--no-cache-prompt", "--cache-ram", "0"]  # every request computes its whole prompt, as in Tandem
     if draft is not None:
         cmd += ["-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_n or DRAFT_N[0])]

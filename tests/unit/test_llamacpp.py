@@ -107,7 +107,7 @@ def test_llama_server_plain_command():
 
 def test_llama_server_slots_share_the_context():
     # catches a load-table peer that batches nothing (-np left at 1) or gives each slot a sliver of KV
-    cmd = llamacpp.server_command(Path("s"), Path("t.gguf"), 1, ctx=llamacpp.SERVER_CTX * 8, slots=8)
+    cmd = llamacpp.server_command(Path("s"), Path("t.gguf"), 1, slots=8)
     assert flag(cmd, "-np") == "8" and int(flag(cmd, "-c")) // 8 == llamacpp.SERVER_CTX
 
 
