@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from configs.modes import Mode
 from protocol.messages import BeginDrafting, DraftIdle, DraftTokens, ReleaseRequest, VerifiedPrefix
@@ -244,12 +244,16 @@ class DraftStream:
         self._receive(0.0)
         return self._idle_heard < self._work_sent and self.available
 
-    def wait_until_idle(self) -> None:
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        """Take in the draft's messages until done() (at most timeout_s), counted in wait_s."""
         started = time.monotonic()
         deadline = started + self.timeout_s
-        while self.busy() and (remaining := deadline - time.monotonic()) > 0:
+        while not done() and (remaining := deadline - time.monotonic()) > 0:
             self._receive(remaining)
         self.wait_s += time.monotonic() - started
+
+    def wait_until_idle(self) -> None:
+        self._wait_until(lambda: not self.busy())
 
     def propose(self, request: Request, num_tokens: int, wait: bool = True) -> Proposal:
         buffer = self._buffers[request.request_id]
@@ -257,14 +261,7 @@ class DraftStream:
         self._receive(0.0)
         if not self.available:
             need = 0
-        started = time.monotonic()
-        deadline = started + self.timeout_s
-        while len(buffer.token_ids) < need:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._receive(remaining)
-        self.wait_s += time.monotonic() - started
+        self._wait_until(lambda: len(buffer.token_ids) >= need)
         available = len(buffer.token_ids)
         return Proposal(buffer.token_ids[:num_tokens], available)
 
