@@ -265,12 +265,12 @@ def test_int4_linear_matches_dequantized_reference(dtype):
 
 
 def test_packed_dense_linear_is_exact():
-    w = torch.randn(80, 48) * 0.1
+    w = torch.randn(80, 44) * 0.1  # a fan-in the float32 kernel does not take (not a multiple of 8)
     b = torch.randn(80) * 0.1
-    x = torch.randn(3, 48)
+    x = torch.randn(3, 44)
     lin = make_linear(w, b, "none", torch.float32, "cpu")
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    if isinstance(lin, PackedLinear):  # the oneDNN path is the default on CPU
+    if isinstance(lin, PackedLinear):  # the oneDNN path where it is available
         assert lin.weight.is_mkldnn
 
 

@@ -1,10 +1,15 @@
-"""The linear layers of the runtime: dense (prepacked on CPU) and weight-only quantized.
+"""The linear layers of the runtime: dense (float32 by our kernel, bf16 prepacked by oneDNN, on CPU) and weight-only quantized.
 
 Measured on this CPU (AMD EPYC, avx512_bf16, no AMX; 1 thread, bf16, one 3072x576 weight,
 1 input row, weights cold in cache):
 - plain F.linear: 0.25 ms (~15 GB/s). oneDNN prepacked (`mkldnn._reorder_linear_weight` +
   `mkldnn._linear_pointwise`, what inductor's freezing uses): 0.12 ms (~28 GB/s), bit-identical.
-  So every dense CPU linear is prepacked (float32 too). A fixed ~12 us per bf16 call remains.
+  So every dense bf16 CPU linear is prepacked. A fixed ~12 us per bf16 call remains.
+- float32 goes through our own kernel instead (Float32Linear, kernels/sgemm.c): on an AVX2-only
+  AMD Zen3 (2 threads, 576x3072, `python -m bench.sgemm_cost`) torch's prepacked call takes
+  0.27 ms at 1 row but 0.49 at 2 and 0.84 at 16, and its 1-row call takes another kernel than
+  its 2+-row calls (not batch-invariant); ours takes 0.27, 0.27 and 0.61, the same sums for
+  any row count.
 - int8 weight-only `torch._weight_int8pack_mm`: 0.12 ms at 1 row (compute-bound, ~15 GB/s of
   int8), so an int8 model is barely cheaper than the packed bf16 one at 1 token; its cost grows
   linearly with rows (0.2 ms at 8, 5 ms at 200), so passes of more than INT8_KERNEL_MAX_ROWS rows
@@ -33,7 +38,7 @@ from torch import nn
 from configs.choices import QUANTIZATIONS, check_choice  # one definition, shared with the config loader
 
 from .dtypes import cpu_computes_bf16
-from .qlinear import QLinear
+from .qlinear import QLinear, kernel, kernel_available
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12
@@ -84,6 +89,42 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, onednn-packed"
+
+
+class Float32Linear(nn.Module):
+    """Dense float32 linear on CPU through our kernel (kernels/sgemm.c): it reads the weights near
+    memory bandwidth for small passes, and computes every row on its own in one fixed order, so
+    a row is bit for bit the same alone or batched with others (batch-invariant from 1 row).
+    Measured in the module docstring above. The weight stays a plain [N, K] tensor (a tied
+    head shares the embedding's)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = _param(weight.contiguous(), "cpu", torch.float32)
+        self.bias = _param(bias, "cpu", torch.float32)
+        self._sgemm = kernel().sgemm
+
+    @staticmethod
+    def serves(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this linear can take `weight` [N, K] (else make_linear uses torch's)."""
+        return device.type == "cpu" and dtype == torch.float32 and weight.shape[1] % 8 == 0 and kernel_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] float32 -> [..., N]
+        if x.dtype != torch.float32:
+            raise TypeError(f"Float32Linear takes float32 rows, not {x.dtype}")
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        rc = self._sgemm(
+            rows.data_ptr(), rows.shape[0], self.in_features, self.weight.data_ptr(), self.out_features,
+            None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.out_features, torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"sgemm refused x {tuple(x.shape)} for a {self.out_features}x{self.in_features} weight")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, float32 sgemm"
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +339,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
         return Int4Linear.quantize(weight, bias, dtype, device)
     if quantization != "none":
         check_choice("quantization", quantization, QUANTIZATIONS)
+    if Float32Linear.serves(weight, dtype, device):
+        return Float32Linear(weight, bias)
     if mkldnn_packing_ok(device, dtype):
         try:
             return PackedLinear(weight, bias, dtype)

@@ -28,7 +28,7 @@ from configs.choices import QUANTIZATIONS, check_choice
 from .args import ModelArgs
 from .checkpoints import GGUF_WEIGHTS
 from .gguf_file import GGUFFile
-from .linear import ConcatLinear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
+from .linear import ConcatLinear, Float32Linear, Int4Linear, Int4Parts, RowWise, int4_group_size, make_linear, quantize_int4
 from .model import LlamaModel
 from .qlinear import MAX_ROWS, QLinear, QuantParts, kernel_available
 from .tensor_split import AllReduced, ShardedWeights, TensorSplit
@@ -277,7 +277,7 @@ def load_model(
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
     else:
         model.output = parts.linear([head_name], None, head_quant)
-    if head_name == "model.embed_tokens.weight" and type(model.output) is nn.Linear:
+    if head_name == "model.embed_tokens.weight" and type(model.output) in (nn.Linear, Float32Linear):
         model.output.weight = model.tok_embeddings.weight  # tied and unpacked: share one tensor
 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
