@@ -76,6 +76,32 @@ def test_top_p_always_keeps_the_top_token():
     assert out[1, 0] == 1.0  # ties: the lower token id comes first
 
 
+def _nucleus_by_full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p's definition, computed the plain way: sort each whole row (stable: equal
+    probabilities by lower id), keep while the mass before a token is below top_p."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    drop_sorted = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    drop_sorted[..., 0] = False
+    return ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 12.0])  # flat rows (nucleus of thousands) to peaked (a few)
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.95, 0.999])
+def test_top_p_keeps_what_a_full_sort_keeps(spread, top_p):
+    """warp sorts only the tokens above a threshold (then lower ones, down to the whole row).
+    Catches a threshold that splits tied tokens, a search that stops before the mass is
+    reached in the running sum, or ties not broken by the lower id: the kept sets must be the
+    full sort's exactly. Rows with many exact ties and a masked (-inf) tail are included."""
+    g = torch.Generator().manual_seed(int(spread * 10))
+    logits = torch.randn(12, 5000, generator=g) * spread
+    logits[:4] = torch.round(logits[:4])  # many equal probabilities
+    logits[4:6, 2500:] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    want = _nucleus_by_full_sort(probs, top_p)
+    got = warp(logits, 1.0, top_p=top_p) > 0
+    assert torch.equal(got, want), (got.sum(-1), want.sum(-1))
+
+
 def test_top_k_then_top_p():
     # top_k=3 -> [.4, .3, .2]/.9 = [.444, .333, .222]; top_p=0.7 keeps the first two
     out = warp(_logits([0.4, 0.3, 0.2, 0.1]), 1.0, top_k=3, top_p=0.7)
