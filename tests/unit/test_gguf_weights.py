@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.model.qlinear import kernel, machine_can_build
+from workers.model.qlinear import QLinear, kernel, machine_can_build
 
 import gguf  # a dependency of the project (pyproject): no skip if it is missing
 from gguf import GGMLQuantizationType as QT
@@ -428,7 +428,6 @@ def test_gguf_quantization_serves_every_quantized_tensor_with_qgemm(ckpt):
     int4 kernel or de-quantized, a fused projection of two kinds not split, or a wrong
     packing: kinds as stored, every QLinear's weights equal the file's exactly, logits close
     to the 'none' model (int8 activations)."""
-    from workers.model.qlinear import QLinear
 
     kernel()  # builds it, or fails with the compiler's message
     arch, g, s = ckpt
@@ -542,6 +541,23 @@ def test_subset_head_keeps_ids_and_added_tokens(ckpt):
     mask[kept] = False
     assert torch.isneginf(b[:, mask]).all()
     assert torch.isfinite(b[:, kept]).all()
+
+
+@needs_qgemm
+def test_gguf_subset_head_keeps_the_files_blocks(ckpt):
+    """Under `gguf` a reduced draft head takes the file's own quantized rows through qgemm.
+    Catches those rows de-quantized to a dense float32 matrix instead (the 0.5B draft's
+    32,768-row head: 117 MB read a pass instead of 31), or rows picked from the wrong ids:
+    kept logits equal the full qgemm head's."""
+    arch, g, s = ckpt
+    full = load_model(g, torch.float32, "gguf")
+    sub = load_model(g, torch.float32, "gguf", head_vocab=64)
+    assert isinstance(_unwrapped(full.output), QLinear), "the file's head should be quantized"
+    head = _unwrapped(sub.output)
+    assert isinstance(head.rows, QLinear) and head.rows.out_features == 64 + len(SPECIAL)
+    tokens = _tokens(12, seed=7)
+    a, b = _logits(full, tokens), _logits(sub, tokens)
+    torch.testing.assert_close(b[:, head.ids], a[:, head.ids], rtol=1e-5, atol=1e-5)
 
 
 @needs_int4

@@ -273,7 +273,10 @@ def load_model(
         model.output = None  # a follower rank computes no logits (LlamaModel.head with num_logits=0)
     elif head_vocab:
         ids = subset_vocabulary(path, args.vocab_size, head_vocab)
-        rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
+        if _serves_qgemm(w, head_quant, device) and w.is_quantized(head_name):  # the file's own blocks, those rows
+            rows = QLinear(w.quant(head_name).rows(ids), None, dtype)
+        else:
+            rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
     else:
         model.output = parts.linear([head_name], None, head_quant)
