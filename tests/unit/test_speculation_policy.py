@@ -173,8 +173,9 @@ def test_a_counts_cold_first_pass_is_forgotten_at_once():
 def test_cost_curve_grows_above_its_counts_as_its_shape_does():
     """A draft pass measured over 1 to 16 tokens, asked for 400 (one catching up): it grows
     as the target's pass did from 16 to 400 tokens, not 25-fold (which would never let a
-    request that missed a few dozen tokens draft again); proportional where the shape has
-    not seen the count."""
+    request that missed a few dozen tokens draft again); beyond the shape's largest count,
+    as the shape to there, then proportional (catches the jump to proportional from the
+    draft's own largest count: 50-fold at 800 where 400 costs 10-fold)."""
     target = CostCurve()
     for n, seconds in [(1, 0.010), (16, 0.020), (400, 0.200)]:
         target.observe(n, seconds)
@@ -183,7 +184,8 @@ def test_cost_curve_grows_above_its_counts_as_its_shape_does():
         draft.observe(n, 0.008)
     assert draft(400) == pytest.approx(0.008 * 10)
     assert draft(32) == pytest.approx(0.008 * target(32) / target(16))
-    assert draft(800) == pytest.approx(0.008 * 50)  # beyond the shape's counts: proportional
+    assert draft(800) == pytest.approx(0.008 * 10 * 2)  # beyond the shape's counts: then proportional
+    assert [draft(n) for n in range(1, 900, 7)] == sorted(draft(n) for n in range(1, 900, 7))
     assert draft(8) == pytest.approx(0.008)  # within its own counts: its own values
 
 

@@ -251,7 +251,8 @@ class CostCurve:
         """Interpolated between the counts seen; above them the largest's value grown
         in proportion to the count, below them the smallest's value (never a saving not
         measured); or, outside them where the shape has been measured, the nearest
-        value scaled as the shape's."""
+        value scaled as the shape's (above the shape's counts too: to its largest, then
+        in proportion)."""
         if not self._counts:
             raise ValueError("no measurements")
         fitted = self._fit()
@@ -264,9 +265,13 @@ class CostCurve:
                 return fitted[0] * self.shape(count) / self.shape(high)
             return fitted[0]
         low = self._counts[i - 1]
-        if i == len(self._counts):
-            if self.shape and self.shape._counts[-1] >= count and self.shape(low) > 0:
-                return fitted[-1] * self.shape(count) / self.shape(low)
+        if i == len(self._counts):  # above them: as the shape grows as far as it was measured,
+            # then in proportion (from its own largest count alone, a draft measured at 1 token
+            # priced a 56-token catch-up at 56 passes, and a request idle since its prompt,
+            # longer than any target pass yet, was never probed again: sd, 1 client)
+            top = min(count, self.shape._counts[-1]) if self.shape else low
+            if top > low and self.shape(low) > 0:
+                return fitted[-1] * self.shape(top) / self.shape(low) * count / top
             return fitted[-1] * count / low
         high = self._counts[i]
         return fitted[i - 1] + (count - low) / (high - low) * (fitted[i] - fitted[i - 1])
