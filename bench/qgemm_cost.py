@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -61,6 +62,27 @@ def ms_per_call(modules: list, x: torch.Tensor, reps: int) -> list[float]:
     return times
 
 
+def print_cost_table(kernels: dict[str, list], nbytes: int, threads: str, rows: str, reps: int,
+                     inputs: Callable[[int], torch.Tensor], flops_per_row: int | None = None) -> None:
+    """One Markdown row per (threads, rows, kernel): ms a call (median over reps, and the min),
+    GB/s of the `nbytes` of weights at the min (and GFLOP/s, given the flops of a row), and the
+    floor (those bytes over the streaming bandwidth at that thread count). threads, rows: "1,2"."""
+    flops = " GFLOP/s (min) |" if flops_per_row else ""
+    print(f"| kernel | threads | rows | ms/call median | min | GB/s (min) |{flops} floor ms |")
+    print("|---|---|---|---|---|---|" + ("---|" if flops_per_row else "") + "---|")
+    for n_threads in map(int, threads.split(",")):
+        floor = nbytes / (bandwidth_gbs(n_threads, 1 << 29) * 1e9) * 1e3
+        torch.set_num_threads(n_threads)
+        for M in map(int, rows.split(",")):
+            x = inputs(M)
+            for name, mods in kernels.items():
+                t = ms_per_call(mods, x, reps)
+                best = min(t)
+                rate = f" {flops_per_row * M / best / 1e6:.1f} |" if flops_per_row else ""
+                print(f"| {name} | {n_threads} | {M} | {statistics.median(t):.3f} | {best:.3f} | "
+                      f"{nbytes / best / 1e6:.1f} |{rate} {floor:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="1536x8960", help="K x N (in x out)")
@@ -81,18 +103,7 @@ def main() -> None:
     nbytes = qgemm_bytes(kernels[next(iter(kernels))][0]) if machine_variants() else K * N // 2
     print(f"Q4_K-like {K}x{N}, {str(dtype)[6:]} inputs: {nbytes / 1e6:.2f} MB of weights and scales a call "
           f"(qgemm's layout), {COPIES} copies\n")
-    print("| kernel | threads | rows | ms/call median | min | GB/s (min) | floor ms |")
-    print("|---|---|---|---|---|---|---|")
-    for threads in map(int, args.threads.split(",")):
-        floor = nbytes / (bandwidth_gbs(threads, 1 << 29) * 1e9) * 1e3
-        torch.set_num_threads(threads)
-        for M in map(int, args.rows.split(",")):
-            x = torch.randn(M, K).to(dtype)
-            for name, mods in kernels.items():
-                t = ms_per_call(mods, x, args.reps)
-                best = min(t)
-                print(f"| {name} | {threads} | {M} | {statistics.median(t):.3f} | {best:.3f} | "
-                      f"{nbytes / best / 1e6:.1f} | {floor:.3f} |", flush=True)
+    print_cost_table(kernels, nbytes, args.threads, args.rows, args.reps, lambda M: torch.randn(M, K).to(dtype))
 
 
 if __name__ == "__main__":

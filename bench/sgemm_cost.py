@@ -14,25 +14,15 @@ Prints Markdown.
 from __future__ import annotations
 
 import argparse
-import statistics
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from bench.pass_cost import bandwidth_gbs
-from bench.qgemm_cost import ms_per_call
+from bench.qgemm_cost import print_cost_table
 from workers.model.linear import Float32Linear, PackedLinear, mkldnn_packing_ok
 
 LLC_BYTES = 64 << 20  # copies enough to read past a 32 MiB L3 twice over
-
-
-class TorchLinear(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
 
 
 def main() -> None:
@@ -49,20 +39,10 @@ def main() -> None:
     kernels = {"tandem sgemm": [Float32Linear(w, None) for w in weights]}
     if mkldnn_packing_ok(torch.device("cpu"), torch.float32):
         kernels["torch oneDNN packed"] = [PackedLinear(w, None, torch.float32) for w in weights]
-    kernels["torch F.linear"] = [TorchLinear(w) for w in weights]
+    kernels["torch F.linear"] = [partial(F.linear, weight=w) for w in weights]
     print(f"float32 {K}x{N}: {nbytes / 1e6:.2f} MB of weights a call, {len(weights)} copies\n")
-    print("| kernel | threads | rows | ms/call median | min | GB/s (min) | GFLOP/s (min) | floor ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for threads in map(int, args.threads.split(",")):
-        floor = nbytes / (bandwidth_gbs(threads, 1 << 29) * 1e9) * 1e3
-        torch.set_num_threads(threads)
-        for M in map(int, args.rows.split(",")):
-            x = torch.randn(M, K, generator=g)
-            for name, mods in kernels.items():
-                t = ms_per_call(mods, x, args.reps)
-                best = min(t)
-                print(f"| {name} | {threads} | {M} | {statistics.median(t):.3f} | {best:.3f} | "
-                      f"{nbytes / best / 1e6:.1f} | {2 * M * K * N / best / 1e6:.1f} | {floor:.3f} |", flush=True)
+    print_cost_table(kernels, nbytes, args.threads, args.rows, args.reps, lambda M: torch.randn(M, K, generator=g),
+                     flops_per_row=2 * K * N)
 
 
 if __name__ == "__main__":
