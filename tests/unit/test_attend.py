@@ -75,12 +75,34 @@ def test_model_attention_takes_the_kernel_for_short_passes(monkeypatch):
     model = LlamaModel(args, torch.float32)
     calls = []
     real = attend.attend_rows
-    monkeypatch.setattr(attend, "attend_rows", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(attend, "attend_rows", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     cache = model.new_cache(32)
     with torch.inference_mode():
         model.forward(torch.arange(12), cache)
         model.forward(torch.arange(3), cache)
     assert calls == [3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_rows_writes_the_new_keys_and_values_it_is_given(dtype):
+    """new_kv (views of a wider projection, float32 for a bf16 cache): the kernel writes them at
+    start, and the rows and the caches equal those of writing them first with torch. Catches a
+    key at the wrong position or head, the value's row stride taken for the key's, a missing
+    rounding to the cache's dtype."""
+    KV, G, D, T, start, S = 2, 3, 32, 4, 9, 24
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(KV, S, D, generator=g).to(dtype) for _ in range(2))
+    qkv = torch.randn(T, (KV * G + 2 * KV) * D, generator=g)
+    q = qkv[:, : KV * G * D].view(T, KV * G, D)
+    k_new = qkv[:, KV * G * D : (KV * G + KV) * D].view(T, KV, D)
+    v_new = qkv[:, (KV * G + KV) * D :].view(T, KV, D)
+    k_want, v_want = k.clone(), v.clone()
+    k_want[:, start : start + T] = k_new.transpose(0, 1).to(dtype)
+    v_want[:, start : start + T] = v_new.transpose(0, 1).to(dtype)
+    want = attend.attend_rows(q, k_want, v_want, start, 0.3)
+    got = attend.attend_rows(q, k, v, start, 0.3, new_kv=(k_new, v_new))
+    assert torch.equal(k, k_want) and torch.equal(v, v_want)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -32,21 +32,38 @@ def usable(k_cache: torch.Tensor) -> bool:
             and k_cache.stride(2) == 1 and k_cache.stride(1) == D and _available())
 
 
-def attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def attend_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """q: [T, H, D] (query rows at positions start..start+T-1, RoPE applied); k_cache, v_cache:
-    [KV, S, D] with the T new entries written. Row t attends to positions [0, start + t].
-    Returns [T, H * D] float32."""
+    [KV, S, D]. Row t attends to positions [0, start + t]. new_kv: the T new keys and values
+    ([T, KV, D] each, RoPE applied to the keys), written into the caches at start by the kernel
+    (in the same call); None: the caller wrote them. Returns [T, H * D] float32."""
     T, H, D = q.shape
     KV = k_cache.shape[0]
     rows = q.float().contiguous()
     out = torch.empty(T, H * D, dtype=torch.float32)
+    kn = vn = None
+    if new_kv is not None:
+        kn, vn = (_rows_of_heads(t, k_cache.dtype) for t in new_kv)
     rc = kernel().attend_rows(
         rows.data_ptr(), T, KV, H // KV, D, k_cache.data_ptr(), v_cache.data_ptr(), CACHE_DTYPES[k_cache.dtype],
-        k_cache.stride(0), start, scale, out.data_ptr(), torch.get_num_threads(),
+        k_cache.stride(0), start, scale, out.data_ptr(),
+        None if kn is None else kn.data_ptr(), 0 if kn is None else kn.stride(0),
+        None if vn is None else vn.data_ptr(), 0 if vn is None else vn.stride(0), torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"attend_rows refused T={T}, KV={KV}, H={H}, D={D}, start={start}")
     return out
+
+
+def _rows_of_heads(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t: [T, KV, D] in `dtype`, each row's heads one after another (rows may be apart: a view of a
+    wider tensor), as attend_rows's kernel reads new keys and values."""
+    t = t.to(dtype)
+    D = t.shape[-1]
+    return t if t.stride(2) == 1 and t.stride(1) == D else t.contiguous()
 
 
 def attend_segments(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attend
+from . import attend, elementwise
 from .args import ModelArgs
 from .cache import KVCache
 from .tensor_split import TensorSplit
@@ -188,7 +188,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, dim]
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return elementwise.rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs, n_positions: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,13 +205,6 @@ def rope_tables(args: ModelArgs, n_positions: int, dtype: torch.dtype, device) -
     half = args.head_dim // 2
     sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, n, D]; cos, sin: [T, 1, D] (sin with its first half negated)."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [T, n, D]
-    return torch.addcmul(x * cos, swapped, sin)
 
 
 class Attention(nn.Module):
@@ -241,7 +234,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = linear(self.wqkv, x)  # [T, (H + 2 KV) D]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        qk = elementwise.rope(qkv, H + KV, D, cos, sin)
         return qk, qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
 
     def attend(
@@ -256,14 +249,14 @@ class Attention(nn.Module):
         H, KV, G, D = self.n_heads, self.n_kv_heads, self.group, self.head_dim
         k_cache, v_cache = cache
         start = pos.start
+        q = qk[:, :H]  # [T, H, D] with H = KV * G
+        if T <= ROW_WISE_MAX_T and attend.usable(k_cache):  # the invariance below, by our C kernel (which writes the KV)
+            return attend.attend_rows(q, k_cache, v_cache, start, self.scale, new_kv=(qk[:, H:], v)).to(qk.dtype)
         k_cache.narrow(1, start, T).copy_(qk[:, H:].transpose(0, 1))  # [KV, T, D]
         v_cache.narrow(1, start, T).copy_(v.transpose(0, 1))
         keys, values = k_cache.narrow(1, 0, start + T), v_cache.narrow(1, 0, start + T)  # [KV, L, D]
         # GQA without repeating k/v: the G query heads of a kv head form the rows of one
         # [G*T, D] matrix. 4-D inputs take SDPA's fused CPU kernel (3-D ones the slow math path).
-        q = qk[:, :H]  # [T, H, D] with H = KV * G
-        if T <= ROW_WISE_MAX_T and attend.usable(k_cache):  # the same invariance, by our C kernel
-            return attend.attend_rows(q, k_cache, v_cache, start, self.scale).to(qk.dtype)
         if T <= ROW_WISE_MAX_T:
             # Batch-invariant: each query row is computed exactly as a decode step computes it
             # (same kernel, same shapes), so a verification pass of k drafts gives bit for bit the
@@ -304,8 +297,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, linear=_call) -> torch.Tensor:  # x: [T, dim] normalized
         gate_up = linear(self.w13, x)  # [T, 2 I]
-        gate, up = gate_up[:, : self.hidden], gate_up[:, self.hidden :]
-        return linear(self.w2, F.silu(gate) * up)
+        return linear(self.w2, elementwise.silu_mul(gate_up, self.hidden))
 
 
 class TransformerBlock(nn.Module):

@@ -11,7 +11,9 @@ vpmaddwd, with the same exact integer sums), so a verification costs about a dec
 Q6_K is served at 0.83 bytes a weight.
 
 The kernel is C, compiled once with the system's gcc into the cache directory (one library
-with kernels/attend.c, the attention of short passes: attend.py, and kernels/sgemm.c, the float32 linears: linear.Float32Linear) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
+with kernels/attend.c, the attention of short passes: attend.py; kernels/sgemm.c, the float32
+linears: linear.Float32Linear; kernels/elementwise.c, RMSNorm, RoPE and the SiLU gate:
+elementwise.py) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
 torch's thread count. It is built for the best of VARIANTS that the CPU runs (AVX512-VNNI, else
 AVX2 + FMA), each its own library in the cache. Where it cannot run (no gcc, neither variant's
 CPU flags, not a CPU tensor), `kernel()` says why and the loader falls back to torch's kernels.
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c", "sgemm.c")]  # one library
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c", "sgemm.c", "elementwise.c")]  # one library
 HEADERS = [Path(__file__).with_name("kernels") / "avx2.h"]  # included by the sources: part of the build's hash
 # The kernel's builds, best first: name -> (CPU flags it needs, as /proc/cpuinfo names them; gcc flags).
 # The C sources pick their code by the compiler's macros (__AVX512VNNI__, else __AVX2__).
@@ -123,12 +125,17 @@ def kernel(variant: str | None = None) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i]
     dll.qgemm.restype = i
-    dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, i]
+    dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, p, ctypes.c_long, p, ctypes.c_long, i]
+    dll.rms_norm.argtypes = [p, i, i, ctypes.c_long, p, f, p, ctypes.c_long, i]
+    dll.rope_rows.argtypes = [p, i, ctypes.c_long, i, i, p, p, ctypes.c_long, p]
+    dll.silu_mul.argtypes = [p, i, i, ctypes.c_long, p, ctypes.c_long, i]
     dll.attend_rows.restype = i
     dll.attend_segments.argtypes = [p, p, p, i, p, p, p, p, p, i, i, i, i, f, p, i]
     dll.attend_segments.restype = i
     dll.sgemm.argtypes = [p, i, i, p, i, p, p, i, i]
     dll.sgemm.restype = i
+    for name in ("rms_norm", "rope_rows", "silu_mul"):
+        getattr(dll, name).restype = i
     return dll
 
 

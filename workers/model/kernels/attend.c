@@ -100,23 +100,6 @@ static inline __m256 load8(const void *base, long i, int bf16) {
 }
 
 
-/* exp(x) for x <= 0 as exp16 computes it; 2^n built in the exponent bits (n >= -126: normal). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /* Every chain of FMAs below is one of several independent ones (latency 4, two a cycle): the
  * scores two query heads and two halves of D at a time, the weighted values 8 or 2 registers of
  * D at a time over the positions. bf16 is a constant in each copy (no branch per load). */
@@ -195,11 +178,21 @@ static void one_head(const float *q, int G, int D, const void *k, const void *v,
 #error "attend.c needs AVX512F or AVX2 + FMA: see VARIANTS in qlinear.py"
 #endif
 
-/* Returns 0, or -1 for arguments it does not take (then nothing was written). */
+/* kn, vn (may be NULL): the T new keys and values, in the cache's dtype, row t's kv head h at
+ * t * ld_k + h * D (t * ld_v + h * D) elements; copied into the cache at start first (else the
+ * caller wrote them). Returns 0, or -1 for arguments it does not take (then nothing was written). */
 int attend_rows(const float *q, int T, int KV, int G, int D, const void *k, const void *v, int cache_bf16,
-                long head_stride, int start, float scale, float *out, int threads) {
+                long head_stride, int start, float scale, float *out, const void *kn, long ld_k, const void *vn,
+                long ld_v, int threads) {
     if (T < 1 || KV < 1 || G < 1 || D % 16 || D > DMAX || start < 0) return -1;
     const int elem = cache_bf16 ? 2 : 4;
+    if (kn && vn)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < KV; h++) {
+                const long dst = ((long)h * head_stride + (long)(start + t) * D) * elem;
+                memcpy((char *)k + dst, (const char *)kn + ((long)t * ld_k + (long)h * D) * elem, (size_t)D * elem);
+                memcpy((char *)v + dst, (const char *)vn + ((long)t * ld_v + (long)h * D) * elem, (size_t)D * elem);
+            }
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * KV > 1)
     for (int task = 0; task < T * KV; task++) {
