@@ -5,7 +5,9 @@ module imports nothing, so the HTTP process can read it without torch.
 """
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 where the device computes it natively, else float32 (workers/model/dtypes.py)
-QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # weight-only quantization of a model's linears ("gguf": as the file stores it)
+QUANTIZATIONS = ("none", "int8", "int4", "gguf", "gguf-q4")  # weight-only quantization of a model's linears ("gguf": as the
+# file stores it; "gguf-q4": its 4-bit tensors as stored, the rest re-quantized to 4 bits, for a draft)
+GGUF_QUANTIZATIONS = ("gguf", "gguf-q4")  # the QUANTIZATIONS that read a GGUF file's own blocks
 
 # EasySpec (workers/easyspec)
 VARIANTS = ("full", "attention")  # what a parallel group runs side by side: whole layers, or attentions only

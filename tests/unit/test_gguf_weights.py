@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.model.qlinear import QLinear, kernel, machine_can_build
+from workers.model.qlinear import QLinear, QuantParts, kernel, machine_can_build
 
 import gguf  # a dependency of the project (pyproject): no skip if it is missing
 from gguf import GGMLQuantizationType as QT
@@ -453,6 +453,46 @@ def test_gguf_quantization_serves_every_quantized_tensor_with_qgemm(ckpt):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
+def test_quantize_4bit_is_within_half_a_step():
+    """QuantParts.quantize_4bit (gguf-q4's re-quantization): q in 0..15, every weight within half
+    a step of its group's grid, a group's min and max exact, a constant group exact. Catches
+    a scale off by one level (/16), the offset taken as the max, rounding by truncation."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 96, generator=g) * torch.logspace(-3, 1, 6)[:, None]
+    w[2, 32:64] = 0.75  # a constant group
+    parts = QuantParts.quantize_4bit(w)
+    assert parts.nibbles and parts.group == 32 and int(parts.q.max()) <= 15
+    back = parts.dequantize()
+    step = parts.scales.repeat_interleave(32, dim=1)
+    assert ((back - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    groups, got = w.view(6, 3, 32), back.view(6, 3, 32)
+    torch.testing.assert_close(got.amin(-1), groups.amin(-1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.amax(-1), groups.amax(-1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(back[2, 32:64], w[2, 32:64])
+
+
+@needs_qgemm
+def test_gguf_q4_requantizes_only_what_is_beyond_4_bits(ckpt):
+    """'gguf-q4' (for a draft): every decoder QLinear holds nibbles; a tensor stored in 4 bits
+    keeps the file's own blocks (the same packed bytes as under 'gguf'); the head is as stored;
+    logits near the 'none' model's. Catches a byte tensor left at 8 bits (no saving), a 4-bit
+    one re-quantized (a needless loss), the head re-quantized, a scale or offset bug (~100%)."""
+    arch, g, s = ckpt
+    model = load_model(g, torch.float32, "gguf-q4")
+    as_stored = load_model(g, torch.float32, "gguf")
+    for layer in model.layers:
+        for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2):
+            for part in (m.parts if isinstance(m, ConcatLinear) else [m]):
+                assert not isinstance(part, QLinear) or part.layout == 1, part
+    wo, wo_stored = model.layers[0].attention.wo, as_stored.layers[0].attention.wo  # Q4_1 in the file
+    assert torch.equal(wo.weight, wo_stored.weight) and torch.equal(wo.scales, wo_stored.scales)
+    assert repr(model.output) == repr(as_stored.output)
+    tokens = _tokens(20)
+    ref = _logits(load_model(g, torch.float32, "none"), tokens)
+    err = (_logits(model, tokens) - ref).abs().max() / ref.abs().max()
+    assert err < 0.3, err
+
+
 @needs_int4
 def test_int4_quantization_of_gguf_is_all_int4(ckpt):
     """Catches 'int4' on a GGUF file leaving non-4-bit tensors dense, or re-quantizing the
@@ -477,13 +517,14 @@ def test_gguf_quantization_on_safetensors_is_refused(ckpt):
 # --- 4. lossless on GGUF weights -------------------------------------------------------
 
 
-@needs_int4
+@pytest.mark.parametrize("draft_quant", [pytest.param("int4", marks=needs_int4), pytest.param("gguf-q4", marks=needs_qgemm)])
 @pytest.mark.parametrize("mode", ["sd", "amusd"])
-def test_speculative_equals_ar_on_gguf_weights(ckpt, mode):
+def test_speculative_equals_ar_on_gguf_weights(ckpt, mode, draft_quant):
     """Catches a verification pass on GGUF int4 weights that differs from ar's 1-token passes
     (e.g. a batched int4 kernel whose rows depend on each other, a ConcatLinear that mixes
-    rows): greedy float32 sd/amusd output with a gguf target and an int4 FR-Spec draft must
-    be token-identical to the target alone."""
+    rows): greedy float32 sd/amusd output with a gguf target and an FR-Spec draft (int4, or
+    gguf-q4: the file's other tensors re-quantized to 4 bits) must be token-identical to the
+    target alone."""
     from protocol.messages import GenerateRequest, SamplingParams
     from configs.modes import mode_of
     from tests.local_draft import LocalTransport, random_steps
@@ -491,7 +532,7 @@ def test_speculative_equals_ar_on_gguf_weights(ckpt, mode):
 
     arch, g, s = ckpt
     target = load_model(g, torch.float32, "gguf")
-    draft_model = load_model(g, torch.float32, "int4", head_vocab=120)
+    draft_model = load_model(g, torch.float32, draft_quant, head_vocab=120)
     prompts = [[5, 17, 42], [200, 3, 3, 9, 1, 77, 299], [11], [8, 6, 4, 2, 0, 1, 3, 5, 7, 250, 251]]
     requests = [GenerateRequest(f"r{i}", p, 32, SamplingParams(), []) for i, p in enumerate(prompts)]
 

@@ -12,6 +12,11 @@ Quantization of the decoder linears:
   AVX512-VNNI or AVX2 + FMA, every Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 tensor as stored, computed by our
   qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
   other types de-quantized to the model dtype. The head follows the same rule.
+- "gguf-q4": for a draft (any draft is lossless: the target verifies it): as "gguf", but
+  the Q5_0/Q6_K/Q8_0 decoder tensors re-quantized to 4-bit groups of 32 (Q4_1's form,
+  QuantParts.quantize_4bit) for qgemm: a pass reads about half their bytes, and on AVX2
+  qgemm's byte path costs two multiply-adds per pair where nibbles cost one. Without qgemm
+  it is "gguf". The head stays as stored.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configs.choices import QUANTIZATIONS, check_choice
+from configs.choices import GGUF_QUANTIZATIONS, QUANTIZATIONS, check_choice
 
 from .args import ModelArgs
 from .checkpoints import GGUF_WEIGHTS
@@ -79,17 +84,18 @@ def open_weights(path: Path) -> _Weights | GGUFFile:
 
 
 def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> bool:
-    """Whether "gguf" serves this file's quantized tensors with our qgemm kernel."""
+    """Whether "gguf" (or "gguf-q4") serves this file's quantized tensors with our qgemm kernel."""
     w = w.weights if isinstance(w, ShardedWeights) else w
-    return quant == "gguf" and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
+    return quant in GGUF_QUANTIZATIONS and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
 
 
 def _storage(w: _Weights | GGUFFile, name: str, quant: str, device: torch.device):
     """How one weight tensor is served: QuantParts (our qgemm kernel), Int4Parts (torch's int4
     kernel), or None (dense, in the model dtype)."""
     if _serves_qgemm(w, quant, device) and w.is_quantized(name):
-        return w.quant(name)
-    if quant in ("int4", "gguf") and w.is_int4(name):
+        parts = w.quant(name)
+        return QuantParts.quantize_4bit(parts.dequantize()) if quant == "gguf-q4" and not parts.nibbles else parts
+    if quant in ("int4", *GGUF_QUANTIZATIONS) and w.is_int4(name):
         return w.int4(name)
     if quant == "int4":
         return quantize_int4(w.get(name), int4_group_size(w.shape(name)[1]))
@@ -107,11 +113,11 @@ def _kind(parts) -> tuple:
 def _linear(w: _Weights | GGUFFile, names: list[str], bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
     """One (fused) linear from the tensors `names` (stacked along the output), stored per `quant`.
 
-    Under "int4" and "gguf" each tensor is stored as _storage says; consecutive tensors of one
+    Under "int4", "gguf" and "gguf-q4" each tensor is stored as _storage says; consecutive tensors of one
     kind share one module, and a fusion of several kinds (a GGUF layer whose q/k are 4-bit and
     whose v is 6-bit) becomes a ConcatLinear of them.
     """
-    if quant not in ("int4", "gguf"):
+    if quant not in ("int4", *GGUF_QUANTIZATIONS):
         weight = torch.cat([w.get(n) for n in names], dim=0) if len(names) > 1 else w.get(names[0])
         return make_linear(weight, bias, quant, dtype, device)
     stored = [_storage(w, n, quant, device) for n in names]
@@ -237,9 +243,9 @@ def load_model(
 ) -> LlamaModel:
     """Build a LlamaModel from a resolved HF directory (config.json + *.safetensors).
 
-    quantization: "none", "int8", "int4" or "gguf" for every decoder linear (see the module
+    quantization: "none", "int8", "int4", "gguf" or "gguf-q4" for every decoder linear (see the module
     docstring). head_quantization: the same choice for the output head (vocab x dim, the
-    biggest single matrix); None = as stored under "gguf", else unquantized, whatever
+    biggest single matrix); None = as stored under "gguf" and "gguf-q4", else unquantized, whatever
     `quantization` is:
     measured on SmolLM2-135M, 1 thread, the oneDNN-packed bf16 head (1.7 ms) beats
     the int8 kernel (2.0 ms), and an int4 head (1.1 ms) drops the int4 draft's
@@ -255,8 +261,8 @@ def load_model(
     device = torch.device(device)
     args = read_args(path)
     w = open_weights(path)
-    if quantization == "gguf" and not isinstance(w, GGUFFile):
-        raise ValueError(f"quantization 'gguf' serves a GGUF file's own weights, but {path} holds safetensors")
+    if quantization in GGUF_QUANTIZATIONS and not isinstance(w, GGUFFile):
+        raise ValueError(f"quantization {quantization!r} serves a GGUF file's own weights, but {path} holds safetensors")
     if split is not None:
         w = ShardedWeights(w, split)
     parts = _Parts(w, args, dtype, device)
@@ -267,7 +273,7 @@ def load_model(
         parts.fill_layer(i, layer, quantization, row_parallel=split is not None)
     model.norm.weight = parts.norm("model.norm.weight")
     head_name = "model.embed_tokens.weight" if args.tie_embeddings or "lm_head.weight" not in w else "lm_head.weight"
-    head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization == "gguf" else "none")
+    head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization in GGUF_QUANTIZATIONS else "none")
     check_choice("head_quantization", head_quant, QUANTIZATIONS)
     if split is not None and split.rank != 0:
         model.output = None  # a follower rank computes no logits (LlamaModel.head with num_logits=0)
@@ -276,7 +282,7 @@ def load_model(
         if _serves_qgemm(w, head_quant, device) and w.is_quantized(head_name):  # the file's own blocks, those rows
             rows = QLinear(w.quant(head_name).rows(ids), None, dtype)
         else:
-            rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant == "gguf" else head_quant, dtype, device)
+            rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant in GGUF_QUANTIZATIONS else head_quant, dtype, device)
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
     else:
         model.output = parts.linear([head_name], None, head_quant)

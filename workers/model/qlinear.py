@@ -173,6 +173,17 @@ class QuantParts:
         """The kernel's weight layout: 0 bytes, 1 nibbles, 2 six bits (Q6_K, 0.75 bytes a weight)."""
         return 1 if self.nibbles else 2 if self.q6k is not None else 0
 
+    @staticmethod
+    def quantize_4bit(w: torch.Tensor, group: int = 32) -> "QuantParts":
+        """w [N, K] as nibbles in groups of `group` (Q4_1's form): per group, scale = (max - min)
+        / 15, offset = min, q = round((w - min) / scale) in 0..15."""
+        N, K = w.shape
+        groups = w.float().reshape(N, K // group, group)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scales = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+        return QuantParts(q.reshape(N, K), scales, low, 0.0, group, True)
+
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         N, K = self.q.shape
         q = self.q.view(N, K // self.group, self.group).float()

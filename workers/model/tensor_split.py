@@ -32,7 +32,7 @@ from torch import nn
 
 # The input blocks a row-parallel weight may be cut on, per quantization, best first ("gguf":
 # the K-quants' 256-weight super-blocks, else the 32-weight blocks of the others).
-FFN_ALIGN = {"none": (1,), "int4": (32,), "gguf": (256, 32)}
+FFN_ALIGN = {"none": (1,), "int4": (32,), "gguf": (256, 32), "gguf-q4": (256, 32)}
 
 
 def split_range(total: int, world: int, align: int = 1) -> list[tuple[int, int]]:
