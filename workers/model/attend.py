@@ -11,25 +11,18 @@ caller uses SDPA row by row.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from .qlinear import kernel, kernel_available
+from .qlinear import kernel, kernel_ready
 
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # dtype -> the kernel's cache_bf16 flag
-
-
-@lru_cache(maxsize=1)
-def _available() -> bool:
-    return kernel_available()
 
 
 def usable(k_cache: torch.Tensor) -> bool:
     """k_cache: one layer's [KV, S, D]."""
     D = k_cache.shape[-1]
     return (k_cache.device.type == "cpu" and k_cache.dtype in CACHE_DTYPES and D % 16 == 0 and D <= 256
-            and k_cache.stride(2) == 1 and k_cache.stride(1) == D and _available())
+            and k_cache.stride(2) == 1 and k_cache.stride(1) == D and kernel_ready())
 
 
 def attend_rows(

@@ -12,22 +12,15 @@ wrote them.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
-from .qlinear import kernel, kernel_available
-
-
-@lru_cache(maxsize=1)
-def _available() -> bool:
-    return kernel_available()
+from .qlinear import kernel, kernel_ready
 
 
 def native(x: torch.Tensor) -> bool:
     """Whether x's rows take the C kernel: float32 on a CPU that runs it."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _available()
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernel_ready()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

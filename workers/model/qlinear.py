@@ -122,20 +122,19 @@ def kernel(variant: str | None = None) -> ctypes.CDLL:
             raise KernelUnavailable(f"building {', '.join(p.name for p in SOURCES)} failed: {result.stderr.strip()[:500]}")
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    dll.qgemm.argtypes = [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i]
-    dll.qgemm.restype = i
-    dll.attend_rows.argtypes = [p, i, i, i, i, p, p, i, ctypes.c_long, i, f, p, p, ctypes.c_long, p, ctypes.c_long, i]
-    dll.rms_norm.argtypes = [p, i, i, ctypes.c_long, p, f, p, ctypes.c_long, i]
-    dll.rope_rows.argtypes = [p, i, ctypes.c_long, i, i, p, p, ctypes.c_long, p]
-    dll.silu_mul.argtypes = [p, i, i, ctypes.c_long, p, ctypes.c_long, i]
-    dll.attend_rows.restype = i
-    dll.attend_segments.argtypes = [p, p, p, i, p, p, p, p, p, i, i, i, i, f, p, i]
-    dll.attend_segments.restype = i
-    dll.sgemm.argtypes = [p, i, i, p, i, p, p, i, i]
-    dll.sgemm.restype = i
-    for name in ("rms_norm", "rope_rows", "silu_mul"):
-        getattr(dll, name).restype = i
+    p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    signatures = {  # every entry point's arguments; each returns an int (0, or -1 for arguments it refuses)
+        "qgemm": [p, i, i, p, i, i, p, p, f, p, i, p, i, p, i],
+        "attend_rows": [p, i, i, i, i, p, p, i, n, i, f, p, p, n, p, n, i],
+        "attend_segments": [p, p, p, i, p, p, p, p, p, i, i, i, i, f, p, i],
+        "sgemm": [p, i, i, p, i, p, p, i, i],
+        "rms_norm": [p, i, i, n, p, f, p, n, i],
+        "rope_rows": [p, i, n, i, i, p, p, n, p],
+        "silu_mul": [p, i, i, n, p, n, i],
+    }
+    for name, argtypes in signatures.items():
+        entry = getattr(dll, name)
+        entry.argtypes, entry.restype = argtypes, i
     return dll
 
 
@@ -145,6 +144,13 @@ def kernel_available() -> bool:
         return True
     except KernelUnavailable:
         return False
+
+
+@lru_cache(maxsize=1)
+def kernel_ready() -> bool:
+    """kernel_available(), asked once per process: the check on a pass's path (where the kernel
+    cannot run, kernel_available re-reads /proc/cpuinfo at every call)."""
+    return kernel_available()
 
 
 @dataclass(frozen=True)
