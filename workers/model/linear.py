@@ -38,7 +38,7 @@ from torch import nn
 from configs.choices import QUANTIZATIONS, check_choice  # one definition, shared with the config loader
 
 from .dtypes import cpu_computes_bf16
-from .qlinear import QLinear, kernel, kernel_available
+from .qlinear import QLinear, kernel, kernel_available, min_max_4bit
 
 # Row count up to which the int8 kernel beats dequantize-then-matmul (measured on CPU, bf16).
 INT8_KERNEL_MAX_ROWS = 12
@@ -198,15 +198,9 @@ class Int4Parts:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Parts:
-    """w: [N, K] -> the asymmetric int4 parts (min/max per group) of torch's int4pack layout."""
-    N, K = w.shape
-    groups = w.float().reshape(N * K // group_size, group_size)
-    w_max = groups.amax(dim=1, keepdim=True)
-    w_min = groups.amin(dim=1, keepdim=True)
-    scales = (w_max - w_min).clamp(min=1e-6) / 15
-    zeros = w_min + scales * 8
-    q = ((groups - w_min) / scales).round().clamp_(0, 15).to(torch.int32).reshape(N, K)
-    return Int4Parts(q, scales.reshape(N, -1), zeros.reshape(N, -1))
+    """w: [N, K] -> the asymmetric int4 parts (min/max per group, min_max_4bit) of torch's int4pack layout."""
+    q, scales, low = min_max_4bit(w, group_size)
+    return Int4Parts(q, scales, low + scales * 8)
 
 
 def int4_group_size(in_features: int, preferred: int = 32) -> int:

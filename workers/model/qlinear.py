@@ -146,6 +146,18 @@ def kernel_available() -> bool:
         return False
 
 
+def min_max_4bit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups of w [N, K]: per group of `group` inputs, scale = (max - min) / 15
+    (the range at least 1e-6), q = round((w - min) / scale) in 0..15, so w ~= q * scale + min.
+    Returns q [N, K] int32, scales and mins [N, K/group] float32."""
+    N, K = w.shape
+    groups = w.float().reshape(N * K // group, group)
+    low = groups.amin(dim=1, keepdim=True)
+    scales = (groups.amax(dim=1, keepdim=True) - low).clamp(min=1e-6) / 15
+    q = ((groups - low) / scales).round().clamp_(0, 15).to(torch.int32).reshape(N, K)
+    return q, scales.reshape(N, -1), low.reshape(N, -1)
+
+
 @lru_cache(maxsize=1)
 def kernel_ready() -> bool:
     """kernel_available(), asked once per process: the check on a pass's path (where the kernel
@@ -181,14 +193,9 @@ class QuantParts:
 
     @staticmethod
     def quantize_4bit(w: torch.Tensor, group: int = 32) -> "QuantParts":
-        """w [N, K] as nibbles in groups of `group` (Q4_1's form): per group, scale = (max - min)
-        / 15, offset = min, q = round((w - min) / scale) in 0..15."""
-        N, K = w.shape
-        groups = w.float().reshape(N, K // group, group)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scales = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
-        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
-        return QuantParts(q.reshape(N, K), scales, low, 0.0, group, True)
+        """w [N, K] as nibbles in groups of `group` (Q4_1's form, min_max_4bit): w ~= q * scale + min."""
+        q, scales, low = min_max_4bit(w, group)
+        return QuantParts(q.to(torch.uint8), scales, low, 0.0, group, True)
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         N, K = self.q.shape
