@@ -17,8 +17,13 @@
  * Blocking: 4 weight rows x 3 activation rows (12 accumulators) in the inner loop, so each
  * weight vector loaded feeds 3 rows and each activation vector 4; rows are taken in chunks of
  * M_CHUNK (those activations stay in L2 while every weight row streams past them once).
+ * A strip's first block also prefetches the next strip's weight rows, so they arrive while
+ * this strip's later blocks compute: without it each strip began by waiting on memory
+ * (Zen3, 2 threads, 576x3072, same process alternated: 4 rows 0.47 -> 0.38 ms, 16 rows
+ * 0.78 -> 0.68, 48 rows 1.62 -> 1.49; 1 row within noise). The sums are untouched.
  */
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "avx2.h"
@@ -28,9 +33,11 @@
 #define M_CHUNK 48  /* activation rows per sweep over the weights */
 
 /* y[m * ldy + n] for n in [n0, n0 + nb), m in [m0, m0 + mb): nb <= NB, mb <= MB (constants
- * after inlining, so the accumulators live in registers). */
+ * after inlining, so the accumulators live in registers). next: NB weight rows to prefetch
+ * as this block reads its own (or NULL). */
 static inline __attribute__((always_inline)) void block(const float *x, int K, const float *w, const float *bias,
-                                                       float *y, int ldy, int n0, int nb, int m0, int mb) {
+                                                       float *y, int ldy, int n0, int nb, int m0, int mb,
+                                                       const float *next) {
     __m256 acc[NB][MB];
     for (int i = 0; i < nb; i++)
         for (int j = 0; j < mb; j++) acc[i][j] = _mm256_setzero_ps();
@@ -40,6 +47,8 @@ static inline __attribute__((always_inline)) void block(const float *x, int K, c
     for (int k = 0; k < K; k += 8) {
         __m256 wv[NB];
         for (int i = 0; i < nb; i++) wv[i] = _mm256_loadu_ps(wr[i] + k);
+        if (next)
+            for (int i = 0; i < NB; i++) _mm_prefetch((const char *)(next + (long)i * K + k), _MM_HINT_T0);
         for (int j = 0; j < mb; j++) {
             __m256 xv = _mm256_loadu_ps(xr[j] + k);
             for (int i = 0; i < nb; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
@@ -56,13 +65,15 @@ static inline __attribute__((always_inline)) void block(const float *x, int K, c
 static void strip(const float *x, int K, const float *w, int N, const float *bias, float *y, int ldy, int n0,
                   int m0, int m1) {
     int m = m0;
+    const float *next = n0 + 2 * NB <= N ? w + (long)(n0 + NB) * K : NULL; /* the next whole strip */
     if (n0 + NB <= N) {
-        for (; m + MB <= m1; m += MB) block(x, K, w, bias, y, ldy, n0, NB, m, MB);
-        if (m1 - m == 2) block(x, K, w, bias, y, ldy, n0, NB, m, 2);
-        else if (m1 - m == 1) block(x, K, w, bias, y, ldy, n0, NB, m, 1);
+        if (m + MB <= m1) block(x, K, w, bias, y, ldy, n0, NB, m, MB, next), m += MB, next = NULL;
+        for (; m + MB <= m1; m += MB) block(x, K, w, bias, y, ldy, n0, NB, m, MB, NULL);
+        if (m1 - m == 2) block(x, K, w, bias, y, ldy, n0, NB, m, 2, next);
+        else if (m1 - m == 1) block(x, K, w, bias, y, ldy, n0, NB, m, 1, next);
     } else {
         for (int n = n0; n < N; n++)
-            for (m = m0; m < m1; m++) block(x, K, w, bias, y, ldy, n, 1, m, 1);
+            for (m = m0; m < m1; m++) block(x, K, w, bias, y, ldy, n, 1, m, 1, NULL);
     }
 }
 
