@@ -42,8 +42,14 @@ serve: env
 	$(VENV)/bin/tandem serve $(SERVE_ARGS)
 
 # The default run deselects the real-pair tests (pyproject: -m "not real_pair").
+# Two pytest-xdist workers, each taking a whole file at a time (--dist loadfile:
+# a module's server fixture starts once): much of the suite waits on processes
+# it started, so two overlap well even on 2 cores (24:46 -> 18:27 here).
+# A worker that dies (a test past its timeout) is not replaced: a replacement would
+# run the hung test again. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0 $(PYTEST_ARGS)
 
 test-real: env
 	$(VENV)/bin/tandem models install --config $(REAL_CONFIG)
