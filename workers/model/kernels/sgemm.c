@@ -67,7 +67,14 @@ static void strip(const float *x, int K, const float *w, int N, const float *bia
     int m = m0;
     const float *next = n0 + 2 * NB <= N ? w + (long)(n0 + NB) * K : NULL; /* the next whole strip */
     if (n0 + NB <= N) {
-        if (m + MB <= m1) block(x, K, w, bias, y, ldy, n0, NB, m, MB, next), m += MB, next = NULL;
+        /* The first full block, peeled: the later ones pass a literal NULL, so they are compiled
+         * without the prefetch test in their inner loop (one loop with `next` cleared after its
+         * first block measured 0.68 -> 0.90 ms at 16 rows, 1.62 -> 2.60 at 50). */
+        if (m + MB <= m1) {
+            block(x, K, w, bias, y, ldy, n0, NB, m, MB, next);
+            m += MB;
+            next = NULL;
+        }
         for (; m + MB <= m1; m += MB) block(x, K, w, bias, y, ldy, n0, NB, m, MB, NULL);
         if (m1 - m == 2) block(x, K, w, bias, y, ldy, n0, NB, m, 2, next);
         else if (m1 - m == 1) block(x, K, w, bias, y, ldy, n0, NB, m, 1, next);
