@@ -278,6 +278,8 @@ def test_a_batch_of_decode_steps_and_verifications_attends_in_one_kernel_call_a_
     if not attend.usable(torch.zeros(1, 4, 16)):
         pytest.skip("no C attention kernel on this machine (qgemm unavailable)")
     model = load_model(tiny_dir, dtype=getattr(torch, dtype))
+    model.fuse_layers = False  # the layer-by-layer path (float32 short passes otherwise run in
+    # one kernel call, layers.c, which calls attend_segments from C: test_fused_layers.py)
     calls = []
     real = attend.attend_segments
     monkeypatch.setattr(attend, "attend_segments", lambda *a: calls.append(len(a[2])) or real(*a))

@@ -27,6 +27,7 @@ from torch import nn
 from . import attend, elementwise
 from .args import ModelArgs
 from .cache import KVCache
+from .layers import DecodeLayers
 from .tensor_split import TensorSplit
 
 
@@ -354,6 +355,8 @@ class LlamaModel(nn.Module):
         self.rope_cos = torch.empty(0)
         self.rope_sin = torch.empty(0)
         self._invariant: dict[int, int | None] | None = None  # id(linear) -> invariant_from (probed once)
+        self.fuse_layers = True  # short passes through DecodeLayers where it applies (False: the Python path)
+        self._decode_layers: DecodeLayers | None | bool = False  # False: not built yet
 
     @property
     def device(self) -> torch.device:
@@ -381,6 +384,32 @@ class LlamaModel(nn.Module):
         n_kv_heads = self.split.n_kv_heads if self.split else a.n_kv_heads  # tensor-parallel: this rank's heads
         return cache_type(a.n_layers, n_kv_heads, max_seq_len, a.head_dim, dtype=self.dtype, device=self.device)
 
+    def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may move what the plan points at
+        self._decode_layers = False
+        return super()._apply(fn, *args, **kwargs)
+
+    def decode_layers(self) -> DecodeLayers | None:
+        """The plan that runs a short pass's layers in one kernel call (layers.py), or None where
+        this model cannot take it. Built from the layers' modules at the first short pass."""
+        if not self.fuse_layers:
+            return None
+        if self._decode_layers is False:
+            self._decode_layers = DecodeLayers.build(self)
+        return self._decode_layers
+
+    def _fused_layers(self, h: torch.Tensor, caches: list[KVCache], starts: list[int], lengths: list[int]) -> bool:
+        """Run every layer of a short pass (segments of at most ROW_WISE_MAX_T rows, their rows one
+        after another in h, updated in place) in one kernel call where DecodeLayers applies;
+        False: it does not (the caller runs the Python path)."""
+        if max(lengths) > ROW_WISE_MAX_T:
+            return False
+        fused = self.decode_layers()
+        if fused is None or not all(fused.takes(c) for c in caches):
+            return False
+        self._rope_to(max(a + n for a, n in zip(starts, lengths)))
+        fused.run(h, caches, starts, lengths, self.rope_cos, self.rope_sin)
+        return True
+
     # -- pieces ----------------------------------------------------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> h: [T, dim]
@@ -391,10 +420,14 @@ class LlamaModel(nn.Module):
             return torch.empty(0, self.args.vocab_size, device=h.device)
         return self.output(self.norm(h[-num_logits:])).float()
 
+    def _rope_to(self, end: int) -> None:
+        """RoPE tables for positions [0, end) at least (grown twofold, not one position at a time)."""
+        if end > self.rope_cos.shape[0]:
+            self.ensure_rope(max(end, 2 * self.rope_cos.shape[0]))
+
     def positions(self, start: int, T: int) -> Positions:
         """RoPE rows and causal mask for T new tokens at positions [start, start+T)."""
-        if start + T > self.rope_cos.shape[0]:
-            self.ensure_rope(max(start + T, 2 * self.rope_cos.shape[0]))
+        self._rope_to(start + T)
         mask = None
         if T > ROW_WISE_MAX_T:  # shorter passes attend row by row, without a mask
             q_pos = torch.arange(start, start + T, device=self.device)  # [T]
@@ -429,9 +462,10 @@ class LlamaModel(nn.Module):
         T = tokens.shape[0]
         start = cache.length
         pos = self.positions(start, T)
-        h = self.embed(tokens)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, layer_cache, pos)
+        h = self.embed(tokens).contiguous()
+        if not self._fused_layers(h, [cache], [start], [T]):
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                h = layer(h, layer_cache, pos)
         cache.length = start + T
         return self.head(h, num_logits)
 
@@ -488,13 +522,19 @@ class LlamaModel(nn.Module):
             raise ValueError("forward_batch: one segment per cache")
         tokens = [self._tokens(s.tokens, s.cache, s.num_logits) for s in segments]
         lengths = [t.shape[0] for t in tokens]
-        positions, rows = self.ragged_rows([s.cache.length for s in segments], lengths)
-        h = self.embed(torch.cat(tokens))  # [N, dim]
-        for i, layer in enumerate(self.layers):
-            h = layer.forward_ragged(h, [s.cache.layers[i] for s in segments], positions, rows)
+        starts = [s.cache.length for s in segments]
+        h = self.embed(torch.cat(tokens)).contiguous()  # [N, dim]
+        if self._fused_layers(h, [s.cache for s in segments], starts, lengths):
+            ends = torch.tensor(lengths).cumsum(0).tolist()
+            bounds = [(end - n, end) for n, end in zip(lengths, ends)]
+        else:
+            positions, rows = self.ragged_rows(starts, lengths)
+            for i, layer in enumerate(self.layers):
+                h = layer.forward_ragged(h, [s.cache.layers[i] for s in segments], positions, rows)
+            bounds = rows.bounds
         for s, T in zip(segments, lengths):
             s.cache.length += T
-        return self.head_batch(h, rows.bounds, [s.num_logits for s in segments])
+        return self.head_batch(h, bounds, [s.num_logits for s in segments])
 
     def ragged_rows(self, starts: Sequence[int], lengths: Sequence[int]) -> tuple[list[Positions], RaggedRows]:
         """The positions of segments of lengths[i] new tokens at starts[i].., and their rows."""

@@ -13,7 +13,8 @@ Q6_K is served at 0.83 bytes a weight.
 The kernel is C, compiled once with the system's gcc into the cache directory (one library
 with kernels/attend.c, the attention of short passes: attend.py; kernels/sgemm.c, the float32
 linears: linear.Float32Linear; kernels/elementwise.c, RMSNorm, RoPE and the SiLU gate:
-elementwise.py) and loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
+elementwise.py; kernels/layers.c, a short pass's decoder layers in one call: layers.py) and
+loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
 torch's thread count. It is built for the best of VARIANTS that the CPU runs (AVX512-VNNI, else
 AVX2 + FMA), each its own library in the cache. Where it cannot run (no gcc, neither variant's
 CPU flags, not a CPU tensor), `kernel()` says why and the loader falls back to torch's kernels.
@@ -35,7 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c", "sgemm.c", "elementwise.c")]  # one library
+SOURCES = [  # one library
+    Path(__file__).with_name("kernels") / name for name in ("qgemm.c", "attend.c", "sgemm.c", "elementwise.c", "layers.c")
+]
 HEADERS = [Path(__file__).with_name("kernels") / "avx2.h"]  # included by the sources: part of the build's hash
 # The kernel's builds, best first: name -> (CPU flags it needs, as /proc/cpuinfo names them; gcc flags).
 # The C sources pick their code by the compiler's macros (__AVX512VNNI__, else __AVX2__).
@@ -131,6 +134,7 @@ def kernel(variant: str | None = None) -> ctypes.CDLL:
         "rms_norm": [p, i, i, n, p, f, p, n, i],
         "rope_rows": [p, i, n, i, i, p, p, n, p],
         "silu_mul": [p, i, i, n, p, n, i],
+        "decode_layers": [p, i, p, p, i, p, p, p, p, p, p, p, p, p, p, i],
     }
     for name, argtypes in signatures.items():
         entry = getattr(dll, name)
