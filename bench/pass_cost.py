@@ -9,8 +9,12 @@ and tokens-per-pass T (1 = a decode step, k+1 = a verification of k drafts):
 - the floor: bytes of weights a pass reads (every linear, the norms, one embedding row per
   token; the KV cache read at this context) divided by the memory bandwidth measured here with
   the same thread count (a streaming sum over 1 GiB);
-- where the time goes: ms per pass in each kind of linear (int4 blocks, dense bf16, the head),
-  in attention outside its linears, and the rest (norms, RoPE, Python).
+- each twice, alternated in the same rounds: with the decoder layers in one kernel call
+  (workers/model/layers.py, where the model takes it: "one call") and layer by layer from
+  Python ("Python"), the path a prefill, bf16 or a GPU takes;
+- where the time goes, on the layer-by-layer path (the one call has no Python to wrap): ms per
+  pass in each kind of linear (int4 blocks, dense bf16, the head), in attention outside its
+  linears, and the rest (norms, RoPE, Python).
 Also the draft's greedy agreement with the target (teacher-forced), the acceptance a greedy
 draft can get at best. Prints Markdown; writes bench/results/pass_cost.json.
 """
@@ -36,6 +40,7 @@ from workers.model.model import TwoRowFloor
 from workers.model.qlinear import QLinear
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pass_cost.json"
+LAYER_PATHS = {"one call": True, "Python": False}  # label -> LlamaModel.fuse_layers
 
 
 def bandwidth_gbs(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -132,6 +137,7 @@ def breakdown(model, runner: OurRunner, T: int, vocab: int, reps: int, gen) -> d
             wrap(module, [kind_of(name, module)] + (["_attention linears"] if short in ("wqkv", "wo") else []))
     for layer in model.layers:
         wrap(layer.attention, ["_attention"])
+    model.fuse_layers = False  # the layer-by-layer path: its modules' forwards are what is wrapped
     try:
         runner.step(torch.randint(0, vocab, (T,), generator=gen))
         acc.clear()
@@ -142,6 +148,7 @@ def breakdown(model, runner: OurRunner, T: int, vocab: int, reps: int, gen) -> d
     finally:
         for module, forward in originals:
             module.forward = forward
+        model.fuse_layers = True
     out = {k: v / reps * 1e3 for k, v in acc.items()}
     attention = out.pop("_attention") - out.pop("_attention linears")
     linears = sum(out.values())
@@ -185,7 +192,7 @@ def main() -> None:
         runners = {name: OurRunner(m, context, capacity) for name, m in models.items()}
 
         bandwidth = {n: bandwidth_gbs(n) for n in threads}
-        samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+        samples: dict[tuple[str, int, int, str], list[float]] = defaultdict(list)
         parts: dict[tuple[str, int, int], dict[str, float]] = {}
         for n in threads:
             torch.set_num_threads(n)
@@ -194,10 +201,14 @@ def main() -> None:
                     parts[(name, n, T)] = breakdown(models[name], runner, T, vocab, args.reps, gen)
             for _ in range(args.rounds):
                 for name, runner in runners.items():
+                    paths = LAYER_PATHS if models[name].decode_layers() is not None else {"Python": False}
                     for T in token_counts:
-                        for _ in range(args.reps):
-                            tokens = torch.randint(0, vocab, (T,), generator=gen)
-                            samples[(name, n, T)].append(_timed(lambda: runner.step(tokens)))
+                        for path, fused in paths.items():
+                            models[name].fuse_layers = fused
+                            for _ in range(args.reps):
+                                tokens = torch.randint(0, vocab, (T,), generator=gen)
+                                samples[(name, n, T, path)].append(_timed(lambda: runner.step(tokens)))
+                        models[name].fuse_layers = True
         agree = None
         if args.agreement_tokens:
             torch.set_num_threads(max(threads))
@@ -205,11 +216,11 @@ def main() -> None:
             agree = agreement(target, draft, tokenizer, args.agreement_tokens)
 
     rows = []
-    for (name, n, T), ts in samples.items():
+    for (name, n, T, path), ts in samples.items():
         ms = statistics.median(ts) * 1e3
         nbytes = weight_bytes(models[name], T, args.context)
         floor = nbytes / (bandwidth[n] * 1e9) * 1e3
-        rows.append(dict(model=name, threads=n, tokens_per_pass=T, ms_per_pass=round(ms, 2),
+        rows.append(dict(model=name, threads=n, tokens_per_pass=T, layers=path, ms_per_pass=round(ms, 2),
                          min_ms=round(min(ts) * 1e3, 2), ms_per_token=round(ms / T, 2),
                          mb_read=round(nbytes / 1e6, 1), bandwidth_gbs=round(bandwidth[n], 1),
                          floor_ms=round(floor, 2), x_floor=round(ms / floor, 2),
@@ -218,13 +229,15 @@ def main() -> None:
     print(f"\n{args.config}, context {args.context}, medians of {args.rounds}x{args.reps} passes; "
           f"bandwidth {', '.join(f'{n} thread(s) {b:.1f} GB/s' for n, b in bandwidth.items())}; "
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}\n")
-    print("| model | threads | tokens/pass | ms/pass | min | ms/token | MB read | floor ms | x floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | threads | tokens/pass | layers | ms/pass | min | ms/token | MB read | floor ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['threads']} | {r['tokens_per_pass']} | {r['ms_per_pass']:.1f} | {r['min_ms']:.1f} | "
+        print(f"| {r['model']} | {r['threads']} | {r['tokens_per_pass']} | {r['layers']} | {r['ms_per_pass']:.1f} | {r['min_ms']:.1f} | "
               f"{r['ms_per_token']:.1f} | {r['mb_read']:.0f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} |")
-    print("\nWhere a pass goes (ms, one breakdown run per row; wrapping adds a little):\n")
+    print("\nWhere a layer-by-layer pass goes (ms, one breakdown run each; wrapping adds a little):\n")
     for r in rows:
+        if r["layers"] != "Python":
+            continue
         parts_text = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1]))
         print(f"- {r['model']}, {r['threads']} thr, T={r['tokens_per_pass']}: {parts_text}")
     if agree is not None:

@@ -1,7 +1,7 @@
 /* The decoder layers of a short pass (decode steps and verifications of up to 8 rows, of one
- * sequence or several) in one call: for each layer, RMSNorm, the fused q/k/v projection, RoPE, attention
- * over the KV cache (writing the new keys and values), the output projection and the residual
- * add, then RMSNorm, gate/up, the SiLU gate, the down projection and the residual add.
+ * sequence or several) in one call: for each layer, RMSNorm, the fused q/k/v projection, RoPE,
+ * attention over the KV cache (writing the new keys and values), the output projection and the
+ * residual add, then RMSNorm, gate/up, the SiLU gate, the down projection and the residual add.
  *
  * Why: each of those steps is already a kernel of this library (qgemm.c, sgemm.c, attend.c,
  * elementwise.c), but called one by one from Python a layer costs ~0.4 ms of interpreter,
