@@ -1,12 +1,13 @@
 """A short pass's decoder layers in one kernel call (kernels/layers.c).
 
 `LlamaModel.forward` and `forward_batch` on a CPU float32 model run their decode steps and
-verifications (every sequence's new rows at most ROW_WISE_MAX_T) through `DecodeLayers` when every layer is made of pieces our kernels
-compute (QLinear, a ConcatLinear of QLinears, Float32Linear; RMSNorm, RoPE, attention and the
-SiLU gate by elementwise.c and attend.c). The C loop calls those same kernels with the same
-arguments as the Python path, so the rows are bit for bit the same; what it removes is the
-Python, torch dispatch and ctypes work between them, ~0.4 ms a layer on the 2-core AVX2
-machine (the real target's 1-token pass: 61 -> 49 ms, see the README). Everything else (a
+verifications (every sequence's new rows at most ROW_WISE_MAX_T) through `DecodeLayers` when
+every layer is made of pieces our kernels compute (QLinear, a ConcatLinear of QLinears,
+Float32Linear; RMSNorm, RoPE, attention and the SiLU gate by elementwise.c and attend.c). The
+C loop calls those same kernels with the same arguments as the Python path, so the rows are bit
+for bit the same; what it removes is the Python, torch dispatch and ctypes work between them,
+~0.4 ms a layer on the 2-core AVX2 machine (the real target's 1-token pass 57.9 -> 43.5 ms, its
+draft's 23.9 -> 13.3: python -m bench.pass_cost, README "The real pair"). Everything else (a
 prefill, bf16, a GPU, tensor parallelism, a layer of another kind) takes the Python path.
 """
 
@@ -130,6 +131,8 @@ class DecodeLayers:
         contiguous, which is updated in place through every layer. cos, sin: the model's RoPE
         tables [P, 1, D] float32, P > starts[j] + lengths[j]. Writes the new keys and values (the
         caller advances each cache's length)."""
+        if h.dtype != torch.float32 or not h.is_contiguous():
+            raise ValueError(f"decode_layers takes contiguous float32 rows, not {h.dtype} of strides {h.stride()}")
         n, N, s = len(caches), h.shape[0], self.shape
         ints, longs = ctypes.c_int * n, ctypes.c_int64 * n
         floats = N * self.floats_per_row
