@@ -101,6 +101,27 @@ def test_rows_do_not_depend_on_the_rest_of_the_pass_nor_on_threads():
     assert torch.equal(lin(x[:3]), together[:3])
 
 
+@pytest.mark.parametrize("tiles", [2, 5, 7, 33])
+def test_every_tile_is_computed_once_whatever_the_threads(tiles):
+    """The tiles are shared out between threads, which take the rest of each other's shares
+    when done (qgemm.c's TILES): catches a tile skipped (its columns left as torch.empty gave
+    them) or a share's bounds off by one, for tile counts that do not divide evenly."""
+    p = parts("q4k", 16 * tiles, 256)
+    lin = QLinear(p, None, torch.float32)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(tiles))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = lin(x)
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            for _ in range(3):
+                assert torch.equal(lin(x), want)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(want.double(), reference(x, p), rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_weights_and_bias_reach_the_output():
     """Catches a bias dropped, or an output row computed from the wrong weight row."""
     p = parts("q8", 32, 64)
