@@ -18,7 +18,7 @@ import ctypes
 import torch
 
 from .linear import ConcatLinear, Float32Linear, RowWise
-from .qlinear import MAX_ROWS, QLinear, _scratch, kernel, kernel_ready
+from .qlinear import QLinear, _scratch, kernel, kernel_ready, qgemm_scratch_bytes
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 MAX_PARTS = 3  # a ConcatLinear's parts (q, k, v)
@@ -80,8 +80,7 @@ class DecodeLayers:
         self.layers, self.shape = layers, shape
         s = shape
         self.floats_per_row = max(s.dim, s.hidden) + s.max_width + (3 * s.heads + 3 * s.kv_heads) * s.head_dim
-        max_k = max(s.dim, s.hidden, s.heads * s.head_dim)
-        self.qscratch_bytes = MAX_ROWS * max_k + 64 + MAX_ROWS * (max_k // 16) * 8
+        self.qscratch_bytes = qgemm_scratch_bytes(max(s.dim, s.hidden, s.heads * s.head_dim))
 
     @classmethod
     def build(cls, model) -> "DecodeLayers | None":
@@ -126,7 +125,7 @@ class DecodeLayers:
 
     def run(self, h: torch.Tensor, caches: list, starts: list[int], lengths: list[int], cos: torch.Tensor,
             sin: torch.Tensor) -> None:
-        """One pass over segments (sequences): lengths[j] <= MAX_ROWS new rows at positions starts[j]..
+        """One pass over segments (sequences): lengths[j] <= 8 new rows at positions starts[j]..
         over caches[j] (KVCaches that `takes`), their rows one after another in h [N, dim] float32
         contiguous, which is updated in place through every layer. cos, sin: the model's RoPE
         tables [P, 1, D] float32, P > starts[j] + lengths[j]. Writes the new keys and values (the

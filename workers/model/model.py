@@ -18,6 +18,7 @@ MLP's intermediate features; its KV cache holds those heads only.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -77,6 +78,12 @@ def row_spans(lengths: Sequence[int], batchable: Sequence[bool], max_rows: int =
     return spans
 
 
+def segment_bounds(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of segments of these lengths laid one after another."""
+    ends = list(itertools.accumulate(lengths))
+    return [(end - n, end) for n, end in zip(lengths, ends)]
+
+
 def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
@@ -87,9 +94,8 @@ class RaggedRows:
     segment's rows alone, so that every segment gets bit for bit what it gets alone)."""
 
     def __init__(self, lengths: Sequence[int], positions: Sequence["Positions"], min_rows: Callable[[nn.Module], int | None]):
-        ends = torch.tensor(lengths).cumsum(0).tolist()
         self.lengths = list(lengths)
-        self.bounds = [(end - n, end) for n, end in zip(lengths, ends)]  # rows of each segment
+        self.bounds = segment_bounds(lengths)  # rows of each segment
         # every segment a decode step or a verification: attention in one kernel call a layer
         self.short = all(n <= ROW_WISE_MAX_T for n in lengths)
         self.starts_i32 = torch.tensor([p.start for p in positions], dtype=torch.int32)
@@ -461,9 +467,9 @@ class LlamaModel(nn.Module):
         tokens = self._tokens(tokens, cache, num_logits)
         T = tokens.shape[0]
         start = cache.length
-        pos = self.positions(start, T)
         h = self.embed(tokens).contiguous()
         if not self._fused_layers(h, [cache], [start], [T]):
+            pos = self.positions(start, T)
             for layer, layer_cache in zip(self.layers, cache.layers):
                 h = layer(h, layer_cache, pos)
         cache.length = start + T
@@ -525,8 +531,7 @@ class LlamaModel(nn.Module):
         starts = [s.cache.length for s in segments]
         h = self.embed(torch.cat(tokens)).contiguous()  # [N, dim]
         if self._fused_layers(h, [s.cache for s in segments], starts, lengths):
-            ends = torch.tensor(lengths).cumsum(0).tolist()
-            bounds = [(end - n, end) for n, end in zip(lengths, ends)]
+            bounds = segment_bounds(lengths)
         else:
             positions, rows = self.ragged_rows(starts, lengths)
             for i, layer in enumerate(self.layers):

@@ -288,6 +288,11 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
 _local = threading.local()
 
 
+def qgemm_scratch_bytes(in_features: int) -> int:
+    """The scratch space qgemm needs for MAX_ROWS rows of in_features (see qgemm.c's qgemm)."""
+    return MAX_ROWS * in_features + 64 + MAX_ROWS * (in_features // 16) * 8
+
+
 def _scratch(nbytes: int) -> int:
     """The address of this thread's kernel scratch space of at least nbytes (kept: an allocation a call
     cost ~1.5 us; one per thread, as two threads may run models at once)."""
@@ -318,7 +323,7 @@ class QLinear(nn.Module):
         self.register_buffer("super_scales", super_scales)
         self.tiles = scales.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        self.scratch_bytes = MAX_ROWS * self.in_features + 64 + MAX_ROWS * (self.in_features // 16) * 8
+        self.scratch_bytes = qgemm_scratch_bytes(self.in_features)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may move the buffers
         self._pointers = None

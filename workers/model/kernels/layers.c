@@ -16,6 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define MAX_ROWS 8  /* new rows of a segment (model.ROW_WISE_MAX_T), and of one qgemm call (its MMAX) */
+#define MAX_PARTS 3 /* parts of a linear (layers.py's MAX_PARTS: q, k, v) */
+
 int qgemm(const float *x, int M, int K, const uint8_t *w, int layout, int G, const float *scale, const float *offset,
           float zero_point, const float *super, int tiles, float *y, int ldy, void *scratch, int threads);
 int sgemm(const float *x, int M, int K, const float *w, int N, const float *bias, float *y, int ldy, int threads);
@@ -41,7 +44,7 @@ typedef struct {
 
 /* A linear: one part, or several side by side along the output (ConcatLinear). */
 typedef struct {
-    Part part[3];
+    Part part[MAX_PARTS];
     int parts;
     int K;             /* in features */
     int width;         /* the output rows' stride: qgemm writes whole tiles of 16 columns */
@@ -68,10 +71,10 @@ static int linear(const Linear *l, const float *x, int M, float *y, void *scratc
             if (sgemm(x, M, l->K, (const float *)p->w, p->n, p->bias, y + p->col, l->width, threads)) return -1;
             continue;
         }
-        for (int m0 = 0; m0 < M; m0 += 8) /* qgemm takes up to 8 rows a call */
-            if (qgemm(x + (long)m0 * l->K, M - m0 < 8 ? M - m0 : 8, l->K, (const uint8_t *)p->w, p->layout, p->group,
-                      p->scale, p->offset, p->zero_point, p->super, p->tiles, y + (long)m0 * l->width + p->col,
-                      l->width, scratch, threads))
+        for (int m0 = 0; m0 < M; m0 += MAX_ROWS) /* qgemm takes up to MAX_ROWS rows a call */
+            if (qgemm(x + (long)m0 * l->K, M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS, l->K, (const uint8_t *)p->w,
+                      p->layout, p->group, p->scale, p->offset, p->zero_point, p->super, p->tiles,
+                      y + (long)m0 * l->width + p->col, l->width, scratch, threads))
                 return -1;
     }
     if (l->bias)
@@ -86,13 +89,13 @@ static void add_rows(float *h, int M, int dim, const float *y, int ld) {
         for (int n = 0; n < dim; n++) h[(long)m * dim + n] += y[(long)m * ld + n];
 }
 
-/* A pass of nseg sequences (segments), segment j with T[j] <= 8 new rows at positions start[j]..
+/* A pass of nseg sequences (segments), segment j with T[j] <= MAX_ROWS new rows at positions start[j]..
  * over its own float32 cache: k[j], v[j] its keys and values [n_layers, kv_heads, S_j, head_dim]
  * (layer_stride[j] = kv_heads * S_j * head_dim, head_stride[j] = S_j * head_dim floats), where
  * the new keys and values are written at start[j]. h: [N, dim] float32, N = sum T[j], the
  * segments' rows one after another, updated in place through n_layers layers. cos, sin: the
  * RoPE tables [P, head_dim] (see model.rope_tables), P > start[j] + T[j]. scratch: N * (max(dim,
- * hidden) + max_width + (3 H + 3 KV) D) floats; qscratch: qgemm's for 8 rows of the widest K.
+ * hidden) + max_width + (3 H + 3 KV) D) floats; qscratch: qgemm's for MAX_ROWS rows of the widest K.
  * Each segment's rows are bit for bit what a pass of that segment alone gives (every kernel
  * computes a row on its own). Returns 0, or -1 where a kernel refused its arguments (the layers
  * before it are then done: the caller's pass is lost). */
@@ -103,7 +106,7 @@ int decode_layers(const Layer *layers, int n_layers, const Shape *s, float *h, i
     const int H = s->heads, KV = s->kv_heads, D = s->head_dim;
     int N = 0;
     for (int j = 0; j < nseg; j++) {
-        if (T[j] < 1 || T[j] > 8 || start[j] < 0) return -1;
+        if (T[j] < 1 || T[j] > MAX_ROWS || start[j] < 0) return -1;
         N += T[j];
     }
     float *xn = scratch;                        /* [N, max(dim, hidden)]: normed rows, then the gate's output */
