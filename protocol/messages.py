@@ -4,8 +4,9 @@ Flows (each process binds one PULL inbox; peers PUSH into it):
 
     server  -> verify : GenerateRequest, AbortRequest, DraftAvailability
     verify  -> server : TokenOutput, RequestFailed, EngineStatus
-    verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest
-    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling), DraftPass, DraftIdle
+    verify  -> draft  : BeginDrafting, VerifiedPrefix, ReleaseRequest, TimeDraftPasses
+    draft   -> verify : DraftTokens     (+ one float32 array frame of q when sampling), DraftPass, DraftPassCosts,
+                        DraftIdle
     worker  -> server : WorkerReady (the start-up handshake, then every second: the heartbeat), WorkerStats
 
 Drafting is a stream in every speculative mode: the verifier begins a request
@@ -215,6 +216,19 @@ class DraftPass(msgspec.Struct, tag=True):
     seconds: float
 
 
+class TimeDraftPasses(msgspec.Struct, tag=True):
+    """At start-up, once the verifier has timed its own passes (the cores then quiet): the
+    draft times its passes and answers DraftPassCosts. Not counted in DraftIdle.heard."""
+
+
+class DraftPassCosts(msgspec.Struct, tag=True):
+    """The answer to TimeDraftPasses: (requests, seconds) of a pass feeding one token for each
+    of that many requests (none for a draft that cannot time them). Adaptive speculation seeds
+    its draft costs with them (each replaced by the first measurement of its count)."""
+
+    passes: list[tuple[int, float]]
+
+
 class DraftIdle(msgspec.Struct, tag=True):
     """The draft has nothing left to compute (no request to draft or catch up for) until it is
     told more: a target that borrows the draft's cores takes them only then, not while the
@@ -255,6 +269,8 @@ Message = (
     | VerifiedPrefix
     | DraftTokens
     | DraftPass
+    | TimeDraftPasses
+    | DraftPassCosts
     | DraftIdle
     | DraftAvailability
     | ReleaseRequest

@@ -18,6 +18,8 @@ from protocol.messages import (
     BeginDrafting,
     DraftIdle,
     DraftPass,
+    DraftPassCosts,
+    TimeDraftPasses,
     DraftTokens,
     ReleaseRequest,
     VerifiedPrefix,
@@ -103,6 +105,9 @@ class DraftWorker:
             self.to_verify.send(drafted)
 
     def _handle(self, message) -> None:
+        if isinstance(message, TimeDraftPasses):  # start-up, on quiet cores: not work the verifier counts
+            self.to_verify.send(DraftPassCosts(self.engine.measure_pass_costs()))
+            return
         self.heard += 1
         if isinstance(message, (BeginDrafting, VerifiedPrefix, ReleaseRequest)):
             self._publish(self.engine.handle(message))

@@ -22,6 +22,8 @@ from protocol.messages import (
     DraftAvailability,
     DraftIdle,
     DraftPass,
+    DraftPassCosts,
+    TimeDraftPasses,
     DraftTokens,
     EngineStatus,
     GenerateRequest,
@@ -46,6 +48,7 @@ from workers.tensor_parallel import target_model
 log = logging.getLogger("tandem.verify")
 
 STATS_INTERVAL_S = 0.5
+DRAFT_TIMING_TIMEOUT_S = 60.0  # start-up: the longest wait for the draft's timed passes (DraftPassCosts)
 
 
 class SocketTransport:
@@ -109,6 +112,7 @@ class VerifyWorker:
         self.model, path = target_model(config, device)  # one device, or tensor-parallel over several
         self.inbox = open_inbox(config, "verify")
         self._early: list = []  # what arrived while start-up waited for the draft (_wait_for_quiet_draft)
+        self._draft_quiet = False  # the draft worker said it had loaded (its first DraftIdle)
         self.to_server = open_outbox(config, "server")
         self.draft, self.transport = make_draft_source(config, lambda: open_outbox(config, "draft"))
         self.engine = VerifyEngine(
@@ -125,10 +129,27 @@ class VerifyWorker:
             adaptive=config.speculation.adaptive,
             borrow_cores=self._borrowed_cores(),
         )
+        if self.engine.policy is not None:
+            self._measure_pass_costs(config.server.startup_timeout_s)
         self.control: queue.Queue = queue.Queue()
         self._last_status = (-1, -1)
         self._started = time.monotonic()
         self._last_stats = 0.0
+
+    def _measure_pass_costs(self, timeout_s: float) -> None:
+        """Seed adaptive speculation's costs with passes timed on quiet cores: the target's once a
+        draft worker has loaded, then the draft's (TimeDraftPasses), one after the other. Timed
+        as it loaded beside the target, a 1-request draft pass took 51 ms where it takes 5."""
+        if self.transport is not None and not self._draft_quiet:
+            self._draft_quiet = self._wait_for_quiet_draft(timeout_s)
+        measured = self.engine.measure_pass_costs()
+        draft = None
+        if self.transport is not None and self.transport.send(TimeDraftPasses()):
+            draft = self._wait_for(DraftPassCosts, min(timeout_s, DRAFT_TIMING_TIMEOUT_S), keep=False)
+            if draft is not None:
+                self.engine.seed_draft_costs(draft.passes)
+        log.info("adaptive speculation: target passes timed at %s tokens, draft passes at %s requests",
+                 measured, [n for n, _ in draft.passes] if draft is not None else "none")
 
     def _borrowed_cores(self) -> BorrowedCores | None:
         """placement.<mode>.borrow_draft_cores, where the target gives the same bits on both teams."""
@@ -138,7 +159,8 @@ class VerifyWorker:
         cores = BorrowedCores(placement.target, placement.draft)
         if cores.wide == cores.narrow:
             return None
-        if not self._wait_for_quiet_draft(self.config.server.startup_timeout_s):
+        self._draft_quiet = self._wait_for_quiet_draft(self.config.server.startup_timeout_s)
+        if not self._draft_quiet:
             log.warning("not borrowing the draft's cores: the draft worker did not say it had loaded")
             return None
         if not cores.probe(self.model):
@@ -159,15 +181,23 @@ class VerifyWorker:
         pass on its cores is timed on quiet cores: timed while the draft still loaded there, the
         tiny pair's wide pass took 1.3-3.7x a narrow one and borrowing was turned down, where it
         takes 0.7x. What arrives meanwhile is kept for the reader thread."""
+        return self._wait_for(DraftIdle, timeout_s, keep=True) is not None
+
+    def _wait_for(self, kind: type, timeout_s: float, keep: bool):
+        """The first message of this kind to arrive within timeout_s (None if none did), at
+        start-up; every other message that arrives meanwhile is kept for the reader thread,
+        and this one too where `keep`."""
         deadline = time.monotonic() + timeout_s
         while (left_s := deadline - time.monotonic()) > 0:
             decoded = self.inbox.recv(timeout_ms=max(1, int(left_s * 1000)))
             if decoded is None:
                 break
-            self._early.append(decoded)
-            if isinstance(decoded.message, DraftIdle):
-                return True
-        return False
+            found = isinstance(decoded.message, kind)
+            if keep or not found:
+                self._early.append(decoded)
+            if found:
+                return decoded.message
+        return None
 
     def _read_inbox(self) -> None:
         for decoded in self._early:

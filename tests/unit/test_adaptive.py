@@ -88,6 +88,36 @@ def test_greedy_text_is_the_targets_whatever_the_plans(models, mode, policy):
         assert len(used) >= 4
 
 
+def test_measured_pass_costs_seed_the_steps_the_plan_has_not_run(models):
+    """Catches the plan left to price a step of fewer rows than any it has run as the fewest
+    it has run (a burst that drafts from its first step then never learns that a step without
+    drafts costs less) and a measurement that touches the requests' caches: measure_pass_costs
+    times b requests of 1 and of k+1 rows (b = 1 and the batch limit here) into the policy's
+    target cost, and the requests served after it get the target's own text."""
+    requests = [request(i, p) for i, p in enumerate(PROMPTS)]
+    ar = run(make_engine(models["target"]), requests)
+    engine = adaptive_engine(models, "sd", max_running=4)
+    assert engine.measure_pass_costs() == [1, 5, 4, 20]
+    cost = engine.policy.target_cost
+    assert cost.counts == [1, 4, 5, 20]  # measured, not extrapolated from one count
+    assert all(cost(n) > 0 for n in cost.counts)
+    got = run(engine, requests)
+    for r in requests:
+        assert got[r.request_id][0] == ar[r.request_id][0], r.request_id
+
+
+def test_the_draft_times_its_passes_for_the_plan(models):
+    """Catches a draft whose start-up timing is not wired to its own passes (counts other than
+    1 request and the batch limit, a pass left in a cache) or not taken by the plan."""
+    draft = DraftEngine(PlainDraft(models["quantized"]), max_model_len=64, max_requests=4)
+    costs = draft.measure_pass_costs()
+    assert [n for n, _ in costs] == [1, 4] and all(seconds > 0 for _, seconds in costs)
+    assert not draft.has_work and draft.passes == 0
+    policy = SpeculationPolicy(serial_draft=True)
+    policy.seed_draft_costs(costs)
+    assert policy.draft_cost.counts == [1, 4]
+
+
 def sampled_run(engine):
     sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=7)
     results = run(engine, [request(i, p, max_tokens=30, sampling=sampling) for i, p in enumerate(PROMPTS[:2])])

@@ -432,6 +432,21 @@ def test_a_requests_last_rounds_do_not_set_the_next_requests_drafts():
     assert policy.new_request_drafts(4, 1) == drafting
 
 
+def test_seeded_draft_costs_price_a_lone_requests_pass_from_its_own_measurement():
+    """The draft pass of one request, priced from a 14-request one scaled as the target's pass
+    falls, cost 18 ms where it takes 5 (its 4-bit kernel is bound by arithmetic, the float32
+    target by memory), and after a burst a lone client began without drafts, its prompt then
+    priced as lag: for good (sd, 42-45 tokens/s against 65-68). Figures from that run.
+    Catches the start-up timings not reaching the draft's cost curve."""
+    policy = SpeculationPolicy(serial_draft=True, prior_acceptance=0.93)
+    for n, seconds in [(1, 0.021), (5, 0.030), (14, 0.058)]:
+        policy.observe_step(n, seconds)
+    policy.draft_cost.observe(14, 0.049)
+    assert policy.new_request_drafts(4, 1) == 0
+    policy.seed_draft_costs([(1, 0.005), (4, 0.015), (16, 0.056)])
+    assert policy.new_request_drafts(4, 1) == 4
+
+
 def test_a_prefill_chunk_does_not_start_a_lagging_requests_draft():
     """A step with prefill chunks makes draft rows nearly free, but a request whose draft must
     first catch up is verified in later steps, without them. amusd, 16 clients: each arrival

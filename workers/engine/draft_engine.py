@@ -17,6 +17,7 @@ target verifies. The model's round hooks (DraftModel) are called explicitly.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from protocol.messages import (
     SamplingParams,
     VerifiedPrefix,
 )
-from workers.engine.draft_model import DraftModel
+from workers.engine.draft_model import DraftModel, PlainDraft
 from workers.engine.prefix_cache import KVPool, best_source, common_prefix_len, reusable_prefix
 from workers.model.model import Segment
 from workers.sampling import Rows, process_logits, race, warp_with
@@ -300,6 +301,32 @@ class DraftEngine:
             else:  # a prompt chunk: what follows it is verified too, so the next pass opens a round
                 self.model.after_rollback(state.cache, state.cache.length)
         return drafted
+
+    @torch.inference_mode()
+    def measure_pass_costs(self) -> list[tuple[int, float]]:
+        """Time passes of b requests of 1 token each (b = 1, 4, 16 and the most a pass takes;
+        a cold pass first, not counted), over caches of their own: (b, seconds) each, for
+        adaptive speculation's draft costs. Unseeded, the plan priced a 1-request draft pass
+        from its only measurement, 14 requests (49 ms), scaled as the target's pass falls:
+        18 ms where it takes 5, and a lone client after a burst often never drafted (sd,
+        42-45 tokens/s against 65-68). None for the EasySpec draft (its cache keeps fuzzy
+        and exact positions of its own passes)."""
+        if not isinstance(self.model, PlainDraft):
+            return []
+        batches = sorted({b for b in (1, 4, 16) if b < self.max_batch_size} | {self.max_batch_size})
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        costs = []
+        for i, b in enumerate(batches):
+            caches = [self.model.new_cache(1) for _ in range(b)]
+            segments = [Segment(token, cache) for cache in caches]
+            if i == 0:
+                self.model.forward_batch(segments)
+                for cache in caches:
+                    self.model.after_rollback(cache, 0)
+            started = time.monotonic()
+            self.model.forward_batch(segments)
+            costs.append((b, time.monotonic() - started))
+        return costs
 
     def _count_pass(self, tokens: int) -> None:
         self.passes += 1

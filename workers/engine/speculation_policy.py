@@ -226,6 +226,11 @@ class CostCurve:
     def __bool__(self) -> bool:
         return bool(self._counts)
 
+    @property
+    def counts(self) -> list[int]:
+        """The counts measured, ascending."""
+        return list(self._counts)
+
     def observe(self, count: int, seconds: float) -> None:
         if count <= 0 or seconds < 0:
             return
@@ -361,6 +366,14 @@ class SpeculationPolicy:
             return
         self.draft_cost.observe(tokens, seconds)
         self._pass_seconds += seconds
+
+    def seed_draft_costs(self, passes: list[tuple[int, float]]) -> None:
+        """A draft pass feeding one token for each of n requests took seconds, for each (n,
+        seconds): timed by the draft at start-up, before any measurement of its own (each seed
+        is replaced by the first measurement of its count; with a serial draft those come
+        from the steps' waits)."""
+        for n, seconds in passes:
+            self.draft_cost.observe(n, seconds)
 
     def observe_verified_drafts(self, drafts: list[int]) -> None:
         """A step verified these drafts (per round) of a draft beside the target. Its pace is

@@ -212,6 +212,10 @@ class VerifyEngine:
             if planned is None:  # not planned yet: its first round
                 batch = min(len(self._running) + len(self._waiting), self.max_batch_size)
                 planned = self.policy.new_request_drafts(self.draft.num_draft_tokens, batch)
+                import os as _os
+                if _os.environ.get("DIAG_LOG"):
+                    tc = self.policy.target_cost; dc = self.policy.draft_cost
+                    open(_os.environ["DIAG_LOG"], "a").write(f"new batch={batch} told={planned} most={self.policy._most_by_batch} acc={self.policy.overall.value:.3f} tc={list(zip(tc.counts, [round(v,3) for v in tc._fit()]))[:8] if tc else None} dc={list(zip(dc.counts, [round(v,3) for v in dc._fit()])) if dc else None}\n")
             limit = planned + self.draft.max_run_ahead - self.draft.num_draft_tokens if planned else 0
         request.draft_run_ahead = self._num_drafts(request, limit)
         return request.draft_run_ahead
@@ -427,6 +431,40 @@ class VerifyEngine:
         """The draft worker made a pass feeding `tokens` tokens in `seconds` (DraftPass)."""
         if self.policy is not None:
             self.policy.observe_draft_pass(tokens, seconds)
+
+    def seed_draft_costs(self, passes: list[tuple[int, float]]) -> None:
+        """The draft worker's passes timed at start-up (DraftPassCosts): (requests, seconds)."""
+        if self.policy is not None:
+            self.policy.seed_draft_costs(passes)
+
+    @torch.inference_mode()
+    def measure_pass_costs(self) -> list[int]:
+        """Seed the adaptive plan's step costs with timed passes (call before any request, on
+        quiet cores): b requests of 1 row and of k+1 rows each, b = 1, 4, 16 and the most a
+        step takes. Without them the plan knew only the counts its steps had had, and priced
+        fewer rows as the fewest it had seen: a burst that drafted from its first step never
+        learned what a step without drafts costs (measured, default pair, sd, 16 clients:
+        15-row steps priced as the 65-row ones it ran, 0.29 s, where they take ~0.05 s, so the
+        plans went on drafting). Each seed is replaced by the first step of its count. Returns
+        the counts measured (none without a plan, or for a tensor-parallel target)."""
+        if self.policy is None or not isinstance(self.model, LlamaModel):
+            return []
+        per_round = self.draft.num_draft_tokens + 1
+        batches = sorted({b for b in (1, 4, 16) if b < self.max_batch_size} | {self.max_batch_size})
+        tokens = torch.arange(per_round, dtype=torch.long, device=self.device) % self.vocab_size
+        measured = []
+        for i, (b, rows) in enumerate((b, rows) for b in batches for rows in (1, per_round)):
+            caches = [self.model.new_cache(per_round) for _ in range(b)]
+            segments = [Segment(tokens[:rows], cache, rows) for cache in caches]
+            if i == 0:  # a cold first pass (the weights' first reads) is not a cost
+                self.model.forward_batch(segments)
+                for cache in caches:
+                    cache.crop(0)
+            started = time.monotonic()
+            self.model.forward_batch(segments)
+            self.policy.observe_step(b * rows, time.monotonic() - started)
+            measured.append(b * rows)
+        return measured
 
     def _prefill_chunk(self, request: Request) -> list[int]:
         """The prompt's next chunk: up to the next multiple of prefill_chunk (all but the last token)."""
