@@ -1,14 +1,16 @@
-"""A short pass's decoder layers in one kernel call (kernels/layers.c).
+"""A pass's decoder layers in one kernel call (kernels/layers.c).
 
-`LlamaModel.forward` and `forward_batch` on a CPU float32 model run their decode steps and
-verifications (every sequence's new rows at most ROW_WISE_MAX_T) through `DecodeLayers` when
+`LlamaModel.forward` and `forward_batch` on a CPU float32 model run their decode steps,
+verifications and prefill chunks (those ending by FUSED_PREFILL_END) through `DecodeLayers` when
 every layer is made of pieces our kernels compute (QLinear, a ConcatLinear of QLinears,
 Float32Linear; RMSNorm, RoPE, attention and the SiLU gate by elementwise.c and attend.c). The
-C loop calls those same kernels with the same arguments as the Python path, so the rows are bit
-for bit the same; what it removes is the Python, torch dispatch and ctypes work between them,
+C loop calls those same kernels with the same arguments as the Python path, so a decode step's
+or a verification's rows are bit for bit the same (a prefill chunk's attention is the row-wise
+kernel's, not the masked pass's: the same up to rounding); what it removes is the Python, torch dispatch and ctypes work between them,
 ~0.4 ms a layer on the 2-core AVX2 machine (the real target's 1-token pass 57.9 -> 43.5 ms, its
 draft's 23.9 -> 13.3: python -m bench.pass_cost, README "The real pair"). Everything else (a
-prefill, bf16, a GPU, tensor parallelism, a layer of another kind) takes the Python path.
+later prefill chunk, bf16, a GPU, tensor parallelism, a layer of another kind) takes the Python
+path.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class DecodeLayers:
 
     def run(self, h: torch.Tensor, caches: list, starts: list[int], lengths: list[int], cos: torch.Tensor,
             sin: torch.Tensor) -> None:
-        """One pass over segments (sequences): lengths[j] <= 8 new rows at positions starts[j]..
+        """One pass over segments (sequences): lengths[j] new rows at positions starts[j]..
         over caches[j] (KVCaches that `takes`), their rows one after another in h [N, dim] float32
         contiguous, which is updated in place through every layer. cos, sin: the model's RoPE
         tables [P, 1, D] float32, P > starts[j] + lengths[j]. Writes the new keys and values (the

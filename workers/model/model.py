@@ -33,8 +33,20 @@ from .tensor_split import TensorSplit
 
 
 # Passes of up to this many new tokens (decode steps and verifications) attend row by row,
-# each row as a 1-token pass would (batch invariance); longer ones (prefills) use one masked pass.
+# each row as a 1-token pass would (batch invariance); longer ones (prefills) use one masked
+# pass on the layer-by-layer path.
 ROW_WISE_MAX_T = 8
+
+# Where DecodeLayers runs a model (float32 on the CPU), a segment of more rows (a prefill chunk)
+# takes it too while it ends at or before this position, and the layer-by-layer path beyond.
+# Its attention is the row-wise kernel's, which re-reads the keys for every row where the
+# masked pass (scaled_dot_product_attention) tiles them: measured, SmolLM2-135M float32, 2
+# threads, same process alternated, layer by layer -> one call: a 48-row chunk 96.6 -> 84.0
+# ms, 512 rows from position 0 945.9 -> 948.3, 512 rows from 1,024 1,361 -> 1,688; a step of
+# 16 decode rows and a 40-row chunk 154.6 -> 107.5 (the layer-by-layer path splits every
+# linear call at the chunk). By position, not by batch: a chunk's path (and its bits) must
+# not depend on what else a step runs.
+FUSED_PREFILL_END = 1024
 
 
 class Positions(NamedTuple):
@@ -155,6 +167,12 @@ class TwoRowFloor(nn.Module):
         if x.shape[0] != 1:
             return self.inner(x)
         return self.inner(torch.cat([x, torch.zeros_like(x)]))[:1]
+
+
+def _merged(picks: Sequence[bool], chosen: list, others: list) -> list:
+    """One list in the original order from the items where picks[i] (in order) and the rest."""
+    chosen_items, other_items = iter(chosen), iter(others)
+    return [next(chosen_items) if pick else next(other_items) for pick in picks]
 
 
 def ragged_head(
@@ -403,17 +421,23 @@ class LlamaModel(nn.Module):
             self._decode_layers = DecodeLayers.build(self)
         return self._decode_layers
 
-    def _fused_layers(self, h: torch.Tensor, caches: list[KVCache], starts: list[int], lengths: list[int]) -> bool:
-        """Run every layer of a short pass (segments of at most ROW_WISE_MAX_T rows, their rows one
-        after another in h, updated in place) in one kernel call where DecodeLayers applies;
-        False: it does not (the caller runs the Python path)."""
-        if max(lengths) > ROW_WISE_MAX_T:
+    def fuses(self, cache: KVCache, T: int) -> bool:
+        """Whether a pass of T new rows over `cache` (from its length on) runs its layers in
+        one kernel call: DecodeLayers runs this model and takes the cache, and the rows are a
+        decode step or a verification, or a prefill chunk ending by FUSED_PREFILL_END."""
+        if T > ROW_WISE_MAX_T and cache.length + T > FUSED_PREFILL_END:
             return False
         fused = self.decode_layers()
-        if fused is None or not all(fused.takes(c) for c in caches):
+        return fused is not None and fused.takes(cache)
+
+    def _fused_layers(self, h: torch.Tensor, caches: list[KVCache], starts: list[int], lengths: list[int]) -> bool:
+        """Run every layer of a pass (segments their rows one after another in h, updated in
+        place) in one kernel call where every segment `fuses`; False: not (the caller runs the
+        Python path)."""
+        if not all(self.fuses(c, T) for c, T in zip(caches, lengths)):
             return False
         self._rope_to(max(a + n for a, n in zip(starts, lengths)))
-        fused.run(h, caches, starts, lengths, self.rope_cos, self.rope_sin)
+        self.decode_layers().run(h, caches, starts, lengths, self.rope_cos, self.rope_sin)
         return True
 
     # -- pieces ----------------------------------------------------------------
@@ -519,13 +543,19 @@ class LlamaModel(nn.Module):
         """One pass over several sequences, each T_i new tokens over its own cache (ragged):
         logits [num_logits_i, vocab] float32 per segment, and each cache advanced by T_i.
 
-        Each segment gets bit for bit what `forward` gives it alone: attention runs per
-        segment (row by row for T_i <= ROW_WISE_MAX_T), and a linear takes all the segments'
-        rows in one call only where it is batch-invariant (see linear_invariance)."""
+        Each segment gets bit for bit what `forward` gives it alone: the segments that `fuses`
+        take one kernel call (every kernel computes a row on its own), the others the
+        layer-by-layer path, where attention runs per segment (row by row for T_i <=
+        ROW_WISE_MAX_T) and a linear takes all the segments' rows in one call only where it is
+        batch-invariant (see linear_invariance)."""
         if len(segments) == 1:  # one request: the plain pass (the same rows, less bookkeeping)
             return [self.forward(segments[0].tokens, segments[0].cache, segments[0].num_logits)]
         if len({id(s.cache) for s in segments}) != len(segments):
             raise ValueError("forward_batch: one segment per cache")
+        fused = [self.fuses(s.cache, s.tokens.numel()) for s in segments]
+        if any(fused) and not all(fused):  # two passes: each segment takes its own path
+            return _merged(fused, self.forward_batch([s for s, f in zip(segments, fused) if f]),
+                           self.forward_batch([s for s, f in zip(segments, fused) if not f]))
         tokens = [self._tokens(s.tokens, s.cache, s.num_logits) for s in segments]
         lengths = [t.shape[0] for t in tokens]
         starts = [s.cache.length for s in segments]

@@ -212,7 +212,7 @@ int attend_rows(const float *q, int T, int KV, int G, int D, const void *k, cons
 }
 
 /* A batched pass's attention in one call: nseg segments (requests), segment i with T[i] rows
- * (at most a few each: decode steps and verifications) at positions start[i].., over its own
+ * (decode steps and verifications; prefill chunks from layers.c) at positions start[i].., over its own
  * cache (kcache[i], vcache[i]: this layer's [KV, S_i, D], head_stride[i] = S_i * D).
  * First each segment's new keys and values (kn, vn: [N, KV, D] in the cache's dtype, the
  * segments' rows one after another, N = sum T[i]) are copied into its cache at start[i]; then
@@ -245,7 +245,9 @@ int attend_segments(const float *q, const void *kn, const void *vn, int nseg, co
         }
     }
     int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N * KV > 1)
+    /* the tasks dealt out in turn: a prefill chunk's later rows attend to more keys (in blocks,
+     * one thread took its last rows: 512 rows, 2 threads, 989 -> 948 ms for the whole pass) */
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1 && N * KV > 1)
     for (int task = 0; task < N * KV; task++) {
         const int r = task / KV, h = task % KV, i = seg_of[2 * r], t = seg_of[2 * r + 1], L = start[i] + t + 1;
         float *s = malloc(sizeof(float) * (long)G * L);

@@ -1,5 +1,5 @@
-/* The decoder layers of a short pass (decode steps and verifications of up to 8 rows, of one
- * sequence or several) in one call: for each layer, RMSNorm, the fused q/k/v projection, RoPE,
+/* The decoder layers of a pass (decode steps, verifications and prefill chunks, of one sequence
+ * or several) in one call: for each layer, RMSNorm, the fused q/k/v projection, RoPE,
  * attention over the KV cache (writing the new keys and values), the output projection and the
  * residual add, then RMSNorm, gate/up, the SiLU gate, the down projection and the residual add.
  *
@@ -9,14 +9,16 @@
  * on the 2-core AVX2 machine (its qgemm calls with their quantization of the rows ~42 ms).
  * This file calls the same kernels with the same arguments in the same order, and adds the
  * biases and residuals as torch adds them (one float32 add each), so its rows are bit for bit
- * those of the Python path (workers/model/layers.py checks where it applies and builds the
- * plan below; tests/unit/test_fused_layers.py compares the two).
+ * those of the Python path for segments of up to 8 rows (workers/model/layers.py checks where it
+ * applies and builds the plan below; tests/unit/test_fused_layers.py compares the two). A longer
+ * segment (a prefill chunk) attends row by row too (attend.c), where the Python path runs one
+ * masked pass: its rows are the same up to rounding, and bit for bit what it gets alone.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 8  /* new rows of a segment (model.ROW_WISE_MAX_T), and of one qgemm call (its MMAX) */
+#define MAX_ROWS 8  /* rows of one qgemm call (its MMAX) */
 #define MAX_PARTS 3 /* parts of a linear (layers.py's MAX_PARTS: q, k, v) */
 
 int qgemm(const float *x, int M, int K, const uint8_t *w, int layout, int G, const float *scale, const float *offset,
@@ -89,7 +91,7 @@ static void add_rows(float *h, int M, int dim, const float *y, int ld) {
         for (int n = 0; n < dim; n++) h[(long)m * dim + n] += y[(long)m * ld + n];
 }
 
-/* A pass of nseg sequences (segments), segment j with T[j] <= MAX_ROWS new rows at positions start[j]..
+/* A pass of nseg sequences (segments), segment j with T[j] new rows at positions start[j]..
  * over its own float32 cache: k[j], v[j] its keys and values [n_layers, kv_heads, S_j, head_dim]
  * (layer_stride[j] = kv_heads * S_j * head_dim, head_stride[j] = S_j * head_dim floats), where
  * the new keys and values are written at start[j]. h: [N, dim] float32, N = sum T[j], the
@@ -106,7 +108,7 @@ int decode_layers(const Layer *layers, int n_layers, const Shape *s, float *h, i
     const int H = s->heads, KV = s->kv_heads, D = s->head_dim;
     int N = 0;
     for (int j = 0; j < nseg; j++) {
-        if (T[j] < 1 || T[j] > MAX_ROWS || start[j] < 0) return -1;
+        if (T[j] < 1 || start[j] < 0) return -1;
         N += T[j];
     }
     float *xn = scratch;                        /* [N, max(dim, hidden)]: normed rows, then the gate's output */
