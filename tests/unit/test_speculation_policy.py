@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+import workers.engine.speculation_policy as speculation_policy
+
 from workers.engine.speculation_policy import (
     PROBE_ROUNDS,
     AcceptanceEstimate,
@@ -19,6 +21,14 @@ from workers.engine.speculation_policy import (
     plan,
 )
 
+
+
+@pytest.fixture(autouse=True)
+def plans_from_the_first_round(monkeypatch):
+    """These tests price plans from the costs and acceptance they give; the policy's wait for
+    FIRST_DRAFTS verified drafts before it plans is tested on its own
+    (test_speculation_policy.py::test_plans_begin_once_drafts_have_been_verified)."""
+    monkeypatch.setattr(speculation_policy, "FIRST_DRAFTS", 0)
 
 def simulated_tokens(a: float, k: int, rounds: int = 40000, seed: int = 0) -> float:
     """Mean tokens per round by simulation: drafts accepted independently with probability a."""
@@ -445,6 +455,21 @@ def test_seeded_draft_costs_price_a_lone_requests_pass_from_its_own_measurement(
     assert policy.new_request_drafts(4, 1) == 0
     policy.seed_draft_costs([(1, 0.005), (4, 0.015), (16, 0.056)])
     assert policy.new_request_drafts(4, 1) == 4
+
+
+def test_plans_begin_once_drafts_have_been_verified(monkeypatch):
+    """With its costs known from the start (timed at start-up), a policy that planned at once
+    planned at the prior acceptance, where drafts did not pay, and never verified a draft to
+    learn better (the tiny test pair, sd, six requests: none drafted). Catches plans made
+    before FIRST_DRAFTS drafts have been verified."""
+    monkeypatch.setattr(speculation_policy, "FIRST_DRAFTS", 16)
+    policy = filled_policy(serial=True, draft_pass=0.05)
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    assert set(policy.plan(rounds, 16).values()) == {4}  # the caps: nothing verified yet
+    assert policy.new_request_drafts(4, 16) == 4
+    for r in rounds[:4]:
+        policy.observe_round(r.request_id, 4, 1)
+    assert set(policy.plan(rounds, 16).values()) == {0}  # now by the costs, under load
 
 
 def test_a_prefill_chunk_does_not_start_a_lagging_requests_draft():

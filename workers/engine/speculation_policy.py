@@ -49,6 +49,7 @@ PRIOR_TRIALS = 4.0  # weight (in draft trials) of the global estimate in a new r
 PROBE_ROUNDS = 16  # rounds at k = 0 (held there by the plan) before a request drafts again
 PACE_DRAFTS = 32  # verified drafts a measurement of a beside draft's pace spans
 WAIT_STEPS = 8  # steps a round may wait for a draft beside the target to feed what it missed
+FIRST_DRAFTS = 16  # verified drafts before the plans begin (until then every round takes its cap)
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -340,12 +341,14 @@ class SpeculationPolicy:
         self.last_plan: dict[str, int] = {}
         self._most_by_batch: dict[int, int] = {}  # rounds in a plan -> most drafts the latest such plan gave
         self._plans = 0  # plans made (the steps probes are aligned to)
+        self.drafts_verified = 0  # in all rounds observed
 
     def acceptance(self, request_id: str) -> float:
         estimate = self._acceptance.get(request_id)
         return self.overall.value if estimate is None else estimate.value
 
     def observe_round(self, request_id: str, drafted: int, accepted: int) -> None:
+        self.drafts_verified += max(0, drafted)
         if drafted <= 0:
             self._idle_rounds[request_id] = self._idle_rounds.get(request_id, 0) + 1
             return
@@ -454,8 +457,12 @@ class SpeculationPolicy:
 
     @property
     def _prices_plans(self) -> bool:
-        """Whether costs enough to plan by have been measured (else every round takes its cap)."""
-        return bool(self.target_cost) and (bool(self.draft_cost) or not self.serial_draft)
+        """Whether costs enough to plan by have been measured, and drafts enough to estimate the
+        acceptance by verified (else every round takes its cap). With the costs timed at
+        start-up the first requests were planned at the prior acceptance, where drafts do not
+        pay, and none ever drafted to correct it (the tiny test pair, sd)."""
+        costs = bool(self.target_cost) and (bool(self.draft_cost) or not self.serial_draft)
+        return costs and self.drafts_verified >= FIRST_DRAFTS
 
     def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
         """Drafts per round of the next step (each cap until the target's cost has been measured)."""
