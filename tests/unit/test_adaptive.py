@@ -12,25 +12,16 @@ import random
 
 import pytest
 
-import workers.engine.speculation_policy as speculation_policy
-
 from protocol.messages import BeginDrafting, DraftIdle, GenerateRequest, SamplingParams, VerifiedPrefix
 from tests.unit.test_engine import PROMPTS, make_engine, models, request, run
+from tests.unit.test_speculation_policy import plans_from_the_first_round
 from configs.modes import mode_of
 from workers.engine import DraftEngine, DraftStream, PlainDraft
 from workers.engine.request import Request
 from workers.engine.speculation_policy import Round, SpeculationPolicy
 
-__all__ = ["models"]  # the module-scoped fixture, shared with test_engine
+__all__ = ["models", "plans_from_the_first_round"]  # fixtures shared with test_engine and test_speculation_policy
 
-
-
-@pytest.fixture(autouse=True)
-def plans_from_the_first_round(monkeypatch):
-    """These tests price plans from the costs and acceptance they give; the policy's wait for
-    FIRST_DRAFTS verified drafts before it plans is tested on its own
-    (test_speculation_policy.py::test_plans_begin_once_drafts_have_been_verified)."""
-    monkeypatch.setattr(speculation_policy, "FIRST_DRAFTS", 0)
 
 class ScriptedPolicy(SpeculationPolicy):
     """Plans drawn at random up to each round's cap: decisions as varied as timing could make them."""

@@ -34,6 +34,7 @@ from protocol.messages import (
 )
 from workers.engine.draft_model import DraftModel, PlainDraft
 from workers.engine.prefix_cache import KVPool, best_source, common_prefix_len, reusable_prefix
+from workers.engine.speculation_policy import timed_batches
 from workers.model.model import Segment
 from workers.sampling import Rows, process_logits, race, warp_with
 from workers.sampling.grammar import GrammarError, draft_scores
@@ -313,10 +314,9 @@ class DraftEngine:
         and exact positions of its own passes)."""
         if not isinstance(self.model, PlainDraft):
             return []
-        batches = sorted({b for b in (1, 4, 16) if b < self.max_batch_size} | {self.max_batch_size})
         token = torch.zeros(1, dtype=torch.long, device=self.device)
         costs = []
-        for i, b in enumerate(batches):
+        for i, b in enumerate(timed_batches(self.max_batch_size)):
             caches = [self.model.new_cache(1) for _ in range(b)]
             segments = [Segment(token, cache) for cache in caches]
             if i == 0:

@@ -50,6 +50,12 @@ PROBE_ROUNDS = 16  # rounds at k = 0 (held there by the plan) before a request d
 PACE_DRAFTS = 32  # verified drafts a measurement of a beside draft's pace spans
 WAIT_STEPS = 8  # steps a round may wait for a draft beside the target to feed what it missed
 FIRST_DRAFTS = 16  # verified drafts before the plans begin (until then every round takes its cap)
+TIMED_BATCHES = (1, 4, 16)  # requests in the passes timed at start-up (and the batch limit)
+
+
+def timed_batches(max_batch_size: int) -> list[int]:
+    """Requests in each pass the verify and draft workers time at start-up to seed the costs."""
+    return sorted({b for b in TIMED_BATCHES if b < max_batch_size} | {max_batch_size})
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -465,7 +471,7 @@ class SpeculationPolicy:
         return costs and self.drafts_verified >= FIRST_DRAFTS
 
     def plan(self, rounds: list[Round], base_tokens: int) -> dict[str, int]:
-        """Drafts per round of the next step (each cap until the target's cost has been measured)."""
+        """Drafts per round of the next step (each cap until _prices_plans)."""
         self._plans += 1
         if not self.serial_draft:
             self._forget_pace()

@@ -33,7 +33,7 @@ from protocol.messages import BATCH_SIZE_BOUNDS, GenerateRequest, HistogramCount
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.prefix_cache import KVPool, best_source, reusable_prefix
 from workers.engine.request import Request
-from workers.engine.speculation_policy import Round, SpeculationPolicy
+from workers.engine.speculation_policy import Round, SpeculationPolicy, timed_batches
 from workers.model.model import LlamaModel, Segment
 from workers.sampling import accept_greedy, accept_sampled, logprobs_of, process_logits, warp_with
 from workers.sampling.grammar import GrammarError, mask_logits
@@ -212,10 +212,6 @@ class VerifyEngine:
             if planned is None:  # not planned yet: its first round
                 batch = min(len(self._running) + len(self._waiting), self.max_batch_size)
                 planned = self.policy.new_request_drafts(self.draft.num_draft_tokens, batch)
-                import os as _os
-                if _os.environ.get("DIAG_LOG"):
-                    tc = self.policy.target_cost; dc = self.policy.draft_cost
-                    open(_os.environ["DIAG_LOG"], "a").write(f"new batch={batch} told={planned} most={self.policy._most_by_batch} acc={self.policy.overall.value:.3f} tc={list(zip(tc.counts, [round(v,3) for v in tc._fit()]))[:8] if tc else None} dc={list(zip(dc.counts, [round(v,3) for v in dc._fit()])) if dc else None}\n")
             limit = planned + self.draft.max_run_ahead - self.draft.num_draft_tokens if planned else 0
         request.draft_run_ahead = self._num_drafts(request, limit)
         return request.draft_run_ahead
@@ -450,7 +446,7 @@ class VerifyEngine:
         if self.policy is None or not isinstance(self.model, LlamaModel):
             return []
         per_round = self.draft.num_draft_tokens + 1
-        batches = sorted({b for b in (1, 4, 16) if b < self.max_batch_size} | {self.max_batch_size})
+        batches = timed_batches(self.max_batch_size)
         tokens = torch.arange(per_round, dtype=torch.long, device=self.device) % self.vocab_size
         measured = []
         for i, (b, rows) in enumerate((b, rows) for b in batches for rows in (1, per_round)):

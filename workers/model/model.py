@@ -430,15 +430,11 @@ class LlamaModel(nn.Module):
         fused = self.decode_layers()
         return fused is not None and fused.takes(cache)
 
-    def _fused_layers(self, h: torch.Tensor, caches: list[KVCache], starts: list[int], lengths: list[int]) -> bool:
-        """Run every layer of a pass (segments their rows one after another in h, updated in
-        place) in one kernel call where every segment `fuses`; False: not (the caller runs the
-        Python path)."""
-        if not all(self.fuses(c, T) for c, T in zip(caches, lengths)):
-            return False
+    def _fused_layers(self, h: torch.Tensor, caches: list[KVCache], starts: list[int], lengths: list[int]) -> None:
+        """Run every layer of a pass whose every segment `fuses` (their rows one after another in
+        h, updated in place) in one kernel call."""
         self._rope_to(max(a + n for a, n in zip(starts, lengths)))
         self.decode_layers().run(h, caches, starts, lengths, self.rope_cos, self.rope_sin)
-        return True
 
     # -- pieces ----------------------------------------------------------------
 
@@ -492,7 +488,9 @@ class LlamaModel(nn.Module):
         T = tokens.shape[0]
         start = cache.length
         h = self.embed(tokens).contiguous()
-        if not self._fused_layers(h, [cache], [start], [T]):
+        if self.fuses(cache, T):
+            self._fused_layers(h, [cache], [start], [T])
+        else:
             pos = self.positions(start, T)
             for layer, layer_cache in zip(self.layers, cache.layers):
                 h = layer(h, layer_cache, pos)
@@ -560,7 +558,8 @@ class LlamaModel(nn.Module):
         lengths = [t.shape[0] for t in tokens]
         starts = [s.cache.length for s in segments]
         h = self.embed(torch.cat(tokens)).contiguous()  # [N, dim]
-        if self._fused_layers(h, [s.cache for s in segments], starts, lengths):
+        if all(fused):
+            self._fused_layers(h, [s.cache for s in segments], starts, lengths)
             bounds = segment_bounds(lengths)
         else:
             positions, rows = self.ragged_rows(starts, lengths)
