@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.inference_mode():
         for role, section in (("target", config.target), ("draft", config.draft)):
-            model = load_model(resolve_checkpoint(section.path), compute_dtype(section.dtype, device), section.quantization,
+            model = load_model(resolve_checkpoint(section.path), compute_dtype(section.dtype, device, section.quantization), section.quantization,
                                device=device, head_vocab=section.head_vocab)
             for B in (int(b) for b in args.batch.split(",")):
                 for T in (int(t) for t in args.tokens.split(",")):

@@ -68,7 +68,7 @@ def main() -> None:
     config = load_config(args.config)
     path = resolve_checkpoint(config.target.path)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, compute_dtype(config.target.dtype, "cpu"), config.target.quantization)
+    model = load_model(path, compute_dtype(config.target.dtype, "cpu", config.target.quantization), config.target.quantization)
     stop = list(eos_token_ids(path, tokenizer))
     spec = config.speculation
     sources = {"ar": lambda: NoDraft()} | {

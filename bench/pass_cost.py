@@ -181,7 +181,7 @@ def main() -> None:
             tokenizer = tokenizer or load_tokenizer(path)
             t0 = time.perf_counter()
             models[role] = load_model(
-                path, compute_dtype(section.dtype, "cpu"), section.quantization, head_vocab=section.head_vocab
+                path, compute_dtype(section.dtype, "cpu", section.quantization), section.quantization, head_vocab=section.head_vocab
             )
             label = f"{role} ({section.quantization}{', head ' + str(section.head_vocab) if section.head_vocab else ''})"
             print(f"loaded {label} in {time.perf_counter() - t0:.1f} s")

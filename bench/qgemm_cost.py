@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     K, N = map(int, args.shape.split("x"))
-    dtype = compute_dtype("auto", "cpu")
+    dtype = compute_dtype("auto", "cpu", "gguf")
     parts = [q4k_parts(N, K, seed) for seed in range(COPIES)]
     kernels = {}
     for variant in machine_variants():

@@ -114,7 +114,7 @@ def main() -> None:
     token_counts = [int(t) for t in a.tokens.split(",")]
     config = load_config(a.config)
     section = config.target
-    dtype = compute_dtype(section.dtype, "cpu")
+    dtype = compute_dtype(section.dtype, "cpu", section.quantization)
     path = resolve_checkpoint(section.path)
     gen = torch.Generator().manual_seed(0)
     load_start = os.getloadavg()

@@ -4,7 +4,8 @@ The loader checks configs against them and the workers dispatch on them; this
 module imports nothing, so the HTTP process can read it without torch.
 """
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 where the device computes it natively, else float32 (workers/model/dtypes.py)
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 where the device computes it natively, else float32;
+# float32 on a CPU for a model served from its GGUF blocks (workers/model/dtypes.py)
 QUANTIZATIONS = ("none", "int8", "int4", "gguf", "gguf-q4")  # weight-only quantization of a model's linears ("gguf": as the
 # file stores it; "gguf-q4": its 4-bit tensors as stored, the rest re-quantized to 4 bits, for a draft)
 GGUF_QUANTIZATIONS = ("gguf", "gguf-q4")  # the QUANTIZATIONS that read a GGUF file's own blocks

@@ -162,7 +162,7 @@ def load_worker_model(model_config: ModelConfig, device: torch.device):
     from workers.model.dtypes import compute_dtype
 
     path = resolve_checkpoint(model_config.path, progress=log.info)
-    dtype = compute_dtype(model_config.dtype, device)
+    dtype = compute_dtype(model_config.dtype, device, model_config.quantization)
     model = load_model(
         path, dtype=dtype, quantization=model_config.quantization, device=device, head_vocab=model_config.head_vocab
     )

@@ -71,7 +71,7 @@ class TargetCheckpoint:
         from workers.model import load_model
         from workers.model.dtypes import compute_dtype
 
-        dtype = compute_dtype(self.dtype, device)
+        dtype = compute_dtype(self.dtype, device, self.quantization)
         return load_model(Path(self.path), dtype=dtype, quantization=self.quantization, device=device, split=split)
 
     def splits(self, world: int) -> list[TensorSplit]:
@@ -144,7 +144,7 @@ class TensorParallelModel(RankGroup):
         self.fatal = fatal
         self.max_pass_tokens = max_pass_tokens
         self.device = torch.device(device)
-        element = torch.finfo(compute_dtype(checkpoint.dtype, self.device)).bits // 8
+        element = torch.finfo(compute_dtype(checkpoint.dtype, self.device, checkpoint.quantization)).bits // 8
         slot_bytes = SHM_CHUNK_TOKENS * read_args(Path(checkpoint.path)).dim * element
         # shared memory moves at most a slot at a time; gloo and NCCL take any size
         across_hosts = bool(group_options.get("rendezvous") and group_options["rendezvous"].address)
@@ -242,7 +242,7 @@ def _checkpoint(config) -> TargetCheckpoint:
     from workers.model import resolve_checkpoint
 
     path = resolve_checkpoint(config.target.path, progress=log.info)
-    dtype = dtype_name(compute_dtype(config.target.dtype, config.placement_of_mode.target.device))
+    dtype = dtype_name(compute_dtype(config.target.dtype, config.placement_of_mode.target.device, config.target.quantization))
     return TargetCheckpoint(str(path), dtype, config.target.quantization)
 
 

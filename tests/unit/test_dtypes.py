@@ -30,3 +30,25 @@ def test_a_worker_model_computes_in_the_resolved_type(monkeypatch, tmp_path):
         assert model.dtype == expected
         assert dtypes.dtype_name(model.dtype) == name  # what rank 0 hands its EasySpec / TP ranks
 
+
+
+@pytest.mark.parametrize("quantization", ["gguf", "gguf-q4"])
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_is_float32_for_a_model_served_from_its_gguf_blocks(monkeypatch, native_bf16, quantization):
+    # catches "auto" giving bf16 to a qgemm model on an AVX512-BF16 CPU: its layers then leave the
+    # one C call (float32 only) and every kernel converts around bf16 (its 1-token pass 2x)
+    monkeypatch.setattr(dtypes, "cpu_computes_bf16", lambda: native_bf16)
+    assert dtypes.compute_dtype("auto", "cpu", quantization) == torch.float32
+    assert dtypes.compute_dtype("bfloat16", "cpu", quantization) == torch.bfloat16  # asked for by name: kept
+    assert dtypes.compute_dtype("auto", "cpu", "int4") == (torch.bfloat16 if native_bf16 else torch.float32)
+
+
+def test_a_gguf_worker_model_computes_in_float32_where_the_cpu_has_bf16(monkeypatch, tmp_path):
+    # catches the worker resolving "auto" without the model's quantization
+    from tests.unit.test_gguf_weights import write_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "qwen2")
+    monkeypatch.setattr(dtypes, "cpu_computes_bf16", lambda: True)
+    model, _ = load_worker_model(ModelConfig(path=str(path), dtype="auto", quantization="gguf"), torch.device("cpu"))
+    assert model.dtype == torch.float32

@@ -52,7 +52,7 @@ class DraftCheckpoint:
         from workers.model import load_model
         from workers.model.dtypes import compute_dtype
 
-        dtype = compute_dtype(self.dtype, device)
+        dtype = compute_dtype(self.dtype, device, self.quantization)
         return load_model(Path(self.path), dtype=dtype, quantization=self.quantization, device=device)
 
 
