@@ -294,7 +294,8 @@ def main(argv=None) -> None:
     started = time.time()
     load_start = os.getloadavg()
     config = load_config()
-    quantization, dtype = config.draft.quantization, compute_dtype(config.draft.dtype, "cpu", quantization)
+    quantization = config.draft.quantization
+    dtype = compute_dtype(config.draft.dtype, "cpu", quantization)
     report: dict = {"model": EMBEDDED, "draft_quantization": quantization, "tokens": args.tokens, "k": args.k, "torch": torch.__version__,
                     "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_start": load_start}
 
