@@ -37,6 +37,12 @@ class LaunchError(RuntimeError):
 # the cores the other worker then needs). Measured here (default pair, sd, both workers with
 # 2 threads on the same 2 cores, python -m bench.load): 16 clients 159 -> 213 output tokens/s
 # against 1 thread each, 1 client 70 -> 73; spinning unlimited (no setting) 199 / 60.
+# The cost (session 19, the 2-core AVX512-BF16 machine, where the default target runs bf16
+# layer by layer: hundreds of oneDNN calls a pass with Python between them): the target's own
+# threads sleep between its calls, so an sd step of 16 rows without drafts took 46-55 ms where
+# ar's takes 32 (step logs, py-spy). With the verify worker at libgomp's default (300,000, the
+# draft kept at 10,000) sd at 16 clients gave 210-212 tokens/s against 152-176, but 1 client
+# 41-65 against 58-75 (4 runs each; in 2 of the 4 its plans stopped drafting): not taken.
 SHARED_CORES_SPINCOUNT = "10000"
 
 
