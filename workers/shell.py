@@ -27,6 +27,7 @@ from configs.loader import Config, DevicePlacement, ModelConfig, config_from_dic
 from protocol.curve import CurveKeys, keys_for
 from protocol.messages import WorkerReady
 from protocol.sockets import Inbox, Outbox
+from workers.engine.speculation_policy import WideShare
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ def apply_placement(placement: DevicePlacement) -> torch.device:
     return torch.device("cpu")
 
 
+# rows of the passes BorrowedCores.probe times on both teams: a lone request's step (bound by
+# memory, it gains least from more cores) and a verification's or a batch's (more arithmetic)
+PROBE_ROWS = (1, 8)
+
+
 class BorrowedCores:
     """The target's thread team, widened onto the draft's cores for the steps where the draft
     idles (placement.<mode>.borrow_draft_cores) and narrowed back before it drafts again.
@@ -111,7 +117,7 @@ class BorrowedCores:
         wide = tuple(sorted({*own.cores, *draft.cores}))
         self.wide = (wide, len(wide))
         self.widened = False
-        self.wide_share = 1.0  # a wide pass's time over a narrow one's (measured by probe)
+        self.wide_share = WideShare(((1, 1.0),))  # a wide pass's time over a narrow one's, by rows (probe)
 
     def __call__(self, wide: bool) -> None:
         if wide == self.widened:
@@ -128,8 +134,8 @@ class BorrowedCores:
     @torch.inference_mode()
     def probe(self, model, repeats: int = 3) -> bool:
         """Whether a prefill and a few-token pass of `model` give the same logits on both teams;
-        if so, wide_share is the time of the few-token pass wide over narrow (the faster of
-        `repeats` each)."""
+        if so, wide_share is the time of a pass of each of PROBE_ROWS rows wide over narrow (the
+        faster of `repeats` each)."""
         from workers.model.model import Segment
 
         probe = torch.arange(40, dtype=torch.long, device=model.device) % model.args.vocab_size
@@ -140,20 +146,20 @@ class BorrowedCores:
             first = model.forward_batch([Segment(probe[:32], cache, 32)])
             return first + model.forward_batch([Segment(probe[32:], cache, 8)])
 
-        def seconds() -> float:
+        def seconds(rows: int) -> float:
             best = float("inf")
             for _ in range(repeats):
                 cache.crop(32)
                 started = time.perf_counter()
-                model.forward_batch([Segment(probe[32:], cache, 8)])
+                model.forward_batch([Segment(probe[32 : 32 + rows], cache, rows)])
                 best = min(best, time.perf_counter() - started)
             return best
 
-        narrow, narrow_s = logits(), seconds()
+        narrow, narrow_s = logits(), [seconds(rows) for rows in PROBE_ROWS]
         self(True)
-        wide, wide_s = logits(), seconds()
+        wide, wide_s = logits(), [seconds(rows) for rows in PROBE_ROWS]
         self(False)
-        self.wide_share = wide_s / narrow_s
+        self.wide_share = WideShare(tuple((rows, w / n) for rows, w, n in zip(PROBE_ROWS, wide_s, narrow_s)))
         return all(torch.equal(a, b) for a, b in zip(narrow, wide))
 
 

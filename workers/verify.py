@@ -167,12 +167,12 @@ class VerifyWorker:
             log.warning("not borrowing the draft's cores: the target's logits differ on %d and %d threads "
                         "(outputs would depend on the load)", cores.narrow[1], cores.wide[1])
             return None
-        if cores.wide_share >= placement.borrow_max_share:
-            log.warning("not borrowing the draft's cores: a pass on them too takes %.2fx one on the target's own "
+        if cores.wide_share.lowest >= placement.borrow_max_share:
+            log.warning("not borrowing the draft's cores: a pass on them too takes %s one on the target's own "
                         "(placement.%s.borrow_max_share: %g)", cores.wide_share, self.config.mode.name,
                         placement.borrow_max_share)
             return None
-        log.info("borrowing the draft's cores %s in steps without drafts (a pass there takes %.2fx)",
+        log.info("borrowing the draft's cores %s in steps without drafts (a pass there takes %s)",
                  list(cores.wide[0]), cores.wide_share)
         return cores
 

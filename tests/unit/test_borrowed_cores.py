@@ -13,6 +13,7 @@ import torch
 from configs.loader import DevicePlacement
 from tests.unit.test_engine import PROMPTS, make_engine, models, request, run
 from workers.model import load_model
+from workers.engine.speculation_policy import WideShare
 from workers.shell import BorrowedCores
 
 __all__ = ["models"]  # the module-scoped fixture, shared with test_engine
@@ -61,7 +62,8 @@ def test_probe_finds_the_model_the_same_on_both_teams(restored_placement, tmp_pa
     own, other = restored_placement[:2]
     borrowed = BorrowedCores(DevicePlacement(cores=(own,), threads=1), DevicePlacement(cores=(other,), threads=1))
     assert borrowed.probe(model)
-    assert borrowed.wide_share > 0 and not borrowed.widened
+    assert [rows for rows, _ in borrowed.wide_share.points] == [1, 8]  # a lone request's pass and a batch's
+    assert borrowed.wide_share.lowest > 0 and not borrowed.widened
 
 
 class ThreadCountModel:
@@ -90,7 +92,7 @@ class Recorder:
     """A CoreBorrowing that records each step's team, and whether the in-process draft had
     anything to do when the step went wide."""
 
-    wide_share = 0.5
+    wide_share = WideShare(((1, 0.5),))
 
     def __init__(self, engine):
         self.draft = engine.draft.transport.engine

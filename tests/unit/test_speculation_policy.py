@@ -16,6 +16,7 @@ from workers.engine.speculation_policy import (
     CostCurve,
     Round,
     SpeculationPolicy,
+    WideShare,
     expected_tokens,
     isotonic,
     plan,
@@ -339,7 +340,8 @@ def test_no_probe_where_not_even_perfect_drafts_would_pay():
 def beside_policy(wide_share=None, draft_pass=lambda n: 0.05) -> SpeculationPolicy:
     """amusd's policy with measured costs: a step of n tokens 0.2 + 0.01 n s on the target's
     own cores, a draft pass feeding n tokens draft_pass(n) s."""
-    policy = SpeculationPolicy(serial_draft=False, prior_acceptance=0.9, wide_share=wide_share)
+    share = None if wide_share is None else WideShare(((1, wide_share),))
+    policy = SpeculationPolicy(serial_draft=False, prior_acceptance=0.9, wide_share=share)
     for n in range(1, 200):
         policy.observe_step(n, 0.2 + 0.01 * n)
         policy.observe_draft_pass(n, draft_pass(n))
@@ -391,6 +393,39 @@ def test_steps_without_drafts_run_wide_where_they_emit_more():
     assert set(beside_policy(wide_share=0.5).plan(rounds, 16).values()) == {0}
     assert sum(beside_policy().plan(rounds, 16).values()) > 0
     assert beside_policy(wide_share=0.5).plan([Round("a", 4)], 1)["a"] > 0
+
+
+def test_the_wide_share_is_read_at_the_rows_of_the_step():
+    """Linear between the row counts timed, the nearest outside them. Catches one share for
+    every step (the 8-row one priced a lone request's wide step) and an inverted interpolation."""
+    share = WideShare(((1, 0.7), (8, 0.5)))
+    assert share(1) == 0.7 and share(8) == 0.5
+    assert share(0) == 0.7 and share(64) == 0.5
+    assert share(4) == pytest.approx(0.7 - 3 / 7 * 0.2)
+    assert share.lowest == 0.5
+    assert str(share) == "0.70x at 1 row, 0.50x at 8 rows"
+
+
+def test_a_lone_request_drafts_where_a_wide_step_of_one_row_gains_little():
+    """The Qwen pair at 1 client, in its measured costs (a 1-row pass 49.8 ms on the target's
+    core, 95.4 ms for 5 rows; a draft pass 16.6 ms; 80% accepted): wide steps timed at 8 rows
+    (0.47) looked faster than drafting, so the plan never drafted; at the 1-row share (0.68) it
+    drafts. Sixteen rounds still run wide. Catches the plan pricing a step's wide share at
+    rows other than its own."""
+    def policy_with(share: WideShare) -> SpeculationPolicy:
+        policy = SpeculationPolicy(serial_draft=False, prior_acceptance=0.8, wide_share=share)
+        for n, seconds in ((1, 0.0498), (5, 0.0954), (16, 0.2), (80, 0.9)):
+            policy.observe_step(n, seconds)
+        for n in (1, 16):
+            policy.observe_draft_pass(n, 0.0166 * (1 + (n - 1) * 0.1))
+        return policy
+
+    one_ratio = policy_with(WideShare(((1, 0.47),)))
+    by_rows = policy_with(WideShare(((1, 0.68), (8, 0.47))))
+    assert one_ratio.plan([Round("a", 4)], 1)["a"] == 0
+    assert by_rows.plan([Round("a", 4)], 1)["a"] > 0
+    rounds = [Round(f"r{i}", 4) for i in range(16)]
+    assert set(by_rows.plan(rounds, 16).values()) == {0}
 
 
 def test_a_new_requests_prompt_is_spread_over_its_rounds_beside_a_borrowing_target():

@@ -305,6 +305,35 @@ def isotonic(values: list[float], weights: list[float]) -> list[float]:
 
 
 @dataclass(frozen=True)
+class WideShare:
+    """A wide step's time (the target on the draft's cores too) over the same step on the
+    target's own cores, by the rows of its pass: measured at start-up at a few row counts
+    (workers.shell.BorrowedCores.probe), linear between them, the nearest outside. One ratio
+    for every step mispriced the lone request: timed on an 8-row pass (Qwen2.5-Coder-1.5B, 1
+    core against 2) it was 0.47, where a 1-row pass, bound by memory more than by arithmetic,
+    takes 0.68 (bench.pass_cost: 33.7 against 49.8 ms), and amusd's plans ran every step wide
+    at 1 client (0.91x ar; fixed drafts 1.06x)."""
+
+    points: tuple[tuple[int, float], ...]  # (rows, share), rows ascending
+
+    def __call__(self, rows: int) -> float:
+        i = bisect.bisect_left([n for n, _ in self.points], rows)
+        if i == 0:
+            return self.points[0][1]
+        if i == len(self.points):
+            return self.points[-1][1]
+        (n0, s0), (n1, s1) = self.points[i - 1], self.points[i]
+        return s0 + (rows - n0) / (n1 - n0) * (s1 - s0)
+
+    @property
+    def lowest(self) -> float:
+        return min(share for _, share in self.points)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{share:.2f}x at {rows} row{'s' if rows > 1 else ''}" for rows, share in self.points)
+
+
+@dataclass(frozen=True)
 class Round:
     """What the engine knows of a request's next round."""
 
@@ -326,11 +355,11 @@ class SpeculationPolicy:
     passes for the step's drafts times its pace (observe_verified_drafts).
     wide_share: a target that also takes the draft's cores in steps where no request
     drafts (workers.shell.BorrowedCores): such a wide step is priced at this share of a
-    step on its own cores (measured once, at start-up: measured in steps under load, it
-    was what else ran on the borrowed cores that time, a draft pass finishing, the server).
+    step on its own cores, by its rows (measured at start-up: measured in steps under load,
+    it was what else ran on the borrowed cores that time, a draft pass finishing, the server).
     """
 
-    def __init__(self, serial_draft: bool, prior_acceptance: float = 0.5, wide_share: float | None = None):
+    def __init__(self, serial_draft: bool, prior_acceptance: float = 0.5, wide_share: WideShare | None = None):
         self.serial_draft = serial_draft
         self.wide_share = wide_share
         self.target_cost = CostCurve()  # a step's seconds by the tokens in its target pass
@@ -550,7 +579,7 @@ class SpeculationPolicy:
         else:
             ks, rate = best_plan(candidates, base_tokens, self.target_cost, self.draft_cost or None, beside=self.pace)
         if self.wide_share is not None and candidates and not any(c.floor for c in candidates):
-            if len(candidates) / (self.target_cost(base_tokens) * self.wide_share) >= rate:
+            if len(candidates) / (self.target_cost(base_tokens) * self.wide_share(base_tokens)) >= rate:
                 return [0] * len(candidates)
         return ks
 

@@ -33,7 +33,7 @@ from protocol.messages import BATCH_SIZE_BOUNDS, GenerateRequest, HistogramCount
 from workers.engine.draft_source import DraftSource, Proposal
 from workers.engine.prefix_cache import KVPool, best_source, reusable_prefix
 from workers.engine.request import Request
-from workers.engine.speculation_policy import Round, SpeculationPolicy, timed_batches
+from workers.engine.speculation_policy import Round, SpeculationPolicy, WideShare, timed_batches
 from workers.model.model import LlamaModel, Segment
 from workers.sampling import accept_greedy, accept_sampled, logprobs_of, process_logits, warp_with
 from workers.sampling.grammar import GrammarError, mask_logits
@@ -58,7 +58,7 @@ class CoreBorrowing(Protocol):
     """Widens the target's thread team onto the draft's cores (True) or narrows it back
     (workers.shell.BorrowedCores)."""
 
-    wide_share: float  # a pass's time on the draft's cores too over its time on the target's own
+    wide_share: WideShare  # a pass's time on the draft's cores too over its time on the target's own, by rows
 
     def __call__(self, wide: bool) -> None: ...
 
