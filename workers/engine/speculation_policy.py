@@ -309,10 +309,10 @@ class WideShare:
     """A wide step's time (the target on the draft's cores too) over the same step on the
     target's own cores, by the rows of its pass: measured at start-up at a few row counts
     (workers.shell.BorrowedCores.probe), linear between them, the nearest outside. One ratio
-    for every step mispriced the lone request: timed on an 8-row pass (Qwen2.5-Coder-1.5B, 1
-    core against 2) it was 0.47, where a 1-row pass, bound by memory more than by arithmetic,
-    takes 0.68 (bench.pass_cost: 33.7 against 49.8 ms), and amusd's plans ran every step wide
-    at 1 client (0.91x ar; fixed drafts 1.06x)."""
+    for every step mispriced the lone request: timed on an 8-row pass (Qwen2.5-Coder-1.5B, its
+    time on 2 cores over its time on 1) it was 0.47, where a 1-row pass, bound by memory more
+    than by arithmetic, takes 0.68 (bench.pass_cost: 33.7 against 49.8 ms), and amusd's plans
+    ran every step wide at 1 client (0.91x ar; fixed drafts 1.06x)."""
 
     points: tuple[tuple[int, float], ...]  # (rows, share), rows ascending
 
