@@ -10,7 +10,9 @@ import pytest
 import workers.engine.speculation_policy as speculation_policy
 
 from workers.engine.speculation_policy import (
+    EMA_WEIGHT,
     PROBE_ROUNDS,
+    WAIT_CLIP,
     AcceptanceEstimate,
     Candidate,
     CostCurve,
@@ -393,6 +395,25 @@ def test_steps_without_drafts_run_wide_where_they_emit_more():
     assert set(beside_policy(wide_share=0.5).plan(rounds, 16).values()) == {0}
     assert sum(beside_policy().plan(rounds, 16).values()) > 0
     assert beside_policy(wide_share=0.5).plan([Round("a", 4)], 1)["a"] > 0
+
+
+def test_one_long_wait_does_not_stop_a_lone_request_drafting():
+    """sd, the Qwen pair at 1 client, in its measured costs (a 1-request draft pass 9.1 ms,
+    target passes 31 ms for 1 row and 75 for 4): one round of 1 draft waited ~115 ms (the draft
+    had been told 3), and attributed whole it took the draft pass to 30 ms: the plans stopped
+    drafting and nothing measured it again. Catches a wait that moves the draft curve without
+    bound."""
+    policy = SpeculationPolicy(serial_draft=True, prior_acceptance=0.82)
+    for n, seconds in ((1, 0.031), (2, 0.045), (4, 0.075)):
+        policy.observe_step(n, seconds)
+    policy.seed_draft_costs([(1, 0.0091), (4, 0.012)])
+    policy.observe_round("a", 3, 3)
+    for _ in range(5):  # rounds of 3 drafts, three 1-request passes each
+        policy.observe_draft_wait([("a", 3)], 3 * 0.0091)
+    assert policy.plan([Round("a", 3)], 1)["a"] > 0
+    policy.observe_draft_wait([("a", 1)], 0.115)
+    assert policy.draft_cost(1) <= 0.0091 * (1 + EMA_WEIGHT * (WAIT_CLIP - 1)) + 1e-9
+    assert policy.plan([Round("a", 3)], 1)["a"] > 0
 
 
 def test_the_wide_share_is_read_at_the_rows_of_the_step():
