@@ -457,13 +457,12 @@ class SpeculationPolicy:
         batches = _depths(drafts)
         if not batches:
             return
-        shares = [self.draft_cost(b) for b in batches] if self.draft_cost else [1.0] * len(batches)
+        priced = bool(self.draft_cost)
+        shares = [self.draft_cost(b) for b in batches] if priced else [1.0] * len(batches)
         total = sum(shares)
         for b, share in zip(batches, shares):
             part = seconds * share / total if total > 0 else seconds / len(batches)
-            if self.draft_cost:
-                part = min(part, WAIT_CLIP * self.draft_cost(b))
-            self.draft_cost.observe(b, part)
+            self.draft_cost.observe(b, min(part, WAIT_CLIP * share) if priced else part)
 
     def worth_waiting(self, lag_tokens: int, rows: int) -> bool:
         """Whether a step of `rows` target rows should wait for a draft beside the target that
