@@ -16,9 +16,9 @@ def test_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native_bf16, e
     # catches "auto" fixed to one type: bf16 emulated on an AVX2-only CPU (4-8x slower
     # batched passes), or float32 where AVX512/AMX would run bf16 passes at half the bytes
     monkeypatch.setattr(dtypes, "cpu_computes_bf16", lambda: native_bf16)
-    assert dtypes.compute_dtype("auto", "cpu") == expected
-    assert dtypes.compute_dtype("float32", "cpu") == torch.float32  # a named type is kept as it is
-    assert dtypes.compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert dtypes.compute_dtype("auto", "cpu", "none") == expected
+    assert dtypes.compute_dtype("float32", "cpu", "none") == torch.float32  # a named type is kept as it is
+    assert dtypes.compute_dtype("bfloat16", "cpu", "none") == torch.bfloat16
 
 
 def test_a_worker_model_computes_in_the_resolved_type(monkeypatch, tmp_path):

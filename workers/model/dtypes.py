@@ -30,7 +30,7 @@ def cpu_computes_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def compute_dtype(name: str, device, quantization: str = "none") -> torch.dtype:
+def compute_dtype(name: str, device, quantization: str) -> torch.dtype:
     """The torch dtype a model configured with `dtype: name` and `quantization` computes in on `device`."""
     if name != AUTO:
         return getattr(torch, name)
