@@ -5,6 +5,7 @@ only while the draft has nothing to do."""
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -86,6 +87,48 @@ def test_probe_refuses_a_model_whose_bits_depend_on_the_team(restored_placement)
     own, other = restored_placement[:2]
     borrowed = BorrowedCores(DevicePlacement(cores=(own,), threads=1), DevicePlacement(cores=(other,), threads=1))
     assert not borrowed.probe(ThreadCountModel())
+
+
+class SleepingModel:
+    """A pass that sleeps: `slow_calls` first passes take `slow_s` (the server still loading beside
+    the probe), then `narrow_s` on one thread and `wide_s` on more."""
+
+    device = torch.device("cpu")
+    args = SimpleNamespace(vocab_size=8)
+
+    def __init__(self, narrow_s: float, wide_s: float, slow_calls: int = 0, slow_s: float = 0.0):
+        self.narrow_s, self.wide_s, self.slow_calls, self.slow_s = narrow_s, wide_s, slow_calls, slow_s
+        self.calls = 0
+
+    def new_cache(self, max_len):
+        return SimpleNamespace(crop=lambda n: None)
+
+    def forward_batch(self, segments):
+        self.calls += 1
+        slow = self.calls <= self.slow_calls
+        time.sleep(self.slow_s if slow else self.narrow_s if torch.get_num_threads() == 1 else self.wide_s)
+        return [torch.zeros(s.num_logits, 8) for s in segments]
+
+
+@needs_two_cores
+def test_probe_times_the_teams_alternated(restored_placement):
+    """A pass taking as long on either team, slowed at first (start-up): the share is about 1.
+    Catches timing all narrow passes first: the slow start then fell on the narrow team only
+    and a wide pass looked many times faster (amusd then ran most steps wide)."""
+    own, other = restored_placement[:2]
+    borrowed = BorrowedCores(DevicePlacement(cores=(own,), threads=1), DevicePlacement(cores=(other,), threads=1))
+    assert borrowed.probe(SleepingModel(0.005, 0.005, slow_calls=10, slow_s=0.05))
+    assert all(0.8 < share < 1.25 for _, share in borrowed.wide_share.points), borrowed.wide_share
+
+
+@needs_two_cores
+def test_the_wide_share_is_no_lower_than_perfect_scaling(restored_placement):
+    """Two threads cannot make a pass more than twice as fast: a share measured lower (noise on
+    the narrow timings) is taken at 0.5. Catches a wide step priced below what its cores allow."""
+    own, other = restored_placement[:2]
+    borrowed = BorrowedCores(DevicePlacement(cores=(own,), threads=1), DevicePlacement(cores=(other,), threads=1))
+    assert borrowed.probe(SleepingModel(0.02, 0.002))
+    assert [share for _, share in borrowed.wide_share.points] == [0.5, 0.5]
 
 
 class Recorder:
