@@ -102,12 +102,32 @@ def test_gguf_is_converted_once_then_cached(fake_gguf, tmp_path):
     assert [p.name for p in first.parent.iterdir()] == [first.name]
 
 
-def test_changed_gguf_gets_a_new_cache_entry(fake_gguf):
+def test_changed_gguf_gets_a_new_cache_entry_and_the_old_one_goes(fake_gguf):
+    """Catches an entry kept for good after its file changed (the cache grew by one copy per
+    reinstall of a model's package)."""
     gguf, calls = fake_gguf
     first = resolve_checkpoint(str(gguf), progress=_quiet)
     gguf.write_bytes(b"GGUF fake, but longer")
-    second = resolve_checkpoint(str(gguf), progress=_quiet)
+    messages = []
+    second = resolve_checkpoint(str(gguf), progress=messages.append)
     assert second != first and len(calls) == 2
+    assert second.is_dir() and not first.exists()
+    assert any("removed 1 stale cache entry" in m and first.name in m for m in messages)
+
+
+def test_entries_of_deleted_files_go_and_others_stay(fake_gguf, tmp_path):
+    """Catches a clean-up that removes what another model still uses, or keeps entries whose
+    file is gone (every test run's temporary GGUF left one behind)."""
+    gguf, _ = fake_gguf
+    other, gone = tmp_path / "models" / "Other.gguf", tmp_path / "models" / "Gone.gguf"
+    other.write_bytes(b"GGUF other")
+    gone.write_bytes(b"GGUF gone")
+    kept = resolve_checkpoint(str(other), progress=_quiet)
+    removed = resolve_checkpoint(str(gone), progress=_quiet)
+    gone.unlink()
+    resolve_checkpoint(str(gguf), progress=_quiet)
+    assert kept.is_dir() and (kept / "config.json").is_file()
+    assert not removed.exists()
 
 
 def test_interrupted_conversion_leaves_no_half_cache(fake_gguf, monkeypatch, tmp_path):

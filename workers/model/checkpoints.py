@@ -73,7 +73,29 @@ def _cached_gguf(gguf: Path, progress: Callable[[str], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(f"saved to {target}")
+    _remove_stale_entries(gguf, target, progress)
     return target
+
+
+def _remove_stale_entries(gguf: Path, kept: Path, progress: Callable[[str], None]) -> None:
+    """Remove the cache entries no start can use again: those linking to this file as it was
+    (an entry is named by the file's size and mtime, so a reinstalled or rewritten file gets a
+    new one and the old one was kept for good: six copies of the default draft's here) and those
+    whose file is gone (a deleted download, a test's temporary file). An entry whose file comes
+    back is extracted again (10-30 s)."""
+    source = gguf.resolve()
+    stale = []
+    for entry in kept.parent.glob("*-gguf"):
+        link = entry / GGUF_WEIGHTS
+        if entry == kept or not link.is_symlink():
+            continue
+        linked = link.resolve()
+        if linked == source or not linked.exists():
+            stale.append(entry)
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
+    if stale:
+        progress(f"removed {len(stale)} stale cache entr{'y' if len(stale) == 1 else 'ies'} ({', '.join(e.name for e in stale)})")
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
