@@ -67,14 +67,18 @@ def test_probe_finds_the_model_the_same_on_both_teams(restored_placement, tmp_pa
     assert borrowed.wide_share.lowest > 0 and not borrowed.widened
 
 
-class ThreadCountModel:
-    """Logits that depend on the thread count, as a kernel that splits its sums by thread would."""
+class ProbedModel:
+    """What BorrowedCores.probe needs of a model, without one: a device, a vocabulary, a cache."""
 
     device = torch.device("cpu")
     args = SimpleNamespace(vocab_size=8)
 
     def new_cache(self, max_len):
         return SimpleNamespace(crop=lambda n: None)
+
+
+class ThreadCountModel(ProbedModel):
+    """Logits that depend on the thread count, as a kernel that splits its sums by thread would."""
 
     def forward_batch(self, segments):
         return [torch.full((s.num_logits, 8), float(torch.get_num_threads())) for s in segments]
@@ -89,19 +93,13 @@ def test_probe_refuses_a_model_whose_bits_depend_on_the_team(restored_placement)
     assert not borrowed.probe(ThreadCountModel())
 
 
-class SleepingModel:
+class SleepingModel(ProbedModel):
     """A pass that sleeps: `slow_calls` first passes take `slow_s` (the server still loading beside
     the probe), then `narrow_s` on one thread and `wide_s` on more."""
-
-    device = torch.device("cpu")
-    args = SimpleNamespace(vocab_size=8)
 
     def __init__(self, narrow_s: float, wide_s: float, slow_calls: int = 0, slow_s: float = 0.0):
         self.narrow_s, self.wide_s, self.slow_calls, self.slow_s = narrow_s, wide_s, slow_calls, slow_s
         self.calls = 0
-
-    def new_cache(self, max_len):
-        return SimpleNamespace(crop=lambda n: None)
 
     def forward_batch(self, segments):
         self.calls += 1

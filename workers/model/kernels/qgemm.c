@@ -69,8 +69,8 @@ static void quantize_rows(const float *x, int M, int K, int G, int8_t *xq, float
  * one core's own requests do not keep enough loads in flight to stream at its bandwidth, and
  * from 5 rows on the dot products leave the loads no slack to catch up (Zen5, 1 thread, Q4_K
  * 1536x8960, ms a call without -> with, 1 / 5 / 8 rows: 0.22 -> 0.16, 0.36 -> 0.27,
- * 0.80 -> 0.40; 4096 bytes ahead gave 0.19, 0.30, 0.42). */
-#define AHEAD512 8192
+ * 0.80 -> 0.40; 4096 bytes ahead gave 0.19, 0.30, 0.42). Each variant sets its own distance. */
+#define AHEAD 8192
 
 /* Integer dot products accumulate in CHAINS(M) independent registers per row (summed exactly
  * at the end of a group): with one row, a single accumulator would wait on vpdpbusd's latency
@@ -96,7 +96,7 @@ static inline __attribute__((always_inline)) void tile(
         if (layout == SIX_BITS) {  /* G == 16: one 192-byte block */
             const uint8_t *blk = wt + (long)(k0 / 16) * 192;
             const __m512i three = _mm512_set1_epi8(3);
-            for (int i = 0; i < 3; i++) _mm_prefetch((const char *)blk + 64 * i + AHEAD512, _MM_HINT_T0);
+            for (int i = 0; i < 3; i++) _mm_prefetch((const char *)blk + 64 * i + AHEAD, _MM_HINT_T0);
             __m512i na = _mm512_loadu_si512(blk), nb = _mm512_loadu_si512(blk + 64), hb = _mm512_loadu_si512(blk + 128);
             __m512i v[4];
             v[0] = _mm512_or_si512(_mm512_and_si512(na, low), _mm512_slli_epi16(_mm512_and_si512(hb, three), 4));
@@ -115,7 +115,7 @@ static inline __attribute__((always_inline)) void tile(
             }
         } else if (layout == NIBBLES) {
             for (int k = k0; k < k0 + G; k += 8, step += 2) {
-                _mm_prefetch((const char *)(wt + (long)(k / 8) * 64) + AHEAD512, _MM_HINT_T0);
+                _mm_prefetch((const char *)(wt + (long)(k / 8) * 64) + AHEAD, _MM_HINT_T0);
                 __m512i b = _mm512_loadu_si512(wt + (long)(k / 8) * 64);
                 __m512i lo = _mm512_and_si512(b, low);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void tile(
             }
         } else {
             for (int k = k0; k < k0 + G; k += 4, step++) {
-                _mm_prefetch((const char *)(wt + (long)(k / 4) * 64) + AHEAD512, _MM_HINT_T0);
+                _mm_prefetch((const char *)(wt + (long)(k / 4) * 64) + AHEAD, _MM_HINT_T0);
                 __m512i b = _mm512_loadu_si512(wt + (long)(k / 4) * 64);
                 const int c0 = step % C;
                 for (int m = 0; m < M; m++) {
