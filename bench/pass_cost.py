@@ -95,7 +95,7 @@ def kind_of(name: str, module: torch.nn.Module) -> str:
     if isinstance(module, ConcatLinear):
         return "linears: mixed (" + " + ".join(kind_of("", p).removeprefix("linears: ") for p in module.parts) + ")"
     if isinstance(module, QLinear):
-        return f"linears: qgemm {('8', '4', '6')[module.layout]}-bit"
+        return f"linears: qgemm {module.kind}"
     if isinstance(module, RowWise):
         return kind_of(name, module.inner) + " row-wise"
     if isinstance(module, TwoRowFloor):

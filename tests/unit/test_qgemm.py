@@ -63,17 +63,22 @@ def parts(kind: str, N: int, K: int, seed: int = 0) -> QuantParts:
     if kind == "nibbles":
         q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         return QuantParts(q, torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1, 0.0, 32, True)
+    if kind == "nibbles-half":  # float16 scales and offsets (gguf-q4's re-quantized draft weights)
+        q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        scales, offsets = torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1
+        return QuantParts(q, scales.half().float(), offsets.half().float(), 0.0, 32, True, half=True)
     group, top, zero = {"q6k": (16, 64, 32.0), "q8": (32, 256, 128.0), "q5": (32, 32, 16.0)}[kind]
     q = torch.randint(0, top, (N, K), generator=g, dtype=torch.uint8)
     return QuantParts(q, torch.rand(N, K // group, generator=g) * 0.1, None, zero, group, False)
 
 
-@pytest.mark.parametrize("kind", ["nibbles", "q4k", "q6k", "q6k-6bit", "q8", "q5"])
+@pytest.mark.parametrize("kind", ["nibbles", "nibbles-half", "q4k", "q6k", "q6k-6bit", "q8", "q5"])
 @pytest.mark.parametrize("M", [1, 3, 8, 11])
 def test_kernel_equals_its_definition(kind, M):
     """Catches a wrong weight layout (pack vs kernel), a scale/offset/zero point misapplied (or
     Q4_K's d/dmin super-block scales read from the wrong block), a wrong activation
-    quantization, a padded row (N=40) leaking, or rows past 8 dropped."""
+    quantization, a padded row (N=40) leaking, or rows past 8 dropped; for half scales, scales
+    or offsets read as float32 (or from another group)."""
     N, K = 40, 512
     p = parts(kind, N, K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
@@ -120,6 +125,18 @@ def test_every_tile_is_computed_once_whatever_the_threads(tiles):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(want.double(), reference(x, p), rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_half_scales_give_what_the_same_float32_scales_give(M):
+    """Scales and offsets that are float16 values, read as float16 (layout 3, 5 bits a weight)
+    or as float32 (layout 1, 6): the same sums bit for bit. Catches a half scale or offset read
+    from the wrong group or tile, or converted wrongly."""
+    p = parts("nibbles-half", 48, 256, seed=4)
+    x = torch.randn(M, 256, generator=torch.Generator().manual_seed(5))
+    half, full = QLinear(p, None, torch.float32), QLinear(dataclasses.replace(p, half=False), None, torch.float32)
+    assert (half.layout, full.layout) == (3, 1) and half.scales.nbytes * 2 == full.scales.nbytes
+    assert torch.equal(half(x), full(x))
 
 
 def test_weights_and_bias_reach_the_output():

@@ -221,15 +221,18 @@ class GGUFFile:
     def quant(self, hf_name: str):
         """The tensor as QuantParts for the qgemm kernel: w = s * q + o per group, q unsigned.
 
-        4-bit blocks as nibbles (o from the block: Q4_K's -dmin*m); Q6_K, Q5_0, Q8_0 as bytes
-        with their zero point, unpacked from the block bits."""
+        4-bit blocks as nibbles (o from the block: Q4_K's -dmin*m; Q4_0's and Q4_1's scales and
+        offsets, float16 in the file, kept as float16 where they are exactly); Q6_K, Q5_0, Q8_0
+        as bytes with their zero point, unpacked from the block bits."""
         from .qlinear import QuantParts
 
         if self.type_name(hf_name) == "Q4_K":
             return self._q4_k(hf_name)
         if self.is_int4(hf_name):
             p = self.int4(hf_name)
-            return QuantParts(p.q.to(torch.uint8), p.scales, p.zeros - 8 * p.scales, 0.0, GROUP, True)
+            offsets = p.zeros - 8 * p.scales
+            half = all(torch.equal(t.half().float(), t) for t in (p.scales, offsets))
+            return QuantParts(p.q.to(torch.uint8), p.scales, offsets, 0.0, GROUP, True, half=half)
         t = self._tensor(hf_name)
         _, _, group, zero_point = BYTE_TYPES[t.tensor_type.name]
         N, K = self.shape(hf_name)

@@ -45,10 +45,12 @@ HEADERS = [Path(__file__).with_name("kernels") / "avx2.h"]  # included by the so
 VARIANTS = {
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]),
-    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # every variant's
 MAX_ROWS = 8  # rows per kernel call (a pass of more rows is computed in chunks)
+# qgemm.c's weight layouts by number (QuantParts.layout), in words
+LAYOUTS = ("8-bit", "4-bit", "6-bit", "4-bit, half scales")
 
 
 class KernelUnavailable(RuntimeError):
@@ -150,16 +152,31 @@ def kernel_available() -> bool:
         return False
 
 
-def min_max_4bit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def min_max_4bit(w: torch.Tensor, group: int, half: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit groups of w [N, K]: per group of `group` inputs, scale = (max - min) / 15
     (the range at least 1e-6), q = round((w - min) / scale) in 0..15, so w ~= q * scale + min.
-    Returns q [N, K] int32, scales and mins [N, K/group] float32."""
+    half: min rounded down and scale up to float16 values, so q stays in 0..15 and within half a
+    step. Returns q [N, K] int32, scales and mins [N, K/group] float32."""
     N, K = w.shape
     groups = w.float().reshape(N * K // group, group)
     low = groups.amin(dim=1, keepdim=True)
+    if half:
+        low = _to_half(low, down=True)
     scales = (groups.amax(dim=1, keepdim=True) - low).clamp(min=1e-6) / 15
+    if half:
+        scales = _to_half(scales, down=False)
     q = ((groups - low) / scales).round().clamp_(0, 15).to(torch.int32).reshape(N, K)
     return q, scales.reshape(N, -1), low.reshape(N, -1)
+
+
+def _to_half(t: torch.Tensor, down: bool) -> torch.Tensor:
+    """t (float32) rounded down (or up) to float16 values, as float32."""
+    h = t.half()
+    if not torch.isfinite(h).all():
+        raise ValueError("weights beyond float16's range cannot take half scales")
+    past = h.float() > t if down else h.float() < t
+    h = torch.where(past, torch.nextafter(h, torch.full_like(h, -torch.inf if down else torch.inf)), h)
+    return h.float()
 
 
 @lru_cache(maxsize=1)
@@ -189,17 +206,22 @@ class QuantParts:
     nibbles: bool
     q4k: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sc, m, d, dmin
     q6k: tuple[torch.Tensor, torch.Tensor] | None = None  # sc int8 [N, K/16], d float32 [N, K/256]
+    # nibbles whose scales and offsets are float16 values (held here as float32): the kernel
+    # reads them as float16, 0.125 bytes a weight instead of 0.25
+    half: bool = False
 
     @property
     def layout(self) -> int:
-        """The kernel's weight layout: 0 bytes, 1 nibbles, 2 six bits (Q6_K, 0.75 bytes a weight)."""
-        return 1 if self.nibbles else 2 if self.q6k is not None else 0
+        """The kernel's weight layout: 0 bytes, 1 nibbles, 2 six bits (Q6_K, 0.75 bytes a weight),
+        3 nibbles with float16 scales and offsets."""
+        return (3 if self.half else 1) if self.nibbles else 2 if self.q6k is not None else 0
 
     @staticmethod
     def quantize_4bit(w: torch.Tensor, group: int = 32) -> "QuantParts":
-        """w [N, K] as nibbles in groups of `group` (Q4_1's form, min_max_4bit): w ~= q * scale + min."""
-        q, scales, low = min_max_4bit(w, group)
-        return QuantParts(q.to(torch.uint8), scales, low, 0.0, group, True)
+        """w [N, K] as nibbles in groups of `group` with float16 scales and mins (Q4_1's form as
+        GGUF stores it, min_max_4bit): w ~= q * scale + min, 5 bits a weight."""
+        q, scales, low = min_max_4bit(w, group, half=True)
+        return QuantParts(q.to(torch.uint8), scales, low, 0.0, group, True, half=True)
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         N, K = self.q.shape
@@ -216,7 +238,8 @@ class QuantParts:
         pick = None if self.offsets is None else self.offsets[index]
         q4k = None if self.q4k is None else tuple(t[index] for t in self.q4k)
         q6k = None if self.q6k is None else tuple(t[index] for t in self.q6k)
-        return QuantParts(self.q[index], self.scales[index], pick, self.zero_point, self.group, self.nibbles, q4k, q6k)
+        return QuantParts(self.q[index], self.scales[index], pick, self.zero_point, self.group, self.nibbles, q4k, q6k,
+                          self.half)
 
     def columns(self, lo: int, hi: int) -> "QuantParts":
         """Input features [lo, hi) only (a row-parallel shard), cut on block boundaries."""
@@ -230,7 +253,8 @@ class QuantParts:
         offsets = None if self.offsets is None else cut(self.offsets, self.group)
         q4k = None if self.q4k is None else (cut(self.q4k[0], 32), cut(self.q4k[1], 32), cut(self.q4k[2], 256), cut(self.q4k[3], 256))
         q6k = None if self.q6k is None else (cut(self.q6k[0], 16), cut(self.q6k[1], 256))
-        return QuantParts(cut(self.q, 1), cut(self.scales, self.group), offsets, self.zero_point, self.group, self.nibbles, q4k, q6k)
+        return QuantParts(cut(self.q, 1), cut(self.scales, self.group), offsets, self.zero_point, self.group, self.nibbles, q4k, q6k,
+                          self.half)
 
     @staticmethod
     def cat(parts: list["QuantParts"]) -> "QuantParts":
@@ -239,7 +263,7 @@ class QuantParts:
         q4k = None if first.q4k is None else tuple(torch.cat([p.q4k[i] for p in parts]) for i in range(4))
         q6k = None if first.q6k is None else tuple(torch.cat([p.q6k[i] for p in parts]) for i in range(2))
         return QuantParts(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), offsets,
-                          first.zero_point, first.group, first.nibbles, q4k, q6k)
+                          first.zero_point, first.group, first.nibbles, q4k, q6k, first.half)
 
 
 def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -251,7 +275,8 @@ def _tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
 
 def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The kernel's layouts (see qgemm.c): weights [tiles * 16 * K (/2)] uint8, scales/offsets
-    [tiles, K/G, 16] float32 (Q4_K: sc/m uint8, and super [tiles, K/256, 2, 16] float32)."""
+    [tiles, K/G, 16] float32 (Q4_K: sc/m uint8, and super [tiles, K/256, 2, 16] float32; half:
+    float16 bits as int16, which .to(dtype) leaves alone)."""
     N, K = parts.q.shape
     n_pad = (N + 15) // 16 * 16
     tiles = n_pad // 16
@@ -281,6 +306,10 @@ def pack(parts: QuantParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
         sc, m, d, dmin = parts.q4k
         super_scales = torch.stack([grouped(d.float()), grouped(-dmin.float())], dim=2)  # [tiles, K/256, 2, 16]
         return packed.contiguous().view(-1), grouped(sc), grouped(m), super_scales.contiguous()
+    if parts.half:
+        def bits(t: torch.Tensor) -> torch.Tensor:
+            return grouped(t.half().view(torch.int16))
+        return packed.contiguous().view(-1), bits(parts.scales), bits(parts.offsets), None
     offsets = None if parts.offsets is None else grouped(parts.offsets.float())
     return packed.contiguous().view(-1), grouped(parts.scales.float()), offsets, None
 
@@ -359,6 +388,10 @@ class QLinear(nn.Module):
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def kind(self) -> str:
+        """The weights' form, in words (LAYOUTS)."""
+        return LAYOUTS[self.layout]
+
     def extra_repr(self) -> str:
-        kind = ("8-bit", "4-bit", "6-bit")[self.layout]
-        return f"in={self.in_features}, out={self.out_features}, {kind} group={self.group}, qgemm"
+        return f"in={self.in_features}, out={self.out_features}, {self.kind} group={self.group}, qgemm"

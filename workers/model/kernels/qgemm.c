@@ -21,6 +21,9 @@
  *       4 bits of k..k+7, then of k+8..k+15) and one block whose byte 4i+j holds the high 2 bits
  *       of q[n_i][k+j], [k+4+j], [k+8+j], [k+12+j] (bits 0-1, 2-3, 4-5, 6-7): 0.75 bytes a weight
  *   scales s, offsets o: [tiles][K/G][16] float32; o == NULL means o = -zero_point * s.
+ *   or, for nibbles with half scales (layout NIBBLES_HALF): s and o as above but float16
+ *       (IEEE half, passed as `scale` and `offset`): 0.125 bytes a weight instead of 0.25, the
+ *       form of a 4-bit re-quantized draft (qlinear.py's QuantParts.quantize_4bit).
  *   or, for Q4_K (super != NULL): s = d * sc, o = -dmin * m with sc, m: [tiles][K/32][16] uint8
  *       (the block's 6-bit scales and mins, passed as `scale` and `offset`) and d, dmin:
  *       super [tiles][K/256][2][16] float32 (d, then -dmin): 0.09 bytes a weight instead of 0.25.
@@ -38,7 +41,9 @@
 
 #define MMAX 8
 
-enum { BYTES = 0, NIBBLES = 1, SIX_BITS = 2 };
+enum { BYTES = 0, NIBBLES = 1, SIX_BITS = 2, NIBBLES_HALF = 3 };
+#define NIBBLED(layout) ((layout) == NIBBLES || (layout) == NIBBLES_HALF)
+#define WEIGHT_BYTES4(layout) (NIBBLED(layout) ? 2 : (layout) == SIX_BITS ? 3 : 4) /* bytes a weight, x4 */
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
@@ -86,7 +91,7 @@ static inline __attribute__((always_inline)) void tile(
     const int C = CHAINS(M);
     __m512 acc[MMAX];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    const uint8_t *wt = w + (long)t * 16 * K * (layout == NIBBLES ? 2 : layout == SIX_BITS ? 3 : 4) / 4;
+    const uint8_t *wt = w + (long)t * 16 * K * WEIGHT_BYTES4(layout) / 4;
     for (int g = 0; g < groups; g++) {
         __m512i iacc[4][MMAX];
         for (int c = 0; c < C; c++)
@@ -113,7 +118,7 @@ static inline __attribute__((always_inline)) void tile(
                     iacc[c0][m] = _mm512_dpbusd_epi32(iacc[c0][m], v[j], _mm512_set1_epi32(*(const int32_t *)a));
                 }
             }
-        } else if (layout == NIBBLES) {
+        } else if (NIBBLED(layout)) {
             for (int k = k0; k < k0 + G; k += 8, step += 2) {
                 _mm_prefetch((const char *)(wt + (long)(k / 8) * 64) + AHEAD, _MM_HINT_T0);
                 __m512i b = _mm512_loadu_si512(wt + (long)(k / 8) * 64);
@@ -144,6 +149,9 @@ static inline __attribute__((always_inline)) void tile(
             s = _mm512_mul_ps(_mm512_loadu_ps(super + ((long)t * (K / 256) + g / 16) * 16),
                               _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))));
             o = _mm512_mul_ps(s, _mm512_set1_ps(-zero_point));
+        } else if (layout == NIBBLES_HALF) {
+            s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scale + sidx)));
+            o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)offset + sidx)));
         } else if (super) {  /* Q4_K: s = d * sc, o = (-dmin) * m, exact in float32 (17-bit products) */
             const float *sd = super + ((long)t * (K / 256) + g / 8) * 32;
             const uint8_t *sc = (const uint8_t *)scale + sidx, *mn = (const uint8_t *)offset + sidx;
@@ -368,7 +376,7 @@ static inline __attribute__((always_inline)) void tile(
     const int span = layout != BYTES || offset || !(zero_point >= 1.0f) ? 0 : zero_point <= 16.0f ? 4 : zero_point <= 32.0f ? 2 : 0;
     __m256 acc[MMAX][2];
     for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    const uint8_t *wt = w + (long)t * 16 * K * (layout == NIBBLES ? 2 : layout == SIX_BITS ? 3 : 4) / 4;
+    const uint8_t *wt = w + (long)t * 16 * K * WEIGHT_BYTES4(layout) / 4;
     Group gr = {K, G, 0, 0, K / G, xq, dx, sx, {}, {}};
     for (int g = 0; g < K / G; g++) {
         gr.g = g, gr.k0 = g * G;
@@ -380,6 +388,9 @@ static inline __attribute__((always_inline)) void tile(
                 gr.s[h] = _mm256_mul_ps(_mm256_loadu_ps(super + ((long)t * (K / 256) + g / 16) * 16 + 8 * h),
                                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
                 gr.o[h] = _mm256_mul_ps(gr.s[h], _mm256_set1_ps(-zero_point));
+            } else if (layout == NIBBLES_HALF) {
+                gr.s[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)scale + sidx + 8 * h)));
+                gr.o[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)offset + sidx + 8 * h)));
             } else if (super) { /* Q4_K: s = d * sc, o = (-dmin) * m */
                 const float *sd = super + ((long)t * (K / 256) + g / 8) * 32 + 8 * h;
                 const uint8_t *sc = (const uint8_t *)scale + sidx + 8 * h, *mn = (const uint8_t *)offset + sidx + 8 * h;
@@ -392,7 +403,7 @@ static inline __attribute__((always_inline)) void tile(
         }
         if (layout == SIX_BITS) {
             six_bit_rows(M, &gr, wt, acc);
-        } else if (layout == NIBBLES) {
+        } else if (NIBBLED(layout)) {
             nibble_rows(first, 0, &gr, wt, acc);
             if (M > first) nibble_rows(M - first, first, &gr, wt, acc);
         } else {
@@ -469,6 +480,7 @@ static inline int take(Share *s, int front, int n, int *got) {
 #define DISPATCH(MV)                                 \
     case MV:                                         \
         if (layout == NIBBLES) TILES(MV, NIBBLES, 32)        \
+        else if (layout == NIBBLES_HALF) TILES(MV, NIBBLES_HALF, 32) \
         else if (layout == SIX_BITS) TILES(MV, SIX_BITS, 16) \
         else if (G == 16) TILES(MV, BYTES, 16)               \
         else TILES(MV, BYTES, 32)                            \
@@ -476,12 +488,13 @@ static inline int take(Share *s, int front, int n, int *got) {
 
 /* x: [M, K] float32 (M <= 8); y: [M, ldy] float32, ldy >= 16 * tiles; scratch: at least
  * M*K bytes + M*(K/16)*4*2 bytes. Returns 0, or -1 for arguments it does not take. */
-/* layout: 0 bytes, 1 nibbles, 2 six bits (see above). */
+/* layout: 0 bytes, 1 nibbles, 2 six bits, 3 nibbles with half scales (see above). */
 int qgemm(const float *x, int M, int K, const uint8_t *w, int layout, int G, const float *scale,
           const float *offset, float zero_point, const float *super, int tiles, float *y, int ldy, void *scratch,
           int threads) {
-    if (M < 1 || M > MMAX || K % 32 || (G != 16 && G != 32) || layout < 0 || layout > 2) return -1;
-    if (layout == NIBBLES && G != 32) return -1;
+    if (M < 1 || M > MMAX || K % 32 || (G != 16 && G != 32) || layout < 0 || layout > 3) return -1;
+    if (NIBBLED(layout) && G != 32) return -1;
+    if (layout == NIBBLES_HALF && (super || !offset)) return -1;
     if (layout == SIX_BITS && (G != 16 || !super || K % 256)) return -1;
     if (layout == NIBBLES && super && (K % 256 || !offset)) return -1;
     int8_t *xq = (int8_t *)scratch;
