@@ -13,10 +13,10 @@ Quantization of the decoder linears:
   qgemm kernel (qlinear.py); elsewhere 4-bit blocks as int4 for torch's kernel and the
   other types de-quantized to the model dtype. The head follows the same rule.
 - "gguf-q4": for a draft (any draft is lossless: the target verifies it): as "gguf", but
-  the Q5_0/Q6_K/Q8_0 decoder tensors re-quantized to 4-bit groups of 32 (Q4_1's form,
-  QuantParts.quantize_4bit) for qgemm: a pass reads about half their bytes, and on AVX2
-  qgemm's byte path costs two multiply-adds per pair where nibbles cost one. Without qgemm
-  it is "gguf". The head stays as stored.
+  the Q5_0/Q6_K/Q8_0 tensors, the head's too, re-quantized to 4-bit groups of 32 with float16
+  scales and mins (Q4_1's form as GGUF stores it, QuantParts.quantize_4bit) for qgemm: a pass
+  reads about 5/9 of their bytes, and on AVX2 qgemm's byte path costs two multiply-adds per
+  pair where nibbles cost one. Without qgemm it is "gguf".
 """
 
 from __future__ import annotations
@@ -89,12 +89,17 @@ def _serves_qgemm(w: _Weights | GGUFFile, quant: str, device: torch.device) -> b
     return quant in GGUF_QUANTIZATIONS and device.type == "cpu" and isinstance(w, GGUFFile) and kernel_available()
 
 
+def _as_served(parts: QuantParts, quant: str) -> QuantParts:
+    """A GGUF tensor's blocks as qgemm serves them: as stored, or (gguf-q4) wider than 4 bits
+    re-quantized to 4-bit groups with float16 scales."""
+    return QuantParts.quantize_4bit(parts.dequantize()) if quant == "gguf-q4" and not parts.nibbles else parts
+
+
 def _storage(w: _Weights | GGUFFile, name: str, quant: str, device: torch.device):
     """How one weight tensor is served: QuantParts (our qgemm kernel), Int4Parts (torch's int4
     kernel), or None (dense, in the model dtype)."""
     if _serves_qgemm(w, quant, device) and w.is_quantized(name):
-        parts = w.quant(name)
-        return QuantParts.quantize_4bit(parts.dequantize()) if quant == "gguf-q4" and not parts.nibbles else parts
+        return _as_served(w.quant(name), quant)
     if quant in ("int4", *GGUF_QUANTIZATIONS) and w.is_int4(name):
         return w.int4(name)
     if quant == "int4":
@@ -245,8 +250,8 @@ def load_model(
 
     quantization: "none", "int8", "int4", "gguf" or "gguf-q4" for every decoder linear (see the module
     docstring). head_quantization: the same choice for the output head (vocab x dim, the
-    biggest single matrix); None = as stored under "gguf" and "gguf-q4", else unquantized, whatever
-    `quantization` is:
+    biggest single matrix); None = `quantization` under "gguf" and "gguf-q4", else unquantized,
+    whatever `quantization` is:
     measured on SmolLM2-135M, 1 thread, the oneDNN-packed bf16 head (1.7 ms) beats
     the int8 kernel (2.0 ms), and an int4 head (1.1 ms) drops the int4 draft's
     greedy agreement with the bf16 target from 0.98 to 0.86.
@@ -273,14 +278,14 @@ def load_model(
         parts.fill_layer(i, layer, quantization, row_parallel=split is not None)
     model.norm.weight = parts.norm("model.norm.weight")
     head_name = "model.embed_tokens.weight" if args.tie_embeddings or "lm_head.weight" not in w else "lm_head.weight"
-    head_quant = head_quantization if head_quantization is not None else ("gguf" if quantization in GGUF_QUANTIZATIONS else "none")
+    head_quant = head_quantization if head_quantization is not None else (quantization if quantization in GGUF_QUANTIZATIONS else "none")
     check_choice("head_quantization", head_quant, QUANTIZATIONS)
     if split is not None and split.rank != 0:
         model.output = None  # a follower rank computes no logits (LlamaModel.head with num_logits=0)
     elif head_vocab:
         ids = subset_vocabulary(path, args.vocab_size, head_vocab)
         if _serves_qgemm(w, head_quant, device) and w.is_quantized(head_name):  # the file's own blocks, those rows
-            rows = QLinear(w.quant(head_name).rows(ids), None, dtype)
+            rows = QLinear(_as_served(w.quant(head_name).rows(ids), head_quant), None, dtype)
         else:
             rows = make_linear(w.get(head_name)[ids], None, "none" if head_quant in GGUF_QUANTIZATIONS else head_quant, dtype, device)
         model.output = SubsetHead(rows, ids.to(device), args.vocab_size)
