@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -102,6 +103,7 @@ def apply_placement(placement: DevicePlacement) -> torch.device:
 # rows of the passes BorrowedCores.probe times on both teams: a lone request's step (bound by
 # memory, it gains least from more cores) and a verification's or a batch's (more arithmetic)
 PROBE_ROWS = (1, 8)
+PROBE_ROUNDS = 7  # wide and narrow passes timed back to back for each of PROBE_ROWS
 
 
 class BorrowedCores:
@@ -132,14 +134,16 @@ class BorrowedCores:
         self.widened = wide
 
     @torch.inference_mode()
-    def probe(self, model, repeats: int = 3) -> bool:
+    def probe(self, model, rounds: int = PROBE_ROUNDS) -> bool:
         """Whether a prefill and a few-token pass of `model` give the same logits on both teams;
-        if so, wide_share is the time of a pass of each of PROBE_ROWS rows wide over narrow: the
-        fastest of `repeats` each, the teams alternated (whatever else runs at start-up, the
-        server loading its tokenizer, falls on both), and never below the share of perfect
+        if so, wide_share is the time of a pass of each of PROBE_ROWS rows wide over narrow: in
+        each of `rounds` rounds one pass on each team back to back (whatever else runs then
+        falls on both), the median of the rounds' ratios, never below the share of perfect
         scaling (narrow threads over wide ones). Timed all narrow, then all wide, one start gave
         0.45 at 1 row on 1 core against 2, where it takes 0.72 (bench.pass_cost: 42.2 and
-        30.2 ms), and amusd's plans ran most steps wide (Qwen pair, 36.2 tokens/s against 46.0)."""
+        30.2 ms), and amusd's plans ran most steps wide (Qwen pair, 36.2 tokens/s against 46.0);
+        the fastest of 3 passes per team, alternated, still gave 0.50-0.79 at 1 row from one
+        start to the next (amusd 1.08-1.31x ar in one afternoon's bench runs)."""
         from workers.model.model import Segment
 
         probe = torch.arange(40, dtype=torch.long, device=model.device) % model.args.vocab_size
@@ -150,7 +154,8 @@ class BorrowedCores:
             first = model.forward_batch([Segment(probe[:32], cache, 32)])
             return first + model.forward_batch([Segment(probe[32:], cache, 8)])
 
-        def seconds(rows: int) -> float:
+        def seconds(team: bool, rows: int) -> float:
+            self(team)
             cache.crop(32)
             started = time.perf_counter()
             model.forward_batch([Segment(probe[32 : 32 + rows], cache, rows)])
@@ -159,16 +164,10 @@ class BorrowedCores:
         narrow = logits()
         self(True)
         wide = logits()
-        best = {team: [float("inf")] * len(PROBE_ROWS) for team in (False, True)}
-        for _ in range(repeats):
-            for team in (False, True):
-                self(team)
-                best[team] = [min(b, seconds(rows)) for b, rows in zip(best[team], PROBE_ROWS)]
+        ratios = [[seconds(True, rows) / seconds(False, rows) for _ in range(rounds)] for rows in PROBE_ROWS]
         self(False)
         floor = self.narrow[1] / self.wide[1]
-        self.wide_share = WideShare(
-            tuple((rows, max(floor, w / n)) for rows, w, n in zip(PROBE_ROWS, best[True], best[False]))
-        )
+        self.wide_share = WideShare(tuple((rows, max(floor, statistics.median(r))) for rows, r in zip(PROBE_ROWS, ratios)))
         return all(torch.equal(a, b) for a, b in zip(narrow, wide))
 
 

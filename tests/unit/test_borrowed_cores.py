@@ -119,6 +119,31 @@ def test_probe_times_the_teams_alternated(restored_placement):
     assert all(0.8 < share < 1.25 for _, share in borrowed.wide_share.points), borrowed.wide_share
 
 
+class OnceLuckyModel(SleepingModel):
+    """Wide passes take 0.75 of a narrow one's time, except one that is ten times faster (the
+    machine quiet for a moment)."""
+
+    wide_single_rows = 0
+
+    def forward_batch(self, segments):
+        if torch.get_num_threads() > 1 and segments[0].num_logits == 1:
+            self.wide_single_rows += 1
+            if self.wide_single_rows == 2:
+                time.sleep(self.wide_s / 10)
+                return [torch.zeros(s.num_logits, 8) for s in segments]
+        return super().forward_batch(segments)
+
+
+@needs_two_cores
+def test_one_lucky_pass_does_not_set_the_wide_share(restored_placement):
+    """Catches a share from the fastest pass of each team: one lucky wide pass then priced every
+    wide step at a fraction of its time (0.50 at 1 row, where it takes 0.72, in a real start)."""
+    own, other = restored_placement[:2]
+    borrowed = BorrowedCores(DevicePlacement(cores=(own,), threads=1), DevicePlacement(cores=(other,), threads=1))
+    assert borrowed.probe(OnceLuckyModel(0.02, 0.015))
+    assert all(0.6 < share < 0.95 for _, share in borrowed.wide_share.points), borrowed.wide_share
+
+
 @needs_two_cores
 def test_the_wide_share_is_no_lower_than_perfect_scaling(restored_placement):
     """Two threads cannot make a pass more than twice as fast: a share measured lower (noise on
