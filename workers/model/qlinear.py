@@ -1,8 +1,9 @@
 """Linears over GGUF-style quantized weights, computed by our kernel (kernels/qgemm.c; AVX512-VNNI or AVX2).
 
 Every weight group of G input columns is `w = s * q + o` with q unsigned: 4-bit blocks
-(Q4_0, Q4_1, Q4_K) as nibbles in groups of 32; Q6_K (groups of 16), Q5_0 and Q8_0 (groups of
-32) as bytes. Why a kernel of our own: torch's packed int4 kernel dequantizes its weights
+(Q4_0, Q4_1, Q4_K) as nibbles in groups of 32 (Q4_0's and Q4_1's s and o, and those of a
+draft's weights re-quantized to 4 bits, read as float16); Q6_K (groups of 16), Q5_0 and Q8_0
+(groups of 32) as bytes. Why a kernel of our own: torch's packed int4 kernel dequantizes its weights
 for every 4 input rows, so verifying 3 drafts costs ~1.6x a decode step and 4 drafts ~2x,
 and it has no home for Q6_K (the target's head and half its down projections would be
 bf16, 2 bytes a weight). Ours reads the weights once per pass for up to 8 rows, with int8
@@ -16,7 +17,7 @@ linears: linear.Float32Linear; kernels/elementwise.c, RMSNorm, RoPE and the SiLU
 elementwise.py; kernels/layers.c, a short pass's decoder layers in one call: layers.py) and
 loaded with ctypes; it shares torch's OpenMP runtime (libgomp is loaded by torch first) and uses
 torch's thread count. It is built for the best of VARIANTS that the CPU runs (AVX512-VNNI, else
-AVX2 + FMA), each its own library in the cache. Where it cannot run (no gcc, neither variant's
+AVX2 + FMA + F16C), each its own library in the cache. Where it cannot run (no gcc, neither variant's
 CPU flags, not a CPU tensor), `kernel()` says why and the loader falls back to torch's kernels.
 """
 
