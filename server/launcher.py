@@ -43,18 +43,20 @@ class LaunchError(RuntimeError):
 # ar's takes 32 (step logs, py-spy). With the verify worker at libgomp's default (300,000, the
 # draft kept at 10,000) sd at 16 clients gave 210-212 tokens/s against 152-176, but 1 client
 # 41-65 against 58-75 (4 runs each; in 2 of the 4 its plans stopped drafting): not taken.
-# A target that borrows the draft's cores (amusd) shares them too: after a wide step its idle
-# pool thread, re-pinned onto the target's own core, spun there against the next narrow step
-# (Qwen target, 1 row: a narrow pass right after a wide one 36-60 ms, consecutive ones 31-35;
-# with the short spin 30-33 after either, wide passes 23-27 ms either way).
+# Nor for a target that borrows the draft's core (amusd), though after a wide step its idle pool
+# thread, re-pinned onto the target's own core, spins there against the next narrow pass (the
+# Qwen target's 1-row pass 36-60 ms right after a wide one, 31-35 otherwise): with the short spin
+# the Qwen pair's amusd gave 45.6 and 48.5 tokens/s at 1 client against 40.6 and 41.2, but the
+# default pair's at 16 clients 213 and 215 against 333 and 284 (session 21, alternated). Nor
+# does pricing the switch into every wide step pay (the probe then turned borrowing down for
+# the default pair: 200 at 16 clients), wide steps under load coming one after another.
 SHARED_CORES_SPINCOUNT = "10000"
 
 
 def openmp_env(config: Config) -> dict[str, str]:
     """Environment for the workers' OpenMP runtime: a short spin where a worker's thread team
-    shares CPU cores with the other worker's (neither sleeps while the other runs), or widens
-    onto them (placement.<mode>.borrow_draft_cores). Nothing when the user set GOMP_SPINCOUNT or
-    OMP_WAIT_POLICY, or when the workers' cores are apart."""
+    shares CPU cores with the other worker's (neither sleeps while the other runs). Nothing
+    when the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY, or when the workers' cores are apart."""
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or not config.mode.drafts:
         return {}
     placement = config.placement_of_mode
@@ -63,8 +65,6 @@ def openmp_env(config: Config) -> dict[str, str]:
         return {}
     everywhere = set(range(os.cpu_count() or 1))
     target_cores, draft_cores = (set(p.cores) or everywhere for p in roles)
-    if placement.borrow_draft_cores:  # the target's team widens onto the draft's cores
-        return {"GOMP_SPINCOUNT": SHARED_CORES_SPINCOUNT}
     teams = any((p.threads or len(p.cores) or len(everywhere)) > 1 for p in roles)
     return {"GOMP_SPINCOUNT": SHARED_CORES_SPINCOUNT} if teams and target_cores & draft_cores else {}
 
