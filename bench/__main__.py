@@ -32,7 +32,17 @@ from pathlib import Path
 from bench import llamacpp
 from bench.harness import DEFAULT_PROMPTS, REPO_ROOT, BenchError, Run, Settings, load_prompts, run_mode
 from bench.peers import Peer, parse_external, peer_models, run_peer
-from bench.report import BASELINE, ModeResult, summarize, to_json, to_markdown, write_report
+from bench.report import (
+    BASELINE,
+    ModeResult,
+    pooled,
+    round_rows,
+    rounds_markdown,
+    summarize,
+    to_json,
+    to_markdown,
+    write_report,
+)
 from configs.choices import DTYPES
 from configs.modes import MODE_NAMES as MODES
 
@@ -60,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompts file (default: the shipped one)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every mode, variant and peer this many times, in turn; the report pools "
+                        "them and adds each round's ratio to ar (a drifting machine's speed then "
+                        "falls on every row of a round alike)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--config", help="server YAML config (default: the server's default)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of both models")
@@ -109,6 +123,8 @@ def _loadavg() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.rounds < 1:
+        sys.exit(f"bench: --rounds must be at least 1, got {args.rounds}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -167,30 +183,49 @@ def main(argv: list[str] | None = None) -> int:
         meta[f"peer {peer.label}"] = peer.url or " ".join(peer.command)
     print(f"bench: {len(prompts)} prompts, runs {', '.join(labels)}, max_tokens {args.max_tokens}")
 
-    # Tandem's modes, then the peers: one server at a time on the same port and cores
+    # Tandem's modes, then the peers: one server at a time on the same port and cores; all of
+    # them again in each further round
     jobs = [lambda r=r: run_mode(r, prompts, settings, out / "logs") for r in runs]
     jobs += [lambda p=p: run_peer(p, prompts, settings, out / "logs") for p in peers]
-    results: list[ModeResult] = []
+    rounds: list[list[ModeResult]] = []
     failure = None
-    for job in jobs:
-        try:
-            results.append(job())
-        except BenchError as exc:
-            failure = str(exc)
-            print(f"bench: {exc}", file=sys.stderr)
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"bench: round {number + 1} of {args.rounds}")
+        results: list[ModeResult] = []
+        for job in jobs:
+            try:
+                results.append(job())
+            except BenchError as exc:
+                failure = str(exc)
+                print(f"bench: {exc}", file=sys.stderr)
+                break
+            except KeyboardInterrupt:
+                failure = "interrupted"
+                print("bench: interrupted", file=sys.stderr)
+                break
+        if failure is None or (results and not rounds):
+            rounds.append(results)  # a round cut short is dropped, unless it is all there is
+        if failure:
             break
-        except KeyboardInterrupt:
-            failure = "interrupted"
-            print("bench: interrupted", file=sys.stderr)
-            break
-    if not results:
+    if not rounds or not rounds[0]:
         return 1
 
     meta["load avg at end"] = _loadavg()  # other work on the machine skews every timing: look here first
+    if len(rounds) > 1:
+        meta["rounds"] = len(rounds)
+    results = pooled(rounds)
     summaries = summarize(results)
     if failure:
         meta["incomplete"] = failure.splitlines()[0]
-    write_report(out, f"bench-{stamp}", "latest", to_markdown(summaries, meta), to_json(summaries, results, meta), "bench")
+    markdown = to_markdown(summaries, meta)
+    data = to_json(summaries, results, meta)
+    if len(rounds) > 1:
+        rows = round_rows(rounds)
+        markdown += "\n" + rounds_markdown(rows)
+        data["rounds"] = [{"mode": r.mode, "tokens_per_s": r.tokens_per_s, "ratios_to_ar": r.ratios_to_ar,
+                           "median_ratio_to_ar": r.median_ratio} for r in rows]
+    write_report(out, f"bench-{stamp}", "latest", markdown, data, "bench")
     return 1 if failure else 0
 
 

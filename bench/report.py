@@ -20,6 +20,7 @@ data (tests/unit/test_bench_report.py). Definitions (as ALGORITHMS.md):
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,65 @@ def _fmt(value: Any, spec: str = ".2f", suffix: str = "") -> str:
 def _cell(text: str, limit: int = 60) -> str:
     text = text.replace("\n", "\\n").replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def pooled(rounds: list[list[ModeResult]]) -> list[ModeResult]:
+    """Each run's results of every round as one (requests one after another, counters summed,
+    the first round's start-up), in the first round's order."""
+    out = []
+    for first in rounds[0]:
+        same = [r for results in rounds for r in results if r.mode == first.mode]
+        counters: dict[str, float] = {}
+        for r in same:
+            for key, value in r.counters.items():
+                counters[key] = counters.get(key, 0.0) + value
+        out.append(ModeResult(first.mode, [q for r in same for q in r.requests], first.startup_s, counters, first.peer))
+    return out
+
+
+@dataclass
+class RoundRow:
+    """One run's tokens/s in each round, and its ratio to the baseline of the same round."""
+
+    mode: str
+    tokens_per_s: list[float | None]
+    ratios_to_ar: list[float | None]
+
+    @property
+    def median_ratio(self) -> float | None:
+        ratios = [r for r in self.ratios_to_ar if r is not None]
+        return statistics.median(ratios) if ratios else None
+
+
+def round_rows(rounds: list[list[ModeResult]]) -> list[RoundRow]:
+    """Per run, its rounds side by side: on a machine whose speed drifts, a ratio to ar taken
+    within each round (the two measured minutes apart) is the figure to trust, not one of
+    pooled totals."""
+    per_round = [summarize(results) for results in rounds]
+    rows = []
+    for first in per_round[0]:
+        picked = [next((s for s in summaries if s.mode == first.mode), None) for summaries in per_round]
+        rows.append(RoundRow(first.mode, [s.tokens_per_s if s else None for s in picked],
+                             [s.ratio_to_ar if s else None for s in picked]))
+    return rows
+
+
+def rounds_markdown(rows: list[RoundRow]) -> str:
+    """The per-round table (bench --rounds)."""
+    n = len(rows[0].tokens_per_s)
+    lines = [
+        "## Rounds",
+        "",
+        "Every run once per round, the rounds one after another; vs ar within each round.",
+        "",
+        "| mode | " + " | ".join(f"round {i + 1} tokens/s" for i in range(n)) + " | "
+        + " | ".join(f"round {i + 1} vs ar" for i in range(n)) + " | median vs ar |",
+        "| --- | " + " | ".join("---:" for _ in range(2 * n)) + " | ---: |",
+    ]
+    for row in rows:
+        cells = [_fmt(t) for t in row.tokens_per_s] + [_fmt(r, ".2f", "x") for r in row.ratios_to_ar]
+        lines.append(f"| {row.mode} | " + " | ".join(cells) + f" | {_fmt(row.median_ratio, '.2f', 'x')} |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(summaries: list[ModeSummary], meta: dict[str, Any] | None = None) -> str:

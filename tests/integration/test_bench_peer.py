@@ -20,25 +20,30 @@ from tests.helpers import REPO, free_port, launch_server
 
 
 def test_external_peer_row_through_the_bench_command_line(tiny_config, tmp_path):
+    """Two rounds (--rounds 2): each row pools both, and the per-round table gives each round's
+    ratio to ar. Catches a round dropped, or rounds not reaching the report."""
     out = tmp_path / "results"
     with launch_server(tiny_config, mode="ar") as peer:
         command = [
             sys.executable, "-m", "bench", "--config", str(tiny_config), "--modes", "ar",
             "--external", f"tiny-peer={peer.url}", "--limit", "2", "--max-tokens", "8",
-            "--port", str(free_port()), "--out", str(out), "--startup-timeout", "180",
+            "--port", str(free_port()), "--out", str(out), "--startup-timeout", "180", "--rounds", "2",
         ]
         run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "latest.json").read_text())
     ar, row = data["summary"]
     assert (ar["mode"], ar["peer"], row["mode"], row["peer"]) == ("ar", False, "tiny-peer", True)
-    assert row["num_requests"] == 2 and row["generated_tokens"] > 0
-    assert (row["identical_to_ar"], row["compared_to_ar"]) == (2, 2)  # same prompts, same greedy settings
+    assert row["num_requests"] == 4 and row["generated_tokens"] > 0  # 2 prompts, 2 rounds
+    assert (row["identical_to_ar"], row["compared_to_ar"]) == (4, 4)  # same prompts, same greedy settings
     assert data["best_peer"] == "tiny-peer" and row["ratio_to_best_peer"] == 1.0
     assert row["verify_busy"] is None and row["startup_s"] is None  # no worker counters, nothing started
     assert data["meta"]["peer tiny-peer"] == f"{peer.url}/v1"
     markdown = (out / "latest.md").read_text()
-    assert "| tiny-peer | peer | 2 |" in markdown and "| ar | tandem | 2 |" in markdown
+    assert "| tiny-peer | peer | 4 |" in markdown and "| ar | tandem | 4 |" in markdown
+    assert data["meta"]["rounds"] == 2 and "## Rounds" in markdown
+    assert [r["mode"] for r in data["rounds"]] == ["ar", "tiny-peer"]
+    assert data["rounds"][0]["ratios_to_ar"] == [1.0, 1.0] and all(t > 0 for t in data["rounds"][1]["tokens_per_s"])
 
 
 def test_started_peer_row_runs_and_stops_its_server(tiny_config, tmp_path):

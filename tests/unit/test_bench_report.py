@@ -11,6 +11,9 @@ from bench.report import (
     ModeResult,
     RequestResult,
     first_difference,
+    pooled,
+    round_rows,
+    rounds_markdown,
     summarize,
     to_json,
     to_markdown,
@@ -353,3 +356,25 @@ def test_scrape_counters_reads_the_model_labelled_series(smollm_tokenizer):
     assert set(counters) == set(WORKER_COUNTERS)
     assert counters == {"verify_busy_s": 2.0, "draft_busy_s": 4.0, "rollbacks": 7, "stale_draft_tokens": 3,
                         "verify_wait_s": 0.5}
+
+
+def test_rounds_pool_and_give_ratios_within_each_round(results):
+    """bench --rounds: round 2 runs twice as slow for every mode (the machine drifted). Catches a
+    ratio taken across rounds (sd's round 2 against ar's round 1), a round's requests or counters
+    dropped from the pooled row, or rows out of the first round's order."""
+    ar, sd = results
+    sd.counters = {"rollbacks": 3.0}
+
+    def slower(r: ModeResult) -> ModeResult:
+        return ModeResult(r.mode, [req(q.prompt_id, q.tokens, q.wall_s * 2) for q in r.requests], None, dict(r.counters))
+
+    rounds = [[ar, sd], [slower(sd), slower(ar)]]
+    rows = round_rows(rounds)
+    assert [r.mode for r in rows] == ["ar", "sd"]
+    assert rows[1].tokens_per_s == pytest.approx([3.0, 1.5])
+    assert rows[1].ratios_to_ar == pytest.approx([2.0, 2.0]) and rows[1].median_ratio == pytest.approx(2.0)
+    merged = pooled(rounds)
+    assert [r.mode for r in merged] == ["ar", "sd"]
+    assert len(merged[1].requests) == 4 and merged[1].counters == {"rollbacks": 6.0}
+    table = rounds_markdown(rows)
+    assert "| sd | 3.00 | 1.50 | 2.00x | 2.00x | 2.00x |" in table
