@@ -143,7 +143,8 @@ class BorrowedCores:
         0.45 at 1 row on 1 core against 2, where it takes 0.72 (bench.pass_cost: 42.2 and
         30.2 ms), and amusd's plans ran most steps wide (Qwen pair, 36.2 tokens/s against 46.0);
         the fastest of 3 passes per team, alternated, still gave 0.50-0.79 at 1 row from one
-        start to the next (amusd 1.08-1.31x ar in one afternoon's bench runs)."""
+        start to the next, where one lucky pass set it (what that did to amusd's runs is not
+        settled: README, "Speculation that adapts to load")."""
         from workers.model.model import Segment
 
         probe = torch.arange(40, dtype=torch.long, device=model.device) % model.args.vocab_size
